@@ -1,0 +1,138 @@
+"""The Python API: `qwenlm.load(...)` returns a `QwenLM` with generate, chat, chat_stream and tokenizer."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from qwenlm.chat import DEFAULT_SYSTEM, History, build_chat_prompt, chat_stop_ids, validate_history
+from qwenlm.config import GenerationConfig
+from qwenlm.generation import stream_tokens
+from qwenlm.hub import DEFAULT_MODEL, resolve_model
+from qwenlm.model.loader import load_model
+from qwenlm.model.qwen import QWenLMHeadModel
+from qwenlm.sampling import SamplingParams
+from qwenlm.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
+
+_DTYPES = {"auto": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+           "float16": torch.float16, "half": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load(name_or_path: str = DEFAULT_MODEL, device: str | None = None, dtype: str | torch.dtype | None = "auto",
+         progress: bool = True) -> "QwenLM":
+    """Load a Qwen v1 checkpoint folder (or hub name) for generation and chat."""
+    folder = resolve_model(name_or_path)
+    device = device or default_device()
+    model = load_model(folder, device=device, dtype=parse_dtype(dtype), progress=progress)
+    tokenizer = Tokenizer.from_folder(folder)
+    gen_file = folder / "generation_config.json"
+    gen = GenerationConfig.from_file(gen_file) if gen_file.is_file() else GenerationConfig()
+    return QwenLM(model, tokenizer, gen, folder)
+
+
+class QwenLM:
+    def __init__(self, model: QWenLMHeadModel, tokenizer: Tokenizer, generation_config: GenerationConfig,
+                 path: Path | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.generation_config = generation_config
+        self.path = path
+
+    # ---- settings ----
+    def sampling_params(self, **overrides) -> SamplingParams:
+        """SamplingParams from the generation config plus per-call overrides (GenerationConfig names such as
+        top_p, temperature, max_new_tokens, do_sample, or SamplingParams names such as max_tokens, stop)."""
+        gen_names = {f.name for f in dataclasses.fields(GenerationConfig)}
+        gen = self.generation_config.replace(**{k: v for k, v in overrides.items() if k in gen_names})
+        rest = {k: v for k, v in overrides.items() if k not in gen_names}
+        if "temperature" in overrides and overrides["temperature"] == 0:
+            gen = gen.replace(do_sample=False)
+        return SamplingParams.from_generation_config(gen, **rest)
+
+    # ---- text streams ----
+    def _stream_texts(self, prompts: list[list[int]], params: SamplingParams, stop_ids: set[int]):
+        """Yield per step a list of (text delta, finish_reason) per row; stop strings cut and never leaked."""
+        detoks = [IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens) for _ in prompts]
+        stops = [StopStringMatcher(params.stop) for _ in prompts]
+        done = [False] * len(prompts)
+        per_row = [dataclasses.replace(params, seed=None if params.seed is None else params.seed + i)
+                   for i in range(len(prompts))]
+        stream = stream_tokens(self.model, prompts, per_row, stop_ids | set(params.stop_token_ids))
+        try:
+            for events in stream:
+                out = []
+                for b, ev in enumerate(events):
+                    if ev is None or done[b]:
+                        out.append(("", None))
+                        continue
+                    text = detoks[b].add(ev.token_id) if ev.token_id is not None else ""
+                    reason = ev.finish_reason
+                    if reason is not None:
+                        text += detoks[b].flush()
+                    safe, hit = stops[b].push(text)
+                    if hit:
+                        reason = "stop"
+                    elif reason is not None:
+                        safe += stops[b].flush()
+                    done[b] = reason is not None
+                    out.append((safe, reason))
+                yield out
+                if all(done):
+                    return
+        finally:
+            stream.close()
+
+    def generate(self, prompt: str | list[str], chat_format: str | None = None, **overrides) -> str | list[str]:
+        """Complete raw text (base models) or, with chat_format="chatml", answer each prompt as a chat query.
+        Batches are left-padded and run together; each row gives what it would give alone."""
+        single = isinstance(prompt, str)
+        prompts = [prompt] if single else list(prompt)
+        chat = chat_format == "chatml"
+        ids = [build_chat_prompt(self.tokenizer, p, max_window_size=self.generation_config.max_window_size)[1]
+               if chat else self.tokenizer.encode(p) for p in prompts]
+        params = self.sampling_params(**overrides)
+        stop_ids = chat_stop_ids(self.tokenizer) if chat else {self.tokenizer.eod_id}
+        texts = ["" for _ in prompts]
+        for step in self._stream_texts(ids, params, stop_ids):
+            for b, (delta, _) in enumerate(step):
+                texts[b] += delta
+        texts = [t.strip() for t in texts] if chat else texts
+        return texts[0] if single else texts
+
+    def chat_stream(self, query: str, history: History | None = None, system: str = DEFAULT_SYSTEM,
+                    **overrides) -> Iterator[str]:
+        """Yield the reply as text deltas. The caller appends (query, reply) to its history."""
+        history = validate_history(history)
+        window = overrides.pop("max_window_size", self.generation_config.max_window_size)
+        _, ids = build_chat_prompt(self.tokenizer, query, history, system, window)
+        params = self.sampling_params(**overrides)
+        started = False
+        for step in self._stream_texts([ids], params, chat_stop_ids(self.tokenizer)):
+            delta = step[0][0]
+            if not started:  # the official reply is strip()-ed: drop leading whitespace of the stream
+                delta = delta.lstrip()
+                started = bool(delta)
+            if delta:
+                yield delta
+
+    def chat(self, query: str, history: History | None = None, system: str = DEFAULT_SYSTEM,
+             **overrides) -> tuple[str, History]:
+        """(response, history + [(query, response)]); the caller's history list is not modified."""
+        history = validate_history(history)
+        response = "".join(self.chat_stream(query, history, system, **overrides)).strip()
+        return response, history + [(query, response)]

@@ -1,0 +1,116 @@
+"""The `qwenlm` command: chat, generate, serve, quantize, make-tiny."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from qwenlm.hub import DEFAULT_MODEL
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL,
+                   help=f"checkpoint folder or hub name (default {DEFAULT_MODEL})")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    p.add_argument("--dtype", default="auto", help="auto (the official rule), bf16, fp16 or fp32")
+
+
+def _load(args):
+    import qwenlm
+    return qwenlm.load(args.model, device=args.device, dtype=args.dtype)
+
+
+def cmd_chat(args) -> int:
+    from qwenlm.terminal_chat import TerminalChat
+    llm = _load(args)
+    TerminalChat(llm, system=args.system, seed=args.seed).run()
+    return 0
+
+
+def cmd_generate(args) -> int:
+    llm = _load(args)
+    overrides = {k: v for k, v in dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                       top_p=args.top_p, top_k=args.top_k, seed=args.seed).items() if v is not None}
+    if args.chat:
+        text = "".join(llm.chat_stream(args.prompt, system=args.system, **overrides))
+    else:
+        text = llm.generate(args.prompt, **overrides)
+    print(text)
+    return 0
+
+
+def cmd_make_tiny(args) -> int:
+    from qwenlm.testing import make_tiny_checkpoint
+    out = make_tiny_checkpoint(args.out_dir, layout=args.layout, seed=args.seed)
+    print(f"wrote a tiny random Qwen v1 checkpoint to {out} (try: qwenlm chat --model {out})")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from qwenlm.server.api import serve
+    return serve(args) or 0
+
+
+def cmd_quantize(args) -> int:
+    from qwenlm.quantize import main as quantize_main
+    return quantize_main(args) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qwenlm", description="Run, serve and quantize Qwen (v1) chat models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("chat", help="interactive terminal chat")
+    _model_args(p)
+    p.add_argument("--system", default="You are a helpful assistant.", help="system prompt")
+    p.add_argument("--seed", type=int, default=1234)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("generate", help="one-shot generation")
+    _model_args(p)
+    p.add_argument("prompt")
+    p.add_argument("--chat", action="store_true", help="answer the prompt as a chat query (ChatML)")
+    p.add_argument("--system", default="You are a helpful assistant.")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--seed", type=int)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("make-tiny", help="write a tiny random checkpoint in the official layout")
+    p.add_argument("out_dir")
+    p.add_argument("--layout", default="safetensors", choices=["safetensors", "sharded", "bin", "sharded-bin"])
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_tiny)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible API server and web chat")
+    _model_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require this key (or set QWENLM_API_KEY)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("quantize", help="GPTQ-quantize a checkpoint into the official Int4/Int8 format")
+    p.add_argument("--model", "-m", required=True)
+    p.add_argument("--data", required=True, help="calibration data: conversation JSON or plain text")
+    p.add_argument("--bits", type=int, choices=[4, 8], default=4)
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--act-order", action="store_true")
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_quantize)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, OSError) as e:  # our errors name the file/field; no traceback
+        print(f"qwenlm: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
