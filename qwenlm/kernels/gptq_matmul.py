@@ -1,0 +1,172 @@
+"""Triton W4A16 / W8A16 matmul that reads the official GPTQ ("cuda-old") tensors as they are stored.
+
+Layout (spec §10.4): qweight int32 [K*b/32, N] packed along the input dim (lane j of row r is input
+r*(32/b)+j at bit offset b*j), qzeros int32 [G, N*b/32] packed along the output dim holding zero-1,
+scales [G, N]. Groups must be contiguous runs of `group_size` inputs (g_idx = k // group_size); an
+act-order checkpoint is brought to that form at load time by permuting its rows (`quant.finalize`).
+
+Two kernels, because batch-1 decode and batched/prefill rows want different inner loops:
+- `_gemv_kernel` (M == 1): loads each packed word once, unpacks it into [BLOCK_K/P, P, BLOCK_N] and
+  reduces with plain FMAs; split-K over the grid keeps every SM busy at N = 4096.
+- `_mm_kernel` (M > 1): a tiled matmul on tensor cores (tl.dot) with the dequantization in registers.
+Both use  sum_k x_k * s * (q_kn - z_n) = s * (sum_k x_k q_kn - z_n * sum_k x_k)  per group, so the scale
+and zero are applied once per block instead of once per weight.
+
+`gptq_matmul_reference` is the plain-torch definition the kernels are tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the dequantize path in qwenlm.model.quant is used instead
+    triton = None
+
+
+def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 [R, N] packed along dim 0 -> int32 [R*32/bits, N] of values in [0, 2^bits)."""
+    per = 32 // bits
+    shifts = torch.arange(0, 32, bits, device=packed.device, dtype=torch.int32)  # [per]
+    vals = (packed.unsqueeze(1) >> shifts.view(1, -1, 1)) & ((1 << bits) - 1)  # [R, per, N]
+    return vals.reshape(packed.shape[0] * per, packed.shape[1])
+
+
+def unpack_cols(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 [G, C] packed along dim 1 -> int32 [G, C*32/bits]."""
+    return unpack_rows(packed.t(), bits).t()
+
+
+def gptq_matmul_reference(x, qweight, qzeros, scales, g_idx, bits, bias=None):
+    """Dequantize-then-matmul in fp32: the definition of a GPTQ linear layer. Returns x's dtype."""
+    q = unpack_rows(qweight, bits).float()  # [K, N]
+    z = unpack_cols(qzeros, bits).float() + 1  # [G, N], stored as zero-1
+    g = g_idx.long()
+    w = scales.float()[g] * (q - z[g])  # [K, N]
+    out = x.float() @ w
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, out_ptr, N, K, group_size,
+                     BITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+        PER: tl.constexpr = 32 // BITS
+        MASK: tl.constexpr = (1 << BITS) - 1
+        ROWS: tl.constexpr = BLOCK_K // PER
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        rows = tl.arange(0, ROWS)
+        lanes = tl.arange(0, PER)
+        shifts = lanes * BITS
+        z_shift = (offs_n % PER) * BITS
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for kb in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+            r = kb // PER + rows  # packed rows of this block
+            r_mask = r < K // PER
+            qw = tl.load(qw_ptr + r[:, None] * N + offs_n[None, :], mask=r_mask[:, None] & n_mask[None, :],
+                         other=0)  # [ROWS, BLOCK_N]
+            q = (qw[:, None, :] >> shifts[None, :, None]) & MASK  # [ROWS, PER, BLOCK_N]
+            xk = kb + rows[:, None] * PER + lanes[None, :]  # [ROWS, PER] input index
+            x = tl.load(x_ptr + xk, mask=xk < K, other=0.0).to(tl.float32)
+            part = tl.sum(tl.sum(x[:, :, None] * q.to(tl.float32), axis=0), axis=0)  # [BLOCK_N]
+            xs = tl.sum(tl.sum(x, axis=0), axis=0)
+            g = kb // group_size
+            s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            z = (tl.load(qz_ptr + g * (N // PER) + offs_n // PER, mask=n_mask, other=0) >> z_shift) & MASK
+            acc += s * (part - xs * (z + 1).to(tl.float32))
+        if HAS_BIAS:
+            if pid_k == 0:
+                acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        if SPLIT_K == 1:
+            tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+        else:
+            tl.atomic_add(out_ptr + offs_n, acc, mask=n_mask)
+
+    @triton.jit
+    def _mm_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_om, group_size,
+                   BITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+        PER: tl.constexpr = 32 // BITS
+        MASK: tl.constexpr = (1 << BITS) - 1
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_mask = offs_m < M
+        n_mask = offs_n < N
+        z_shift = (offs_n % PER) * BITS
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in range(0, K, BLOCK_K):
+            offs_k = kb + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            # Each packed word is fetched once per lane it holds; the repeats hit L1.
+            qw = tl.load(qw_ptr + (offs_k // PER)[:, None] * N + offs_n[None, :],
+                         mask=k_mask[:, None] & n_mask[None, :], other=0)
+            q = (qw >> ((offs_k % PER) * BITS)[:, None]) & MASK  # [BLOCK_K, BLOCK_N]
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                        mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+            part = tl.dot(x, q.to(x.dtype))  # integers < 256 are exact in fp16/bf16
+            xs = tl.sum(x.to(tl.float32), axis=1)
+            g = kb // group_size
+            s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            z = (tl.load(qz_ptr + g * (N // PER) + offs_n // PER, mask=n_mask, other=0) >> z_shift) & MASK
+            acc += s[None, :] * (part - xs[:, None] * (z + 1).to(tl.float32)[None, :])
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=m_mask[:, None] & n_mask[None, :])
+
+
+# Launch settings per (bits, N, K) for batch 1, chosen by bench/bench_quant.py --sweep on an H100.
+GEMV_CONFIGS: dict[tuple[int, int, int], tuple[int, int, int, int, int]] = {}
+GEMV_DEFAULT = (128, 128, 4, 4, 3)  # BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages
+
+
+def gemv_config(bits: int, n: int, k: int) -> tuple[int, int, int, int, int]:
+    return GEMV_CONFIGS.get((bits, n, k), GEMV_DEFAULT)
+
+
+def gptq_matmul(x: torch.Tensor, qweight, qzeros, scales, group_size: int, bits: int, bias=None,
+                config: tuple | None = None) -> torch.Tensor:
+    """x [M, K] (fp16/bf16/fp32, contiguous) -> [M, N] in x's dtype. Groups contiguous (g_idx = k // g)."""
+    if triton is None:
+        raise RuntimeError("gptq_matmul needs triton; use qwenlm.model.quant's dequantize path instead")
+    M, K = x.shape
+    N = qweight.shape[1]
+    if group_size % 32:
+        raise ValueError(f"GPTQ group_size {group_size} must be a multiple of 32 for the Triton kernel")
+    has_bias = bias is not None
+    b = bias if has_bias else scales  # any valid pointer; unused when HAS_BIAS is False
+    if M == 1:
+        block_n, block_k, split_k, warps, stages = config or gemv_config(bits, N, K)
+        block_k = min(block_k, group_size)
+        while group_size % block_k:
+            block_k //= 2
+        grid = (triton.cdiv(N, block_n), split_k)
+        if split_k == 1:
+            out = torch.empty((1, N), device=x.device, dtype=x.dtype)
+        else:
+            out = torch.zeros((1, N), device=x.device, dtype=torch.float32)
+        _gemv_kernel[grid](x, qweight, qzeros, scales, b, out, N, K, group_size, BITS=bits, HAS_BIAS=has_bias,
+                           BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=warps, num_stages=stages)
+        return out if split_k == 1 else out.to(x.dtype)
+    block_m, block_n, block_k, warps, stages = config or ((16, 64, 64, 4, 3) if M <= 16 else
+                                                          (64, 64, 64, 4, 3) if M <= 64 else (128, 128, 64, 8, 3))
+    block_k = min(block_k, group_size)
+    while group_size % block_k:
+        block_k //= 2
+    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m))
+    _mm_kernel[grid](x, qweight, qzeros, scales, b, out, M, N, K, x.stride(0), out.stride(0), group_size,
+                     BITS=bits, HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                     num_warps=warps, num_stages=stages)
+    return out

@@ -1,0 +1,244 @@
+"""Weight-only quantized linears (official GPTQ Int4/Int8 checkpoints, on-the-fly int8) and the int8 KV cache.
+
+GPTQ tensors (spec §10.4, AutoGPTQ "cuda-old" layout) are kept exactly as stored; the loader fills them by
+name. On CPU the forward dequantizes and runs a plain matmul. On CUDA `finalize` switches every layer to the
+Triton kernel of `qwenlm.kernels.gptq_matmul` (or, for Int4, to torch's tinygemm kernel when
+QWENLM_GPTQ_KERNEL=tinygemm), after bringing act-order (desc_act) checkpoints to contiguous groups.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwenlm.kernels import gptq_matmul as kernels
+from qwenlm.kernels.gptq_matmul import unpack_cols, unpack_rows
+
+log = logging.getLogger(__name__)
+
+# AutoGPTQ's inside_layer_modules for QWenBlock, in its true-sequential order (spec §10.2).
+SEQUENTIAL_GROUPS = (("attn.c_attn",), ("attn.c_proj",), ("mlp.w1", "mlp.w2"), ("mlp.c_proj",))
+QUANTIZED_MODULES = tuple(name for group in SEQUENTIAL_GROUPS for name in group)
+
+
+def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """int [K, N] in [0, 2^bits) -> int32 [K*bits/32, N]; lane j of row r is row r*(32/bits)+j at bit bits*j."""
+    per = 32 // bits
+    if values.shape[0] % per:
+        raise ValueError(f"cannot pack {values.shape[0]} rows into int32 words of {per} {bits}-bit values")
+    v = values.to(torch.int64).reshape(-1, per, values.shape[1])  # [R, per, N]
+    shifts = torch.arange(0, 32, bits, device=values.device, dtype=torch.int64).view(1, -1, 1)
+    words = (v << shifts).sum(dim=1)  # lanes do not overlap, so the sum is a bitwise or
+    return (words - ((words >> 31) << 32)).to(torch.int32)  # reinterpret the top bit as the sign
+
+
+def pack_cols(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """int [G, N] -> int32 [G, N*bits/32], packed along the output dim (qzeros)."""
+    return pack_rows(values.t(), bits).t().contiguous()
+
+
+def dequantize_weight(qweight, qzeros, scales, g_idx, bits: int, dtype=torch.float32) -> torch.Tensor:
+    """The dequantized weight transposed, W_T [K, N] = scales[g] * (q - (qzeros + 1)[g]) (spec §10.4)."""
+    q = unpack_rows(qweight, bits)  # [K, N]
+    z = unpack_cols(qzeros, bits) + 1  # [G, N]
+    g = g_idx.long()
+    return (scales.to(dtype)[g] * (q - z[g]).to(dtype)).to(dtype)
+
+
+class GPTQLinear(nn.Module):
+    """A GPTQ-quantized nn.Linear with the official tensor names: qweight, qzeros, scales, g_idx, bias."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = True,
+                 device=None, dtype=torch.float16):
+        super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f"GPTQ bits={bits} is not supported (4 or 8)")
+        per = 32 // bits
+        if in_features % per or out_features % per:
+            raise ValueError(f"GPTQ layer {in_features}x{out_features} is not a multiple of {per} for {bits}-bit packing")
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        self.group_size = group_size if group_size > 0 else in_features
+        groups = math.ceil(in_features / self.group_size)
+        self.register_buffer("qweight", torch.zeros(in_features // per, out_features, dtype=torch.int32, device=device))
+        self.register_buffer("qzeros", torch.zeros(groups, out_features // per, dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=dtype, device=device))
+        self.register_buffer("g_idx", torch.arange(in_features, dtype=torch.int32, device=device) // self.group_size)
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self.backend = "dequant"  # "triton" / "tinygemm" once finalized on CUDA
+        self.perm = None  # input permutation that makes act-order groups contiguous
+        self._kernel_bias = None
+        self._tinygemm = None
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, backend={self.backend}")
+
+    def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
+        return dequantize_weight(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.backend == "dequant":
+            out = x2 @ self.dequantized_weight(x.dtype)
+            if self.bias is not None:
+                out = out + self.bias.to(x.dtype)
+        else:
+            if self.perm is not None:
+                x2 = x2.index_select(1, self.perm)
+            if self.backend == "tinygemm":
+                packed, scales_and_zeros = self._tinygemm
+                out = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), packed,
+                                                         self.group_size, scales_and_zeros).to(x.dtype)
+                if self._kernel_bias is not None:
+                    out = out + self._kernel_bias.to(x.dtype)
+            else:
+                out = kernels.gptq_matmul(x2.contiguous(), self.qweight, self.qzeros, self.scales,
+                                          self.group_size, self.bits, self._kernel_bias)
+        return out.view(*lead, self.out_features)
+
+    @torch.no_grad()
+    def prepare_kernel(self, backend: str = "triton") -> None:
+        """Switch to a CUDA kernel: make groups contiguous (act-order), drop an all-zero bias."""
+        expected = torch.arange(self.in_features, device=self.g_idx.device) // self.group_size
+        if not torch.equal(self.g_idx.long(), expected):
+            perm = torch.argsort(self.g_idx.long(), stable=True)
+            if not torch.equal(self.g_idx.long()[perm], expected):
+                log.warning("GPTQ g_idx is not a permutation of contiguous groups of %d; using the dequantize path",
+                            self.group_size)
+                return
+            q = unpack_rows(self.qweight, self.bits)[perm]
+            self.qweight = pack_rows(q, self.bits)
+            self.g_idx = expected.to(torch.int32)
+            self.perm = perm
+        has_bias = self.bias is not None and bool(self.bias.any())
+        self._kernel_bias = self.bias if has_bias else None
+        if backend == "tinygemm" and self.bits == 4:
+            self._tinygemm = to_tinygemm(self.qweight, self.qzeros, self.scales, self.group_size)
+            self.backend = "tinygemm"
+        elif kernels.triton is not None and self.group_size % 32 == 0:
+            self.backend = "triton"
+
+
+def to_tinygemm(qweight, qzeros, scales, group_size: int, inner_k_tiles: int = 8):
+    """Repack an Int4 GPTQ layer for torch.ops.aten._weight_int4pack_mm (CUDA, bf16 activations).
+
+    tinygemm computes w = (q - 8) * scale + zero; GPTQ's w = scale * (q - z), so zero = scale * (8 - z).
+    Since torch 2.5 the packer takes [N, K/2] uint8 with the even input index in the high nibble.
+    """
+    q = unpack_rows(qweight, 4).t().contiguous()  # [N, K]
+    w_uint8 = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8)
+    packed = torch.ops.aten._convert_weight_to_int4pack(w_uint8, inner_k_tiles)
+    z = (unpack_cols(qzeros, 4) + 1).float()  # [G, N]
+    s = scales.float()
+    scales_and_zeros = torch.stack([s, s * (8 - z)], dim=-1).to(torch.bfloat16).contiguous()  # [G, N, 2]
+    return packed, scales_and_zeros
+
+
+def _blocks(model):
+    return model.transformer.h
+
+
+def prepare_gptq(model: nn.Module, quantization_config: dict) -> None:
+    """Swap the block linears for GPTQLinear buffers shaped as the checkpoint stores them (before loading)."""
+    qc = quantization_config
+    method = qc.get("quant_method", "gptq")
+    if method != "gptq":
+        raise ValueError(f"config.json quantization_config.quant_method is {method!r}; only 'gptq' is supported")
+    if qc.get("checkpoint_format", "gptq") != "gptq":
+        raise ValueError(f"config.json quantization_config.checkpoint_format {qc['checkpoint_format']!r} "
+                         "is not supported (only the AutoGPTQ 'gptq' zero-1 format)")
+    bits, group_size = int(qc.get("bits", 4)), int(qc.get("group_size", 128))
+    if bits not in (4, 8):
+        raise ValueError(f"config.json quantization_config.bits is {bits}; only 4 and 8 are supported")
+    for block in _blocks(model):
+        for name in QUANTIZED_MODULES:
+            parent_name, _, attr = name.rpartition(".")
+            parent = block.get_submodule(parent_name)
+            lin = getattr(parent, attr)
+            device = lin.weight.device
+            setattr(parent, attr, GPTQLinear(lin.in_features, lin.out_features, bits, group_size,
+                                             bias=True, device=device))  # every module stores a bias
+
+
+def _gptq_layers(model: nn.Module):
+    return [m for m in model.modules() if isinstance(m, GPTQLinear)]
+
+
+def finalize(model: nn.Module, device, dtype) -> None:
+    """After loading: on CUDA switch every GPTQ layer to the fast kernel; on CPU keep the dequantize path."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return
+    backend = os.environ.get("QWENLM_GPTQ_KERNEL", "triton")
+    if backend not in ("triton", "tinygemm", "dequant"):
+        raise ValueError(f"QWENLM_GPTQ_KERNEL={backend!r}: expected triton, tinygemm or dequant")
+    if backend == "dequant":
+        return
+    if kernels.triton is None and backend == "triton":
+        log.warning("triton is not installed: GPTQ layers use the (slow) dequantize path")
+        return
+    for layer in _gptq_layers(model):
+        layer.prepare_kernel(backend)
+
+
+@torch.no_grad()
+def int8_linear_from_float(linear: nn.Linear) -> GPTQLinear:
+    """Symmetric per-output-channel int8 (round to nearest), stored as an 8-bit GPTQ layer with one group."""
+    w = linear.weight.detach().float()  # [N, K]
+    N, K = w.shape
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-10)  # [N]
+    q = (torch.round(w / scale[:, None]).clamp(-127, 127) + 128).to(torch.int32)  # zero point 128
+    layer = GPTQLinear(K, N, 8, K, bias=linear.bias is not None, device=w.device, dtype=torch.float32)
+    layer.qweight = pack_rows(q.t().contiguous(), 8)
+    layer.qzeros = pack_cols(torch.full((1, N), 127, dtype=torch.int32, device=w.device), 8)  # stored zero-1
+    layer.scales = scale[None, :].contiguous()  # fp32: per-channel scales are few, keep them exact
+    if linear.bias is not None:
+        layer.bias = linear.bias.detach().clone()
+    return layer
+
+
+def quantize_int8_(model: nn.Module) -> nn.Module:
+    """In place: every nn.Linear inside the blocks becomes per-channel int8 (used by `--quantize int8`)."""
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    for block in _blocks(model):
+        for name in QUANTIZED_MODULES:
+            parent_name, _, attr = name.rpartition(".")
+            parent = block.get_submodule(parent_name)
+            lin = getattr(parent, attr)
+            if isinstance(lin, nn.Linear):
+                layer = int8_linear_from_float(lin)
+                if on_cuda:
+                    layer.prepare_kernel("triton")
+                setattr(parent, attr, layer)
+    return model
+
+
+# ---------------------------------------------------------------- int8 KV cache (spec §8)
+
+def quantize_kv(x: torch.Tensor, scale_dtype: torch.dtype = torch.float32):
+    """Asymmetric uint8 per vector over the last dim (per token and head for K/V [..., head_dim]).
+
+    The official math (`quantize_cache_v`, qmin=0, qmax=255): scale = (max-min)/255, zero = -min/scale,
+    q = clamp(x/scale + zero, 0, 255) truncated toward zero (not rounded). Returns (q uint8 [..., d],
+    scale [..., 1], zero [..., 1]). The official code keeps scale/zero in the model dtype; fp32 is the default
+    here because a bf16 zero near 128 is only accurate to 0.5 of a step. A constant vector (max == min)
+    gets a tiny scale instead of the official division by zero.
+    """
+    xf = x.float()
+    fmax = xf.amax(dim=-1, keepdim=True)
+    fmin = xf.amin(dim=-1, keepdim=True)
+    scale = ((fmax - fmin) / 255).clamp(min=1e-8)
+    zero = 0 - fmin / scale
+    q = (xf / scale + zero).clamp(0, 255).to(torch.uint8)  # float->uint8 truncates toward zero
+    return q, scale.to(scale_dtype), zero.to(scale_dtype)
+
+
+def dequantize_kv(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype=torch.float16) -> torch.Tensor:
+    """The official `dequantize_cache_torch`: scale * (q - zero), in `dtype`."""
+    return (scale.float() * (q.float() - zero.float())).to(dtype)
