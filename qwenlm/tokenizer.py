@@ -174,6 +174,8 @@ class Tokenizer:
         never inject control tokens. NOTE: the official `QWenTokenizer` defaults to `allowed_special="all"`;
         pass `allowed_special="all"` (or a set of surface forms) to parse them as the official default does.
         `disallowed_special` (tiktoken semantics) makes the listed special text raise ValueError instead.
+        Like the official tokenizer, a single whitespace run of about a million characters exceeds tiktoken's
+        regex backtracking limit and raises ValueError.
         """
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, got {type(text).__name__}")
@@ -288,8 +290,10 @@ class StopStringMatcher:
     was split, so a non-streamed result is push(full_text) + flush().
     """
 
-    def __init__(self, stops: Iterable[str]):
-        if isinstance(stops, str):
+    def __init__(self, stops: Iterable[str] | None):
+        if stops is None:
+            stops = ()
+        elif isinstance(stops, str):
             stops = [stops]
         self.stops: tuple[str, ...] = tuple(dict.fromkeys(s for s in stops if s))  # "" can never be matched
         self._max_hold = max((len(s) for s in self.stops), default=1) - 1

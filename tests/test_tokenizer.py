@@ -407,6 +407,8 @@ def test_stop_string_first_completed_wins_and_stream_ends():
     assert m.stop_string == "bc"
     assert m.push("more") == ("", True) and m.flush() == ""
     assert StopStringMatcher([]).push("anything") == ("anything", False)
+    assert StopStringMatcher(None).push("anything") == ("anything", False)
+    assert StopStringMatcher("ab").push("xaby") == ("x", True)
 
 
 def test_stop_string_matcher_random_chunking():
