@@ -1,0 +1,198 @@
+"""Turning validated requests into engine requests: prompts, sampling, limits, and engine-run bookkeeping."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from qwenlm.chat import build_chat_prompt
+from qwenlm.config import GenerationConfig
+from qwenlm.sampling import SamplingParams
+from qwenlm.server.metrics import RequestTimer, ServerMetrics
+from qwenlm.server.protocol import ApiError, ChatCompletionRequest, SamplingFields, new_id
+from qwenlm.tools import OBSERVATION_STOP, ChatTurns, MessagesError, functions_from_tools, function_name, \
+    messages_to_turns
+
+
+@dataclass
+class ServerState:
+    engine: object
+    tokenizer: object
+    model_name: str
+    generation_config: GenerationConfig
+    max_model_len: int
+    max_pending: int  # engine requests admitted at once (running + queued); more get 429
+    metrics: ServerMetrics
+    pending: int = 0
+
+
+def chat_functions(req: ChatCompletionRequest) -> tuple[list[dict], str | None]:
+    """The functions to put in the ReAct prompt, and "tools" / "functions" for how to answer a call."""
+    functions = functions_from_tools(req.tools, req.functions)
+    if not functions:
+        if req.tool_choice not in (None, "none", "auto") or isinstance(req.function_call, dict):
+            raise ApiError(400, "tool_choice/function_call names a tool but no tools were given", param="tool_choice")
+        return [], None
+    style = "tools" if req.tools else "functions"
+    choice = req.tool_choice if req.tools else req.function_call
+    if choice == "none":
+        return [], style
+    if isinstance(choice, dict):  # named: only that function is offered (not enforced beyond the prompt)
+        name = (choice.get("function") or {}).get("name") if req.tools else choice.get("name")
+        chosen = [f for f in functions if function_name(f) == name]
+        if not chosen:
+            raise ApiError(400, f"tool_choice names {name!r}, which is not among the given tools",
+                           param="tool_choice")
+        functions = chosen
+    return functions, style
+
+
+def chat_prompt_ids(state: ServerState, turns: ChatTurns) -> list[int]:
+    _, ids = build_chat_prompt(state.tokenizer, turns.query, turns.history, turns.system,
+                               max_window_size=state.generation_config.max_window_size)
+    if turns.continuation is not None:  # the prompt ends inside the assistant turn (after a tool result)
+        ids = ids + state.tokenizer.encode(turns.continuation)
+    return ids
+
+
+def build_chat(state: ServerState, req: ChatCompletionRequest) -> tuple[list[int], list[dict], str | None]:
+    functions, style = chat_functions(req)
+    try:
+        turns = messages_to_turns(req.messages, functions)
+    except MessagesError as e:
+        raise ApiError(400, str(e), param=e.param) from None
+    return chat_prompt_ids(state, turns), functions, style
+
+
+def extra_stop_words(stops: list[str]) -> list[str]:
+    """Each stop string and its variant without leading newlines (official `add_extra_stop_words`: a
+    leading "\\n" is often merged into the previous token)."""
+    out = []
+    for s in stops:
+        for v in (s, s.lstrip("\n")):
+            if v and v not in out:
+                out.append(v)
+    return out
+
+
+def sampling_params(state: ServerState, req: SamplingFields, prompt_len: int, with_tools: bool = False,
+                    max_tokens: int | None = None, logprobs: bool = False) -> SamplingParams:
+    gen = state.generation_config
+    room = state.max_model_len - prompt_len
+    if room <= 0:
+        raise ApiError(400, f"This model's maximum context length is {state.max_model_len} tokens. However, your "
+                            f"prompt has {prompt_len} tokens. Please reduce the length of the messages or prompt.",
+                       param="messages", code="context_length_exceeded")
+    if req.max_length is not None and max_tokens is None:
+        max_tokens = req.max_length - prompt_len
+        if max_tokens < 1:
+            raise ApiError(400, f"max_length {req.max_length} leaves no room for a reply after the {prompt_len} "
+                                "prompt tokens", param="max_length")
+    if max_tokens is not None and max_tokens > room:
+        raise ApiError(400, f"This model's maximum context length is {state.max_model_len} tokens. However, you "
+                            f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the messages, {max_tokens} "
+                            "in the completion). Please reduce the length of the messages or completion.",
+                       param="max_tokens", code="context_length_exceeded")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(req, name):
+            raise ApiError(400, f"{name} is not supported (use repetition_penalty)", param=name)
+    stops = extra_stop_words(req.stop_list())
+    if with_tools and OBSERVATION_STOP not in stops:
+        stops.append(OBSERVATION_STOP)
+    tok = state.tokenizer
+    stop_ids = [tok.im_end_id, tok.im_start_id, tok.eod_id]
+    for i in req.stop_token_ids or []:
+        if not 0 <= i < tok.n_vocab:
+            raise ApiError(400, f"stop_token_ids: {i} is not a token id (0..{tok.n_vocab - 1})", param="stop_token_ids")
+        stop_ids.append(i)
+    temperature = gen.temperature if req.temperature is None else req.temperature
+    if not gen.do_sample and req.temperature is None:
+        temperature = 0.0
+    if temperature < 0.01:  # the official server's rule: such temperatures mean greedy
+        temperature = 0.0
+    return SamplingParams(
+        temperature=temperature,
+        top_p=gen.top_p if req.top_p is None else req.top_p,
+        top_k=(gen.top_k or 0) if req.top_k is None else req.top_k,
+        repetition_penalty=(gen.repetition_penalty or 1.0) if req.repetition_penalty is None
+        else req.repetition_penalty,
+        max_tokens=max_tokens if max_tokens is not None else min(gen.max_new_tokens, room),
+        stop=stops, stop_token_ids=sorted(set(stop_ids)), seed=req.seed, n=req.n, logprobs=logprobs,
+        ignore_eos=req.ignore_eos, skip_special_tokens=req.skip_special_tokens,
+    )
+
+
+class EngineRun:
+    """One engine request: admission (429 when full), metrics, and abort when the caller stops early.
+
+    `close()` is synchronous so it can run in a `finally` under cancellation (client disconnects).
+    """
+
+    def __init__(self, state: ServerState, prompt_ids: list[int], params: SamplingParams):
+        if state.pending >= state.max_pending:
+            raise ApiError(429, f"The server is busy: {state.pending} requests are running or queued (limit "
+                                f"{state.max_pending}). Retry later.", type="rate_limit_exceeded",
+                           code="rate_limit_exceeded")
+        state.pending += 1
+        self.state, self.prompt_ids, self.params = state, prompt_ids, params
+        self.request_id = new_id("req")
+        self.timer = RequestTimer(state.metrics, len(prompt_ids))
+        self.finished = False
+        self.closed = False
+        self.reasons: list[str] = []
+
+    async def stream(self):
+        try:
+            async for out in self.state.engine.generate(self.prompt_ids, self.params, self.request_id):
+                self.timer.tokens(sum(len(c.token_ids) for c in out.outputs))
+                if out.finished:
+                    self.finished = True
+                    self.reasons = [c.finish_reason or "stop" for c in out.outputs]
+                yield out
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if not self.finished:
+            self.state.engine.abort(self.request_id)  # frees its KV blocks
+            self.reasons = ["abort"]
+        self.timer.done(self.reasons)
+        self.state.pending -= 1
+
+
+async def merge_runs(runs: list[EngineRun]):
+    """Yield (run index, RequestOutput) from several runs as they come (completions with several prompts)."""
+    if len(runs) == 1:
+        async for out in runs[0].stream():
+            yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(k: int, run: EngineRun):
+        try:
+            async for out in run.stream():
+                await queue.put((k, out, None))
+        except Exception as e:  # handed to the consumer, which re-raises it
+            await queue.put((k, None, e))
+            return
+        await queue.put((k, None, None))
+
+    tasks = [asyncio.create_task(pump(k, run)) for k, run in enumerate(runs)]
+    try:
+        done = 0
+        while done < len(runs):
+            k, out, err = await queue.get()
+            if err is not None:
+                raise err
+            if out is None:
+                done += 1
+            else:
+                yield k, out
+    finally:
+        for t in tasks:
+            t.cancel()
+        for run in runs:
+            run.close()
