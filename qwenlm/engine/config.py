@@ -1,0 +1,36 @@
+"""EngineConfig: the knobs of the serving engine (KV pool, batching, graphs)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 16  # tokens per KV block; small blocks give finer prefix-cache sharing
+    gpu_memory_utilization: float = 0.9  # share of the GPU's total memory the process may use
+    num_blocks: int | None = None  # KV blocks in the pool; None = sized from free GPU memory (CPU: 512)
+    max_num_seqs: int = 256  # running sequences at once
+    max_num_batched_tokens: int = 8192  # prefill token budget per step (chunked prefill)
+    max_model_len: int | None = None  # prompt + output tokens per sequence; None = config's max_position_embeddings
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False  # no CUDA graphs
+    cuda_graph_batch_sizes: list[int] | None = None  # None = 1,2,4,8,16,24,...,max_num_seqs
+    attention_backend: str = "auto"  # "auto" (Triton on CUDA, else torch), "triton", "torch"
+    seed: int = 0  # seeds of requests that give none are drawn from this
+
+    def __post_init__(self):
+        if self.block_size < 1:
+            raise ValueError(f"EngineConfig.block_size must be >= 1, got {self.block_size}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"EngineConfig.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
+            raise ValueError("EngineConfig.max_num_batched_tokens and max_num_seqs must be >= 1")
+        if self.attention_backend not in ("auto", "triton", "torch"):
+            raise ValueError(f"EngineConfig.attention_backend must be auto|triton|torch, got {self.attention_backend!r}")
+
+    def graph_batch_sizes(self) -> list[int]:
+        if self.cuda_graph_batch_sizes is not None:
+            return sorted(set(self.cuda_graph_batch_sizes))
+        sizes = [1, 2, 4, 8] + list(range(16, self.max_num_seqs + 1, 16))
+        return sorted({b for b in sizes if b <= self.max_num_seqs} | {self.max_num_seqs})

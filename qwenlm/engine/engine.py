@@ -1,0 +1,248 @@
+"""LLMEngine: requests in, RequestOutputs out, one `step()` at a time (nano-vllm's llm_engine, plus text).
+
+Each step: the scheduler picks a batch, the runner computes it and samples, and the engine appends the
+new tokens, detokenizes them incrementally, applies stop ids / stop strings / max_tokens, and frees the
+blocks of finished sequences. `AsyncEngine` (async_engine.py) drives `step()` from a background thread.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from itertools import count
+
+from qwenlm.engine.config import EngineConfig
+from qwenlm.engine.kv_cache import BlockManager
+from qwenlm.engine.outputs import CompletionOutput, RequestOutput
+from qwenlm.engine.runner import ModelRunner
+from qwenlm.engine.scheduler import Scheduler
+from qwenlm.engine.sequence import Sequence
+from qwenlm.model.qwen import ntk_alpha
+from qwenlm.sampling import SamplingParams
+from qwenlm.tokenizer import IncrementalDetokenizer, StopStringMatcher
+
+DEFAULT_EOS_ID = 151643  # <|endoftext|>, generation_config.json's eos_token_id (spec §12.3)
+
+
+class _TextState:
+    """Incremental text of one sample: detokenizer, stop-string matcher, text so far and this step's delta."""
+
+    def __init__(self, tokenizer, params: SamplingParams):
+        self.detok = IncrementalDetokenizer(tokenizer, params.skip_special_tokens) if tokenizer else None
+        self.matcher = StopStringMatcher(params.stop)
+        self.text = ""
+        self.delta = ""
+
+    def push(self, token_id: int) -> bool:
+        """Add a token's text; True when a stop string completed (the text is cut before it)."""
+        if self.detok is None:
+            return False
+        emitted, hit = self.matcher.push(self.detok.add(token_id))
+        self.text += emitted
+        self.delta += emitted
+        return hit
+
+    def close(self) -> None:
+        if self.detok is None or self.matcher.stopped:
+            return
+        emitted, hit = self.matcher.push(self.detok.flush())
+        tail = "" if hit else self.matcher.flush()
+        self.text += emitted + tail
+        self.delta += emitted + tail
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+class LLMEngine:
+    def __init__(self, model, tokenizer=None, config: EngineConfig | None = None):
+        self.config = config or EngineConfig()
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        cfg = model.config
+        self.max_model_len = self.config.max_model_len or cfg.max_position_embeddings
+        self.eos_token_id = getattr(tokenizer, "eos_id", DEFAULT_EOS_ID)
+        self.runner = ModelRunner(model, self.config, self.max_model_len)
+        self.blocks = BlockManager(self.runner.num_blocks, self.config.block_size, self.config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.config, self.blocks)
+        self.requests: dict[str, Request] = {}
+        self._seeds = random.Random(self.config.seed)
+        self._auto_ids = count()
+        self.num_prompt_tokens = 0
+        self.num_generation_tokens = 0
+
+    # ---- requests ---------------------------------------------------------------------------------
+    def make_request(self, prompt: list[int] | str, params: SamplingParams | None = None,
+                     request_id: str | None = None) -> Request:
+        """Tokenize and validate a request without touching engine state (safe from any thread)."""
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer; pass token ids or give the engine a tokenizer")
+            prompt_ids = self.tokenizer.encode(prompt)
+        else:
+            prompt_ids = [int(t) for t in prompt]
+        if not prompt_ids:
+            raise ValueError("prompt is empty: at least one token is needed")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit max_model_len {self.max_model_len}")
+        capacity = self.blocks.num_blocks * self.config.block_size
+        if len(prompt_ids) + 1 > capacity:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit the KV cache ({capacity} tokens)")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; the engine has none")
+        cfg = self.model.config
+        alpha = ntk_alpha(len(prompt_ids), cfg.seq_length) if cfg.use_dynamic_ntk else 1.0
+        request_id = request_id if request_id is not None else f"req-{next(self._auto_ids)}"
+        req = Request(request_id, prompt_ids, params)
+        for i in range(params.n):
+            seed = (params.seed + 1_000_003 * i) if params.seed is not None else self._seeds.getrandbits(32)
+            seq = Sequence(request_id, i, prompt_ids, params, seed, alpha, req.seqs[0] if req.seqs else None)
+            seq.detok = _TextState(self.tokenizer, params)
+            req.seqs.append(seq)
+        return req
+
+    def add(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already running")
+        self.requests[req.request_id] = req
+        for seq in req.seqs:
+            self.scheduler.add(seq)
+
+    def add_request(self, request_id: str | None, prompt: list[int] | str,
+                    params: SamplingParams | None = None) -> str:
+        req = self.make_request(prompt, params, request_id)
+        self.add(req)
+        return req.request_id
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its blocks; returns its last output (finish_reason "abort")."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        for seq in req.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+                seq.detok.close()
+        return self._output(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ---- the step ---------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        sample_seqs = batch.sample_seqs
+        tokens, logprobs = self.runner.run(batch)
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            seq.num_computed += n
+            self.blocks.commit(seq)
+        if batch.is_prefill:
+            self.num_prompt_tokens += sum(batch.num_tokens)
+        touched: dict[str, Request] = {}
+        for i, (seq, token) in enumerate(zip(sample_seqs, tokens)):
+            self._append(seq, token, None if logprobs is None else logprobs[i])
+            touched[seq.request_id] = self.requests[seq.request_id]
+        outputs = []
+        for req in touched.values():
+            outputs.append(self._output(req))
+            if req.finished:
+                del self.requests[req.request_id]
+        return outputs
+
+    def _append(self, seq: Sequence, token: int, logprob: float | None) -> None:
+        p = seq.params
+        if token in p.stop_token_ids or (token == self.eos_token_id and not p.ignore_eos):
+            return self._finish(seq, "stop")
+        seq.token_ids.append(token)
+        self.num_generation_tokens += 1
+        if seq.logprobs is not None:
+            seq.logprobs.append(logprob)
+        if seq.detok.push(token):
+            return self._finish(seq, "stop")
+        if seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
+            self._finish(seq, "length")
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.detok.close()
+        self.scheduler.finish(seq, reason)
+
+    def _output(self, req: Request) -> RequestOutput:
+        outs = []
+        for seq in req.seqs:
+            text = seq.detok
+            outs.append(CompletionOutput(seq.index, list(seq.output_token_ids), text.text, text.delta,
+                                         list(seq.logprobs) if seq.logprobs is not None else None,
+                                         seq.finish_reason))
+            text.delta = ""
+        return RequestOutput(req.request_id, req.prompt_token_ids, outs, req.finished,
+                             req.seqs[0].num_cached_tokens)
+
+    # ---- whole batches and stats ------------------------------------------------------------------
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Run prompts (token-id lists or strings) to completion; outputs in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
+        ids = [self.add_request(None, p, sp) for p, sp in zip(prompts, params)]
+        final: dict[str, RequestOutput] = {}
+        while self.has_unfinished():
+            for out in self.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[i] for i in ids]
+
+    def stats(self) -> dict:
+        sched = self.scheduler
+        return {
+            "num_running": len(sched.running),
+            "num_waiting": len(sched.waiting),
+            "num_requests": len(self.requests),
+            "kv_usage": self.blocks.usage,
+            "num_blocks": self.blocks.num_blocks,
+            "num_free_blocks": self.blocks.num_free_blocks,
+            "prefix_cache_hit_rate": self.blocks.hit_rate,
+            "prompt_tokens_total": self.num_prompt_tokens,
+            "generation_tokens_total": self.num_generation_tokens,
+            "num_preemptions": sched.num_preemptions,
+        }
+
+
+class LLM(LLMEngine):
+    """Offline entry point: `LLM(path_or_model).generate(prompts, params)`.
+
+    model_or_path: a checkpoint folder (or hub name), or an already loaded QWenLMHeadModel (then pass
+    `tokenizer` for text prompts and stop strings).
+    """
+
+    def __init__(self, model_or_path, tokenizer=None, config: EngineConfig | None = None, device=None,
+                 dtype=None, **config_kwargs):
+        if config is not None and config_kwargs:
+            raise ValueError("pass either an EngineConfig or EngineConfig keyword arguments, not both")
+        config = config or EngineConfig(**config_kwargs)
+        if not hasattr(model_or_path, "config"):
+            import torch
+
+            from qwenlm.hub import resolve_model
+            from qwenlm.model.loader import load_model
+            from qwenlm.tokenizer import Tokenizer
+
+            folder = resolve_model(model_or_path)
+            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            model_or_path = load_model(folder, device, dtype)
+            tokenizer = tokenizer or Tokenizer.from_folder(folder)
+        super().__init__(model_or_path, tokenizer, config)

@@ -1,0 +1,222 @@
+"""ModelRunner: owns the KV pool, turns a ScheduledBatch into tensors, runs the network and the sampler.
+
+Prefill steps run eagerly on one flat row of concatenated chunks. Decode steps replay a CUDA graph
+captured for the smallest batch-size bucket that holds the batch (padding rows write to a scratch
+block and attend to nothing). The pool is sized from free GPU memory after a warm-up forward at the
+largest prefill the scheduler can issue, as nano-vllm does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qwenlm.engine.attention import PagedAttention, PrefillSeq
+from qwenlm.engine.config import EngineConfig
+from qwenlm.engine.sampler import SamplingBatch, sample
+from qwenlm.engine.scheduler import ScheduledBatch
+from qwenlm.engine.sequence import Sequence
+from qwenlm.sampling import SamplingParams
+
+
+class ModelRunner:
+    def __init__(self, model, config: EngineConfig, max_model_len: int):
+        self.model = model
+        self.config = config
+        self.cfg = model.config
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.block_size = config.block_size
+        self.max_model_len = max_model_len
+        self.max_blocks_per_seq = -(-max_model_len // self.block_size)
+        self._alpha_index: dict[float, int] = {}
+        self._inv_table = torch.empty(0, self.cfg.rotary_dim // 2, device=self.device)
+        self.alpha_row(1.0)
+        self.num_blocks = self._size_pool()
+        cfg = self.cfg
+        # One extra block at the end: the scratch target of CUDA-graph padding rows.
+        shape = (cfg.num_hidden_layers, self.num_blocks + 1, self.block_size, cfg.num_attention_heads, cfg.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.scratch_slot = self.num_blocks * self.block_size
+        self.ctx = PagedAttention(self.k_cache, self.v_cache, config.attention_backend)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if self.device.type == "cuda" and not config.enforce_eager and self.ctx.backend == "triton":
+            self._capture_graphs()
+
+    # ---- NTK frequencies --------------------------------------------------------------------------
+    def alpha_row(self, alpha: float) -> int:
+        """Row of `alpha` in the table of RoPE inverse frequencies (one row per NTK alpha seen)."""
+        idx = self._alpha_index.get(alpha)
+        if idx is None:
+            idx = self._alpha_index[alpha] = len(self._alpha_index)
+            row = self.model.inv_freq([alpha], self.device)[:, 0, :]  # [1, r/2]
+            self._inv_table = torch.cat((self._inv_table, row))
+        return idx
+
+    # ---- KV pool sizing ---------------------------------------------------------------------------
+    def block_bytes(self) -> int:
+        cfg = self.cfg
+        return 2 * cfg.num_hidden_layers * self.block_size * cfg.num_attention_heads * cfg.head_dim * self.dtype.itemsize
+
+    def _size_pool(self) -> int:
+        if self.config.num_blocks is not None:
+            return self.config.num_blocks
+        if self.device.type != "cuda":
+            return 512
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        self._warmup()
+        free, total = torch.cuda.mem_get_info()
+        used = total - free
+        peak, current = torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()
+        graph_reserve = max(self.config.graph_batch_sizes()) * self.cfg.vocab_size * 4 + (256 << 20)
+        budget = total * self.config.gpu_memory_utilization - used - (peak - current) - graph_reserve
+        num_blocks = int(budget) // self.block_bytes()
+        if num_blocks < 1:
+            raise RuntimeError(f"no GPU memory left for the KV cache ({free / 2**30:.1f} GiB free of "
+                               f"{total / 2**30:.1f}); raise gpu_memory_utilization or lower max_num_batched_tokens")
+        return num_blocks
+
+    @torch.inference_mode()
+    def _warmup(self) -> None:
+        """Run the largest prefill and sampler the scheduler can issue, to measure peak activation memory."""
+        n = min(self.config.max_num_batched_tokens, self.max_model_len)
+        ctx = PagedAttention([None] * self.cfg.num_hidden_layers, [None] * self.cfg.num_hidden_layers, "torch")
+        ctx.set_prefill(None, [PrefillSeq(0, n, n, None)])
+        ids = torch.zeros(1, n, dtype=torch.long, device=self.device)
+        pos = torch.arange(n, device=self.device)[None]
+        hidden = self.model(ids, pos, ctx, self._inv_table[:1, None, :], use_logn=self.cfg.use_logn_attn)
+        rows = min(self.config.max_num_seqs, n)
+        logits = self.model.logits(hidden[0, :rows])
+        params = SamplingParams(temperature=0.7, top_p=0.8, top_k=50, repetition_penalty=1.1, logprobs=True)
+        seqs = [Sequence("warmup", 0, [0], params, seed=i, ntk_alpha=1.0) for i in range(rows)]
+        sample(logits, SamplingBatch(seqs, self.device))
+        del hidden, logits
+        torch.cuda.synchronize()
+
+    # ---- steps ------------------------------------------------------------------------------------
+    def _slots(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
+        pos = torch.arange(start, end)
+        table = torch.tensor(seq.block_table, dtype=torch.int64)
+        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def _to_device(self, values, dtype=torch.int64) -> torch.Tensor:
+        t = torch.tensor(values, dtype=dtype)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> tuple[list[int], list[float] | None]:
+        """New token (and logprob) for each of batch.sample_seqs."""
+        logits = self._prefill(batch) if batch.is_prefill else self._decode(batch.seqs)
+        sample_seqs = batch.sample_seqs
+        if not sample_seqs:
+            return [], None
+        tokens, logprobs = sample(logits, SamplingBatch(sample_seqs, self.device))
+        if logprobs is None:
+            return tokens.tolist(), None
+        both = torch.stack((tokens.double(), logprobs.double())).tolist()  # one transfer for both
+        return [int(t) for t in both[0]], both[1]
+
+    def _prefill(self, batch: ScheduledBatch) -> torch.Tensor:
+        ids, positions, slots, alpha_rows, seqs, last = [], [], [], [], [], []
+        offset = 0
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            start, end = seq.num_computed, seq.num_computed + n
+            ids += seq.token_ids[start:end]
+            positions += range(start, end)
+            alpha_rows.append((self.alpha_row(seq.ntk_alpha), n))
+            all_slots = self._slots(seq, 0, end)
+            slots.append(all_slots[start:])
+            ctx_slots = all_slots.to(self.device, non_blocking=True) if start > 0 else None
+            seqs.append(PrefillSeq(offset, n, end, ctx_slots))
+            offset += n
+            if end == len(seq):
+                last.append(offset - 1)
+        slot_mapping = torch.cat(slots).to(self.device, non_blocking=True)
+        self.ctx.set_prefill(slot_mapping, seqs)
+        ids_t = self._to_device(ids)[None]
+        pos_t = self._to_device(positions)[None]
+        rows = {r for r, _ in alpha_rows}
+        if len(rows) == 1:
+            inv = self._inv_table[rows.pop()][None, None, :]  # [1,1,r/2]
+        else:
+            per_token = torch.cat([torch.full((n,), r, dtype=torch.int64) for r, n in alpha_rows])
+            inv = self._inv_table[per_token.to(self.device)][None]  # [1,T,r/2]
+        use_logn = self.cfg.use_logn_attn and max(positions) + 1 > self.cfg.seq_length
+        hidden = self.model(ids_t, pos_t, self.ctx, inv, use_logn=use_logn)
+        if not last:
+            return hidden.new_empty(0, self.cfg.vocab_size).float()
+        return self.model.logits(hidden[0, self._to_device(last)])
+
+    def _decode_inputs(self, seqs: list[Sequence], rows: int):
+        """Flat int64 [5*rows] (ids, positions, slots, context lens, alpha rows) and the block tables."""
+        bs = self.block_size
+        n_pad = rows - len(seqs)
+        ids = [s.token_ids[-1] for s in seqs] + [0] * n_pad
+        pos = [len(s) - 1 for s in seqs] + [0] * n_pad
+        slots = [s.block_table[(len(s) - 1) // bs] * bs + (len(s) - 1) % bs for s in seqs] + [self.scratch_slot] * n_pad
+        lens = [len(s) for s in seqs] + [0] * n_pad
+        alphas = [self.alpha_row(s.ntk_alpha) for s in seqs] + [0] * n_pad
+        width = max(len(s.block_table) for s in seqs)
+        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs] + [[0] * width] * n_pad
+        return self._to_device(ids + pos + slots + lens + alphas), self._to_device(tables, torch.int32)
+
+    def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        B = len(seqs)
+        graph_bs = next((b for b in sorted(self.graphs) if b >= B), None)
+        use_logn_needed = self.cfg.use_logn_attn and max(len(s) for s in seqs) > self.cfg.seq_length
+        if graph_bs is not None:
+            flat, tables = self._decode_inputs(seqs, graph_bs)
+            st = self._static
+            ids, pos, slots, lens, alphas = flat.view(5, graph_bs)
+            st["ids"][:graph_bs].copy_(ids)
+            st["pos"][:graph_bs].copy_(pos)
+            st["slots"][:graph_bs].copy_(slots)
+            st["lens"][:graph_bs].copy_(lens)
+            st["inv"][:graph_bs, 0].copy_(self._inv_table[alphas])
+            st["tables"][:graph_bs, :tables.shape[1]].copy_(tables)
+            self.graphs[graph_bs].replay()
+            return st["logits"][:B]
+        flat, tables = self._decode_inputs(seqs, B)
+        ids, pos, slots, lens, alphas = flat.view(5, B)
+        self.ctx.set_decode(slots, tables, lens.int(), max(len(s) for s in seqs))
+        inv = self._inv_table[alphas][:, None, :]
+        hidden = self.model(ids[:, None], pos[:, None], self.ctx, inv, use_logn=use_logn_needed)
+        return self.model.logits(hidden[:, 0])
+
+    # ---- CUDA graphs ------------------------------------------------------------------------------
+    def _capture_graphs(self) -> None:
+        sizes = self.config.graph_batch_sizes()
+        max_bs, dev = max(sizes), self.device
+        st = self._static = {
+            "ids": torch.zeros(max_bs, dtype=torch.int64, device=dev),
+            "pos": torch.zeros(max_bs, dtype=torch.int64, device=dev),
+            "slots": torch.full((max_bs,), self.scratch_slot, dtype=torch.int64, device=dev),
+            "lens": torch.zeros(max_bs, dtype=torch.int32, device=dev),
+            "tables": torch.zeros(max_bs, self.max_blocks_per_seq, dtype=torch.int32, device=dev),
+            "inv": self._inv_table[:1, None, :].repeat(max_bs, 1, 1),
+            "logits": torch.zeros(max_bs, self.cfg.vocab_size, dtype=torch.float32, device=dev),
+        }
+        # LogN is applied in every graph (the scale is exactly 1 up to seq_length), so one graph serves all.
+        use_logn = self.cfg.use_logn_attn
+        pool = None
+        with torch.inference_mode():
+            for bs in reversed(sizes):
+                self.ctx.set_decode(st["slots"][:bs], st["tables"][:bs], st["lens"][:bs], 0)
+
+                def forward(bs=bs):
+                    h = self.model(st["ids"][:bs, None], st["pos"][:bs, None], self.ctx, st["inv"][:bs],
+                                   use_logn=use_logn)
+                    st["logits"][:bs] = self.model.logits(h[:, 0])
+
+                forward()  # compile kernels and settle the allocator before capture
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool):
+                    forward()
+                pool = graph.pool()
+                self.graphs[bs] = graph
+        torch.cuda.synchronize()

@@ -1,0 +1,67 @@
+"""Sequence: the state of one sample (one of a request's n) as it moves through the engine."""
+
+from __future__ import annotations
+
+import enum
+from itertools import count
+
+from qwenlm.sampling import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"  # not admitted (or preempted): owns no KV blocks
+    RUNNING = "running"  # owns blocks; prefilling or decoding
+    FINISHED = "finished"
+
+
+_ids = count()
+
+
+class Sequence:
+    """Token ids (prompt + generated), KV bookkeeping and per-sample outputs.
+
+    `num_computed` counts tokens whose K/V are in the cache. While num_computed < len - 1 the
+    sequence is prefilling (in chunks); afterwards each decode step computes the last token.
+    """
+
+    def __init__(self, request_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams,
+                 seed: int, ntk_alpha: float, first_sibling: "Sequence | None" = None):
+        self.seq_id = next(_ids)
+        self.request_id = request_id
+        self.index = index  # which of the request's n samples
+        self.first_sibling = first_sibling  # sample 0 of the same request (None for sample 0)
+        self.token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.params = params
+        self.seed = seed  # counter-based sampling noise comes from (seed, position)
+        # Dynamic-NTK alpha is chosen once from the prompt length and frozen for the whole generation
+        # (spec §5.4); it also salts the prefix-cache hashes, since cached keys were rotated with it.
+        self.ntk_alpha = ntk_alpha
+        self.status = SeqStatus.WAITING
+        self.block_table: list[int] = []
+        self.num_computed = 0
+        self.num_hashed_blocks = 0  # leading blocks already registered in the prefix cache
+        self.last_hash: int | None = None  # hash of the last of those
+        self.num_cached_tokens = 0  # prompt tokens served by the prefix cache at the last admission
+        self.logprobs: list[float] | None = [] if params.logprobs else None
+        self.finish_reason: str | None = None
+        self.detok = None  # incremental detokenizer / stop matcher, set by the engine
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_prefilling(self) -> bool:
+        return self.num_computed < len(self.token_ids) - 1
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
