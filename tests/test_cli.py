@@ -1,0 +1,116 @@
+"""The `qwenlm` command driven as a user would: piped stdin, a pseudo-terminal with Ctrl-C, one-shot runs."""
+
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+
+import pytest
+
+import qwenlm
+
+QWENLM = [sys.executable, "-m", "qwenlm.cli"]
+
+
+def run_chat(ckpt, script: str) -> str:
+    proc = subprocess.run(QWENLM + ["chat", "--model", str(ckpt), "--device", "cpu"], input=script,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_ckpt):
+    return qwenlm.load(str(tiny_ckpt), device="cpu", progress=False)
+
+
+def test_conf_really_changes_generation_and_history_commands(tiny_ckpt, llm):
+    out = run_chat(tiny_ckpt, ":conf max_new_tokens=3 do_sample=False\nhello\n:his\n:clear-history\n:his\n:exit\n")
+    expected, _ = llm.chat("hello", max_new_tokens=3, do_sample=False, seed=1234)
+    assert f"Qwen: {expected}\n" in out
+    assert "max_new_tokens = 3" in out and "do_sample = False" in out
+    assert f"User[0]: hello\nQwen[0]: {expected}" in out
+    assert "[history cleared]" in out and "[history is empty]" in out
+
+
+def test_multi_turn_history_and_seed(tiny_ckpt, llm):
+    out = run_chat(tiny_ckpt, ":seed 7\n:conf max_new_tokens=4\nfirst\nsecond\n:reset-conf\n:conf\n:exit\n")
+    first, history = llm.chat("first", max_new_tokens=4, seed=7)
+    second, _ = llm.chat("second", history=history, max_new_tokens=4, seed=7)
+    assert "[seed] 7" in out
+    assert f"Qwen: {first}\n" in out and f"Qwen: {second}\n" in out
+    assert "max_new_tokens = 512" in out.split("[generation settings restored]")[1]
+
+
+def test_clear_and_unknown_command_and_bad_conf(tiny_ckpt):
+    out = run_chat(tiny_ckpt, ":clear\n:nope\n:conf top_q=1\n:seed x\n:help\n:q\n")
+    assert "\033[2J" in out
+    assert "unknown command ':nope'" in out
+    assert "unknown generation setting(s): top_q" in out
+    assert "seed must be an integer" in out
+    assert ":clear-history" in out
+
+
+def _read_until(fd, needle: bytes, timeout: float) -> bytes:
+    buf = b""
+    end = time.time() + timeout
+    while needle not in buf:
+        if time.time() > end:
+            raise AssertionError(f"timed out waiting for {needle!r}; got {buf[-500:]!r}")
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            try:
+                buf += os.read(fd, 4096)
+            except OSError:
+                break
+    return buf
+
+
+def test_ctrl_c_stops_the_reply_not_the_program(tiny_ckpt):
+    pid, fd = pty.fork()
+    if pid == 0:  # child: the chat on a real terminal
+        os.execv(sys.executable, QWENLM + ["chat", "--model", str(tiny_ckpt), "--device", "cpu"])
+    try:
+        _read_until(fd, b"User> ", 120)
+        os.write(fd, b":conf max_new_tokens=100000\n")
+        _read_until(fd, b"User> ", 30)
+        os.write(fd, b"tell me everything\n")
+        _read_until(fd, b"Qwen: ", 30)
+        time.sleep(1.0)
+        os.write(fd, b"\x03")  # Ctrl-C from the terminal
+        _read_until(fd, b"[generation interrupted]", 30)
+        _read_until(fd, b"User> ", 30)
+        os.write(fd, b":his\n")
+        _read_until(fd, b"[history is empty]", 30)
+        os.write(fd, b":exit\n")
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    finally:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+        os.close(fd)
+
+
+def test_generate_one_shot_and_errors(tiny_ckpt, llm):
+    proc = subprocess.run(QWENLM + ["generate", "--model", str(tiny_ckpt), "--device", "cpu", "--max-new-tokens", "5",
+                                    "--temperature", "0", "Hello"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout == llm.generate("Hello", max_new_tokens=5, temperature=0) + "\n"
+    proc = subprocess.run(QWENLM + ["generate", "--model", "/no/such/dir", "x"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "/no/such/dir: no such checkpoint folder" in proc.stderr
+    proc = subprocess.run(QWENLM + ["generate", "--model", str(tiny_ckpt), "--dtype", "int3", "x"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "dtype 'int3'" in proc.stderr
+
+
+def test_make_tiny_writes_a_loadable_official_folder(tmp_path):
+    out = tmp_path / "tiny"
+    proc = subprocess.run(QWENLM + ["make-tiny", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
+                                                     "qwen.tiktoken", "tokenizer_config.json"]
+    assert qwenlm.load(str(out), device="cpu", progress=False).chat("hi", max_new_tokens=2)[1][0][0] == "hi"
