@@ -1,0 +1,147 @@
+"""Text streaming (stop strings across tokens), the AsyncEngine, and the Triton decode kernel."""
+
+import asyncio
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from engine_helpers import random_prompts, reference_ids, tiny_engine, tiny_model
+from qwenlm.engine import AsyncEngine, SamplingParams
+from qwenlm.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def full_vocab():
+    return tiny_model(vocab_size=151936), Tokenizer.from_file()
+
+
+def test_stop_string_spanning_two_tokens_is_cut(full_vocab):
+    model, tok = full_vocab
+    prompt = tok.encode("The quick brown fox jumps over")
+    free = reference_ids(model, prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    pieces = [tok.decode([t]) for t in free]
+    # a stop made of the end of one token's text and the start of the next's
+    i = next(i for i in range(2, len(pieces) - 1)
+             if pieces[i].strip() and pieces[i + 1].strip() and "\ufffd" not in pieces[i] + pieces[i + 1]
+             and (pieces[i][-1] + pieces[i + 1][0]) not in "".join(pieces[:i]))
+    stop = pieces[i][-1] + pieces[i + 1][0]
+    engine = tiny_engine(model, tok)
+    engine.add_request("s", prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop]))
+    deltas, final = [], None
+    while engine.has_unfinished():
+        for out in engine.step():
+            deltas.append(out.outputs[0].text_delta)
+            final = out
+    text = tok.decode(free)
+    want = text[:text.index(stop)]
+    assert final.outputs[0].finish_reason == "stop"
+    assert final.outputs[0].text == want == "".join(deltas)
+    assert final.outputs[0].token_ids == free[:i + 2]
+
+
+def test_async_engine_streams_concurrent_requests(model):
+    prompts = random_prompts([9, 25, 4, 14], seed=31)
+    p = SamplingParams(temperature=0, max_tokens=7, ignore_eos=True)
+    engine = AsyncEngine(tiny_engine(model, max_num_batched_tokens=16))
+
+    async def consume(i):
+        steps = []
+        async for out in engine.generate(prompts[i], p, request_id=f"r{i}"):
+            steps.append(out)
+        return steps
+
+    async def main():
+        return await asyncio.gather(*(consume(i) for i in range(len(prompts))))
+
+    try:
+        results = asyncio.run(main())
+        for prompt, steps in zip(prompts, results):
+            assert steps[-1].finished and len(steps) == 7  # one output per new token
+            assert steps[-1].outputs[0].token_ids == reference_ids(model, prompt, p)
+        stats = engine.stats()
+        assert stats["num_running"] == stats["num_waiting"] == 0
+        assert stats["generation_tokens_total"] == 28 and stats["prompt_tokens_total"] == 52
+    finally:
+        engine.shutdown()
+
+
+def test_async_consumer_leaving_aborts_and_frees_blocks(model):
+    engine = AsyncEngine(tiny_engine(model))
+    long = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+
+    async def main():
+        gen = engine.generate(random_prompts([12])[0], long, request_id="gone")
+        async for out in gen:
+            if len(out.outputs[0].token_ids) == 3:
+                break
+        await gen.aclose()
+        stream = engine.generate(random_prompts([8])[0], long, request_id="aborted")
+        seen = []
+        async for out in stream:
+            seen.append(out)
+            if len(seen) == 2:
+                await engine.abort("aborted")
+        for _ in range(100):
+            if not engine.engine.has_unfinished():
+                break
+            await asyncio.sleep(0.01)
+        return seen
+
+    try:
+        seen = asyncio.run(main())
+        assert seen[-1].finished and seen[-1].outputs[0].finish_reason == "abort"
+        assert not engine.engine.has_unfinished()
+        blocks = engine.engine.blocks
+        assert blocks.num_free_blocks == blocks.num_blocks
+    finally:
+        engine.shutdown()
+
+
+def test_triton_paged_decode_kernel_matches_reference_in_interpreter():
+    pytest.importorskip("triton")
+    code = textwrap.dedent("""
+        import torch
+        from qwenlm.kernels.attention import paged_decode_attention, paged_decode_attention_ref
+        g = torch.Generator().manual_seed(0)
+        B, H, D, bs, nb = 4, 2, 16, 4, 48
+        kc, vc = torch.randn(nb, bs, H, D, generator=g), torch.randn(nb, bs, H, D, generator=g)
+        tables = torch.randperm(nb, generator=g)[:40].view(B, 10).int()
+        lens = torch.tensor([1, 7, 40, 0]).int()
+        q = torch.randn(B, H, D, generator=g)
+        out = torch.full_like(q, float("nan"))
+        paged_decode_attention(q, kc, vc, tables, lens, out=out, block_n=8)
+        ref = paged_decode_attention_ref(q[:3], kc, vc, tables[:3], lens[:3])
+        err = ((out[:3] - ref).norm() / ref.norm()).item()
+        assert err < 1e-5, err
+        assert torch.equal(out[3], torch.zeros_like(out[3]))  # a padding row (no context) gives zeros
+        print("ok", err)
+    """)
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+def test_torch_paged_reference_matches_dense_attention():
+    g = torch.Generator().manual_seed(1)
+    from qwenlm.kernels.attention import paged_decode_attention_ref
+    H, D, bs = 2, 8, 4
+    k = torch.randn(11, H, D, generator=g)
+    v = torch.randn(11, H, D, generator=g)
+    q = torch.randn(1, H, D, generator=g)
+    kc, vc = torch.zeros(5, bs, H, D), torch.zeros(5, bs, H, D)
+    table = [3, 0, 4]
+    for p in range(11):
+        kc[table[p // bs], p % bs], vc[table[p // bs], p % bs] = k[p], v[p]
+    got = paged_decode_attention_ref(q, kc, vc, torch.tensor([table]).int(), torch.tensor([11]).int())
+    w = torch.softmax((q[0][:, None, :] * k.transpose(0, 1)).sum(-1) / D ** 0.5, -1)  # [H,11]
+    want = torch.einsum("hs,shd->hd", w, v)
+    torch.testing.assert_close(got[0], want, rtol=1e-5, atol=1e-5)
