@@ -87,3 +87,26 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, out=
         out.stride(0), out.stride(1), block_tables.stride(0),
         PAGE=k_cache.shape[1], HEAD_DIM=D, BLOCK_N=block_n, num_warps=4)
     return out
+
+
+@torch.library.custom_op("qwenlm::paged_store_decode", mutates_args=("k_cache", "v_cache"))
+def paged_store_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                       v_cache: torch.Tensor, layer: int, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+                       context_lens: torch.Tensor, use_triton: bool) -> torch.Tensor:
+    """Store one decode step's k, v [B,h,d] into layer `layer` of the pools [L,N,bs,h,d], then attend.
+
+    One opaque op for torch.compile: the pools are mutated in place, never copied by functionalization.
+    """
+    kc, vc = k_cache[layer], v_cache[layer]
+    H, D = q.shape[-2:]
+    kc.view(-1, H, D).index_copy_(0, slot_mapping, k.reshape(-1, H, D))
+    vc.view(-1, H, D).index_copy_(0, slot_mapping, v.reshape(-1, H, D))
+    if use_triton:
+        return paged_decode_attention(q, kc, vc, block_tables, context_lens)
+    return paged_decode_attention_ref(q, kc, vc, block_tables, context_lens,
+                                      block_tables.shape[1] * kc.shape[1])
+
+
+@paged_store_decode.register_fake
+def _(q, k, v, k_cache, v_cache, layer, slot_mapping, block_tables, context_lens, use_triton):
+    return torch.empty_like(q)

@@ -6,9 +6,10 @@ scales [G, N]. Groups must be contiguous runs of `group_size` inputs (g_idx = k 
 act-order checkpoint is brought to that form at load time by permuting its rows (`quant.finalize`).
 
 Two kernels, because batch-1 decode and batched/prefill rows want different inner loops:
-- `_gemv_kernel` (M == 1): loads each packed word once, unpacks it into [BLOCK_K/P, P, BLOCK_N] and
-  reduces with plain FMAs; split-K over the grid keeps every SM busy at N = 4096.
-- `_mm_kernel` (M > 1): a tiled matmul on tensor cores (tl.dot) with the dequantization in registers.
+- `_gemv_kernel` (M == 1): loads each packed word once, unpacks its lanes one at a time with plain FMAs
+  into a per-row accumulator reduced once at the end; split-K over the grid keeps every SM busy.
+- `_mm_kernel` (1 < M <= 64): a tiled matmul on tensor cores (tl.dot) with the dequantization in registers.
+- M > 64 (prefill): `_dequant_kernel` writes the fp16/bf16 weight once and cuBLAS does the matmul.
 Both use  sum_k x_k * s * (q_kn - z_n) = s * (sum_k x_k q_kn - z_n * sum_k x_k)  per group, so the scale
 and zero are applied once per block instead of once per weight.
 
@@ -65,31 +66,52 @@ if triton is not None:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
         rows = tl.arange(0, ROWS)
-        lanes = tl.arange(0, PER)
-        shifts = lanes * BITS
         z_shift = (offs_n % PER) * BITS
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        # Partial sums stay per packed row until the end: no cross-thread reduction inside the loop.
+        acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
         for kb in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
             r = kb // PER + rows  # packed rows of this block
             r_mask = r < K // PER
             qw = tl.load(qw_ptr + r[:, None] * N + offs_n[None, :], mask=r_mask[:, None] & n_mask[None, :],
-                         other=0)  # [ROWS, BLOCK_N]
-            q = (qw[:, None, :] >> shifts[None, :, None]) & MASK  # [ROWS, PER, BLOCK_N]
-            xk = kb + rows[:, None] * PER + lanes[None, :]  # [ROWS, PER] input index
-            x = tl.load(x_ptr + xk, mask=xk < K, other=0.0).to(tl.float32)
-            part = tl.sum(tl.sum(x[:, :, None] * q.to(tl.float32), axis=0), axis=0)  # [BLOCK_N]
-            xs = tl.sum(tl.sum(x, axis=0), axis=0)
+                         other=0)  # [ROWS, BLOCK_N], each word read once
+            part = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+            xs = tl.zeros((ROWS,), dtype=tl.float32)
+            for j in tl.static_range(PER):  # lane j of every word: input kb + row*PER + j
+                xj = tl.load(x_ptr + kb + rows * PER + j, mask=r_mask, other=0.0).to(tl.float32)
+                part += xj[:, None] * ((qw >> (j * BITS)) & MASK).to(tl.float32)
+                xs += xj
             g = kb // group_size
             s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             z = (tl.load(qz_ptr + g * (N // PER) + offs_n // PER, mask=n_mask, other=0) >> z_shift) & MASK
-            acc += s * (part - xs * (z + 1).to(tl.float32))
+            acc += s[None, :] * (part - xs[:, None] * (z + 1).to(tl.float32)[None, :])
+        out = tl.sum(acc, axis=0)  # [BLOCK_N]
         if HAS_BIAS:
             if pid_k == 0:
-                acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         if SPLIT_K == 1:
-            tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+            tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
         else:
-            tl.atomic_add(out_ptr + offs_n, acc, mask=n_mask)
+            tl.atomic_add(out_ptr + offs_n, out, mask=n_mask)
+
+    @triton.jit
+    def _dequant_kernel(qw_ptr, qz_ptr, s_ptr, w_ptr, N, K, group_size, BITS: tl.constexpr,
+                        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+        """W_T [K, N] in w's dtype from the packed tensors (prefill: then one cuBLAS matmul)."""
+        PER: tl.constexpr = 32 // BITS
+        MASK: tl.constexpr = (1 << BITS) - 1
+        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (r < K // PER)[:, None] & (offs_n < N)[None, :]
+        qw = tl.load(qw_ptr + r[:, None] * N + offs_n[None, :], mask=mask, other=0)
+        z_shift = ((offs_n % PER) * BITS)[None, :]
+        for j in tl.static_range(PER):
+            k = r * PER + j
+            g = k // group_size
+            s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+            z = (tl.load(qz_ptr + g[:, None] * (N // PER) + (offs_n // PER)[None, :], mask=mask, other=0)
+                 >> z_shift) & MASK
+            w = s * (((qw >> (j * BITS)) & MASK) - (z + 1)).to(tl.float32)
+            tl.store(w_ptr + k[:, None] * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _mm_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_om, group_size,
@@ -128,7 +150,8 @@ if triton is not None:
 
 # Launch settings per (bits, N, K) for batch 1, chosen by bench/bench_quant.py --sweep on an H100.
 GEMV_CONFIGS: dict[tuple[int, int, int], tuple[int, int, int, int, int]] = {}
-GEMV_DEFAULT = (128, 128, 4, 4, 3)  # BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages
+GEMV_DEFAULT = (128, 128, 8, 4, 3)  # BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages
+MM_MAX_ROWS = 64  # above this many rows the tensor-core kernel loses to dequantize + cuBLAS
 
 
 def gemv_config(bits: int, n: int, k: int) -> tuple[int, int, int, int, int]:
@@ -159,6 +182,11 @@ def gptq_matmul(x: torch.Tensor, qweight, qzeros, scales, group_size: int, bits:
         _gemv_kernel[grid](x, qweight, qzeros, scales, b, out, N, K, group_size, BITS=bits, HAS_BIAS=has_bias,
                            BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=warps, num_stages=stages)
         return out if split_k == 1 else out.to(x.dtype)
+    if M > MM_MAX_ROWS:  # compute-bound: dequantize once, then cuBLAS
+        w = torch.empty((K, N), device=x.device, dtype=x.dtype)
+        grid = (triton.cdiv(K // (32 // bits), 16), triton.cdiv(N, 128))
+        _dequant_kernel[grid](qweight, qzeros, scales, w, N, K, group_size, BITS=bits, BLOCK_R=16, BLOCK_N=128)
+        return torch.addmm(bias, x, w) if has_bias else x @ w
     block_m, block_n, block_k, warps, stages = config or ((16, 64, 64, 4, 3) if M <= 16 else
                                                           (64, 64, 64, 4, 3) if M <= 64 else (128, 128, 64, 8, 3))
     block_k = min(block_k, group_size)
