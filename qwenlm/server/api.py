@@ -120,12 +120,14 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None,
     max_model_len: prompt + reply tokens per request (default: the engine's `max_model_len`, else 8192).
     max_pending: engine requests admitted at once (running + queued); beyond it requests get 429.
     """
+    core = getattr(engine, "engine", engine)  # AsyncEngine wraps an LLMEngine
     if max_model_len is None:
-        max_model_len = getattr(engine, "max_model_len", None) or getattr(
-            getattr(engine, "config", None), "max_model_len", None) or 8192
+        max_model_len = getattr(core, "max_model_len", None) or 8192
+    blocks = getattr(core, "blocks", None)
+    kv_capacity = blocks.num_blocks * blocks.block_size if blocks is not None else None
     state = ServerState(engine=engine, tokenizer=tokenizer, model_name=model_name,
                         generation_config=generation_config or GenerationConfig(), max_model_len=max_model_len,
-                        max_pending=max_pending, metrics=ServerMetrics(engine, model_name))
+                        max_pending=max_pending, kv_capacity=kv_capacity, metrics=ServerMetrics(engine, model_name))
     app = FastAPI(title="qwenlm", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.qwenlm = state
     if api_key:
@@ -162,6 +164,10 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None,
             raise ApiError(400, f"request body is not valid JSON: {e}") from None
         if not isinstance(data, dict):
             raise ApiError(400, "request body must be a JSON object")
+        try:  # JSON escapes can smuggle in lone surrogates ("\ud800"), which are not text
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ApiError(400, f"request body holds invalid Unicode: {e.reason}") from None
         try:
             req = model.model_validate(data)
         except ValidationError as e:
@@ -172,13 +178,10 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None,
         return req
 
     async def respond(request: Request, req, full, stream):
-        try:
-            if req.stream:
-                return DisconnectAbortingResponse(stream(state, req), media_type="text/event-stream",
-                                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            return JSONResponse(await _until_disconnect(request, full(state, req)))
-        except UnicodeEncodeError as e:  # lone surrogates from JSON escapes such as "\ud800"
-            raise ApiError(400, f"text is not valid Unicode: {e.reason}") from None
+        if req.stream:
+            return DisconnectAbortingResponse(stream(state, req), media_type="text/event-stream",
+                                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return JSONResponse(await _until_disconnect(request, full(state, req)))
 
     @app.get("/health")
     async def health():
@@ -224,16 +227,21 @@ def serve(args) -> int:
     """`qwenlm serve`: args.model, args.device, args.dtype, args.host, args.port, args.api_key."""
     import uvicorn
 
-    from qwenlm.engine import AsyncEngine
+    from qwenlm.api import parse_dtype
+    from qwenlm.engine import LLM, AsyncEngine
     from qwenlm.hub import resolve_model
     from qwenlm.tokenizer import Tokenizer
 
     folder = resolve_model(args.model)
-    engine = AsyncEngine.from_folder(folder, device=getattr(args, "device", None), dtype=getattr(args, "dtype", "auto"))
+    engine = AsyncEngine(LLM(folder, device=getattr(args, "device", None),
+                             dtype=parse_dtype(getattr(args, "dtype", "auto"))))
     gen_file = Path(folder) / "generation_config.json"
     gen = GenerationConfig.from_file(gen_file) if gen_file.is_file() else GenerationConfig()
     api_key = getattr(args, "api_key", None) or os.environ.get(API_KEY_ENV) or None
     app = create_app(engine, Tokenizer.from_folder(folder), model_name=Path(folder).name, api_key=api_key,
                      generation_config=gen)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
+    finally:
+        engine.shutdown()
     return 0

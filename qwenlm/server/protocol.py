@@ -107,6 +107,6 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 def validation_error(exc) -> ApiError:
     """A pydantic ValidationError -> 400 naming the first bad field."""
     err = exc.errors()[0]
-    loc = [str(x) for x in err.get("loc", ()) if not str(x).startswith("function-")]
-    param = ".".join(loc) or None
-    return ApiError(400, f"{param or 'body'}: {err.get('msg')}", param=param)
+    loc = [str(x) for x in err.get("loc", ())]
+    param = loc[0] if loc else None
+    return ApiError(400, f"{'.'.join(loc) or 'body'}: {err.get('msg')}", param=param)

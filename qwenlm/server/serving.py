@@ -22,6 +22,7 @@ class ServerState:
     generation_config: GenerationConfig
     max_model_len: int
     max_pending: int  # engine requests admitted at once (running + queued); more get 429
+    kv_capacity: int | None  # tokens the KV cache holds; a longer prompt can never run
     metrics: ServerMetrics
     pending: int = 0
 
@@ -83,6 +84,10 @@ def sampling_params(state: ServerState, req: SamplingFields, prompt_len: int, wi
         raise ApiError(400, f"This model's maximum context length is {state.max_model_len} tokens. However, your "
                             f"prompt has {prompt_len} tokens. Please reduce the length of the messages or prompt.",
                        param="messages", code="context_length_exceeded")
+    if state.kv_capacity is not None and prompt_len + 1 > state.kv_capacity:
+        raise ApiError(400, f"The prompt has {prompt_len} tokens but the KV cache of this server holds "
+                            f"{state.kv_capacity} tokens. Please reduce the length of the messages or prompt.",
+                       param="messages", code="context_length_exceeded")
     if req.max_length is not None and max_tokens is None:
         max_tokens = req.max_length - prompt_len
         if max_tokens < 1:
@@ -100,7 +105,7 @@ def sampling_params(state: ServerState, req: SamplingFields, prompt_len: int, wi
     if with_tools and OBSERVATION_STOP not in stops:
         stops.append(OBSERVATION_STOP)
     tok = state.tokenizer
-    stop_ids = [tok.im_end_id, tok.im_start_id, tok.eod_id]
+    stop_ids = [tok.im_end_id, tok.im_start_id] + ([] if req.ignore_eos else [tok.eod_id])
     for i in req.stop_token_ids or []:
         if not 0 <= i < tok.n_vocab:
             raise ApiError(400, f"stop_token_ids: {i} is not a token id (0..{tok.n_vocab - 1})", param="stop_token_ids")
@@ -120,6 +125,15 @@ def sampling_params(state: ServerState, req: SamplingFields, prompt_len: int, wi
         stop=stops, stop_token_ids=sorted(set(stop_ids)), seed=req.seed, n=req.n, logprobs=logprobs,
         ignore_eos=req.ignore_eos, skip_special_tokens=req.skip_special_tokens,
     )
+
+
+def abort_request(engine, request_id: str) -> None:
+    """Abort without awaiting (callable from a `finally` under cancellation): AsyncEngine.abort_nowait, or a
+    plain `abort` of an engine that has no separate non-async form."""
+    abort = getattr(engine, "abort_nowait", None) or engine.abort
+    result = abort(request_id)
+    if asyncio.iscoroutine(result):
+        asyncio.ensure_future(result)
 
 
 class EngineRun:
@@ -157,7 +171,7 @@ class EngineRun:
             return
         self.closed = True
         if not self.finished:
-            self.state.engine.abort(self.request_id)  # frees its KV blocks
+            abort_request(self.state.engine, self.request_id)  # frees its KV blocks
             self.reasons = ["abort"]
         self.timer.done(self.reasons)
         self.state.pending -= 1
