@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from qwenlm.kernels.attention import paged_decode_attention, paged_decode_attention_ref, triton
+from qwenlm.kernels.attention import (paged_decode_attention, paged_decode_attention_ref, paged_store_decode,
+                                     triton)
 
 
 @dataclass
@@ -40,6 +41,7 @@ class PagedAttention:
         self.block_tables: torch.Tensor | None = None  # decode: [B, W] int32
         self.context_lens: torch.Tensor | None = None  # decode: [B] int32
         self.max_context_len = 0  # decode, torch backend: host-side bound of the gather
+        self.fused_decode = False  # decode through the one custom op (for torch.compile'd decode)
 
     def set_prefill(self, slot_mapping, seqs: list[PrefillSeq]) -> None:
         self.is_prefill, self.slot_mapping, self.prefill_seqs = True, slot_mapping, seqs
@@ -51,6 +53,10 @@ class PagedAttention:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         B, T, H, D = q.shape
+        if self.fused_decode and not self.is_prefill:
+            out = paged_store_decode(q[:, 0], k[:, 0], v[:, 0], self.k_cache, self.v_cache, layer, self.slot_mapping,
+                                     self.block_tables, self.context_lens, self.backend == "triton")
+            return out[:, None]
         k_cache, v_cache = self.k_cache[layer], self.v_cache[layer]
         if self.slot_mapping is not None:
             k_cache.view(-1, H, D).index_copy_(0, self.slot_mapping, k.reshape(-1, H, D))

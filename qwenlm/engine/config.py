@@ -15,6 +15,7 @@ class EngineConfig:
     max_model_len: int | None = None  # prompt + output tokens per sequence; None = config's max_position_embeddings
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # no CUDA graphs
+    compile_decode: bool = False  # torch.compile the decode forward (fuses the small pointwise kernels)
     cuda_graph_batch_sizes: list[int] | None = None  # None = 1,2,4,8,16,24,...,max_num_seqs
     attention_backend: str = "auto"  # "auto" (Triton on CUDA, else torch), "triton", "torch"
     seed: int = 0  # seeds of requests that give none are drawn from this

@@ -40,6 +40,12 @@ class ModelRunner:
         self.scratch_slot = self.num_blocks * self.block_size
         self.ctx = PagedAttention(self.k_cache, self.v_cache, config.attention_backend)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._decode_forward = self._decode_forward_eager
+        if config.compile_decode:
+            # One compiled decode function for every batch size (dynamic batch dim); attention is one
+            # opaque custom op so the compiler never copies the KV pool.
+            self.ctx.fused_decode = True
+            self._decode_forward = torch.compile(self._decode_forward_eager, dynamic=True)
         if self.device.type == "cuda" and not config.enforce_eager and self.ctx.backend == "triton":
             self._capture_graphs()
 
@@ -184,7 +190,11 @@ class ModelRunner:
         ids, pos, slots, lens, alphas = flat.view(5, B)
         self.ctx.set_decode(slots, tables, lens.int(), max(len(s) for s in seqs))
         inv = self._inv_table[alphas][:, None, :]
-        hidden = self.model(ids[:, None], pos[:, None], self.ctx, inv, use_logn=use_logn_needed)
+        use_logn = use_logn_needed or (self.config.compile_decode and self.cfg.use_logn_attn)
+        return self._decode_forward(ids[:, None], pos[:, None], inv, use_logn)
+
+    def _decode_forward_eager(self, ids, pos, inv, use_logn: bool) -> torch.Tensor:
+        hidden = self.model(ids, pos, self.ctx, inv, use_logn=use_logn)
         return self.model.logits(hidden[:, 0])
 
     # ---- CUDA graphs ------------------------------------------------------------------------------
@@ -208,9 +218,8 @@ class ModelRunner:
                 self.ctx.set_decode(st["slots"][:bs], st["tables"][:bs], st["lens"][:bs], 0)
 
                 def forward(bs=bs):
-                    h = self.model(st["ids"][:bs, None], st["pos"][:bs, None], self.ctx, st["inv"][:bs],
-                                   use_logn=use_logn)
-                    st["logits"][:bs] = self.model.logits(h[:, 0])
+                    st["logits"][:bs] = self._decode_forward(st["ids"][:bs, None], st["pos"][:bs, None],
+                                                             st["inv"][:bs], use_logn)
 
                 forward()  # compile kernels and settle the allocator before capture
                 torch.cuda.synchronize()

@@ -1,0 +1,351 @@
+"""Engine benchmark: qwenlm vs transformers `generate` vs the memory-bandwidth bound, side by side.
+
+Random weights at the Qwen-7B shape (real config, 151,936 vocab, bf16) built directly on the GPU.
+Prints, per figure, tokens/s (or ms / GB), achieved GB/s and the bound from a measured device-to-device
+copy. Writes engine_bench.json and a batch-size sweep (PNG via matplotlib, else CSV) into $OUT (or ./).
+
+    python bench/bench_engine.py            # on the GPU (about 6 minutes)
+    python bench/bench_engine.py --tiny     # a tiny model on CPU: checks that the script runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import time
+
+import torch
+
+from qwenlm.config import ModelConfig
+from qwenlm.engine import EngineConfig, LLMEngine, SamplingParams
+from qwenlm.model.qwen import QWenLMHeadModel
+
+T0 = time.time()
+RESULTS: dict = {}
+OUT = os.environ.get("OUT", ".")
+
+
+def log(msg):
+    print(f"[{time.time() - T0:6.1f}s] {msg}", flush=True)
+
+
+def save():
+    with open(os.path.join(OUT, "engine_bench.json"), "w") as f:
+        json.dump(RESULTS, f, indent=2)
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure_bandwidth(dev) -> float:
+    """Bytes read + written per second of a large device-to-device copy."""
+    if dev.type != "cuda":
+        return 50e9
+    a = torch.randn(1 << 29, device=dev, dtype=torch.bfloat16)  # 1 GiB
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(10):
+        start.record()
+        b.copy_(a)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    bw = 2 * a.numel() * a.element_size() / statistics.median(times)
+    del a, b
+    return bw
+
+
+def build_qwen(cfg: ModelConfig, dev, dtype) -> QWenLMHeadModel:
+    torch.manual_seed(0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(dev):
+            model = QWenLMHeadModel(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.02)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.02)
+    return model.eval()
+
+
+def streamed_weight_bytes(model) -> int:
+    """Bytes a decode step reads: every weight except the embedding table (one row of it is read)."""
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "wte" not in n)
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype) -> int:
+    return 2 * cfg.num_hidden_layers * cfg.hidden_size * dtype.itemsize
+
+
+def prompts_of(n, length, vocab, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, min(vocab, 150000), (length,), generator=g).tolist() for _ in range(n)]
+
+
+def run_timed(engine: LLMEngine, prompts, params):
+    """Run to completion; returns (wall s, time of decode steps s, decode tokens, first-output latency s)."""
+    ids = [engine.add_request(None, p, params) for p in prompts]
+    sync(engine.runner.device)
+    t0 = time.perf_counter()
+    first = None
+    decode_s, decode_tokens = 0.0, 0
+    while engine.has_unfinished():
+        ts = time.perf_counter()
+        outs = engine.step()
+        dt = time.perf_counter() - ts  # step() ends with a host read of the sampled ids: the GPU is done
+        if not engine.scheduler.last_was_prefill:
+            decode_s += dt
+            decode_tokens += len(outs)
+        if first is None and outs:
+            first = time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    assert not set(ids) & set(engine.requests)
+    return wall, decode_s, decode_tokens, first
+
+
+def bench_qwenlm(model, cfg, dev, bw, args, compile_decode: bool, tag: str):
+    wbytes = streamed_weight_bytes(model)
+    kvb = kv_bytes_per_token(cfg, model.lm_head.weight.dtype)
+    t = time.time()
+    engine = LLMEngine(model, None, EngineConfig(max_num_seqs=args.max_batch, max_num_batched_tokens=8192,
+                                                 gpu_memory_utilization=0.9, compile_decode=compile_decode,
+                                                 num_blocks=args.num_blocks))
+    log(f"[{tag}] engine ready in {time.time() - t:.1f}s: {engine.blocks.num_blocks} blocks, "
+        f"graphs for {sorted(engine.runner.graphs)}")
+    res = RESULTS.setdefault(tag, {})
+    greedy = lambda n: SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)  # noqa: E731
+
+    # (1) batch-1 decode, 256 new tokens after a short prompt
+    run_timed(engine, prompts_of(1, 16, cfg.vocab_size, 1), greedy(16))  # warm-up
+    wall, dec_s, dec_tok, _ = run_timed(engine, prompts_of(1, 16, cfg.vocab_size, 2), greedy(args.new_tokens))
+    tps = dec_tok / dec_s
+    per_tok = wbytes + (16 + args.new_tokens / 2) * kvb
+    res["b1"] = dict(tok_s=tps, gb_s=tps * per_tok / 1e9, bound_tok_s=bw / per_tok, wall_s=wall)
+    log(f"[{tag}] b1 decode {tps:.1f} tok/s, {tps * per_tok / 1e9:.0f} GB/s, bound {bw / per_tok:.1f} tok/s")
+    save()
+
+    # (3) time to first token, 2,048-token prompts (fresh prompts: no prefix-cache hits)
+    ttfts = []
+    for s in range(4):
+        _, _, _, first = run_timed(engine, prompts_of(1, args.ttft_len, cfg.vocab_size, 100 + s), greedy(1))
+        ttfts.append(first)
+    ttft = statistics.median(ttfts[1:])
+    flops = 2 * (wbytes / 2) * args.ttft_len + 2 * args.ttft_len ** 2 * cfg.hidden_size * cfg.num_hidden_layers
+    res["ttft"] = dict(ms=ttft * 1e3, tflops=flops / ttft / 1e12, all_ms=[x * 1e3 for x in ttfts])
+    log(f"[{tag}] TTFT {args.ttft_len} tokens: {ttft * 1e3:.1f} ms ({flops / ttft / 1e12:.0f} TFLOP/s)")
+    save()
+
+    # (2) 128 concurrent requests, 512 prompt / 256 output tokens
+    n = args.max_batch
+    wall, dec_s, dec_tok, _ = run_timed(engine, prompts_of(n, args.prompt_len, cfg.vocab_size, 3),
+                                        greedy(args.new_tokens))
+    out_tps = n * args.new_tokens / wall
+    res["throughput"] = dict(requests=n, output_tok_s=out_tps, decode_tok_s=dec_tok / dec_s, wall_s=wall,
+                             preemptions=engine.scheduler.num_preemptions)
+    log(f"[{tag}] {n} requests x {args.prompt_len}/{args.new_tokens}: {out_tps:.0f} output tok/s "
+        f"(decode steps alone {dec_tok / dec_s:.0f} tok/s), {wall:.1f}s, stats {engine.stats()}")
+    save()
+
+    # (5) decode tok/s at several batch sizes (prompt 128, 128 new tokens)
+    sweep = []
+    for b in args.sweep:
+        if b > args.max_batch:
+            continue
+        _, dec_s, dec_tok, _ = run_timed(engine, prompts_of(b, 128, cfg.vocab_size, 1000 + b), greedy(128))
+        tps = dec_tok / dec_s
+        step_bytes = wbytes + b * (128 + 64) * kvb
+        sweep.append(dict(batch=b, tok_s=tps, gb_s=tps / b * step_bytes / 1e9, bound_tok_s=b * bw / step_bytes))
+        log(f"[{tag}] sweep batch {b}: {tps:.0f} tok/s, {tps / b * step_bytes / 1e9:.0f} GB/s, "
+            f"bound {b * bw / step_bytes:.0f}")
+    res["sweep"] = sweep
+    save()
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache() if dev.type == "cuda" else None
+
+
+def bench_memory(model, cfg, dev, args):
+    """(4) peak memory while encoding 2,048 tokens with the KV pool sized to that need."""
+    if dev.type != "cuda":
+        return
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    bs = 16
+    engine = LLMEngine(model, None, EngineConfig(num_blocks=args.ttft_len // bs + 1, block_size=bs,
+                                                 max_num_batched_tokens=args.ttft_len, max_num_seqs=1,
+                                                 cuda_graph_batch_sizes=[1]))
+    engine.generate([prompts_of(1, args.ttft_len, cfg.vocab_size, 7)[0]],
+                    SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+    peak = torch.cuda.max_memory_allocated()
+    RESULTS["peak_memory_2048"] = dict(gb=peak / 1e9, gib=peak / 2**30)
+    log(f"peak memory encoding {args.ttft_len} tokens: {peak / 1e9:.2f} GB ({peak / 2**30:.2f} GiB)")
+    save()
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def bench_transformers(cfg: ModelConfig, dev, bw, args):
+    try:
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+    except ImportError as e:
+        log(f"transformers unavailable: {e}")
+        return
+    hf_cfg = Qwen2Config(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                         intermediate_size=cfg.ffn_dim, num_hidden_layers=cfg.num_hidden_layers,
+                         num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_attention_heads,
+                         max_position_embeddings=cfg.seq_length, rope_theta=cfg.rotary_emb_base,
+                         rms_norm_eps=cfg.layer_norm_epsilon, tie_word_embeddings=False,
+                         bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    hf_cfg._attn_implementation = "sdpa"
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    try:
+        with torch.device(dev):
+            hf = Qwen2ForCausalLM(hf_cfg).eval()
+    finally:
+        torch.set_default_dtype(old)
+    wbytes = sum(p.numel() * p.element_size() for n, p in hf.named_parameters() if "embed_tokens" not in n)
+    res = RESULTS.setdefault("transformers", {})
+    for batch, plen in ((1, 16), (args.hf_batch, args.prompt_len)):
+        ids = torch.tensor(prompts_of(batch, plen, cfg.vocab_size, 5), device=dev)
+        kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+        hf.generate(ids, max_new_tokens=4, min_new_tokens=4, **kw)  # warm-up
+        sync(dev)
+        t = time.perf_counter()
+        out = hf.generate(ids, max_new_tokens=args.new_tokens, **kw)
+        sync(dev)
+        dt = time.perf_counter() - t
+        made = (out.shape[1] - plen) * batch
+        tps = made / dt
+        res[f"b{batch}"] = dict(tok_s=tps, gb_s=tps / batch * wbytes / 1e9, tokens=made, prompt_len=plen)
+        log(f"transformers batch {batch} (prompt {plen}, {args.new_tokens} new): {tps:.1f} tok/s, "
+            f"{tps / batch * wbytes / 1e9:.0f} GB/s")
+        save()
+    del hf
+    gc.collect()
+    torch.cuda.empty_cache() if dev.type == "cuda" else None
+
+
+def plot(bw):
+    rows = []
+    for tag in ("qwenlm", "qwenlm+compile"):
+        for r in RESULTS.get(tag, {}).get("sweep", []):
+            rows.append((tag, r["batch"], r["tok_s"], r["bound_tok_s"], r["gb_s"]))
+    with open(os.path.join(OUT, "engine_batch_sweep.csv"), "w") as f:
+        f.write("engine,batch,tok_s,bound_tok_s,gb_s\n")
+        f.writelines(f"{t},{b},{x:.1f},{y:.1f},{g:.0f}\n" for t, b, x, y, g in rows)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for tag in ("qwenlm", "qwenlm+compile"):
+        pts = [(b, x) for t, b, x, _, _ in rows if t == tag]
+        if pts:
+            ax.plot(*zip(*pts), "o-", label=f"{tag} decode")
+    bound = sorted({(b, y) for _, b, _, y, _ in rows})
+    if bound:
+        ax.plot(*zip(*bound), "k--", label=f"bandwidth bound ({bw / 1e12:.2f} TB/s copy)")
+    hf = RESULTS.get("transformers", {})
+    for key, r in hf.items():
+        ax.plot([int(key[1:])], [r["tok_s"]], "rs")
+    if hf:
+        ax.plot([], [], "rs", label="transformers generate")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("concurrent sequences (prompt 128, 128 new tokens)")
+    ax.set_ylabel("generated tokens / s")
+    ax.set_title("Qwen-7B shape, bf16, random weights")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(OUT, "engine_batch_sweep.png"), dpi=120)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="tiny model on CPU (checks the script)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd decode variant")
+    ap.add_argument("--compile-deadline", type=float, default=270, help="skip the compiled run after this many s")
+    args = ap.parse_args()
+    dev = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    if args.tiny:
+        cfg = ModelConfig(vocab_size=151936, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          kv_channels=16, intermediate_size=256)
+        args.new_tokens, args.prompt_len, args.ttft_len, args.max_batch, args.hf_batch = 8, 16, 64, 8, 2
+        args.sweep, args.num_blocks = [1, 2, 8], 256
+        dtype = torch.float32
+    else:
+        cfg = ModelConfig()  # Qwen-7B's config.json values
+        args.new_tokens, args.prompt_len, args.ttft_len, args.max_batch, args.hf_batch = 256, 512, 2048, 128, 32
+        args.sweep, args.num_blocks = [1, 2, 4, 8, 16, 32, 64, 128], None
+        dtype = torch.bfloat16
+    RESULTS["device"] = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
+    RESULTS["torch"] = torch.__version__
+    bw = measure_bandwidth(dev)
+    RESULTS["copy_bandwidth_gb_s"] = bw / 1e9
+    log(f"{RESULTS['device']}: device-to-device copy {bw / 1e9:.0f} GB/s (read + write)")
+
+    model = build_qwen(cfg, dev, dtype)
+    wbytes = streamed_weight_bytes(model)
+    RESULTS["weight_bytes_per_token"] = wbytes
+    log(f"model built: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params, "
+        f"{wbytes / 1e9:.2f} GB streamed per decode step")
+    bench_qwenlm(model, cfg, dev, bw, args, compile_decode=False, tag="qwenlm")
+    bench_memory(model, cfg, dev, args)
+    model.cpu() if dev.type == "cuda" else None  # make room for the transformers model
+    torch.cuda.empty_cache() if dev.type == "cuda" else None
+    bench_transformers(cfg, dev, bw, args)
+    plot(bw)
+    model.to(dev)
+    if not args.no_compile and time.time() - T0 < args.compile_deadline:
+        try:
+            bench_qwenlm(model, cfg, dev, bw, args, compile_decode=True, tag="qwenlm+compile")
+        except Exception as e:  # report, keep the other figures
+            log(f"compiled decode failed: {type(e).__name__}: {str(e)[:2000]}")
+            RESULTS["qwenlm+compile_error"] = f"{type(e).__name__}: {str(e)[:500]}"
+        plot(bw)
+    save()
+
+    print("\n==== qwenlm engine vs transformers vs bound (" + RESULTS["device"] + ") ====")
+    hf = RESULTS.get("transformers", {})
+    for tag in ("qwenlm", "qwenlm+compile"):
+        r = RESULTS.get(tag)
+        if not r or "b1" not in r:
+            continue
+        b1 = r["b1"]
+        print(f"{tag:15s} b1 decode      {b1['tok_s']:8.1f} tok/s  {b1['gb_s']:6.0f} GB/s  "
+              f"bound {b1['bound_tok_s']:.1f}  transformers {hf.get('b1', {}).get('tok_s', float('nan')):.1f}")
+        if "throughput" in r:
+            t = r["throughput"]
+            hf_b = hf.get(f"b{args.hf_batch}", {}).get("tok_s", float("nan"))
+            print(f"{tag:15s} {t['requests']} x {args.prompt_len}/{args.new_tokens}  {t['output_tok_s']:8.0f} "
+                  f"output tok/s (decode steps {t['decode_tok_s']:.0f})  transformers batch {args.hf_batch}: {hf_b:.0f}")
+        if "ttft" in r:
+            print(f"{tag:15s} TTFT {args.ttft_len}      {r['ttft']['ms']:8.1f} ms  ({r['ttft']['tflops']:.0f} TFLOP/s)")
+    if "peak_memory_2048" in RESULTS:
+        m = RESULTS["peak_memory_2048"]
+        print(f"peak memory encoding {args.ttft_len} tokens: {m['gb']:.2f} GB ({m['gib']:.2f} GiB)")
+    print(json.dumps(RESULTS))
+
+
+if __name__ == "__main__":
+    main()
