@@ -238,7 +238,9 @@ def serve(args) -> int:
     gen_file = Path(folder) / "generation_config.json"
     gen = GenerationConfig.from_file(gen_file) if gen_file.is_file() else GenerationConfig()
     api_key = getattr(args, "api_key", None) or os.environ.get(API_KEY_ENV) or None
-    app = create_app(engine, Tokenizer.from_folder(folder), model_name=Path(folder).name, api_key=api_key,
+    # a local folder is served under its name ("Qwen-7B-Chat"), a hub model under the name it was asked by
+    model_name = Path(args.model).name if Path(args.model).is_dir() else args.model
+    app = create_app(engine, Tokenizer.from_folder(folder), model_name=model_name, api_key=api_key,
                      generation_config=gen)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
