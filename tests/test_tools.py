@@ -151,3 +151,35 @@ def test_stream_parser_streams_the_answer_before_the_end():
     assert parser.feed("Thought: I now know the final answer\nFinal") == ""
     assert parser.feed(" Answer: Hel") == "Hel"
     assert parser.feed("lo") == "lo"
+
+
+CALL_TEXT = 'Thought: I need the weather.\nAction: get_weather\nAction Input: {"city": "Paris"}\n'
+
+
+@pytest.mark.parametrize("style, finish", [("tools", "tool_calls"), ("functions", "function_call")])
+def test_reply_shapes_parse_with_the_openai_client_types(style, finish):
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    from qwenlm.server.handlers import react_final_deltas, react_message
+
+    message, reason = react_message(CALL_TEXT, style, "stop")
+    body = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "m",
+            "choices": [{"index": 0, "message": message, "finish_reason": reason, "logprobs": None}]}
+    parsed = ChatCompletion.model_validate(body).choices[0]
+    assert parsed.finish_reason == finish and parsed.message.content == "I need the weather."
+    call = parsed.message.tool_calls[0].function if style == "tools" else parsed.message.function_call
+    assert (call.name, call.arguments) == ("get_weather", '{"city": "Paris"}')
+
+    stream = ReactStreamParser()
+    assert stream.feed(CALL_TEXT) == ""
+    deltas, reason = react_final_deltas(stream.finish(), style, "stop")
+    chunks = [ChatCompletionChunk.model_validate({"id": "c", "object": "chat.completion.chunk", "created": 1,
+                                                  "model": "m", "choices": [{"index": 0, "delta": d}]})
+              for d in deltas]
+    assert reason == finish and chunks[0].choices[0].delta.content == "I need the weather."
+    delta = chunks[1].choices[0].delta
+    call = delta.tool_calls[0].function if style == "tools" else delta.function_call
+    assert (call.name, call.arguments) == ("get_weather", '{"city": "Paris"}')
+
+    plain, reason = react_message("Thought: done\nFinal Answer: 42", style, "stop")
+    assert plain == {"role": "assistant", "content": "42"} and reason == "stop"

@@ -49,6 +49,27 @@ def _call_fields(parsed: ParsedReply, style: str) -> tuple[dict, str]:
     return {"tool_calls": [{"id": new_id("call"), "type": "function", "function": call}]}, "tool_calls"
 
 
+def react_message(text: str, style: str, finish_reason: str) -> tuple[dict, str]:
+    """A whole ReAct reply -> the assistant message and finish_reason (non-stream)."""
+    parsed = parse_react_reply(text)
+    message = {"role": "assistant", "content": parsed.content}
+    if parsed.name:
+        fields, finish_reason = _call_fields(parsed, style)
+        message.update(fields)
+    return message, finish_reason
+
+
+def react_final_deltas(parsed: ParsedReply, style: str, finish_reason: str) -> tuple[list[dict], str]:
+    """The end of a streamed ReAct reply -> the deltas still to send and the finish_reason."""
+    deltas = [{"content": parsed.content}] if parsed.content else []
+    if parsed.name:
+        fields, finish_reason = _call_fields(parsed, style)
+        if style == "tools":
+            fields["tool_calls"][0]["index"] = 0
+        deltas.append(fields)
+    return deltas, finish_reason
+
+
 def prepare_chat(state: ServerState, req: ChatCompletionRequest):
     if req.top_logprobs:
         raise ApiError(400, "top_logprobs > 0 is not supported (only the chosen token's logprob)",
@@ -74,11 +95,7 @@ async def chat_full(state: ServerState, req: ChatCompletionRequest) -> dict:
         completion_tokens += len(c.token_ids)
         message, finish = {"role": "assistant", "content": c.text}, c.finish_reason
         if style:
-            parsed = parse_react_reply(c.text)
-            message["content"] = parsed.content
-            if parsed.name:
-                fields, finish = _call_fields(parsed, style)
-                message.update(fields)
+            message, finish = react_message(c.text, style, finish)
         choices.append({"index": c.index, "message": message,
                         "logprobs": chat_logprobs(state.tokenizer, c.token_ids, c.logprobs), "finish_reason": finish})
     return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": now(), "model": state.model_name,
@@ -120,14 +137,9 @@ def chat_stream(state: ServerState, req: ChatCompletionRequest):
                     if c.finish_reason is not None:
                         finish = c.finish_reason
                         if style:
-                            parsed = parsers[i].finish()
-                            if parsed.content:
-                                yield chunk(i, {"content": parsed.content}, tokens=total)
-                            if parsed.name:
-                                fields, finish = _call_fields(parsed, style)
-                                if style == "tools":
-                                    fields["tool_calls"][0]["index"] = 0
-                                yield chunk(i, fields, tokens=total)
+                            deltas, finish = react_final_deltas(parsers[i].finish(), style, finish)
+                            for delta in deltas:
+                                yield chunk(i, delta, tokens=total)
                         yield chunk(i, {}, finish=finish, tokens=total)
             if include_usage:
                 yield sse({**head, "choices": [], "usage": usage(len(prompt_ids), total)})
