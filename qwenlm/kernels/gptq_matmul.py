@@ -5,12 +5,11 @@ r*(32/b)+j at bit offset b*j), qzeros int32 [G, N*b/32] packed along the output 
 scales [G, N]. Groups must be contiguous runs of `group_size` inputs (g_idx = k // group_size); an
 act-order checkpoint is brought to that form at load time by permuting its rows (`quant.finalize`).
 
-Two kernels, because batch-1 decode and batched/prefill rows want different inner loops:
+Two kernels, because batch-1 decode and batched/prefill rows want different work:
 - `_gemv_kernel` (M == 1): loads each packed word once, unpacks its lanes one at a time with plain FMAs
   into a per-row accumulator reduced once at the end; split-K over the grid keeps every SM busy.
-- `_mm_kernel` (1 < M <= 64): a tiled matmul on tensor cores (tl.dot) with the dequantization in registers.
-- M > 64 (prefill): `_dequant_kernel` writes the fp16/bf16 weight once and cuBLAS does the matmul.
-Both use  sum_k x_k * s * (q_kn - z_n) = s * (sum_k x_k q_kn - z_n * sum_k x_k)  per group, so the scale
+- M > 1 (batched decode, prefill): `_dequant_kernel` writes the fp16/bf16 weight once, cuBLAS multiplies.
+The GEMV uses  sum_k x_k * s * (q_kn - z_n) = s * (sum_k x_k q_kn - z_n * sum_k x_k)  per group, so the scale
 and zero are applied once per block instead of once per weight.
 
 `gptq_matmul_reference` is the plain-torch definition the kernels are tested against.
@@ -113,45 +112,19 @@ if triton is not None:
             w = s * (((qw >> (j * BITS)) & MASK) - (z + 1)).to(tl.float32)
             tl.store(w_ptr + k[:, None] * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
 
-    @triton.jit
-    def _mm_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_om, group_size,
-                   BITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
-        PER: tl.constexpr = 32 // BITS
-        MASK: tl.constexpr = (1 << BITS) - 1
-        pid_n = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_mask = offs_m < M
-        n_mask = offs_n < N
-        z_shift = (offs_n % PER) * BITS
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kb in range(0, K, BLOCK_K):
-            offs_k = kb + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < K
-            # Each packed word is fetched once per lane it holds; the repeats hit L1.
-            qw = tl.load(qw_ptr + (offs_k // PER)[:, None] * N + offs_n[None, :],
-                         mask=k_mask[:, None] & n_mask[None, :], other=0)
-            q = (qw >> ((offs_k % PER) * BITS)[:, None]) & MASK  # [BLOCK_K, BLOCK_N]
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                        mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
-            part = tl.dot(x, q.to(x.dtype))  # integers < 256 are exact in fp16/bf16
-            xs = tl.sum(x.to(tl.float32), axis=1)
-            g = kb // group_size
-            s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            z = (tl.load(qz_ptr + g * (N // PER) + offs_n // PER, mask=n_mask, other=0) >> z_shift) & MASK
-            acc += s[None, :] * (part - xs[:, None] * (z + 1).to(tl.float32)[None, :])
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=m_mask[:, None] & n_mask[None, :])
-
 
 # Launch settings per (bits, N, K) for batch 1, chosen by bench/bench_quant.py --sweep on an H100.
-GEMV_CONFIGS: dict[tuple[int, int, int], tuple[int, int, int, int, int]] = {}
+GEMV_CONFIGS: dict[tuple[int, int, int], tuple[int, int, int, int, int]] = {  # (bits, N, K)
+    (4, 12288, 4096): (32, 128, 16, 2, 3),
+    (8, 12288, 4096): (64, 128, 4, 4, 3),
+    (4, 4096, 4096): (256, 64, 32, 2, 3),
+    (8, 4096, 4096): (256, 64, 32, 2, 3),
+    (4, 11008, 4096): (256, 64, 16, 2, 3),
+    (8, 11008, 4096): (64, 128, 8, 4, 3),
+    (4, 4096, 11008): (64, 128, 32, 4, 3),
+    (8, 4096, 11008): (64, 128, 32, 4, 3),
+}
 GEMV_DEFAULT = (128, 128, 8, 4, 3)  # BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages
-MM_MAX_ROWS = 64  # above this many rows the tensor-core kernel loses to dequantize + cuBLAS
 
 
 def gemv_config(bits: int, n: int, k: int) -> tuple[int, int, int, int, int]:
@@ -182,19 +155,9 @@ def gptq_matmul(x: torch.Tensor, qweight, qzeros, scales, group_size: int, bits:
         _gemv_kernel[grid](x, qweight, qzeros, scales, b, out, N, K, group_size, BITS=bits, HAS_BIAS=has_bias,
                            BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=warps, num_stages=stages)
         return out if split_k == 1 else out.to(x.dtype)
-    if M > MM_MAX_ROWS:  # compute-bound: dequantize once, then cuBLAS
-        w = torch.empty((K, N), device=x.device, dtype=x.dtype)
-        grid = (triton.cdiv(K // (32 // bits), 16), triton.cdiv(N, 128))
-        _dequant_kernel[grid](qweight, qzeros, scales, w, N, K, group_size, BITS=bits, BLOCK_R=16, BLOCK_N=128)
-        return torch.addmm(bias, x, w) if has_bias else x @ w
-    block_m, block_n, block_k, warps, stages = config or ((16, 64, 64, 4, 3) if M <= 16 else
-                                                          (64, 64, 64, 4, 3) if M <= 64 else (128, 128, 64, 8, 3))
-    block_k = min(block_k, group_size)
-    while group_size % block_k:
-        block_k //= 2
-    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m))
-    _mm_kernel[grid](x, qweight, qzeros, scales, b, out, M, N, K, x.stride(0), out.stride(0), group_size,
-                     BITS=bits, HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                     num_warps=warps, num_stages=stages)
-    return out
+    # Several rows: dequantize once, then cuBLAS. On the H100 a fused tl.dot kernel measured 2-4x an fp16
+    # matmul at 4 and 16 rows; this path costs 1.15-1.3x at 2048 rows (docs/benchmarks.md).
+    w = torch.empty((K, N), device=x.device, dtype=x.dtype)
+    grid = (triton.cdiv(K // (32 // bits), 16), triton.cdiv(N, 128))
+    _dequant_kernel[grid](qweight, qzeros, scales, w, N, K, group_size, BITS=bits, BLOCK_R=16, BLOCK_N=128)
+    return torch.addmm(bias, x, w) if has_bias else x @ w
