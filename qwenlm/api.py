@@ -10,12 +10,12 @@ import torch
 
 from qwenlm.chat import DEFAULT_SYSTEM, History, build_chat_prompt, chat_stop_ids, validate_history
 from qwenlm.config import GenerationConfig
-from qwenlm.generation import stream_tokens
+from qwenlm.engine import EngineConfig, LLMEngine
 from qwenlm.hub import DEFAULT_MODEL, resolve_model
 from qwenlm.model.loader import load_model
 from qwenlm.model.qwen import QWenLMHeadModel
 from qwenlm.sampling import SamplingParams
-from qwenlm.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
+from qwenlm.tokenizer import Tokenizer
 
 _DTYPES = {"auto": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
            "float16": torch.float16, "half": torch.float16, "fp32": torch.float32, "float32": torch.float32}
@@ -34,24 +34,29 @@ def default_device() -> str:
 
 
 def load(name_or_path: str = DEFAULT_MODEL, device: str | None = None, dtype: str | torch.dtype | None = "auto",
-         progress: bool = True) -> "QwenLM":
-    """Load a Qwen v1 checkpoint folder (or hub name) for generation and chat."""
+         progress: bool = True, engine_config: EngineConfig | None = None) -> "QwenLM":
+    """Load a Qwen v1 checkpoint folder (or hub name) for generation and chat.
+
+    engine_config sizes the serving engine every call runs on (KV blocks, batch limits, CUDA graphs)."""
     folder = resolve_model(name_or_path)
     device = device or default_device()
     model = load_model(folder, device=device, dtype=parse_dtype(dtype), progress=progress)
     tokenizer = Tokenizer.from_folder(folder)
     gen_file = folder / "generation_config.json"
     gen = GenerationConfig.from_file(gen_file) if gen_file.is_file() else GenerationConfig()
-    return QwenLM(model, tokenizer, gen, folder)
+    return QwenLM(model, tokenizer, gen, folder, engine_config)
 
 
 class QwenLM:
     def __init__(self, model: QWenLMHeadModel, tokenizer: Tokenizer, generation_config: GenerationConfig,
-                 path: Path | None = None):
+                 path: Path | None = None, engine_config: EngineConfig | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.generation_config = generation_config
         self.path = path
+        self.engine_config = engine_config
+        self._engine: LLMEngine | None = None
+        self._inbox: dict[str, list] = {}
 
     # ---- settings ----
     def sampling_params(self, **overrides) -> SamplingParams:
@@ -65,37 +70,47 @@ class QwenLM:
         return SamplingParams.from_generation_config(gen, **rest)
 
     # ---- text streams ----
+    @property
+    def engine(self) -> LLMEngine:
+        """The serving engine behind every call, built on first use (KV pool, CUDA graphs on a GPU)."""
+        if self._engine is None:
+            self._engine = LLMEngine(self.model, self.tokenizer, self.engine_config)
+        return self._engine
+
     def _stream_texts(self, prompts: list[list[int]], params: SamplingParams, stop_ids: set[int]):
-        """Yield per step a list of (text delta, finish_reason) per row; stop strings cut and never leaked."""
-        detoks = [IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens) for _ in prompts]
-        stops = [StopStringMatcher(params.stop) for _ in prompts]
-        done = [False] * len(prompts)
-        per_row = [dataclasses.replace(params, seed=None if params.seed is None else params.seed + i)
-                   for i in range(len(prompts))]
-        stream = stream_tokens(self.model, prompts, per_row, stop_ids | set(params.stop_token_ids))
+        """Yield per step a list of (text delta, finish_reason) per prompt, through the engine.
+
+        Stop strings are cut and never leaked; a caller that stops iterating aborts its requests. Outputs
+        that belong to another stream of this object are kept in an inbox for it, so streams may interleave.
+        """
+        engine = self.engine
+        params = dataclasses.replace(params, stop_token_ids=sorted(stop_ids | set(params.stop_token_ids)))
+        rids = []
         try:
-            for events in stream:
-                out = []
-                for b, ev in enumerate(events):
-                    if ev is None or done[b]:
-                        out.append(("", None))
-                        continue
-                    text = detoks[b].add(ev.token_id) if ev.token_id is not None else ""
-                    reason = ev.finish_reason
-                    if reason is not None:
-                        text += detoks[b].flush()
-                    safe, hit = stops[b].push(text)
-                    if hit:
-                        reason = "stop"
-                    elif reason is not None:
-                        safe += stops[b].flush()
-                    done[b] = reason is not None
-                    out.append((safe, reason))
-                yield out
-                if all(done):
-                    return
+            for i, prompt in enumerate(prompts):
+                seed = None if params.seed is None else params.seed + i
+                rids.append(engine.add_request(None, prompt, dataclasses.replace(params, seed=seed)))
+                self._inbox[rids[-1]] = []
+            done = [False] * len(rids)
+            while not all(done):
+                if not any(self._inbox[r] for r in rids):
+                    for out in engine.step():
+                        if out.request_id in self._inbox:
+                            self._inbox[out.request_id].append(out)
+                step = []
+                for b, rid in enumerate(rids):
+                    delta, reason = "", None
+                    for out in self._inbox[rid]:
+                        delta += out.outputs[0].text_delta
+                        reason = out.outputs[0].finish_reason
+                    self._inbox[rid].clear()
+                    done[b] = done[b] or reason is not None
+                    step.append((delta, reason))
+                yield step
         finally:
-            stream.close()
+            for rid in rids:
+                engine.abort(rid)
+                self._inbox.pop(rid, None)
 
     def generate(self, prompt: str | list[str], chat_format: str | None = None, **overrides) -> str | list[str]:
         """Complete raw text (base models) or, with chat_format="chatml", answer each prompt as a chat query.
