@@ -70,16 +70,18 @@ class PagedAttention:
             return out[:, None]  # [B,1,h,d]
         out = torch.empty_like(q)
         for s in self.prefill_seqs:
-            qs = q[0, s.q_start:s.q_start + s.q_len].transpose(0, 1)  # [h,T,d]
+            # 4-D [1,h,T,d] views: SDPA picks its flash / memory-efficient kernels only for 4-D inputs
+            # (3-D ones fall back to the math kernel, which materialises the T x S scores).
+            qs = q[:, s.q_start:s.q_start + s.q_len].transpose(1, 2)  # [1,h,T,d]
             if s.ctx_slots is None:
-                ks = k[0, s.q_start:s.q_start + s.q_len].transpose(0, 1)
-                vs = v[0, s.q_start:s.q_start + s.q_len].transpose(0, 1)
+                ks = k[:, s.q_start:s.q_start + s.q_len].transpose(1, 2)
+                vs = v[:, s.q_start:s.q_start + s.q_len].transpose(1, 2)
                 o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
             else:
-                ks = k_cache.view(-1, H, D)[s.ctx_slots].transpose(0, 1)  # [h,S,d]
-                vs = v_cache.view(-1, H, D)[s.ctx_slots].transpose(0, 1)
+                ks = k_cache.view(-1, H, D)[s.ctx_slots][None].transpose(1, 2)  # [1,h,S,d]
+                vs = v_cache.view(-1, H, D)[s.ctx_slots][None].transpose(1, 2)
                 q_pos = torch.arange(s.ctx_len - s.q_len, s.ctx_len, device=q.device)[:, None]
                 mask = torch.arange(s.ctx_len, device=q.device)[None, :] <= q_pos  # [T,S]
                 o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)
-            out[0, s.q_start:s.q_start + s.q_len] = o.transpose(0, 1)
+            out[:, s.q_start:s.q_start + s.q_len] = o.transpose(1, 2)
         return out

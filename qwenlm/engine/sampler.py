@@ -49,6 +49,9 @@ class SamplingBatch:
         self.any_top_p = any(p.top_p < 1.0 and not p.greedy for p in ps)
         self.want_logprobs = any(p.logprobs for p in ps)
         self.max_top_k = max((p.top_k for p in ps if not p.greedy), default=0)
+        self.fast_greedy = self.all_greedy and not self.any_penalty and not self.want_logprobs
+        if self.fast_greedy:
+            return  # argmax only: no per-row tensors to build or copy
         floats = torch.tensor([[p.temperature if not p.greedy else 1.0, p.top_p, p.repetition_penalty,
                                 1.0 if p.greedy else 0.0] for p in ps], dtype=torch.float32)
         ints = torch.tensor([[max(p.top_k, 0) if not p.greedy else 0, s.seed, len(s)] for s, p in zip(seqs, ps)],
@@ -102,7 +105,7 @@ def process_logits_batched(logits: torch.Tensor, batch: SamplingBatch) -> torch.
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chosen token ids [B] (and, when asked for, their logprobs under the model's raw distribution,
     as the reference loop in qwenlm/generation.py reports them)."""
-    if batch.all_greedy and not batch.any_penalty and not batch.want_logprobs:
+    if batch.fast_greedy:
         return logits.argmax(dim=1), None
     processed = process_logits_batched(logits, batch)
     tokens = processed.argmax(dim=1)
