@@ -63,6 +63,37 @@ def measure_bandwidth(dev) -> float:
     return bw
 
 
+def bench_attention_kernel(cfg: ModelConfig, dev, bw):
+    """The Triton paged decode kernel alone at batch 128, context 640 (one layer), for several tile sizes."""
+    if dev.type != "cuda":
+        return
+    from qwenlm.kernels.attention import paged_decode_attention
+    B, ctx, bs, H, D = 128, 640, 16, cfg.num_attention_heads, cfg.head_dim
+    nblk = B * ctx // bs
+    kc = torch.randn(nblk + 1, bs, H, D, device=dev, dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    tables = torch.randperm(nblk, device=dev).view(B, ctx // bs).int()
+    lens = torch.full((B,), ctx, device=dev, dtype=torch.int32)
+    q = torch.randn(B, H, D, device=dev, dtype=torch.bfloat16)
+    nbytes = 2 * B * ctx * H * D * 2
+    res = {}
+    for block_n in (16, 32, 64, 128):
+        for _ in range(3):
+            paged_decode_attention(q, kc, vc, tables, lens, block_n=block_n)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(20):
+            paged_decode_attention(q, kc, vc, tables, lens, block_n=block_n)
+        end.record()
+        end.synchronize()
+        sec = start.elapsed_time(end) / 1e3 / 20
+        res[block_n] = dict(us=sec * 1e6, gb_s=nbytes / sec / 1e9)
+        log(f"paged decode kernel B={B} ctx={ctx} BLOCK_N={block_n}: {sec * 1e6:.0f} us, {nbytes / sec / 1e9:.0f} GB/s "
+            f"(copy {bw / 1e9:.0f})")
+    RESULTS["attention_kernel"] = res
+    del kc, vc
+
+
 def build_qwen(cfg: ModelConfig, dev, dtype) -> QWenLMHeadModel:
     torch.manual_seed(0)
     old = torch.get_default_dtype()
@@ -304,6 +335,7 @@ def main():
     RESULTS["copy_bandwidth_gb_s"] = bw / 1e9
     log(f"{RESULTS['device']}: device-to-device copy {bw / 1e9:.0f} GB/s (read + write)")
 
+    bench_attention_kernel(cfg, dev, bw)
     model = build_qwen(cfg, dev, dtype)
     wbytes = streamed_weight_bytes(model)
     RESULTS["weight_bytes_per_token"] = wbytes
