@@ -73,8 +73,11 @@ if triton is not None:
         tl.store(Out + b * stride_ob + h * stride_oh + d, (acc / l_sum).to(Out.dtype.element_ty))
 
 
-def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, out=None, block_n: int = 32):
-    """Triton paged decode attention (same contract as the reference); safe inside a CUDA graph."""
+def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, out=None, block_n: int = 128):
+    """Triton paged decode attention (same contract as the reference); safe inside a CUDA graph.
+
+    block_n=128: on an H100 at batch 128, context 640 it read K/V at 2610 GB/s (32: 2285, 16: 1415).
+    """
     if triton is None:
         raise RuntimeError("paged_decode_attention needs triton; use paged_decode_attention_ref")
     B, H, D = q.shape
