@@ -45,6 +45,7 @@ def web(tiny_ckpt):
         page.set_default_timeout(30_000)
         page.goto(srv.url + "/")
         expect(page.locator("#model-name")).to_have_text("tiny")
+        expect(page.locator("#settings")).to_be_hidden()  # folded away until asked for
         srv.page, srv.engine = page, engine
         yield srv
         browser.close()
@@ -62,6 +63,7 @@ def wait_idle(engine, timeout=10.0):
 def settings(page, **values):
     if page.locator("#settings").is_hidden():
         page.click("#toggle-settings")
+        expect(page.locator("#settings")).to_be_visible()
     for key, value in values.items():
         page.fill(f"#{key}", str(value))
 
