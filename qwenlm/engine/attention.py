@@ -7,6 +7,12 @@ length and block table); `attend` stores the new K/V into the pool and computes 
   causal mask) through torch SDPA;
 - decode: one token per sequence [B, 1]; the Triton paged kernel on CUDA (CUDA-graph safe), the torch
   reference elsewhere.
+
+With an int8 KV cache (`EngineConfig(kv_cache_dtype="int8")`) the pools are uint8 with a float32 (scale, zero)
+per token and head (spec §8 math, `qwenlm.model.quant.quantize_kv`): new K/V are quantized as they are stored,
+the decode kernel dequantizes as it reads, and prefill attends to the dequantized stored rows of its whole
+context (the new chunk included, as the official code does), so chunked, unchunked and prefix-cached prefills
+see the same keys and values.
 """
 
 from __future__ import annotations
@@ -16,8 +22,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from qwenlm.kernels.attention import (paged_decode_attention, paged_decode_attention_ref, paged_store_decode,
-                                     triton)
+from qwenlm.kernels.attention import (dequantize_rows, paged_decode_attention, paged_decode_attention_ref,
+                                     paged_store_decode, paged_store_decode_int8, quantize_store_kv, triton)
+
+KV_CACHE_DTYPES = ("auto", "int8")
+
+
+def kv_bytes_per_token_head(head_dim: int, dtype: torch.dtype, kv_cache_dtype: str) -> int:
+    """Bytes of K and V of one token and head in the pool: 2*d*itemsize, or 2*(d + 8) for int8 (fp32 scale, zero)."""
+    if kv_cache_dtype == "int8":
+        return 2 * (head_dim + 2 * 4)
+    return 2 * head_dim * dtype.itemsize
 
 
 @dataclass
@@ -29,11 +44,15 @@ class PrefillSeq:
 
 
 class PagedAttention:
-    def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, backend: str = "auto"):
-        # k_cache / v_cache: [layers, num_blocks, block_size, heads, head_dim]
+    def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, backend: str = "auto",
+                 k_sz: torch.Tensor | None = None, v_sz: torch.Tensor | None = None):
+        # k_cache / v_cache: [layers, num_blocks, block_size, heads, head_dim] in the model dtype, or uint8 with
+        # k_sz / v_sz [layers, num_blocks, block_size, heads, 2] float32 (scale, zero) for an int8 cache.
         self.k_cache, self.v_cache = k_cache, v_cache
+        self.k_sz, self.v_sz = k_sz, v_sz
+        self.int8 = k_sz is not None
         if backend == "auto":
-            backend = "triton" if (k_cache.is_cuda and triton is not None) else "torch"
+            backend = "triton" if (getattr(k_cache, "is_cuda", False) and triton is not None) else "torch"
         self.backend = backend
         self.is_prefill = True
         self.slot_mapping: torch.Tensor | None = None  # [N] slot of each new token; None = store nothing
@@ -42,6 +61,20 @@ class PagedAttention:
         self.context_lens: torch.Tensor | None = None  # decode: [B] int32
         self.max_context_len = 0  # decode, torch backend: host-side bound of the gather
         self.fused_decode = False  # decode through the one custom op (for torch.compile'd decode)
+
+    @classmethod
+    def allocate(cls, shape: tuple, dtype: torch.dtype, kv_cache_dtype: str, device, backend: str = "auto"):
+        """Zeroed pools of `shape` [layers, blocks, block_size, heads, head_dim] ("auto": the model dtype)."""
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {kv_cache_dtype!r}")
+        if kv_cache_dtype == "auto":
+            return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
+                       backend)
+        sz_shape = (*shape[:-1], 2)
+        return cls(torch.zeros(shape, dtype=torch.uint8, device=device),
+                   torch.zeros(shape, dtype=torch.uint8, device=device), backend,
+                   torch.zeros(sz_shape, dtype=torch.float32, device=device),
+                   torch.zeros(sz_shape, dtype=torch.float32, device=device))
 
     def set_prefill(self, slot_mapping, seqs: list[PrefillSeq]) -> None:
         self.is_prefill, self.slot_mapping, self.prefill_seqs = True, slot_mapping, seqs
@@ -53,6 +86,8 @@ class PagedAttention:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         B, T, H, D = q.shape
+        if self.int8:
+            return self._attend_int8(layer, q, k, v)
         if self.fused_decode and not self.is_prefill:
             out = paged_store_decode(q[:, 0], k[:, 0], v[:, 0], self.k_cache, self.v_cache, layer, self.slot_mapping,
                                      self.block_tables, self.context_lens, self.backend == "triton")
@@ -68,20 +103,56 @@ class PagedAttention:
                 out = paged_decode_attention_ref(q[:, 0], k_cache, v_cache, self.block_tables,
                                                  self.context_lens, self.max_context_len)
             return out[:, None]  # [B,1,h,d]
+        return self._prefill(q, k, v, lambda slots: (k_cache.view(-1, H, D)[slots], v_cache.view(-1, H, D)[slots]))
+
+    def _prefill(self, q, k, v, gather) -> torch.Tensor:
+        """Each chunk attends causally to its context. gather(slots) gives the context's K, V [S,h,d] from the
+        pool: used when a prefix is cached and, for an int8 pool, always (the chunk's own rows as stored)."""
         out = torch.empty_like(q)
         for s in self.prefill_seqs:
             # 4-D [1,h,T,d] views: SDPA picks its flash / memory-efficient kernels only for 4-D inputs
             # (3-D ones fall back to the math kernel, which materialises the T x S scores).
             qs = q[:, s.q_start:s.q_start + s.q_len].transpose(1, 2)  # [1,h,T,d]
-            if s.ctx_slots is None:
+            slots = s.ctx_slots
+            if slots is None and self.int8 and self.slot_mapping is not None:
+                slots = self.slot_mapping[s.q_start:s.q_start + s.q_len]  # the stored (quantized) chunk
+            if slots is None:
                 ks = k[:, s.q_start:s.q_start + s.q_len].transpose(1, 2)
                 vs = v[:, s.q_start:s.q_start + s.q_len].transpose(1, 2)
+            else:
+                kg, vg = gather(slots)
+                ks, vs = kg[None].transpose(1, 2), vg[None].transpose(1, 2)  # [1,h,S,d]
+            if s.ctx_slots is None:
                 o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
             else:
-                ks = k_cache.view(-1, H, D)[s.ctx_slots][None].transpose(1, 2)  # [1,h,S,d]
-                vs = v_cache.view(-1, H, D)[s.ctx_slots][None].transpose(1, 2)
                 q_pos = torch.arange(s.ctx_len - s.q_len, s.ctx_len, device=q.device)[:, None]
                 mask = torch.arange(s.ctx_len, device=q.device)[None, :] <= q_pos  # [T,S]
                 o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)
             out[:, s.q_start:s.q_start + s.q_len] = o.transpose(1, 2)
         return out
+
+    def _attend_int8(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        B, T, H, D = q.shape
+        use_triton = self.backend == "triton"
+        kc, vc, ks, vs = self.k_cache[layer], self.v_cache[layer], self.k_sz[layer], self.v_sz[layer]
+        if not self.is_prefill:
+            if self.fused_decode:
+                out = paged_store_decode_int8(q[:, 0], k[:, 0], v[:, 0], self.k_cache, self.v_cache, self.k_sz,
+                                              self.v_sz, layer, self.slot_mapping, self.block_tables,
+                                              self.context_lens, use_triton)
+                return out[:, None]
+            quantize_store_kv(k, v, kc, vc, ks, vs, self.slot_mapping, use_triton)
+            if use_triton:
+                out = paged_decode_attention(q[:, 0], kc, vc, self.block_tables, self.context_lens, k_sz=ks, v_sz=vs)
+            else:
+                out = paged_decode_attention_ref(q[:, 0], kc, vc, self.block_tables, self.context_lens,
+                                                 self.max_context_len, k_sz=ks, v_sz=vs)
+            return out[:, None]
+        if self.slot_mapping is not None:
+            quantize_store_kv(k, v, kc, vc, ks, vs, self.slot_mapping, use_triton)
+
+        def gather(slots):
+            return (dequantize_rows(kc.view(-1, H, D)[slots], ks.view(-1, H, 2)[slots], q.dtype),
+                    dequantize_rows(vc.view(-1, H, D)[slots], vs.view(-1, H, 2)[slots], q.dtype))
+
+        return self._prefill(q, k, v, gather)

@@ -18,6 +18,7 @@ class EngineConfig:
     compile_decode: bool = False  # torch.compile the decode forward (fuses the small pointwise kernels)
     cuda_graph_batch_sizes: list[int] | None = None  # None = 1,2,4,8,16,24,...,max_num_seqs
     attention_backend: str = "auto"  # "auto" (Triton on CUDA, else torch), "triton", "torch"
+    kv_cache_dtype: str = "auto"  # "auto" = the model dtype; "int8" = uint8 + scale/zero per token and head (~1.9x tokens)
     seed: int = 0  # seeds of requests that give none are drawn from this
 
     def __post_init__(self):
@@ -29,6 +30,8 @@ class EngineConfig:
             raise ValueError("EngineConfig.max_num_batched_tokens and max_num_seqs must be >= 1")
         if self.attention_backend not in ("auto", "triton", "torch"):
             raise ValueError(f"EngineConfig.attention_backend must be auto|triton|torch, got {self.attention_backend!r}")
+        if self.kv_cache_dtype not in ("auto", "int8"):
+            raise ValueError(f"EngineConfig.kv_cache_dtype must be auto|int8, got {self.kv_cache_dtype!r}")
 
     def graph_batch_sizes(self) -> list[int]:
         if self.cuda_graph_batch_sizes is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from qwenlm.engine.attention import PagedAttention, PrefillSeq
+from qwenlm.engine.attention import PagedAttention, PrefillSeq, kv_bytes_per_token_head
 from qwenlm.engine.config import EngineConfig
 from qwenlm.engine.sampler import SamplingBatch, sample
 from qwenlm.engine.scheduler import ScheduledBatch
@@ -35,10 +35,9 @@ class ModelRunner:
         cfg = self.cfg
         # One extra block at the end: the scratch target of CUDA-graph padding rows.
         shape = (cfg.num_hidden_layers, self.num_blocks + 1, self.block_size, cfg.num_attention_heads, cfg.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.ctx = PagedAttention.allocate(shape, self.dtype, config.kv_cache_dtype, self.device, config.attention_backend)
+        self.k_cache, self.v_cache = self.ctx.k_cache, self.ctx.v_cache  # uint8 for kv_cache_dtype="int8"
         self.scratch_slot = self.num_blocks * self.block_size
-        self.ctx = PagedAttention(self.k_cache, self.v_cache, config.attention_backend)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._decode_forward = self._decode_forward_eager
         if config.compile_decode:
@@ -62,7 +61,8 @@ class ModelRunner:
     # ---- KV pool sizing ---------------------------------------------------------------------------
     def block_bytes(self) -> int:
         cfg = self.cfg
-        return 2 * cfg.num_hidden_layers * self.block_size * cfg.num_attention_heads * cfg.head_dim * self.dtype.itemsize
+        per_head = kv_bytes_per_token_head(cfg.head_dim, self.dtype, self.config.kv_cache_dtype)  # K and V
+        return cfg.num_hidden_layers * self.block_size * cfg.num_attention_heads * per_head
 
     def _size_pool(self) -> int:
         if self.config.num_blocks is not None:
