@@ -12,6 +12,7 @@ from qwenlm.chat import DEFAULT_SYSTEM, History, build_chat_prompt, chat_stop_id
 from qwenlm.config import GenerationConfig
 from qwenlm.engine import EngineConfig, LLMEngine
 from qwenlm.hub import DEFAULT_MODEL, resolve_model
+from qwenlm.model import quant
 from qwenlm.model.loader import load_model
 from qwenlm.model.qwen import QWenLMHeadModel
 from qwenlm.sampling import SamplingParams
@@ -34,13 +35,16 @@ def default_device() -> str:
 
 
 def load(name_or_path: str = DEFAULT_MODEL, device: str | None = None, dtype: str | torch.dtype | None = "auto",
-         progress: bool = True, engine_config: EngineConfig | None = None) -> "QwenLM":
+         progress: bool = True, engine_config: EngineConfig | None = None, quantize: str | None = None) -> "QwenLM":
     """Load a Qwen v1 checkpoint folder (or hub name) for generation and chat.
 
-    engine_config sizes the serving engine every call runs on (KV blocks, batch limits, CUDA graphs)."""
+    engine_config sizes the serving engine every call runs on (KV blocks, batch limits, CUDA graphs;
+    kv_cache_dtype="int8" for an int8 KV cache). quantize="int8" turns a bf16/fp16 folder's block linears into
+    per-channel int8 after loading (docs/quantization.md); GPTQ folders are refused."""
     folder = resolve_model(name_or_path)
     device = device or default_device()
     model = load_model(folder, device=device, dtype=parse_dtype(dtype), progress=progress)
+    quant.apply_quantize(model, quantize, str(folder))
     tokenizer = Tokenizer.from_folder(folder)
     gen_file = folder / "generation_config.json"
     gen = GenerationConfig.from_file(gen_file) if gen_file.is_file() else GenerationConfig()

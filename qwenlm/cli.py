@@ -13,11 +13,17 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help=f"checkpoint folder or hub name (default {DEFAULT_MODEL})")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--dtype", default="auto", help="auto (the official rule), bf16, fp16 or fp32")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8: per-channel int8 weights made at load time from a bf16/fp16 folder")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default="auto",
+                   help="KV cache storage: auto (the model dtype) or int8 (~1.9x the tokens per GB)")
 
 
 def _load(args):
     import qwenlm
-    return qwenlm.load(args.model, device=args.device, dtype=args.dtype)
+    from qwenlm.engine import EngineConfig
+    return qwenlm.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                       engine_config=EngineConfig(kv_cache_dtype=args.kv_cache_dtype))
 
 
 def cmd_chat(args) -> int:

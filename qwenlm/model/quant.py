@@ -219,6 +219,22 @@ def quantize_int8_(model: nn.Module) -> nn.Module:
     return model
 
 
+QUANTIZE_METHODS = ("int8",)
+
+
+def apply_quantize(model: nn.Module, method: str | None, source: str = "the checkpoint") -> nn.Module:
+    """`qwenlm.load(..., quantize=method)`: None leaves the model as loaded; "int8" runs `quantize_int8_` on a
+    bf16/fp16/fp32 model. A GPTQ folder is already quantized and is refused rather than quantized twice."""
+    if method is None:
+        return model
+    if method not in QUANTIZE_METHODS:
+        raise ValueError(f"quantize={method!r} is not supported; choose one of {', '.join(QUANTIZE_METHODS)} or None")
+    if _gptq_layers(model):
+        raise ValueError(f"quantize={method!r}: {source} is already GPTQ-quantized (config.json has "
+                         "quantization_config); load it without quantize")
+    return quantize_int8_(model)
+
+
 # ---------------------------------------------------------------- int8 KV cache (spec §8)
 
 def quantize_kv(x: torch.Tensor, scale_dtype: torch.dtype = torch.float32):

@@ -225,16 +225,22 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None,
 
 def serve(args) -> int:
     """`qwenlm serve`: args.model, args.device, args.dtype, args.host, args.port, args.api_key."""
+    import torch
     import uvicorn
 
     from qwenlm.api import parse_dtype
-    from qwenlm.engine import LLM, AsyncEngine
+    from qwenlm.engine import LLM, AsyncEngine, EngineConfig
     from qwenlm.hub import resolve_model
+    from qwenlm.model.loader import load_model
+    from qwenlm.model.quant import apply_quantize
     from qwenlm.tokenizer import Tokenizer
 
     folder = resolve_model(args.model)
-    engine = AsyncEngine(LLM(folder, device=getattr(args, "device", None),
-                             dtype=parse_dtype(getattr(args, "dtype", "auto"))))
+    device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(folder, device, parse_dtype(getattr(args, "dtype", "auto")))
+    apply_quantize(model, getattr(args, "quantize", None), str(folder))
+    engine = AsyncEngine(LLM(model, Tokenizer.from_folder(folder),
+                             EngineConfig(kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"))))
     gen_file = Path(folder) / "generation_config.json"
     gen = GenerationConfig.from_file(gen_file) if gen_file.is_file() else GenerationConfig()
     api_key = getattr(args, "api_key", None) or os.environ.get(API_KEY_ENV) or None
