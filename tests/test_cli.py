@@ -53,19 +53,26 @@ def test_clear_and_unknown_command_and_bad_conf(tiny_ckpt):
     assert ":clear-history" in out
 
 
-def _read_until(fd, needle: bytes, timeout: float) -> bytes:
-    buf = b""
-    end = time.time() + timeout
-    while needle not in buf:
-        if time.time() > end:
-            raise AssertionError(f"timed out waiting for {needle!r}; got {buf[-500:]!r}")
-        ready, _, _ = select.select([fd], [], [], 0.5)
-        if ready:
-            try:
-                buf += os.read(fd, 4096)
-            except OSError:
-                break
-    return buf
+class TerminalReader:
+    """Reads a pseudo-terminal; each wait consumes output up to its needle and keeps the rest for the next."""
+
+    def __init__(self, fd):
+        self.fd, self.buf = fd, b""
+
+    def wait_for(self, needle: bytes, timeout: float) -> bytes:
+        end = time.time() + timeout
+        while needle not in self.buf:
+            if time.time() > end:
+                raise AssertionError(f"timed out waiting for {needle!r}; got {self.buf[-500:]!r}")
+            ready, _, _ = select.select([self.fd], [], [], 0.5)
+            if ready:
+                try:
+                    self.buf += os.read(self.fd, 4096)
+                except OSError:  # the program closed the terminal
+                    raise AssertionError(f"terminal closed while waiting for {needle!r}; got {self.buf[-500:]!r}")
+        cut = self.buf.index(needle) + len(needle)
+        seen, self.buf = self.buf[:cut], self.buf[cut:]
+        return seen
 
 
 def test_ctrl_c_stops_the_reply_not_the_program(tiny_ckpt):
@@ -76,18 +83,19 @@ def test_ctrl_c_stops_the_reply_not_the_program(tiny_ckpt):
     proc = subprocess.Popen(["setsid", "--ctty", *QWENLM, "chat", "--model", str(tiny_ckpt), "--device", "cpu"],
                             stdin=slave, stdout=slave, stderr=slave, close_fds=True)
     os.close(slave)
+    term = TerminalReader(master)
     try:
-        _read_until(master, b"User> ", 300)
+        term.wait_for(b"User> ", 300)
         os.write(master, b":conf max_new_tokens=100000\n")
-        _read_until(master, b"User> ", 30)
+        term.wait_for(b"User> ", 30)
         os.write(master, b"tell me everything\n")
-        _read_until(master, b"Qwen: ", 30)
+        term.wait_for(b"Qwen: ", 30)
         time.sleep(1.0)
         os.write(master, b"\x03")  # Ctrl-C from the terminal
-        _read_until(master, b"[generation interrupted]", 30)
-        _read_until(master, b"User> ", 30)
+        term.wait_for(b"[generation interrupted]", 30)
+        term.wait_for(b"User> ", 30)
         os.write(master, b":his\n")
-        _read_until(master, b"[history is empty]", 30)
+        term.wait_for(b"[history is empty]", 30)
         os.write(master, b":exit\n")
         assert proc.wait(timeout=60) == 0
     finally:
