@@ -1,25 +1,32 @@
-"""Quantized linears and batch-1 decode at Qwen-7B shape, random weights in the official GPTQ layout.
+"""Quantized weights and the int8 KV cache at the Qwen-7B shape, through the serving engine (LLMEngine).
 
-Prints, side by side: per-linear kernel time for bf16 (cuBLAS), Int4 (our Triton kernel, torch's tinygemm)
-and Int8 (our Triton kernel), achieved GB/s against the HBM bound; then batch-1 decode tok/s (CUDA graph,
-static KV cache, context <= 256) and peak memory for bf16, Int4, Int8 and on-the-fly int8.
+Random weights in the official GPTQ layout are built directly on the GPU (the bf16 linears of the Int4/Int8
+models never exist). Prints, side by side with the bandwidth bound (measured device-to-device copy):
+  1. per-linear batch-1 time: bf16 cuBLAS, Int4 / Int8 Triton GEMV, Int4 tinygemm (achieved GB/s);
+  2. per weight format (bf16, Int4, Int4 tinygemm, Int8, int8 on the fly, Int4 + int8 KV): peak GPU memory
+     while encoding 2,048 tokens with the KV pool sized to that need, then batch-1 decode tok/s in the engine;
+  3. bf16 weights, KV cache bf16 vs int8 at gpu_memory_utilization 0.9: pool tokens, 1,024-token sequences
+     that fit, and 128 concurrent requests of 512 prompt / 256 output tokens (output tok/s).
 
-    python bench/bench_quant.py                 # everything
-    python bench/bench_quant.py --sweep         # also search the GEMV launch settings per shape
+    python bench/bench_quant.py                 # everything (about 5 minutes on an H100)
+    python bench/bench_quant.py --sweep         # also search GEMV launch settings around the table's
     python bench/bench_quant.py --tiny --device cpu   # smoke test of the script itself
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
+import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
 from qwenlm.config import ModelConfig
+from qwenlm.engine import EngineConfig, LLMEngine, SamplingParams
 from qwenlm.kernels import gptq_matmul as K
 from qwenlm.model import quant
 from qwenlm.model.qwen import QWenLMHeadModel
@@ -52,8 +59,7 @@ def gptq_bytes(k, n, bits, group=128):
 def linear_table(sweep: bool):
     torch.manual_seed(0)
     rows, best = [], {}
-    configs = [(bn, bk, sk, w, 3) for bn in (32, 64, 128, 256) for bk in (64, 128) for sk in (4, 8, 16, 32)
-               for w in (2, 4, 8)]
+    configs = [(bn, 128, sk, w, 3) for bn in (64, 128, 256) for sk in (2, 4, 8, 16) for w in (4, 8)]
     for name, (k, n) in SHAPES.items():
         x = torch.randn(1, k, device="cuda", dtype=torch.float16)
         w_bf16 = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -65,7 +71,7 @@ def linear_table(sweep: bool):
             out = K.gptq_matmul(x, qw, qz, s, 128, bits)
             row[f"int{bits}_maxerr"] = (out.float() - ref.float()).abs().max().item() / ref.abs().max().item()
             t = bench_ms(lambda: K.gptq_matmul(x, qw, qz, s, 128, bits))
-            if sweep:
+            if sweep and bits == 4:  # the sweep compiles one kernel per setting: Int4 only, to save time
                 timed = []
                 for cfg in configs:
                     try:
@@ -116,95 +122,195 @@ def prefill_table():
     return rows
 
 
-class StaticKV:
-    """Preallocated K/V [L,1,S,h,d]; one token per step written at `pos` (CUDA-graph friendly)."""
+RESULTS: dict = {}
+OUT = os.environ.get("OUT", ".")
+T0 = time.time()
 
-    def __init__(self, cfg, S, device, dtype):
-        shape = (cfg.num_hidden_layers, 1, S, cfg.num_attention_heads, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = torch.zeros(1, dtype=torch.long, device=device)
-        self.arange = torch.arange(S, device=device)
-        self.mask = None
 
-    def attend(self, layer, q, k, v):
-        self.k[layer].index_copy_(1, self.pos, k)
-        self.v[layer].index_copy_(1, self.pos, v)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), self.k[layer].transpose(1, 2),
-                                             self.v[layer].transpose(1, 2), attn_mask=self.mask)
-        return out.transpose(1, 2)
+def log(msg):
+    print(f"[{time.time() - T0:6.1f}s] {msg}", flush=True)
+
+
+def save():
+    with open(os.path.join(OUT, "bench_quant.json"), "w") as f:
+        json.dump(RESULTS, f, indent=1)
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes read + written per second of a 1 GiB device-to-device copy (the achievable streaming rate)."""
+    if torch.device(device).type != "cuda":
+        return 50e9
+    a = torch.empty(1 << 29, device=device, dtype=torch.bfloat16)
+    b = torch.empty_like(a)
+    times = []
+    for i in range(13):
+        t = time.perf_counter()
+        b.copy_(a)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    del a, b
+    return 2 * (1 << 30) / statistics.median(times[3:])
 
 
 def build_model(cfg, kind, device, dtype):
-    """Random Qwen weights: kind = bf16 | int4 | int8 (GPTQ layout) | int8-otf (per-channel, on the fly)."""
+    """Random Qwen weights in `dtype`: kind = bf16 | int4 | int8 (GPTQ layout, built packed: no float linears)
+    | int8-otf (float model, then quant.quantize_int8_ as `qwenlm.load(quantize="int8")` does)."""
     gen = torch.Generator(device=device).manual_seed(0)
-    with torch.device("meta"):
-        model = QWenLMHeadModel(cfg)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = QWenLMHeadModel(cfg)
+    finally:
+        torch.set_default_dtype(old)
     if kind in ("int4", "int8"):
         quant.prepare_gptq(model, {"bits": int(kind[-1]), "group_size": 128})
     model.to_empty(device=device)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.normal_(0, 0.02, generator=gen) if p.dim() > 1 else p.fill_(1.0)
+            p.normal_(0, 0.02, generator=gen) if p.dim() > 1 else p.fill_(0.0 if name.endswith("bias") else 1.0)
         for mod in model.modules():
             if isinstance(mod, quant.GPTQLinear):
-                qw, qz, s, gi = random_gptq(mod.in_features, mod.out_features, mod.bits, device=device, gen=gen)
+                qw, qz, s, gi = random_gptq(mod.in_features, mod.out_features, mod.bits, device=device,
+                                            dtype=dtype, gen=gen)
                 mod.qweight, mod.qzeros, mod.scales, mod.g_idx = qw, qz, s, gi
                 mod.bias.zero_()
-    model.to(dtype)
-    if kind in ("int4", "int8") and torch.device(device).type == "cuda":
+    if kind in ("int4", "int8"):
         quant.finalize(model, device, dtype)
     if kind == "int8-otf":
         quant.quantize_int8_(model)
     return model.eval()
 
 
-@torch.inference_mode()
-def decode_tok_s(cfg, kind, device, dtype, steps=200, S=256):
-    torch.cuda.empty_cache() if device == "cuda" else None
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    model = build_model(cfg, kind, device, dtype)
-    ctx = StaticKV(cfg, S, device, dtype)
-    ids = torch.zeros(1, 1, dtype=torch.long, device=device)
-    inv_freq = model.inv_freq([1.0], device)
+def streamed_bytes(model) -> int:
+    """Bytes a batch-1 decode step reads: every weight and buffer except the embedding table and g_idx."""
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    return sum(t.numel() * t.element_size() for n, t in tensors if "wte" not in n and "g_idx" not in n)
 
-    def step():
-        ctx.mask = (ctx.arange <= ctx.pos)[None, None, None, :]
-        hidden = model(ids, ctx.pos.view(1, 1), ctx, inv_freq, use_logn=False)
-        ids.copy_(model.logits(hidden[:, -1]).argmax(-1).view(1, 1))
-        ctx.pos.add_(1)
 
-    for _ in range(3):  # compile the kernels before capture
-        step()
-    if device == "cuda":
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            step()
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-        run = graph.replay
-        ctx.pos.zero_()
-        run()
-        torch.cuda.synchronize()
-    else:
-        run = step
-    ctx.pos.zero_()
+def kv_bytes_per_token(cfg, dtype, kv_cache_dtype) -> int:
+    from qwenlm.engine.attention import kv_bytes_per_token_head
+    return cfg.num_hidden_layers * cfg.num_attention_heads * kv_bytes_per_token_head(cfg.head_dim, dtype,
+                                                                                       kv_cache_dtype)
+
+
+def prompts_of(n, length, vocab, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, min(vocab, 150000), (length,), generator=g).tolist() for _ in range(n)]
+
+
+def greedy(n):
+    return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+
+
+def run_timed(engine, prompts, params):
+    """Run to completion: (wall s, decode-step s, decode tokens)."""
+    for p in prompts:
+        engine.add_request(None, p, params)
+    sync(engine.runner.device)
     t0 = time.perf_counter()
-    for _ in range(steps):
-        run()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    weight_bytes = sum(t.numel() * t.element_size() for name, t in
-                       list(model.named_parameters()) + list(model.named_buffers()) if "wte" not in name)
-    peak = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else 0.0
-    del model, ctx
-    return {"kind": kind, "tok_s": steps / dt, "GB_per_token": weight_bytes / 1e9,
-            "GBs": weight_bytes * steps / dt / 1e9, "bound_tok_s": HBM_BYTES_PER_S / weight_bytes, "peak_GB": peak}
+    decode_s, decode_tokens = 0.0, 0
+    while engine.has_unfinished():
+        ts = time.perf_counter()
+        outs = engine.step()  # ends with a host read of the sampled ids: the GPU is done
+        if not engine.scheduler.last_was_prefill:
+            decode_s += time.perf_counter() - ts
+            decode_tokens += len(outs)
+    return time.perf_counter() - t0, decode_s, decode_tokens
+
+
+def weights_run(cfg, kind, device, dtype, bw, args, kv="auto"):
+    """Peak memory encoding args.encode_len tokens (pool sized to it), then batch-1 decode tok/s."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    model = build_model(cfg, kind.replace("-tinygemm", ""), device, dtype)
+    bs = 16
+    engine = LLMEngine(model, None, EngineConfig(num_blocks=args.encode_len // bs + 1, block_size=bs,
+                                                 max_num_batched_tokens=args.encode_len, max_num_seqs=1,
+                                                 cuda_graph_batch_sizes=[1], kv_cache_dtype=kv,
+                                                 compile_decode=args.compile))
+    engine.generate([prompts_of(1, args.encode_len, cfg.vocab_size, 7)[0]], greedy(1))
+    sync(device)
+    peak = torch.cuda.max_memory_allocated() if torch.device(device).type == "cuda" else 0
+    run_timed(engine, prompts_of(1, 16, cfg.vocab_size, 1), greedy(16))  # warm-up
+    _, dec_s, dec_tok = run_timed(engine, prompts_of(1, 16, cfg.vocab_size, 2), greedy(args.new_tokens))
+    tps = dec_tok / dec_s
+    per_tok = streamed_bytes(model) + (16 + args.new_tokens / 2) * kv_bytes_per_token(cfg, dtype, kv)
+    r = dict(kind=kind, kv_cache=kv, tok_s=tps, GB_per_token=per_tok / 1e9, GBs=tps * per_tok / 1e9,
+             bound_tok_s=bw / per_tok, peak_GB_encode=peak / 1e9, peak_GiB_encode=peak / 2**30)
+    log(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}))
+    del engine, model
+    return r
+
+
+def kv_cache_runs(cfg, device, dtype, bw, args):
+    """bf16 weights; for each KV format: pool size at gpu_memory_utilization 0.9 and the 128 x 512/256 run."""
+    model = build_model(cfg, "bf16", device, dtype)
+    wbytes = streamed_bytes(model)
+    rows = []
+    for kv in ("auto", "int8"):
+        gc.collect()
+        torch.cuda.empty_cache() if torch.device(device).type == "cuda" else None
+        t = time.time()
+        engine = LLMEngine(model, None, EngineConfig(max_num_seqs=args.max_batch, kv_cache_dtype=kv,
+                                                     num_blocks=args.num_blocks, compile_decode=args.compile))
+        tokens = engine.blocks.num_blocks * engine.config.block_size
+        row = dict(kv_cache=kv, blocks=engine.blocks.num_blocks, pool_tokens=tokens,
+                   pool_GB=engine.runner.block_bytes() * engine.blocks.num_blocks / 1e9,
+                   seqs_1k_fit=tokens // 1024, engine_init_s=time.time() - t)
+        run_timed(engine, prompts_of(4, 64, cfg.vocab_size, 9), greedy(8))  # warm-up
+        n = args.max_batch
+        wall, dec_s, dec_tok = run_timed(engine, prompts_of(n, args.prompt_len, cfg.vocab_size, 3),
+                                         greedy(args.new_tokens))
+        kvb = kv_bytes_per_token(cfg, dtype, kv)
+        step_bytes = wbytes + n * (args.prompt_len + args.new_tokens / 2) * kvb
+        row.update(requests=n, output_tok_s=n * args.new_tokens / wall, decode_tok_s=dec_tok / dec_s, wall_s=wall,
+                   decode_bound_tok_s=n * bw / step_bytes, preemptions=engine.scheduler.num_preemptions)
+        rows.append(row)
+        log(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}))
+        RESULTS["kv_cache"] = rows
+        save()
+        del engine
+    if len(rows) == 2:
+        RESULTS["kv_cache_seq_ratio"] = rows[1]["pool_tokens"] / rows[0]["pool_tokens"]
+        log(f"int8 KV holds {RESULTS['kv_cache_seq_ratio']:.2f}x the tokens of bf16 KV at the same memory")
+    del model
+
+
+def attention_kernel_table(cfg, device, bw):
+    """The paged decode kernel alone, batch 128, context 640, one layer: bf16 vs int8 pools."""
+    from qwenlm.kernels.attention import paged_decode_attention
+    B, ctx, bs, H, D = 128, 640, 16, cfg.num_attention_heads, cfg.head_dim
+    nblk = B * ctx // bs
+    tables = torch.randperm(nblk, device=device).view(B, ctx // bs).int()
+    lens = torch.full((B,), ctx, device=device, dtype=torch.int32)
+    q = torch.randn(B, H, D, device=device, dtype=torch.bfloat16)
+    res = {}
+    for kv in ("bf16", "int8"):
+        if kv == "bf16":
+            kc = torch.randn(nblk + 1, bs, H, D, device=device, dtype=torch.bfloat16)
+            extra, nbytes = {}, 2 * B * ctx * H * D * 2
+        else:
+            kc = torch.randint(0, 256, (nblk + 1, bs, H, D), device=device, dtype=torch.uint8)
+            sz = torch.rand(nblk + 1, bs, H, 2, device=device) * torch.tensor([0.02, 128.0], device=device)
+            extra, nbytes = dict(k_sz=sz, v_sz=sz.clone()), 2 * B * ctx * H * (D + 8)
+        vc = kc.clone()
+        for block_n in (64, 128):
+            fn = lambda: paged_decode_attention(q, kc, vc, tables, lens, block_n=block_n, **extra)  # noqa: E731
+            us = 1e3 * bench_ms(fn)
+            res[f"{kv}_{block_n}"] = dict(us=us, GBs=nbytes / us / 1e3)
+            log(f"paged decode kernel {kv} BLOCK_N={block_n}: {us:.0f} us, {nbytes / us / 1e3:.0f} GB/s "
+                f"(copy {bw / 1e9:.0f})")
+        del kc, vc
+    RESULTS["attention_kernel"] = res
+    save()
 
 
 def check_act_order():
@@ -223,39 +329,102 @@ def check_act_order():
         print(f"act-order check ({layer.backend}, M={m.shape[0]}): max abs err {err:.3g} (|ref| max {ref.abs().max().item():.3g})")
 
 
+def check_kernels_on_gpu(device):
+    """The int8 KV store and decode kernels against their torch references on the real device."""
+    from qwenlm.kernels.attention import (paged_decode_attention, paged_decode_attention_ref, quantize_store_kv,
+                                          quantize_store_kv_ref)
+    B, H, D, bs, nb = 8, 32, 128, 16, 64
+    k = torch.randn(B * 20, H, D, device=device, dtype=torch.bfloat16)
+    v = torch.randn(B * 20, 3, H, D, device=device, dtype=torch.bfloat16)[:, 1]
+    slots = torch.randperm(nb * bs, device=device)[:B * 20]
+    pools = [torch.zeros(nb, bs, H, D, dtype=torch.uint8, device=device) for _ in range(2)]
+    pools += [torch.zeros(nb, bs, H, 2, device=device) for _ in range(2)]
+    ref = [t.clone() for t in pools]
+    quantize_store_kv(k, v, *pools, slots, use_triton=True)
+    quantize_store_kv_ref(k, v, *ref, slots)
+    q_diff = max((a.int() - b.int()).abs().max().item() for a, b in zip(pools[:2], ref[:2]))
+    sz_diff = max((a - b).abs().max().item() for a, b in zip(pools[2:], ref[2:]))
+    tables = torch.randperm(nb, device=device)[:B * 8].view(B, 8).int()
+    lens = torch.randint(1, 8 * bs, (B,), device=device).int()
+    q = torch.randn(B, H, D, device=device, dtype=torch.bfloat16)
+    out = paged_decode_attention(q, *ref[:2], tables, lens, k_sz=ref[2], v_sz=ref[3]).float()
+    want = paged_decode_attention_ref(q.float(), *ref[:2], tables, lens, k_sz=ref[2], v_sz=ref[3])
+    err = ((out - want).norm() / want.norm()).item()
+    RESULTS["kernel_checks"] = dict(store_q_max_diff=q_diff, store_scale_zero_max_diff=sz_diff,
+                                    decode_int8_rel_err=err)
+    log(f"int8 KV kernels on GPU: store q diff {q_diff}, scale/zero diff {sz_diff:.3g}; decode rel err {err:.2e}")
+    save()
+
+
+def section(name, fn, *a):
+    try:
+        fn(*a)
+    except Exception as e:  # keep the other figures
+        import traceback
+        traceback.print_exc()
+        RESULTS[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:500]}"
+        save()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--skip-linear", action="store_true")
-    ap.add_argument("--kinds", default="bf16,int4,int4-tinygemm,int8,int8-otf")
+    ap.add_argument("--batched", action="store_true", help="also the M=4/16/2048 linear table")
+    ap.add_argument("--compile", action="store_true", help="engines with EngineConfig(compile_decode=True)")
+    ap.add_argument("--kinds", default="int4,int8,bf16,int4-tinygemm,int8-otf,int4+kv8")
     args = ap.parse_args()
-    results = {}
-    if args.device == "cuda":
-        print(torch.cuda.get_device_name(), "torch", torch.__version__)
-        check_act_order()
+    device = args.device
+    if device == "cuda":
+        print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
+    bw = copy_bandwidth(device)
+    RESULTS.update(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__,
+                   copy_GBs=bw / 1e9)
+    log(f"copy bandwidth {bw / 1e9:.0f} GB/s")
+    if args.tiny:
+        cfg = ModelConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, kv_channels=32,
+                          intermediate_size=512, vocab_size=1024)
+        args.encode_len, args.new_tokens, args.prompt_len, args.max_batch, args.num_blocks = 64, 8, 16, 4, 64
+    else:
+        cfg = ModelConfig()
+        args.encode_len, args.new_tokens, args.prompt_len, args.max_batch, args.num_blocks = 2048, 256, 512, 128, None
+    if device == "cuda":
+        section("kernel_checks", check_kernels_on_gpu, device)
+        section("act_order", check_act_order)
         if not args.skip_linear:
-            results["linear_batch1"] = linear_table(args.sweep)
-    cfg = ModelConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, kv_channels=32,
-                      intermediate_size=512, vocab_size=1024) if args.tiny else ModelConfig()
-    dec = []
+            section("linear", lambda: RESULTS.__setitem__("linear_batch1", linear_table(args.sweep)))
+            save()
+    dec = RESULTS.setdefault("engine_batch1", [])
     for kind in args.kinds.split(","):
-        dtype = torch.bfloat16 if kind in ("bf16", "int8-otf", "int4-tinygemm") else torch.float16
-        if args.device == "cpu":
+        weights, _, kv = kind.partition("+")
+        dtype = torch.bfloat16 if weights in ("bf16", "int8-otf", "int4-tinygemm") else torch.float16
+        if device == "cpu":
             dtype = torch.float32
-        os.environ["QWENLM_GPTQ_KERNEL"] = "tinygemm" if kind == "int4-tinygemm" else "triton"
-        r = decode_tok_s(cfg, kind.replace("-tinygemm", ""), args.device, dtype, steps=20 if args.tiny else 200)
-        r["kind"] = kind
-        dec.append(r)
-        print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}))
-    results["decode_batch1"] = dec
-    if args.device == "cuda" and not args.skip_linear:
-        results["batched"] = prefill_table()
-    out = os.environ.get("OUT")
-    if out:
-        with open(os.path.join(out, "bench_quant.json"), "w") as f:
-            json.dump(results, f, indent=1)
+        os.environ["QWENLM_GPTQ_KERNEL"] = "tinygemm" if weights == "int4-tinygemm" else "triton"
+        section(f"engine_{kind}", lambda: dec.append(
+            weights_run(cfg, weights, device, dtype, bw, args, "int8" if kv == "kv8" else "auto")))
+        save()
+    os.environ["QWENLM_GPTQ_KERNEL"] = "triton"
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        section("attention_kernel", attention_kernel_table, cfg, device, bw)
+    section("kv_cache", kv_cache_runs, cfg, device, torch.bfloat16 if device == "cuda" else torch.float32, bw, args)
+    if device == "cuda" and args.batched:
+        RESULTS["batched"] = prefill_table()
+    save()
+    print("\n==== Int4 / Int8 / bf16 through the engine (" + RESULTS["device"] + ") ====")
+    for r in RESULTS.get("engine_batch1", []):
+        print(f"{r['kind']:14s} KV {r['kv_cache']:4s} batch-1 {r['tok_s']:7.1f} tok/s  {r['GBs']:6.0f} GB/s  "
+              f"bound {r['bound_tok_s']:6.1f}  peak encoding {args.encode_len}: {r['peak_GB_encode']:.2f} GB")
+    for r in RESULTS.get("kv_cache", []):
+        print(f"KV {r['kv_cache']:4s}: {r['pool_tokens']} tokens in the pool ({r['seqs_1k_fit']} x 1k sequences), "
+              f"{r['requests']} x {args.prompt_len}/{args.new_tokens}: {r['output_tok_s']:.0f} output tok/s "
+              f"(decode steps {r['decode_tok_s']:.0f}, bound {r['decode_bound_tok_s']:.0f}), "
+              f"{r['preemptions']} preemptions")
+    print(json.dumps(RESULTS))
 
 
 if __name__ == "__main__":

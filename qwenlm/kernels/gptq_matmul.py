@@ -7,7 +7,9 @@ act-order checkpoint is brought to that form at load time by permuting its rows 
 
 Two kernels, because batch-1 decode and batched/prefill rows want different work:
 - `_gemv_kernel` (M == 1): loads each packed word once, unpacks its lanes one at a time with plain FMAs
-  into a per-row accumulator reduced once at the end; split-K over the grid keeps every SM busy.
+  into a per-row accumulator reduced once at the end; split-K over the grid keeps every SM busy. At batch 1
+  the unpacking, not the memory, limits an H100 (~5 integer/float instructions per 4-bit weight, 2 weights
+  per byte), so each lane becomes a float by an exponent trick instead of a conversion instruction.
 - M > 1 (batched decode, prefill): `_dequant_kernel` writes the fp16/bf16 weight once, cuBLAS multiplies.
 The GEMV uses  sum_k x_k * s * (q_kn - z_n) = s * (sum_k x_k q_kn - z_n * sum_k x_k)  per group, so the scale
 and zero are applied once per block instead of once per weight.
@@ -77,7 +79,10 @@ if triton is not None:
             xs = tl.zeros((ROWS,), dtype=tl.float32)
             for j in tl.static_range(PER):  # lane j of every word: input kb + row*PER + j
                 xj = tl.load(x_ptr + kb + rows * PER + j, mask=r_mask, other=0.0).to(tl.float32)
-                part += xj[:, None] * ((qw >> (j * BITS)) & MASK).to(tl.float32)
+                # int -> float without a conversion instruction (those issue at 1/8 the FMA rate on sm_90 and
+                # bounded this loop): 0x4B000000 | q is the float 2^23 + q, exactly, for q < 2^23.
+                wq = (((qw >> (j * BITS)) & MASK) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                part += xj[:, None] * wq
                 xs += xj
             g = kb // group_size
             s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
