@@ -147,16 +147,109 @@ def run_timed(engine: LLMEngine, prompts, params):
     return wall, decode_s, decode_tokens, first
 
 
-def bench_qwenlm(model, cfg, dev, bw, args, compile_decode: bool, tag: str):
+def step_timing(engine: LLMEngine, prompts, params, profile: bool = False):
+    """Per decode step: wall time of engine.step() and GPU time of the graph replay (CUDA events), i.e. the
+    host gap the GPU idles through; with profile=True also the top kernels of those steps."""
+    runner = engine.runner
+    events = []
+    replays = {}
+    for bs, graph in runner.graphs.items():
+        def replay(graph=graph):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            graph.__class__.replay(graph)
+            b.record()
+            events.append((a, b))
+        replays[bs] = graph.replay
+        graph.replay = replay
+    for p in prompts:
+        engine.add_request(None, p, params)
+    walls = []
+    prof, profiling = None, False
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+        prof = torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    try:
+        while engine.has_unfinished():
+            t = time.perf_counter()
+            engine.step()
+            dt = time.perf_counter() - t
+            if not engine.scheduler.last_was_prefill:
+                walls.append(dt)
+            if prof is not None and len(walls) == 8 and not profiling:
+                prof.__enter__()
+                profiling = True
+            if profiling and len(walls) == 24:
+                prof.__exit__(None, None, None)
+                profiling = False
+    finally:
+        for bs, graph in runner.graphs.items():
+            del graph.replay
+    gpu = [a.elapsed_time(b) / 1e3 for a, b in events]
+    wall, g = statistics.median(walls[2:]), statistics.median(gpu[2:])
+    table = None
+    if prof is not None:
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60)
+    return dict(wall_ms=wall * 1e3, gpu_ms=g * 1e3, host_gap_ms=(wall - g) * 1e3), table
+
+
+def bench_variants(model, cfg, dev, bw, args):
+    """Batch-1 decode for each change on its own: eager graphs, + gate_up fusion, + compiled regions with
+    cuBLAS GEMVs, + Triton GEMVs (Inductor coordinate descent); per-step host gap; kernel profiles."""
+    if dev.type != "cuda":
+        return
+    from qwenlm.engine import compiled_decode
+    wbytes = streamed_weight_bytes(model)
+    per_tok = wbytes + 80 * kv_bytes_per_token(cfg, model.lm_head.weight.dtype)
+    cublas = {**compiled_decode.INDUCTOR_OPTIONS, "coordinate_descent_tuning": False}
+    variants = [("eager graphs, w1/w2", dict(compile_decode=False, fuse_mlp=False), None),
+                ("eager graphs, gate_up", dict(compile_decode=False), None),
+                ("compiled, cuBLAS GEMV", dict(compile_decode=True), cublas),
+                ("compiled, Triton GEMV", dict(compile_decode=True), None)]
+    res = RESULTS.setdefault("b1_variants", {})
+    default_options = compiled_decode.INDUCTOR_OPTIONS
+    for name, kw, options in variants:
+        compiled_decode.INDUCTOR_OPTIONS = options or default_options
+        try:
+            t = time.time()
+            engine = LLMEngine(model, None, EngineConfig(max_num_seqs=1, cuda_graph_batch_sizes=[1], num_blocks=64,
+                                                         max_num_batched_tokens=512, **kw))
+            build = time.time() - t
+            params = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True)
+            engine.generate([prompts_of(1, 16, cfg.vocab_size, 1)[0]], SamplingParams(temperature=0, max_tokens=8))
+            profile = name in ("eager graphs, w1/w2", "compiled, Triton GEMV")
+            timing, table = step_timing(engine, prompts_of(1, 16, cfg.vocab_size, 2), params, profile)
+        except Exception as e:  # keep the other variants
+            log(f"[b1 {name}] failed: {type(e).__name__}: {str(e)[:1500]}")
+            continue
+        finally:
+            compiled_decode.INDUCTOR_OPTIONS = default_options
+        tps = 1e3 / timing["wall_ms"]
+        res[name] = dict(build_s=build, tok_s=tps, gpu_tok_s=1e3 / timing["gpu_ms"], **timing,
+                         gb_s=tps * per_tok / 1e9)
+        log(f"[b1 {name}] build {build:.1f}s; {tps:.1f} tok/s ({tps * per_tok / 1e9:.0f} GB/s, bound "
+            f"{bw / per_tok:.0f}); step {timing['wall_ms']:.3f} ms, GPU {timing['gpu_ms']:.3f} ms "
+            f"(GPU-only {1e3 / timing['gpu_ms']:.1f} tok/s), host gap {timing['host_gap_ms']:.3f} ms")
+        if table:
+            print(f"---- kernels of 16 batch-1 decode steps, {name} ----\n{table}", flush=True)
+        save()
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def bench_qwenlm(model, cfg, dev, bw, args, compile_decode: bool | None, tag: str):
     wbytes = streamed_weight_bytes(model)
     kvb = kv_bytes_per_token(cfg, model.lm_head.weight.dtype)
     t = time.time()
     engine = LLMEngine(model, None, EngineConfig(max_num_seqs=args.max_batch, max_num_batched_tokens=8192,
                                                  gpu_memory_utilization=0.9, compile_decode=compile_decode,
                                                  num_blocks=args.num_blocks))
-    log(f"[{tag}] engine ready in {time.time() - t:.1f}s: {engine.blocks.num_blocks} blocks, "
-        f"graphs for {sorted(engine.runner.graphs)}")
+    build = time.time() - t
+    log(f"[{tag}] engine ready in {build:.1f}s: {engine.blocks.num_blocks} blocks, "
+        f"graphs for {sorted(engine.runner.graphs)}, compiled decode {engine.runner.compiled}")
     res = RESULTS.setdefault(tag, {})
+    res["build_s"] = build
     greedy = lambda n: SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)  # noqa: E731
 
     # (1) batch-1 decode, 256 new tokens after a short prompt
@@ -189,6 +282,11 @@ def bench_qwenlm(model, cfg, dev, bw, args, compile_decode: bool, tag: str):
     log(f"[{tag}] {n} requests x {args.prompt_len}/{args.new_tokens}: {out_tps:.0f} output tok/s "
         f"(decode steps alone {dec_tok / dec_s:.0f} tok/s), {wall:.1f}s, stats {engine.stats()}")
     save()
+    if dev.type == "cuda":  # host gap of full-batch decode steps
+        timing, _ = step_timing(engine, prompts_of(n, 128, cfg.vocab_size, 4), greedy(32))
+        res["b128_steps"] = timing
+        log(f"[{tag}] batch {n} decode step {timing['wall_ms']:.2f} ms, GPU {timing['gpu_ms']:.2f} ms, "
+            f"host gap {timing['host_gap_ms']:.2f} ms")
 
     # (5) decode tok/s at several batch sizes (prompt 128, 128 new tokens)
     sweep = []
@@ -258,13 +356,14 @@ def bench_transformers(cfg: ModelConfig, dev, bw, args):
         hf.generate(ids, max_new_tokens=4, min_new_tokens=4, **kw)  # warm-up
         sync(dev)
         t = time.perf_counter()
-        out = hf.generate(ids, max_new_tokens=args.new_tokens, **kw)
+        new = args.new_tokens if batch > 1 else args.hf_b1_tokens
+        out = hf.generate(ids, max_new_tokens=new, **kw)
         sync(dev)
         dt = time.perf_counter() - t
         made = (out.shape[1] - plen) * batch
         tps = made / dt
         res[f"b{batch}"] = dict(tok_s=tps, gb_s=tps / batch * wbytes / 1e9, tokens=made, prompt_len=plen)
-        log(f"transformers batch {batch} (prompt {plen}, {args.new_tokens} new): {tps:.1f} tok/s, "
+        log(f"transformers batch {batch} (prompt {plen}, {new} new): {tps:.1f} tok/s, "
             f"{tps / batch * wbytes / 1e9:.0f} GB/s")
         save()
     del hf
@@ -274,7 +373,7 @@ def bench_transformers(cfg: ModelConfig, dev, bw, args):
 
 def plot(bw):
     rows = []
-    for tag in ("qwenlm", "qwenlm+compile"):
+    for tag in ("qwenlm", "qwenlm eager"):
         for r in RESULTS.get(tag, {}).get("sweep", []):
             rows.append((tag, r["batch"], r["tok_s"], r["bound_tok_s"], r["gb_s"]))
     with open(os.path.join(OUT, "engine_batch_sweep.csv"), "w") as f:
@@ -288,7 +387,7 @@ def plot(bw):
     except ImportError:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for tag in ("qwenlm", "qwenlm+compile"):
+    for tag in ("qwenlm", "qwenlm eager"):
         pts = [(b, x) for t, b, x, _, _ in rows if t == tag]
         if pts:
             ax.plot(*zip(*pts), "o-", label=f"{tag} decode")
@@ -314,20 +413,21 @@ def plot(bw):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny model on CPU (checks the script)")
-    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd decode variant")
-    ap.add_argument("--compile-deadline", type=float, default=270, help="skip the compiled run after this many s")
+    ap.add_argument("--no-eager", action="store_true", help="skip the run without compiled decode")
+    ap.add_argument("--no-variants", action="store_true", help="skip the batch-1 variants and profiles")
+    ap.add_argument("--eager-deadline", type=float, default=330, help="skip the eager run after this many s")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     if args.tiny:
         cfg = ModelConfig(vocab_size=151936, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                           kv_channels=16, intermediate_size=256)
         args.new_tokens, args.prompt_len, args.ttft_len, args.max_batch, args.hf_batch = 8, 16, 64, 8, 2
-        args.sweep, args.num_blocks = [1, 2, 8], 256
+        args.sweep, args.num_blocks, args.hf_b1_tokens = [1, 2, 8], 256, 8
         dtype = torch.float32
     else:
         cfg = ModelConfig()  # Qwen-7B's config.json values
         args.new_tokens, args.prompt_len, args.ttft_len, args.max_batch, args.hf_batch = 256, 512, 2048, 128, 32
-        args.sweep, args.num_blocks = [1, 2, 4, 8, 16, 32, 64, 128], None
+        args.sweep, args.num_blocks, args.hf_b1_tokens = [1, 2, 4, 8, 16, 32, 64, 128], None, 64
         dtype = torch.bfloat16
     RESULTS["device"] = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
     RESULTS["torch"] = torch.__version__
@@ -341,25 +441,26 @@ def main():
     RESULTS["weight_bytes_per_token"] = wbytes
     log(f"model built: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params, "
         f"{wbytes / 1e9:.2f} GB streamed per decode step")
-    bench_qwenlm(model, cfg, dev, bw, args, compile_decode=False, tag="qwenlm")
+    if not args.no_variants:
+        bench_variants(model, cfg, dev, bw, args)
+    bench_qwenlm(model, cfg, dev, bw, args, compile_decode=None, tag="qwenlm")  # the defaults
     bench_memory(model, cfg, dev, args)
     model.cpu() if dev.type == "cuda" else None  # make room for the transformers model
     torch.cuda.empty_cache() if dev.type == "cuda" else None
     bench_transformers(cfg, dev, bw, args)
     plot(bw)
     model.to(dev)
-    if not args.no_compile and time.time() - T0 < args.compile_deadline:
+    if not args.no_eager and time.time() - T0 < args.eager_deadline:
         try:
-            bench_qwenlm(model, cfg, dev, bw, args, compile_decode=True, tag="qwenlm+compile")
+            bench_qwenlm(model, cfg, dev, bw, args, compile_decode=False, tag="qwenlm eager")
         except Exception as e:  # report, keep the other figures
-            log(f"compiled decode failed: {type(e).__name__}: {str(e)[:2000]}")
-            RESULTS["qwenlm+compile_error"] = f"{type(e).__name__}: {str(e)[:500]}"
+            log(f"eager decode failed: {type(e).__name__}: {str(e)[:2000]}")
         plot(bw)
     save()
 
     print("\n==== qwenlm engine vs transformers vs bound (" + RESULTS["device"] + ") ====")
     hf = RESULTS.get("transformers", {})
-    for tag in ("qwenlm", "qwenlm+compile"):
+    for tag in ("qwenlm", "qwenlm eager"):
         r = RESULTS.get(tag)
         if not r or "b1" not in r:
             continue
@@ -373,6 +474,9 @@ def main():
                   f"output tok/s (decode steps {t['decode_tok_s']:.0f})  transformers batch {args.hf_batch}: {hf_b:.0f}")
         if "ttft" in r:
             print(f"{tag:15s} TTFT {args.ttft_len}      {r['ttft']['ms']:8.1f} ms  ({r['ttft']['tflops']:.0f} TFLOP/s)")
+    for name, v in RESULTS.get("b1_variants", {}).items():
+        print(f"b1 {name:24s} {v['tok_s']:7.1f} tok/s ({v['gb_s'] * 1e9 / 1e9:5.0f} GB/s)  GPU alone "
+              f"{v['gpu_tok_s']:7.1f}  host gap {v['host_gap_ms']:.3f} ms  build {v['build_s']:.0f} s")
     if "peak_memory_2048" in RESULTS:
         m = RESULTS["peak_memory_2048"]
         print(f"peak memory encoding {args.ttft_len} tokens: {m['gb']:.2f} GB ({m['gib']:.2f} GiB)")

@@ -15,7 +15,10 @@ class EngineConfig:
     max_model_len: int | None = None  # prompt + output tokens per sequence; None = config's max_position_embeddings
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # no CUDA graphs
-    compile_decode: bool = False  # torch.compile the decode forward (fuses the small pointwise kernels)
+    # torch.compile the decode forward by regions (compiled_decode.py): fused pointwise kernels, Triton GEMVs at
+    # batch 1. None = on with CUDA graphs on a GPU (adds to engine start; Inductor caches it on disk).
+    compile_decode: bool | None = None
+    fuse_mlp: bool = True  # one gate_up linear for w1 and w2 (fusion.py); skipped for quantized layers
     cuda_graph_batch_sizes: list[int] | None = None  # None = 1,2,4,8,16,24,...,max_num_seqs
     attention_backend: str = "auto"  # "auto" (Triton on CUDA, else torch), "triton", "torch"
     kv_cache_dtype: str = "auto"  # "auto" = the model dtype; "int8" = uint8 + scale/zero per token and head (~1.9x tokens)
@@ -32,6 +35,11 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.attention_backend must be auto|triton|torch, got {self.attention_backend!r}")
         if self.kv_cache_dtype not in ("auto", "int8"):
             raise ValueError(f"EngineConfig.kv_cache_dtype must be auto|int8, got {self.kv_cache_dtype!r}")
+
+    def use_compiled_decode(self, on_cuda: bool) -> bool:
+        if self.compile_decode is None:
+            return on_cuda and not self.enforce_eager
+        return self.compile_decode
 
     def graph_batch_sizes(self) -> list[int]:
         if self.cuda_graph_batch_sizes is not None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from itertools import count
 
 from qwenlm.engine.config import EngineConfig
+from qwenlm.engine.fusion import fuse_gate_up
 from qwenlm.engine.kv_cache import BlockManager
 from qwenlm.engine.outputs import CompletionOutput, RequestOutput
 from qwenlm.engine.runner import ModelRunner
@@ -71,6 +72,8 @@ class LLMEngine:
         cfg = model.config
         self.max_model_len = self.config.max_model_len or cfg.max_position_embeddings
         self.eos_token_id = getattr(tokenizer, "eos_id", DEFAULT_EOS_ID)
+        if self.config.fuse_mlp:
+            fuse_gate_up(self.model)  # in place; the state dict keeps the official w1 / w2 names
         self.runner = ModelRunner(model, self.config, self.max_model_len)
         self.blocks = BlockManager(self.runner.num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.blocks)

@@ -11,11 +11,14 @@ from __future__ import annotations
 import torch
 
 from qwenlm.engine.attention import PagedAttention, PrefillSeq, kv_bytes_per_token_head
+from qwenlm.engine.compiled_decode import CompiledDecode
 from qwenlm.engine.config import EngineConfig
 from qwenlm.engine.sampler import SamplingBatch, sample
 from qwenlm.engine.scheduler import ScheduledBatch
 from qwenlm.engine.sequence import Sequence
 from qwenlm.sampling import SamplingParams
+
+MAX_NTK_ALPHAS = 32  # rows of the RoPE table; alpha 2**32 - 1 is far past any context length
 
 
 class ModelRunner:
@@ -29,7 +32,8 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         self._alpha_index: dict[float, int] = {}
-        self._inv_table = torch.empty(0, self.cfg.rotary_dim // 2, device=self.device)
+        # Fixed storage (CUDA graphs read rows of it by index); alphas are 1, 3, 7, 15, ... (spec §5.4).
+        self._inv_table = torch.zeros(MAX_NTK_ALPHAS, self.cfg.rotary_dim // 2, device=self.device)
         self.alpha_row(1.0)
         self.num_blocks = self._size_pool()
         cfg = self.cfg
@@ -39,12 +43,15 @@ class ModelRunner:
         self.k_cache, self.v_cache = self.ctx.k_cache, self.ctx.v_cache  # uint8 for kv_cache_dtype="int8"
         self.scratch_slot = self.num_blocks * self.block_size
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if self.device.type == "cuda":  # pinned staging of the decode inputs, reused every step
+            rows = max(config.graph_batch_sizes() + [config.max_num_seqs])
+            self._host_flat = torch.zeros(5 * rows, dtype=torch.int64).pin_memory()
+            self._host_tables = torch.zeros(rows * self.max_blocks_per_seq, dtype=torch.int32).pin_memory()
         self._decode_forward = self._decode_forward_eager
-        if config.compile_decode:
-            # One compiled decode function for every batch size (dynamic batch dim); attention is one
-            # opaque custom op so the compiler never copies the KV pool.
-            self.ctx.fused_decode = True
-            self._decode_forward = torch.compile(self._decode_forward_eager, dynamic=True)
+        self.compiled = config.use_compiled_decode(self.device.type == "cuda")
+        if self.compiled:
+            # Compiled by regions between the attention calls (compiled_decode.py); batch 1 gets Triton GEMVs.
+            self._decode_forward = CompiledDecode(model, self.ctx)
         if self.device.type == "cuda" and not config.enforce_eager and self.ctx.backend == "triton":
             self._capture_graphs()
 
@@ -53,9 +60,10 @@ class ModelRunner:
         """Row of `alpha` in the table of RoPE inverse frequencies (one row per NTK alpha seen)."""
         idx = self._alpha_index.get(alpha)
         if idx is None:
+            if len(self._alpha_index) == MAX_NTK_ALPHAS:
+                raise RuntimeError(f"more than {MAX_NTK_ALPHAS} distinct NTK alphas: {sorted(self._alpha_index)}")
             idx = self._alpha_index[alpha] = len(self._alpha_index)
-            row = self.model.inv_freq([alpha], self.device)[:, 0, :]  # [1, r/2]
-            self._inv_table = torch.cat((self._inv_table, row))
+            self._inv_table[idx] = self.model.inv_freq([alpha], self.device)[0, 0, :]
         return idx
 
     # ---- KV pool sizing ---------------------------------------------------------------------------
@@ -158,7 +166,7 @@ class ModelRunner:
         return self.model.logits(hidden[0, self._to_device(last)])
 
     def _decode_inputs(self, seqs: list[Sequence], rows: int):
-        """Flat int64 [5*rows] (ids, positions, slots, context lens, alpha rows) and the block tables."""
+        """Flat int64 [5*rows] (ids, positions, slots, context lens, alpha rows) and the block tables [rows, W]."""
         bs = self.block_size
         n_pad = rows - len(seqs)
         ids = [s.token_ids[-1] for s in seqs] + [0] * n_pad
@@ -168,7 +176,15 @@ class ModelRunner:
         alphas = [self.alpha_row(s.ntk_alpha) for s in seqs] + [0] * n_pad
         width = max(len(s.block_table) for s in seqs)
         tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs] + [[0] * width] * n_pad
-        return self._to_device(ids + pos + slots + lens + alphas), self._to_device(tables, torch.int32)
+        if self.device.type != "cuda":
+            return self._to_device(ids + pos + slots + lens + alphas), self._to_device(tables, torch.int32)
+        # Reused pinned staging buffers: no pinned allocation per step. Safe to overwrite: the previous
+        # step's copies finished before its sampled tokens were read on the host.
+        flat = self._host_flat[:5 * rows]
+        flat.numpy()[:] = ids + pos + slots + lens + alphas
+        host_tables = self._host_tables[:rows * width].view(rows, width)
+        host_tables.numpy()[:] = tables
+        return flat.to(self.device, non_blocking=True), host_tables.to(self.device, non_blocking=True)
 
     def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
         B = len(seqs)
@@ -177,20 +193,15 @@ class ModelRunner:
         if graph_bs is not None:
             flat, tables = self._decode_inputs(seqs, graph_bs)
             st = self._static
-            ids, pos, slots, lens, alphas = flat.view(5, graph_bs)
-            st["ids"][:graph_bs].copy_(ids)
-            st["pos"][:graph_bs].copy_(pos)
-            st["slots"][:graph_bs].copy_(slots)
-            st["lens"][:graph_bs].copy_(lens)
-            st["inv"][:graph_bs, 0].copy_(self._inv_table[alphas])
+            st["flat"][:, :graph_bs].copy_(flat.view(5, graph_bs))
             st["tables"][:graph_bs, :tables.shape[1]].copy_(tables)
-            self.graphs[graph_bs].replay()
+            self.graphs[graph_bs].replay()  # context lens and RoPE rows are converted inside the graph
             return st["logits"][:B]
         flat, tables = self._decode_inputs(seqs, B)
         ids, pos, slots, lens, alphas = flat.view(5, B)
         self.ctx.set_decode(slots, tables, lens.int(), max(len(s) for s in seqs))
         inv = self._inv_table[alphas][:, None, :]
-        use_logn = use_logn_needed or (self.config.compile_decode and self.cfg.use_logn_attn)
+        use_logn = use_logn_needed or (self.compiled and self.cfg.use_logn_attn)  # one compiled variant
         return self._decode_forward(ids[:, None], pos[:, None], inv, use_logn)
 
     def _decode_forward_eager(self, ids, pos, inv, use_logn: bool) -> torch.Tensor:
@@ -201,13 +212,13 @@ class ModelRunner:
     def _capture_graphs(self) -> None:
         sizes = self.config.graph_batch_sizes()
         max_bs, dev = max(sizes), self.device
+        flat = torch.zeros(5, max_bs, dtype=torch.int64, device=dev)  # ids, positions, slots, lens, alpha rows
+        flat[2] = self.scratch_slot
         st = self._static = {
-            "ids": torch.zeros(max_bs, dtype=torch.int64, device=dev),
-            "pos": torch.zeros(max_bs, dtype=torch.int64, device=dev),
-            "slots": torch.full((max_bs,), self.scratch_slot, dtype=torch.int64, device=dev),
+            "flat": flat,
+            "ids": flat[0], "pos": flat[1], "slots": flat[2], "alphas": flat[4],
             "lens": torch.zeros(max_bs, dtype=torch.int32, device=dev),
             "tables": torch.zeros(max_bs, self.max_blocks_per_seq, dtype=torch.int32, device=dev),
-            "inv": self._inv_table[:1, None, :].repeat(max_bs, 1, 1),
             "logits": torch.zeros(max_bs, self.cfg.vocab_size, dtype=torch.float32, device=dev),
         }
         # LogN is applied in every graph (the scale is exactly 1 up to seq_length), so one graph serves all.
@@ -218,8 +229,9 @@ class ModelRunner:
                 self.ctx.set_decode(st["slots"][:bs], st["tables"][:bs], st["lens"][:bs], 0)
 
                 def forward(bs=bs):
-                    st["logits"][:bs] = self._decode_forward(st["ids"][:bs, None], st["pos"][:bs, None],
-                                                             st["inv"][:bs], use_logn)
+                    st["lens"][:bs].copy_(st["flat"][3, :bs])
+                    inv = self._inv_table[st["alphas"][:bs]][:, None, :]
+                    st["logits"][:bs] = self._decode_forward(st["ids"][:bs, None], st["pos"][:bs, None], inv, use_logn)
 
                 forward()  # compile kernels and settle the allocator before capture
                 torch.cuda.synchronize()

@@ -1,0 +1,117 @@
+"""Engine-time model transforms: the fused gate_up MLP and the decode forward compiled by regions."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from qwenlm.engine import EngineConfig, SamplingParams
+from qwenlm.engine.compiled_decode import CompiledDecode
+from qwenlm.engine.fusion import GateUpMLP, fuse_gate_up
+from qwenlm.model.qwen import DenseKVCache, QWenMLP
+from engine_helpers import random_prompts, reference_ids, tiny_engine, tiny_model
+
+
+def _prefill_then_decode(model, prompts, next_ids, decode=None):
+    """Logits of a full prompt forward and of one decode step after it (DenseKVCache, equal lengths)."""
+    B, T = len(prompts), len(prompts[0])
+    cache = DenseKVCache(model.config.num_hidden_layers)
+    ids = torch.tensor(prompts)
+    pos = torch.arange(T)[None].expand(B, T)
+    inv = model.inv_freq([1.0] * B, "cpu")
+    with torch.no_grad():
+        cache.begin(torch.ones(B, T, dtype=torch.bool))
+        prefill = model.logits(model(ids, pos, cache, inv))
+        cache.begin(torch.ones(B, 1, dtype=torch.bool))
+        nid, npos = torch.tensor(next_ids)[:, None], torch.full((B, 1), T)
+        if decode is None:
+            step = model.logits(model(nid, npos, cache, inv, use_logn=True)[:, 0])
+        else:
+            step = decode(cache)(nid, npos, inv, True)
+    return prefill, step
+
+
+def test_gate_up_fusion_gives_identical_logits_on_cpu():
+    model = tiny_model(num_hidden_layers=3)
+    fused = copy.deepcopy(model)
+    assert fuse_gate_up(fused) == 3
+    assert all(type(b.mlp) is GateUpMLP for b in fused.transformer.h)
+    assert fuse_gate_up(fused) == 0  # idempotent
+    prompts, nxt = random_prompts([9, 9]), [5, 7]
+    for a, b in zip(_prefill_then_decode(model, prompts, nxt), _prefill_then_decode(fused, prompts, nxt)):
+        assert torch.equal(a, b)
+
+
+def test_fused_mlp_keeps_the_official_state_dict_names():
+    model = tiny_model()
+    ref = {k: v.clone() for k, v in model.state_dict().items()}
+    fuse_gate_up(model)
+    sd = model.state_dict()
+    assert sd.keys() == ref.keys()
+    assert all(torch.equal(sd[k], ref[k]) for k in ref)
+    # Loading official names into the fused model fills gate_up = [w1; w2].
+    other = tiny_model()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.normal_()
+    fuse_gate_up(other)
+    other.load_state_dict(ref, strict=True)
+    mlp = other.transformer.h[1].mlp
+    assert torch.equal(mlp.gate_up.weight, torch.cat((ref["transformer.h.1.mlp.w1.weight"],
+                                                      ref["transformer.h.1.mlp.w2.weight"])))
+
+
+def test_fusion_leaves_quantized_layers_alone():
+    from qwenlm.model.quant import GPTQLinear
+
+    model = tiny_model()
+    mlp = model.transformer.h[0].mlp
+    mlp.w1 = GPTQLinear(mlp.w1.in_features, mlp.w1.out_features, bits=4, group_size=32, bias=False)
+    assert fuse_gate_up(model) == 1
+    assert type(model.transformer.h[0].mlp) is QWenMLP and type(model.transformer.h[1].mlp) is GateUpMLP
+
+
+def test_compiled_decode_regions_equal_the_model_and_are_shared_by_layers():
+    """Regions traced with the "eager" backend run the model's exact ops: bitwise equal logits, for batch 1
+    (static regions) and batch 3 (dynamic regions), with LogN on; one graph per region whatever the depth."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_model(num_hidden_layers=4)
+    fuse_gate_up(model)
+    torch._dynamo.reset()
+    counters.clear()
+    for lengths, nxt in (([7], [3]), ([6, 6, 6], [1, 2, 3])):
+        prompts = random_prompts(lengths, seed=len(lengths))
+        _, ref = _prefill_then_decode(model, prompts, nxt)
+        _, got = _prefill_then_decode(model, prompts, nxt, lambda c: CompiledDecode(model, c, backend="eager"))
+        assert torch.equal(ref, got)
+    assert counters["stats"]["unique_graphs"] == 8  # 4 regions x (static, dynamic), not x layers
+
+
+def test_engine_with_inductor_compiled_decode_matches_the_reference_loop():
+    model = tiny_model()
+    engine = tiny_engine(model, compile_decode=True)
+    assert engine.runner.compiled and isinstance(engine.runner._decode_forward, CompiledDecode)
+    prompts = random_prompts([5, 11], seed=3)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    outs = engine.generate(prompts, params)
+    for prompt, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == reference_ids(model, prompt, params)
+
+
+@pytest.mark.parametrize("compile_decode,on_cuda,eager,expected", [
+    (None, True, False, True), (None, False, False, False), (None, True, True, False),
+    (False, True, False, False), (True, False, False, True)])
+def test_compiled_decode_default_is_gpu_only(compile_decode, on_cuda, eager, expected):
+    cfg = EngineConfig(compile_decode=compile_decode, enforce_eager=eager)
+    assert cfg.use_compiled_decode(on_cuda) is expected
+
+
+def test_engine_fuses_the_mlp_unless_told_not_to():
+    model = tiny_model()
+    tiny_engine(model, fuse_mlp=False)
+    assert all(type(b.mlp) is QWenMLP for b in model.transformer.h)
+    tiny_engine(model)
+    assert all(type(b.mlp) is GateUpMLP for b in model.transformer.h)
+    assert isinstance(model.transformer.h[0].mlp.gate_up, nn.Linear)
