@@ -60,6 +60,7 @@ def linear_table(sweep: bool):
     torch.manual_seed(0)
     rows, best = [], {}
     configs = [(bn, 128, sk, w, 3) for bn in (64, 128, 256) for sk in (2, 4, 8, 16) for w in (4, 8)]
+    configs += [(bn, 128, 1, w, 3) for bn in (16, 32) for w in (2, 4)]  # no split: whole columns per program
     for name, (k, n) in SHAPES.items():
         x = torch.randn(1, k, device="cuda", dtype=torch.float16)
         w_bf16 = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -68,14 +69,17 @@ def linear_table(sweep: bool):
         for bits in (4, 8):
             qw, qz, s, gi = random_gptq(k, n, bits)
             ref = K.gptq_matmul_reference(x, qw, qz, s, gi, bits)
-            out = K.gptq_matmul(x, qw, qz, s, 128, bits)
+            ws = K.gemv_workspace(n, "cuda")  # split-K reduced in the kernel, as GPTQLinear runs it
+            out = K.gptq_matmul(x, qw, qz, s, 128, bits, workspace=ws)
             row[f"int{bits}_maxerr"] = (out.float() - ref.float()).abs().max().item() / ref.abs().max().item()
-            t = bench_ms(lambda: K.gptq_matmul(x, qw, qz, s, 128, bits))
+            row[f"int{bits}_us_3_launches"] = 1e3 * bench_ms(lambda: K.gptq_matmul(x, qw, qz, s, 128, bits))
+            t = bench_ms(lambda: K.gptq_matmul(x, qw, qz, s, 128, bits, workspace=ws))
             if sweep and bits == 4:  # the sweep compiles one kernel per setting: Int4 only, to save time
                 timed = []
                 for cfg in configs:
                     try:
-                        timed.append((bench_ms(lambda: K.gptq_matmul(x, qw, qz, s, 128, bits, config=cfg)), cfg))
+                        timed.append((bench_ms(lambda: K.gptq_matmul(x, qw, qz, s, 128, bits, config=cfg,
+                                                                     workspace=ws)), cfg))
                     except Exception as e:  # a config that does not compile (registers) is skipped
                         print(f"  skip {cfg}: {type(e).__name__}")
                 t_best, cfg_best = min(timed)

@@ -155,7 +155,7 @@ def test_triton_kernels_match_reference_in_interpreter():
     code = r'''
 import torch
 from qwenlm.model import quant
-from qwenlm.kernels.gptq_matmul import gptq_matmul, gptq_matmul_reference
+from qwenlm.kernels.gptq_matmul import gemv_workspace, gptq_matmul, gptq_matmul_reference
 torch.manual_seed(0)
 for bits in (4, 8):
     K, N, g = 256, 96, 64
@@ -172,6 +172,15 @@ for bits in (4, 8):
         assert out.shape == (M, N)
         tol = 2e-3 * ref.abs().max().item() + 2e-3
         assert (out - ref).abs().max().item() < tol, (bits, M, cfg, (out - ref).abs().max().item())
+    # split-K reduced inside the kernel: exact too, and the workspace is left zeroed for the next call
+    ws = gemv_workspace(N, "cpu")
+    x = torch.randn(1, K).half()
+    ref = gptq_matmul_reference(x, qw, qz, s, gi, bits, b).float()
+    for cfg in ((32, 64, 4, 4, 1), (16, 64, 2, 4, 1)):
+        for _ in range(2):
+            out = gptq_matmul(x, qw, qz, s, g, bits, b, config=cfg, workspace=ws).float()
+            assert (out - ref).abs().max().item() < 2e-3 * ref.abs().max().item() + 2e-3, (bits, cfg)
+            assert not ws[0].any() and not ws[1].any()
 # act-order layer through the kernel path equals the dequantize path
 layer = quant.GPTQLinear(256, 64, 4, 64)
 layer.qweight = quant.pack_rows(torch.randint(0, 16, (256, 64)), 4)

@@ -56,9 +56,9 @@ def gptq_matmul_reference(x, qweight, qzeros, scales, g_idx, bits, bias=None):
 if triton is not None:
 
     @triton.jit
-    def _gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, out_ptr, N, K, group_size,
+    def _gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, N, K, group_size,
                      BITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+                     BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, FUSED_REDUCE: tl.constexpr):
         PER: tl.constexpr = 32 // BITS
         MASK: tl.constexpr = (1 << BITS) - 1
         ROWS: tl.constexpr = BLOCK_K // PER
@@ -79,9 +79,13 @@ if triton is not None:
             xs = tl.zeros((ROWS,), dtype=tl.float32)
             for j in tl.static_range(PER):  # lane j of every word: input kb + row*PER + j
                 xj = tl.load(x_ptr + kb + rows * PER + j, mask=r_mask, other=0.0).to(tl.float32)
-                # int -> float without a conversion instruction (those issue at 1/8 the FMA rate on sm_90 and
-                # bounded this loop): 0x4B000000 | q is the float 2^23 + q, exactly, for q < 2^23.
-                wq = (((qw >> (j * BITS)) & MASK) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                if BITS == 4:
+                    # int -> float without a conversion instruction (those issue at 1/8 the FMA rate on sm_90):
+                    # 0x4B000000 | q is the float 2^23 + q, exactly. (Int8 keeps the conversion: sm_90 converts a
+                    # selected byte in one instruction, which measured faster than this.)
+                    wq = (((qw >> (j * BITS)) & MASK) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                else:
+                    wq = ((qw >> (j * BITS)) & MASK).to(tl.float32)
                 part += xj[:, None] * wq
                 xs += xj
             g = kb // group_size
@@ -94,6 +98,19 @@ if triton is not None:
                 out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         if SPLIT_K == 1:
             tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
+        elif FUSED_REDUCE:
+            # Split-K without the zero-fill and cast kernels: partial sums go to a float32 workspace kept at
+            # zero between calls; the last program of each column block (counted by an atomic) writes the
+            # output and re-arms the workspace and its counter. Saves two launches per linear.
+            tl.atomic_add(ws_ptr + offs_n, out, mask=n_mask)
+            tl.debug_barrier()  # every thread's partial sums are issued before the count is released
+            arrived = tl.atomic_add(cnt_ptr + pid_n, 1)  # acq_rel, gpu scope
+            if arrived == SPLIT_K - 1:
+                zero = tl.zeros([BLOCK_N], dtype=tl.float32)
+                total = tl.atomic_add(ws_ptr + offs_n, zero, mask=n_mask)  # read where the atomics landed (L2)
+                tl.store(out_ptr + offs_n, total.to(out_ptr.dtype.element_ty), mask=n_mask)
+                tl.store(ws_ptr + offs_n, zero, mask=n_mask)  # every partial has arrived: plain stores re-arm
+                tl.store(cnt_ptr + pid_n, 0)
         else:
             tl.atomic_add(out_ptr + offs_n, out, mask=n_mask)
 
@@ -136,9 +153,18 @@ def gemv_config(bits: int, n: int, k: int) -> tuple[int, int, int, int, int]:
     return GEMV_CONFIGS.get((bits, n, k), GEMV_DEFAULT)
 
 
+def gemv_workspace(n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroed float32 [N] partial sums and int32 arrival counters (one per column block of >= 16) for the
+    fused split-K reduction; one per layer, since the kernel leaves it zeroed but owns it while it runs."""
+    return (torch.zeros(n, device=device, dtype=torch.float32),
+            torch.zeros(triton.cdiv(n, 16) if triton is not None else 0, device=device, dtype=torch.int32))
+
+
 def gptq_matmul(x: torch.Tensor, qweight, qzeros, scales, group_size: int, bits: int, bias=None,
-                config: tuple | None = None) -> torch.Tensor:
-    """x [M, K] (fp16/bf16/fp32, contiguous) -> [M, N] in x's dtype. Groups contiguous (g_idx = k // g)."""
+                config: tuple | None = None, workspace: tuple | None = None) -> torch.Tensor:
+    """x [M, K] (fp16/bf16/fp32, contiguous) -> [M, N] in x's dtype. Groups contiguous (g_idx = k // g).
+
+    workspace (`gemv_workspace(N)`): batch-1 split-K reduces inside the GEMV kernel (one launch, not three)."""
     if triton is None:
         raise RuntimeError("gptq_matmul needs triton; use qwenlm.model.quant's dequantize path instead")
     M, K = x.shape
@@ -153,13 +179,16 @@ def gptq_matmul(x: torch.Tensor, qweight, qzeros, scales, group_size: int, bits:
         while group_size % block_k:
             block_k //= 2
         grid = (triton.cdiv(N, block_n), split_k)
-        if split_k == 1:
+        fused = split_k > 1 and workspace is not None and block_n >= 16
+        if split_k == 1 or fused:
             out = torch.empty((1, N), device=x.device, dtype=x.dtype)
         else:
             out = torch.zeros((1, N), device=x.device, dtype=torch.float32)
-        _gemv_kernel[grid](x, qweight, qzeros, scales, b, out, N, K, group_size, BITS=bits, HAS_BIAS=has_bias,
-                           BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=warps, num_stages=stages)
-        return out if split_k == 1 else out.to(x.dtype)
+        ws, cnt = workspace if fused else (out, out)
+        _gemv_kernel[grid](x, qweight, qzeros, scales, b, out, ws, cnt, N, K, group_size, BITS=bits,
+                           HAS_BIAS=has_bias, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+                           FUSED_REDUCE=fused, num_warps=warps, num_stages=stages)
+        return out if (split_k == 1 or fused) else out.to(x.dtype)
     # Several rows: dequantize once, then cuBLAS. On the H100 a fused tl.dot kernel measured 2-4x an fp16
     # matmul at 4 and 16 rows; this path costs 1.15-1.3x at 2048 rows (docs/benchmarks.md).
     w = torch.empty((K, N), device=x.device, dtype=x.dtype)

@@ -73,6 +73,7 @@ class GPTQLinear(nn.Module):
         self.perm = None  # input permutation that makes act-order groups contiguous
         self._kernel_bias = None
         self._tinygemm = None
+        self._workspace = None  # batch-1 split-K reduction buffers of the Triton GEMV
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
@@ -99,7 +100,7 @@ class GPTQLinear(nn.Module):
                     out = out + self._kernel_bias.to(x.dtype)
             else:
                 out = kernels.gptq_matmul(x2.contiguous(), self.qweight, self.qzeros, self.scales,
-                                          self.group_size, self.bits, self._kernel_bias)
+                                          self.group_size, self.bits, self._kernel_bias, workspace=self._workspace)
         return out.view(*lead, self.out_features)
 
     @torch.no_grad()
@@ -123,6 +124,7 @@ class GPTQLinear(nn.Module):
             self.backend = "tinygemm"
         elif kernels.triton is not None and self.group_size % 32 == 0:
             self.backend = "triton"
+            self._workspace = kernels.gemv_workspace(self.out_features, self.qweight.device)
 
 
 def to_tinygemm(qweight, qzeros, scales, group_size: int, inner_k_tiles: int = 8):
