@@ -202,14 +202,17 @@ def bench_variants(model, cfg, dev, bw, args):
     wbytes = streamed_weight_bytes(model)
     per_tok = wbytes + 80 * kv_bytes_per_token(cfg, model.lm_head.weight.dtype)
     cublas = {**compiled_decode.INDUCTOR_OPTIONS, "coordinate_descent_tuning": False}
-    variants = [("eager graphs, w1/w2", dict(compile_decode=False, fuse_mlp=False), None),
-                ("eager graphs, gate_up", dict(compile_decode=False), None),
-                ("compiled, cuBLAS GEMV", dict(compile_decode=True), cublas),
-                ("compiled, Triton GEMV", dict(compile_decode=True), None)]
+    variants = [("eager graphs, w1/w2", dict(compile_decode=False, fuse_mlp=False), None, True),
+                ("eager graphs, gate_up", dict(compile_decode=False), None, True),
+                ("compiled, cuBLAS GEMV", dict(compile_decode=True), cublas, True),
+                ("compiled, Triton, SiLU in c_proj", dict(compile_decode=True), None, False),
+                ("compiled, Triton GEMV", dict(compile_decode=True), None, True)]
+    variants = [v for v in variants if v[0] in args.variants]
     res = RESULTS.setdefault("b1_variants", {})
     default_options = compiled_decode.INDUCTOR_OPTIONS
-    for name, kw, options in variants:
+    for name, kw, options, split_act in variants:
         compiled_decode.INDUCTOR_OPTIONS = options or default_options
+        compiled_decode.SPLIT_MLP_ACT = split_act
         try:
             t = time.time()
             engine = LLMEngine(model, None, EngineConfig(max_num_seqs=1, cuda_graph_batch_sizes=[1], num_blocks=64,
@@ -223,7 +226,7 @@ def bench_variants(model, cfg, dev, bw, args):
             log(f"[b1 {name}] failed: {type(e).__name__}: {str(e)[:1500]}")
             continue
         finally:
-            compiled_decode.INDUCTOR_OPTIONS = default_options
+            compiled_decode.INDUCTOR_OPTIONS, compiled_decode.SPLIT_MLP_ACT = default_options, True
         tps = 1e3 / timing["wall_ms"]
         res[name] = dict(build_s=build, tok_s=tps, gpu_tok_s=1e3 / timing["gpu_ms"], **timing,
                          gb_s=tps * per_tok / 1e9)
@@ -415,6 +418,9 @@ def main():
     ap.add_argument("--tiny", action="store_true", help="tiny model on CPU (checks the script)")
     ap.add_argument("--no-eager", action="store_true", help="skip the run without compiled decode")
     ap.add_argument("--no-variants", action="store_true", help="skip the batch-1 variants and profiles")
+    ap.add_argument("--variants", default="eager graphs, w1/w2;eager graphs, gate_up;compiled, cuBLAS GEMV;"
+                    "compiled, Triton, SiLU in c_proj;compiled, Triton GEMV",
+                    type=lambda v: v.split(";"), help="batch-1 variants to run, ';'-separated")
     ap.add_argument("--eager-deadline", type=float, default=330, help="skip the eager run after this many s")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")

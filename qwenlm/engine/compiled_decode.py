@@ -4,7 +4,8 @@ Compiling the whole 32-layer forward traces and compiles every layer (~135 s at 
 Here each block is cut at the attention call into two regions, the same for every layer:
   attn_in:  ln_1 -> c_attn -> RoPE (-> LogN)                      [q, k, v]
   (ctx.attend: stores K/V into the paged pool and attends; eager, the Triton kernel)
-  attn_out: x + c_proj(attn) -> ln_2 -> MLP -> + residual
+  attn_out: x + c_proj(attn) -> ln_2 -> gate_up -> up * silu(gate)
+  mlp_out:  x + c_proj(act)
 plus a prologue (embedding, RoPE tables, LogN scale) and a head (ln_f, lm_head). The block modules are
 arguments, so the compiled code is shared by all layers; the runner then captures the whole step in a
 CUDA graph, so the breaks between regions cost nothing at replay.
@@ -24,11 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwenlm.engine.fusion import GateUpMLP
 from qwenlm.model.qwen import apply_rope, logn_scale
 
 # gpt-fast's generate.py settings (see module docstring); fx_graph_cache keeps compiled graphs on disk so
 # a second start of the engine on the same machine skips most of the compile.
 INDUCTOR_OPTIONS = {"coordinate_descent_tuning": True, "triton.unique_kernel_names": True, "fx_graph_cache": True}
+SPLIT_MLP_ACT = True  # see attn_out
 
 
 def prologue(model, ids, pos, inv_freq, use_logn: bool):
@@ -62,7 +65,17 @@ def attn_in(block, x, cos, sin, q_scale):
 def attn_out(block, x, out):
     B, T, _ = x.shape
     x = x + block.attn.c_proj(out.reshape(B, T, -1))
-    return x + block.mlp(block.ln_2(x))
+    mlp = block.mlp
+    if SPLIT_MLP_ACT and isinstance(mlp, GateUpMLP):
+        # Region ends at up * silu(gate): stored once, instead of being recomputed (exp and all) by every
+        # program of the c_proj GEMV that Inductor would otherwise fuse it into.
+        up, gate = mlp.gate_up(block.ln_2(x)).split(mlp.ffn_dim, dim=-1)
+        return x, up * F.silu(gate)
+    return x + mlp(block.ln_2(x)), None
+
+
+def mlp_out(block, x, act):
+    return x + block.mlp.c_proj(act)
 
 
 def head(model, x):
@@ -71,7 +84,8 @@ def head(model, x):
 
 class _Regions:
     def __init__(self, wrap):
-        self.prologue, self.attn_in, self.attn_out, self.head = (wrap(f) for f in (prologue, attn_in, attn_out, head))
+        self.prologue, self.attn_in, self.attn_out, self.mlp_out, self.head = (
+            wrap(f) for f in (prologue, attn_in, attn_out, mlp_out, head))
 
 
 class CompiledDecode:
@@ -96,5 +110,7 @@ class CompiledDecode:
         for block in self.model.transformer.h:
             q, k, v = r.attn_in(block, x, cos, sin, q_scale)
             out = self.ctx.attend(block.attn.layer_idx, q, k, v)
-            x = r.attn_out(block, x, out)
+            x, act = r.attn_out(block, x, out)
+            if act is not None:
+                x = r.mlp_out(block, x, act)
         return r.head(self.model, x)
