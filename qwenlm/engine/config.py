@@ -16,7 +16,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # no CUDA graphs
     # torch.compile the decode forward by regions (compiled_decode.py): fused pointwise kernels, Triton GEMVs at
-    # batch 1. None = on with CUDA graphs on a GPU (adds to engine start; Inductor caches it on disk).
+    # batch 1. None = on with CUDA graphs on a GPU (adds ~20 s to engine start at 7B; Inductor caches it on disk).
     compile_decode: bool | None = None
     fuse_mlp: bool = True  # one gate_up linear for w1 and w2 (fusion.py); skipped for quantized layers
     cuda_graph_batch_sizes: list[int] | None = None  # None = 1,2,4,8,16,24,...,max_num_seqs
