@@ -135,15 +135,16 @@ if triton is not None:
             tl.store(w_ptr + k[:, None] * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
 
 
-# Launch settings per (bits, N, K) for batch 1, chosen by bench/bench_quant.py --sweep on an H100.
+# Launch settings per (bits, N, K) for batch 1, chosen by bench/bench_quant.py --sweep on an H100
+# (Int4: the 2026-11-22 sweep with the in-kernel split-K reduction; Int8: the earlier, wider sweep).
 GEMV_CONFIGS: dict[tuple[int, int, int], tuple[int, int, int, int, int]] = {  # (bits, N, K)
-    (4, 12288, 4096): (32, 128, 16, 2, 3),
+    (4, 12288, 4096): (256, 128, 8, 4, 3),
     (8, 12288, 4096): (64, 128, 4, 4, 3),
-    (4, 4096, 4096): (256, 64, 32, 2, 3),
+    (4, 4096, 4096): (64, 128, 16, 4, 3),
     (8, 4096, 4096): (256, 64, 32, 2, 3),
-    (4, 11008, 4096): (256, 64, 16, 2, 3),
+    (4, 11008, 4096): (64, 128, 8, 4, 3),
     (8, 11008, 4096): (64, 128, 8, 4, 3),
-    (4, 4096, 11008): (64, 128, 32, 4, 3),
+    (4, 4096, 11008): (64, 128, 16, 4, 3),
     (8, 4096, 11008): (64, 128, 32, 4, 3),
 }
 GEMV_DEFAULT = (128, 128, 8, 4, 3)  # BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages
