@@ -224,30 +224,22 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None,
 
 
 def serve(args) -> int:
-    """`qwenlm serve`: args.model, args.device, args.dtype, args.host, args.port, args.api_key."""
-    import torch
+    """`qwenlm serve`: args.model, args.device, args.dtype, args.quantize, args.kv_cache_dtype, args.host,
+    args.port, args.api_key."""
     import uvicorn
 
-    from qwenlm.api import parse_dtype
-    from qwenlm.engine import LLM, AsyncEngine, EngineConfig
-    from qwenlm.hub import resolve_model
-    from qwenlm.model.loader import load_model
-    from qwenlm.model.quant import apply_quantize
-    from qwenlm.tokenizer import Tokenizer
+    from qwenlm.api import load
+    from qwenlm.engine import AsyncEngine, EngineConfig
 
-    folder = resolve_model(args.model)
-    device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(folder, device, parse_dtype(getattr(args, "dtype", "auto")))
-    apply_quantize(model, getattr(args, "quantize", None), str(folder))
-    engine = AsyncEngine(LLM(model, Tokenizer.from_folder(folder),
-                             EngineConfig(kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"))))
-    gen_file = Path(folder) / "generation_config.json"
-    gen = GenerationConfig.from_file(gen_file) if gen_file.is_file() else GenerationConfig()
+    llm = load(args.model, device=getattr(args, "device", None), dtype=getattr(args, "dtype", "auto"),
+               quantize=getattr(args, "quantize", None),
+               engine_config=EngineConfig(kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto")))
+    engine = AsyncEngine(llm.engine)
     api_key = getattr(args, "api_key", None) or os.environ.get(API_KEY_ENV) or None
     # a local folder is served under its name ("Qwen-7B-Chat"), a hub model under the name it was asked by
     model_name = Path(args.model).name if Path(args.model).is_dir() else args.model
-    app = create_app(engine, Tokenizer.from_folder(folder), model_name=model_name, api_key=api_key,
-                     generation_config=gen)
+    app = create_app(engine, llm.tokenizer, model_name=model_name, api_key=api_key,
+                     generation_config=llm.generation_config)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
     finally:
