@@ -25,6 +25,7 @@ from qwenlm.model.qwen import QWenLMHeadModel
 
 T0 = time.time()
 RESULTS: dict = {}
+TOKENS: dict = {}  # (tag, figure) -> output token ids of that run
 OUT = os.environ.get("OUT", ".")
 
 
@@ -94,6 +95,48 @@ def bench_attention_kernel(cfg: ModelConfig, dev, bw):
     del kc, vc
 
 
+def check_overlap_gpu(dev):
+    """Overlapped vs synchronous steps on the GPU path (CUDA graphs, pinned staging, tokens fed on the device):
+    a tiny model, mixed requests with stop ids, sampling, logprobs, preemption; outputs must be identical."""
+    if dev.type != "cuda":
+        return
+    cfg = ModelConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      kv_channels=16, intermediate_size=256)
+    model = build_qwen(cfg, dev, torch.float32)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (9, 30, 4, 17, 22, 6, 40, 3)]
+    params = [SamplingParams(temperature=0.8, top_p=0.9, seed=5, max_tokens=40, logprobs=True),
+              SamplingParams(temperature=0, max_tokens=33, ignore_eos=True),
+              SamplingParams(temperature=1.0, top_k=20, seed=6, max_tokens=50, stop_token_ids=[17, 400, 901]),
+              SamplingParams(temperature=0, max_tokens=12, repetition_penalty=1.3, ignore_eos=True),
+              SamplingParams(temperature=0.7, seed=7, max_tokens=45, ignore_eos=True, n=2),
+              SamplingParams(temperature=0, max_tokens=25, ignore_eos=True, logprobs=True),
+              SamplingParams(temperature=0.9, seed=8, max_tokens=60, stop_token_ids=list(range(0, 1000, 37))),
+              SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)]
+    res = {}
+    for overlap in (True, False):
+        for blocks in (256, 40):  # 40 blocks of 4: preemptions
+            engine = LLMEngine(model, None, EngineConfig(overlap_steps=overlap, num_blocks=blocks, block_size=4,
+                                                         max_num_batched_tokens=32, max_num_seqs=16,
+                                                         compile_decode=False))
+            outs = engine.generate(prompts, params)
+            res[overlap, blocks] = [[(o.token_ids, o.logprobs, o.finish_reason) for o in r.outputs] for r in outs]
+            assert engine.blocks.num_free_blocks == engine.blocks.num_blocks, "blocks leaked"
+            del engine
+    same, lp_diff = True, 0.0
+    for blocks in (256, 40):
+        for ra, rb in zip(res[True, blocks], res[False, blocks]):
+            for (ta, la, fa), (tb, lb, fb) in zip(ra, rb):
+                same &= ta == tb and fa == fb
+                lp_diff = max([lp_diff] + [abs(x - y) for x, y in zip(la or [], lb or [])])
+    # logprobs: the batches around a request may differ (a step's finishes are known one step later), so
+    # float summation order may too; tokens and finish reasons must not.
+    RESULTS["overlap_tiny_gpu"] = dict(same_tokens=same, max_logprob_diff=lp_diff)
+    log(f"tiny model on the GPU path: overlapped steps give identical tokens and finish reasons: {same}; "
+        f"max logprob difference {lp_diff:.2e}")
+    del model
+
+
 def build_qwen(cfg: ModelConfig, dev, dtype) -> QWenLMHeadModel:
     torch.manual_seed(0)
     old = torch.get_default_dtype()
@@ -133,23 +176,27 @@ def run_timed(engine: LLMEngine, prompts, params):
     t0 = time.perf_counter()
     first = None
     decode_s, decode_tokens = 0.0, 0
+    final = {}
     while engine.has_unfinished():
         ts = time.perf_counter()
         outs = engine.step()
-        dt = time.perf_counter() - ts  # step() ends with a host read of the sampled ids: the GPU is done
-        if not engine.scheduler.last_was_prefill:
+        final.update((o.request_id, o.outputs[0].token_ids) for o in outs if o.finished)
+        dt = time.perf_counter() - ts  # step() ends with a host read of the sampled ids of the step it processed
+        if not engine.last_step_was_prefill:
             decode_s += dt
             decode_tokens += len(outs)
         if first is None and outs:
             first = time.perf_counter() - t0
     wall = time.perf_counter() - t0
     assert not set(ids) & set(engine.requests)
+    run_timed.last_tokens = [final[i] for i in ids]  # for comparing engine configurations token for token
     return wall, decode_s, decode_tokens, first
 
 
 def step_timing(engine: LLMEngine, prompts, params, profile: bool = False):
     """Per decode step: wall time of engine.step() and GPU time of the graph replay (CUDA events), i.e. the
-    host gap the GPU idles through; with profile=True also the top kernels of those steps."""
+    host gap the GPU idles through (about 0 when steps overlap: the host works while the next step runs);
+    with profile=True also the top kernels of those steps."""
     runner = engine.runner
     events = []
     replays = {}
@@ -174,7 +221,7 @@ def step_timing(engine: LLMEngine, prompts, params, profile: bool = False):
             t = time.perf_counter()
             engine.step()
             dt = time.perf_counter() - t
-            if not engine.scheduler.last_was_prefill:
+            if not engine.last_step_was_prefill:
                 walls.append(dt)
             if prof is not None and len(walls) == 8 and not profiling:
                 prof.__enter__()
@@ -206,6 +253,8 @@ def bench_variants(model, cfg, dev, bw, args):
                 ("eager graphs, gate_up", dict(compile_decode=False), None, True),
                 ("compiled, cuBLAS GEMV", dict(compile_decode=True), cublas, True),
                 ("compiled, Triton, SiLU in c_proj", dict(compile_decode=True), None, False),
+                ("compiled, Triton GEMV, steps not overlapped", dict(compile_decode=True, overlap_steps=False), None,
+                 True),
                 ("compiled, Triton GEMV", dict(compile_decode=True), None, True)]
     variants = [v for v in variants if v[0] in args.variants]
     res = RESULTS.setdefault("b1_variants", {})
@@ -241,13 +290,17 @@ def bench_variants(model, cfg, dev, bw, args):
         torch.cuda.empty_cache()
 
 
-def bench_qwenlm(model, cfg, dev, bw, args, compile_decode: bool | None, tag: str):
+def bench_qwenlm(model, cfg, dev, bw, args, compile_decode: bool | None, tag: str, full: bool = True, **kw):
+    """(1) batch 1, (2) 128 concurrent, host gap at full batch; with full=True also (3) TTFT and (5) the sweep.
+    kw: more EngineConfig fields (kv_cache_dtype, overlap_steps)."""
     wbytes = streamed_weight_bytes(model)
     kvb = kv_bytes_per_token(cfg, model.lm_head.weight.dtype)
+    if kw.get("kv_cache_dtype") == "int8":
+        kvb = 2 * cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.head_dim + 8)  # uint8 + fp32 scale, zero
     t = time.time()
     engine = LLMEngine(model, None, EngineConfig(max_num_seqs=args.max_batch, max_num_batched_tokens=8192,
                                                  gpu_memory_utilization=0.9, compile_decode=compile_decode,
-                                                 num_blocks=args.num_blocks))
+                                                 num_blocks=args.num_blocks, **kw))
     build = time.time() - t
     log(f"[{tag}] engine ready in {build:.1f}s: {engine.blocks.num_blocks} blocks, "
         f"graphs for {sorted(engine.runner.graphs)}, compiled decode {engine.runner.compiled}")
@@ -259,27 +312,30 @@ def bench_qwenlm(model, cfg, dev, bw, args, compile_decode: bool | None, tag: st
     run_timed(engine, prompts_of(1, 16, cfg.vocab_size, 1), greedy(16))  # warm-up
     wall, dec_s, dec_tok, _ = run_timed(engine, prompts_of(1, 16, cfg.vocab_size, 2), greedy(args.new_tokens))
     tps = dec_tok / dec_s
+    TOKENS[tag, "b1"] = run_timed.last_tokens
     per_tok = wbytes + (16 + args.new_tokens / 2) * kvb
     res["b1"] = dict(tok_s=tps, gb_s=tps * per_tok / 1e9, bound_tok_s=bw / per_tok, wall_s=wall)
     log(f"[{tag}] b1 decode {tps:.1f} tok/s, {tps * per_tok / 1e9:.0f} GB/s, bound {bw / per_tok:.1f} tok/s")
     save()
 
     # (3) time to first token, 2,048-token prompts (fresh prompts: no prefix-cache hits)
-    ttfts = []
-    for s in range(4):
+    ttfts = [] if full else [0.0]
+    for s in range(4 if full else 0):
         _, _, _, first = run_timed(engine, prompts_of(1, args.ttft_len, cfg.vocab_size, 100 + s), greedy(1))
         ttfts.append(first)
-    ttft = statistics.median(ttfts[1:])
+    ttft = statistics.median(ttfts[1:] or ttfts)
     flops = 2 * (wbytes / 2) * args.ttft_len + 2 * args.ttft_len ** 2 * cfg.hidden_size * cfg.num_hidden_layers
-    res["ttft"] = dict(ms=ttft * 1e3, tflops=flops / ttft / 1e12, all_ms=[x * 1e3 for x in ttfts])
-    log(f"[{tag}] TTFT {args.ttft_len} tokens: {ttft * 1e3:.1f} ms ({flops / ttft / 1e12:.0f} TFLOP/s)")
-    save()
+    if full:
+        res["ttft"] = dict(ms=ttft * 1e3, tflops=flops / ttft / 1e12, all_ms=[x * 1e3 for x in ttfts])
+        log(f"[{tag}] TTFT {args.ttft_len} tokens: {ttft * 1e3:.1f} ms ({flops / ttft / 1e12:.0f} TFLOP/s)")
+        save()
 
     # (2) 128 concurrent requests, 512 prompt / 256 output tokens
     n = args.max_batch
     wall, dec_s, dec_tok, _ = run_timed(engine, prompts_of(n, args.prompt_len, cfg.vocab_size, 3),
                                         greedy(args.new_tokens))
     out_tps = n * args.new_tokens / wall
+    TOKENS[tag, "throughput"] = run_timed.last_tokens
     res["throughput"] = dict(requests=n, output_tok_s=out_tps, decode_tok_s=dec_tok / dec_s, wall_s=wall,
                              preemptions=engine.scheduler.num_preemptions)
     log(f"[{tag}] {n} requests x {args.prompt_len}/{args.new_tokens}: {out_tps:.0f} output tok/s "
@@ -293,7 +349,7 @@ def bench_qwenlm(model, cfg, dev, bw, args, compile_decode: bool | None, tag: st
 
     # (5) decode tok/s at several batch sizes (prompt 128, 128 new tokens)
     sweep = []
-    for b in args.sweep:
+    for b in args.sweep if full else []:
         if b > args.max_batch:
             continue
         _, dec_s, dec_tok, _ = run_timed(engine, prompts_of(b, 128, cfg.vocab_size, 1000 + b), greedy(128))
@@ -302,7 +358,8 @@ def bench_qwenlm(model, cfg, dev, bw, args, compile_decode: bool | None, tag: st
         sweep.append(dict(batch=b, tok_s=tps, gb_s=tps / b * step_bytes / 1e9, bound_tok_s=b * bw / step_bytes))
         log(f"[{tag}] sweep batch {b}: {tps:.0f} tok/s, {tps / b * step_bytes / 1e9:.0f} GB/s, "
             f"bound {b * bw / step_bytes:.0f}")
-    res["sweep"] = sweep
+    if full:
+        res["sweep"] = sweep
     save()
     del engine
     gc.collect()
@@ -419,8 +476,11 @@ def main():
     ap.add_argument("--no-eager", action="store_true", help="skip the run without compiled decode")
     ap.add_argument("--no-variants", action="store_true", help="skip the batch-1 variants and profiles")
     ap.add_argument("--variants", default="eager graphs, w1/w2;eager graphs, gate_up;compiled, cuBLAS GEMV;"
-                    "compiled, Triton, SiLU in c_proj;compiled, Triton GEMV",
+                    "compiled, Triton, SiLU in c_proj;compiled, Triton GEMV, steps not overlapped;"
+                    "compiled, Triton GEMV",
                     type=lambda v: v.split(";"), help="batch-1 variants to run, ';'-separated")
+    ap.add_argument("--no-int8-kv", action="store_true", help="skip the defaults + int8 KV cache run")
+    ap.add_argument("--no-sync", action="store_true", help="skip the run without overlapped steps")
     ap.add_argument("--eager-deadline", type=float, default=330, help="skip the eager run after this many s")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
@@ -441,6 +501,7 @@ def main():
     RESULTS["copy_bandwidth_gb_s"] = bw / 1e9
     log(f"{RESULTS['device']}: device-to-device copy {bw / 1e9:.0f} GB/s (read + write)")
 
+    check_overlap_gpu(dev)
     bench_attention_kernel(cfg, dev, bw)
     model = build_qwen(cfg, dev, dtype)
     wbytes = streamed_weight_bytes(model)
@@ -450,6 +511,16 @@ def main():
     if not args.no_variants:
         bench_variants(model, cfg, dev, bw, args)
     bench_qwenlm(model, cfg, dev, bw, args, compile_decode=None, tag="qwenlm")  # the defaults
+    if not args.no_int8_kv:
+        bench_qwenlm(model, cfg, dev, bw, args, compile_decode=None, tag="qwenlm int8 KV", full=False,
+                     kv_cache_dtype="int8")
+    if not args.no_sync:
+        bench_qwenlm(model, cfg, dev, bw, args, compile_decode=None, tag="qwenlm no overlap", full=False,
+                     overlap_steps=False)
+        for fig in ("b1", "throughput"):
+            a, b = TOKENS.get(("qwenlm", fig)), TOKENS.get(("qwenlm no overlap", fig))
+            RESULTS[f"overlap_same_tokens_{fig}"] = a == b
+            log(f"{fig}: overlapped and synchronous steps give the same tokens: {a == b}")
     bench_memory(model, cfg, dev, args)
     model.cpu() if dev.type == "cuda" else None  # make room for the transformers model
     torch.cuda.empty_cache() if dev.type == "cuda" else None
@@ -466,7 +537,7 @@ def main():
 
     print("\n==== qwenlm engine vs transformers vs bound (" + RESULTS["device"] + ") ====")
     hf = RESULTS.get("transformers", {})
-    for tag in ("qwenlm", "qwenlm eager"):
+    for tag in ("qwenlm", "qwenlm int8 KV", "qwenlm no overlap", "qwenlm eager"):
         r = RESULTS.get(tag)
         if not r or "b1" not in r:
             continue
@@ -478,10 +549,14 @@ def main():
             hf_b = hf.get(f"b{args.hf_batch}", {}).get("tok_s", float("nan"))
             print(f"{tag:15s} {t['requests']} x {args.prompt_len}/{args.new_tokens}  {t['output_tok_s']:8.0f} "
                   f"output tok/s (decode steps {t['decode_tok_s']:.0f})  transformers batch {args.hf_batch}: {hf_b:.0f}")
+        if "b128_steps" in r:
+            st = r["b128_steps"]
+            print(f"{tag:15s} batch {args.max_batch} step  {st['wall_ms']:8.2f} ms  GPU {st['gpu_ms']:.2f} ms  "
+                  f"host gap {st['host_gap_ms']:.2f} ms")
         if "ttft" in r:
             print(f"{tag:15s} TTFT {args.ttft_len}      {r['ttft']['ms']:8.1f} ms  ({r['ttft']['tflops']:.0f} TFLOP/s)")
     for name, v in RESULTS.get("b1_variants", {}).items():
-        print(f"b1 {name:24s} {v['tok_s']:7.1f} tok/s ({v['gb_s'] * 1e9 / 1e9:5.0f} GB/s)  GPU alone "
+        print(f"b1 {name:44s} {v['tok_s']:7.1f} tok/s ({v['gb_s'] * 1e9 / 1e9:5.0f} GB/s)  GPU alone "
               f"{v['gpu_tok_s']:7.1f}  host gap {v['host_gap_ms']:.3f} ms  build {v['build_s']:.0f} s")
     if "peak_memory_2048" in RESULTS:
         m = RESULTS["peak_memory_2048"]

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from qwenlm.kernels.attention import (dequantize_rows, paged_decode_attention, paged_decode_attention_ref,
-                                     paged_store_decode, paged_store_decode_int8, quantize_store_kv, triton)
+                                     quantize_store_kv, triton)
 
 KV_CACHE_DTYPES = ("auto", "int8")
 
@@ -60,7 +60,6 @@ class PagedAttention:
         self.block_tables: torch.Tensor | None = None  # decode: [B, W] int32
         self.context_lens: torch.Tensor | None = None  # decode: [B] int32
         self.max_context_len = 0  # decode, torch backend: host-side bound of the gather
-        self.fused_decode = False  # decode through the one custom op (for torch.compile'd decode)
 
     @classmethod
     def allocate(cls, shape: tuple, dtype: torch.dtype, kv_cache_dtype: str, device, backend: str = "auto"):
@@ -88,10 +87,6 @@ class PagedAttention:
         B, T, H, D = q.shape
         if self.int8:
             return self._attend_int8(layer, q, k, v)
-        if self.fused_decode and not self.is_prefill:
-            out = paged_store_decode(q[:, 0], k[:, 0], v[:, 0], self.k_cache, self.v_cache, layer, self.slot_mapping,
-                                     self.block_tables, self.context_lens, self.backend == "triton")
-            return out[:, None]
         k_cache, v_cache = self.k_cache[layer], self.v_cache[layer]
         if self.slot_mapping is not None:
             k_cache.view(-1, H, D).index_copy_(0, self.slot_mapping, k.reshape(-1, H, D))
@@ -136,11 +131,6 @@ class PagedAttention:
         use_triton = self.backend == "triton"
         kc, vc, ks, vs = self.k_cache[layer], self.v_cache[layer], self.k_sz[layer], self.v_sz[layer]
         if not self.is_prefill:
-            if self.fused_decode:
-                out = paged_store_decode_int8(q[:, 0], k[:, 0], v[:, 0], self.k_cache, self.v_cache, self.k_sz,
-                                              self.v_sz, layer, self.slot_mapping, self.block_tables,
-                                              self.context_lens, use_triton)
-                return out[:, None]
             quantize_store_kv(k, v, kc, vc, ks, vs, self.slot_mapping, use_triton)
             if use_triton:
                 out = paged_decode_attention(q[:, 0], kc, vc, self.block_tables, self.context_lens, k_sz=ks, v_sz=vs)

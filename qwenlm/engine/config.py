@@ -18,6 +18,7 @@ class EngineConfig:
     # torch.compile the decode forward by regions (compiled_decode.py): fused pointwise kernels, Triton GEMVs at
     # batch 1. None = on with CUDA graphs on a GPU (adds ~20 s to engine start at 7B; Inductor caches it on disk).
     compile_decode: bool | None = None
+    overlap_steps: bool = True  # launch step N+1 before processing step N's tokens on the host (engine.py)
     fuse_mlp: bool = True  # one gate_up linear for w1 and w2 (fusion.py); skipped for quantized layers
     cuda_graph_batch_sizes: list[int] | None = None  # None = 1,2,4,8,16,24,...,max_num_seqs
     attention_backend: str = "auto"  # "auto" (Triton on CUDA, else torch), "triton", "torch"

@@ -3,6 +3,15 @@
 Each step: the scheduler picks a batch, the runner computes it and samples, and the engine appends the
 new tokens, detokenizes them incrementally, applies stop ids / stop strings / max_tokens, and frees the
 blocks of finished sequences. `AsyncEngine` (async_engine.py) drives `step()` from a background thread.
+
+Steps overlap (EngineConfig.overlap_steps, the "async scheduling" of vLLM / mini-sglang): `step()` launches
+step N+1 while step N is still on the device, feeding N's sampled tokens to N+1 as input ids on the device,
+and only then waits for N's tokens and processes them on the host (detokenize, stops, outputs) while N+1
+runs. Until then N's tokens are PENDING placeholders in the sequences (sequence.py). A sequence that N
+finishes (stop id / stop string) has one extra token computed by N+1, which is discarded; its blocks are
+freed when N is processed, and abort frees them at once (stream order keeps the in-flight writes ahead of
+any later owner's). Sequences that N brings to max_tokens are left out of N+1; a step that would need a
+preemption, or a repetition penalty over a pending token, is scheduled after N is processed instead.
 """
 
 from __future__ import annotations
@@ -15,9 +24,9 @@ from qwenlm.engine.config import EngineConfig
 from qwenlm.engine.fusion import fuse_gate_up
 from qwenlm.engine.kv_cache import BlockManager
 from qwenlm.engine.outputs import CompletionOutput, RequestOutput
-from qwenlm.engine.runner import ModelRunner
+from qwenlm.engine.runner import LaunchedStep, ModelRunner
 from qwenlm.engine.scheduler import Scheduler
-from qwenlm.engine.sequence import Sequence
+from qwenlm.engine.sequence import PENDING, Sequence
 from qwenlm.model.qwen import ntk_alpha
 from qwenlm.sampling import SamplingParams
 from qwenlm.tokenizer import IncrementalDetokenizer, StopStringMatcher
@@ -76,7 +85,9 @@ class LLMEngine:
             fuse_gate_up(self.model)  # in place; the state dict keeps the official w1 / w2 names
         self.runner = ModelRunner(model, self.config, self.max_model_len)
         self.blocks = BlockManager(self.runner.num_blocks, self.config.block_size, self.config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.config, self.blocks)
+        self.scheduler = Scheduler(self.config, self.blocks, self.max_model_len)
+        self._in_flight: LaunchedStep | None = None  # launched, its tokens not yet processed
+        self.last_step_was_prefill = False  # kind of the step whose tokens the last step() processed
         self.requests: dict[str, Request] = {}
         self._seeds = random.Random(self.config.seed)
         self._auto_ids = count()
@@ -143,20 +154,50 @@ class LLMEngine:
 
     # ---- the step ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        batch = self.scheduler.schedule()
-        if batch is None:
-            return []
-        sample_seqs = batch.sample_seqs
-        tokens, logprobs = self.runner.run(batch)
+        """Process one step's tokens (launching the next step first when it can overlap)."""
+        step, self._in_flight = self._in_flight, None
+        if step is None:
+            batch = self.scheduler.schedule()
+            if batch is None:
+                return []
+            step = self._launch(batch, None)
+        if self._can_look_ahead():
+            batch = self.scheduler.schedule(lookahead=True)
+            if batch is not None:
+                self._in_flight = self._launch(batch, step)
+        return self._process(step)
+
+    def _can_look_ahead(self) -> bool:
+        if not self.config.overlap_steps:
+            return False
+        # The batched repetition penalty reads the sequences' tokens on the host: none may be pending.
+        return not any(s.num_pending and s.params.repetition_penalty != 1.0 for s in self.scheduler.running)
+
+    def _launch(self, batch, prev: LaunchedStep | None) -> LaunchedStep:
+        step = self.runner.launch(batch, prev)
         for seq, n in zip(batch.seqs, batch.num_tokens):
             seq.num_computed += n
-            self.blocks.commit(seq)
+            if seq.num_computed <= seq.num_known:  # not when its input is PENDING: then in _process
+                self.blocks.commit(seq)  # now, so a sibling or a request admitted next can hit these blocks
+        for seq in step.sample_seqs:
+            seq.token_ids.append(PENDING)
+            seq.num_pending += 1
         if batch.is_prefill:
             self.num_prompt_tokens += sum(batch.num_tokens)
+        return step
+
+    def _process(self, step: LaunchedStep) -> list[RequestOutput]:
+        tokens, logprobs = self.runner.resolve(step)
+        self.last_step_was_prefill = step.batch.is_prefill
         touched: dict[str, Request] = {}
-        for i, (seq, token) in enumerate(zip(sample_seqs, tokens)):
+        for i, (seq, token) in enumerate(zip(step.sample_seqs, tokens)):
+            if seq.is_finished:  # aborted, or finished by the step before: its token is discarded
+                continue
             self._append(seq, token, None if logprobs is None else logprobs[i])
             touched[seq.request_id] = self.requests[seq.request_id]
+        for seq in step.batch.seqs:
+            if not seq.is_finished:
+                self.blocks.commit(seq)  # after _append: the blocks it hashes hold no PENDING token
         outputs = []
         for req in touched.values():
             outputs.append(self._output(req))
@@ -165,16 +206,19 @@ class LLMEngine:
         return outputs
 
     def _append(self, seq: Sequence, token: int, logprob: float | None) -> None:
+        """Fill in the sequence's oldest PENDING token (or finish it there)."""
         p = seq.params
         if token in p.stop_token_ids or (token == self.eos_token_id and not p.ignore_eos):
-            return self._finish(seq, "stop")
-        seq.token_ids.append(token)
+            return self._finish(seq, "stop")  # drops the placeholder with the rest
+        at = len(seq.token_ids) - seq.num_pending
+        seq.token_ids[at] = token
+        seq.num_pending -= 1
         self.num_generation_tokens += 1
         if seq.logprobs is not None:
             seq.logprobs.append(logprob)
         if seq.detok.push(token):
             return self._finish(seq, "stop")
-        if seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
+        if at + 1 - seq.num_prompt_tokens >= p.max_tokens or at + 1 >= self.max_model_len:
             self._finish(seq, "length")
 
     def _finish(self, seq: Sequence, reason: str) -> None:

@@ -8,6 +8,8 @@ largest prefill the scheduler can issue, as nano-vllm does.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from qwenlm.engine.attention import PagedAttention, PrefillSeq, kv_bytes_per_token_head
@@ -19,6 +21,18 @@ from qwenlm.engine.sequence import Sequence
 from qwenlm.sampling import SamplingParams
 
 MAX_NTK_ALPHAS = 32  # rows of the RoPE table; alpha 2**32 - 1 is far past any context length
+
+
+@dataclass
+class LaunchedStep:
+    """A step queued on the device. Its sampled tokens stay there (the next step reads them as input ids) and
+    are also copied, as the step's last work, into host memory that `resolve` reads once `done` has fired."""
+    batch: ScheduledBatch
+    sample_seqs: list[Sequence]
+    rows: dict[int, int]  # seq_id -> row of `tokens`
+    tokens: torch.Tensor | None  # [len(sample_seqs)] int64 on the device
+    host: torch.Tensor | None  # tokens (and logprobs) as float64 [1 or 2, n] on the host (pinned on CUDA)
+    done: torch.cuda.Event | None  # recorded after the copy to `host` (None on CPU: the copy was synchronous)
 
 
 class ModelRunner:
@@ -43,10 +57,12 @@ class ModelRunner:
         self.k_cache, self.v_cache = self.ctx.k_cache, self.ctx.v_cache  # uint8 for kv_cache_dtype="int8"
         self.scratch_slot = self.num_blocks * self.block_size
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        if self.device.type == "cuda":  # pinned staging of the decode inputs, reused every step
+        if self.device.type == "cuda":  # pinned staging of the decode inputs, two sets used in turn
             rows = max(config.graph_batch_sizes() + [config.max_num_seqs])
-            self._host_flat = torch.zeros(5 * rows, dtype=torch.int64).pin_memory()
-            self._host_tables = torch.zeros(rows * self.max_blocks_per_seq, dtype=torch.int32).pin_memory()
+            self._host_flat = [torch.zeros(5 * rows, dtype=torch.int64).pin_memory() for _ in range(2)]
+            self._host_tables = [torch.zeros(rows * self.max_blocks_per_seq, dtype=torch.int32).pin_memory()
+                                 for _ in range(2)]
+            self._stage = 0
         self._decode_forward = self._decode_forward_eager
         self.compiled = config.use_compiled_decode(self.device.type == "cuda")
         if self.compiled:
@@ -122,23 +138,46 @@ class ModelRunner:
         return t
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> tuple[list[int], list[float] | None]:
-        """New token (and logprob) for each of batch.sample_seqs."""
-        logits = self._prefill(batch) if batch.is_prefill else self._decode(batch.seqs)
+    def launch(self, batch: ScheduledBatch, prev: LaunchedStep | None = None) -> LaunchedStep:
+        """Queue the batch's forward and sampling on the device; no host sync. Sequences whose last token is
+        PENDING take it from `prev` (the step in flight) on the device."""
         sample_seqs = batch.sample_seqs
+        logits = self._prefill(batch) if batch.is_prefill else self._decode(batch.seqs, prev)
+        rows = {s.seq_id: i for i, s in enumerate(sample_seqs)}
         if not sample_seqs:
-            return [], None
+            return LaunchedStep(batch, [], rows, None, None, None)
         tokens, logprobs = sample(logits, SamplingBatch(sample_seqs, self.device))
-        if logprobs is None:
-            return tokens.tolist(), None
-        both = torch.stack((tokens.double(), logprobs.double())).tolist()  # one transfer for both
-        return [int(t) for t in both[0]], both[1]
+        both = tokens.double()[None] if logprobs is None else torch.stack((tokens.double(), logprobs.double()))
+        if self.device.type != "cuda":
+            return LaunchedStep(batch, sample_seqs, rows, tokens, both, None)
+        # Copied now, in stream order right after the sampler: reading `tokens` later would wait behind the
+        # next step, which is queued by then.
+        host = torch.empty(both.shape, dtype=both.dtype, pin_memory=True)
+        host.copy_(both, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return LaunchedStep(batch, sample_seqs, rows, tokens, host, done)
+
+    @staticmethod
+    def resolve(step: LaunchedStep) -> tuple[list[int], list[float] | None]:
+        """Wait for the step's tokens (and logprobs) to reach the host: the one host sync of a step."""
+        if step.host is None:
+            return [], None
+        if step.done is not None:
+            step.done.synchronize()
+        both = step.host.tolist()
+        return [int(t) for t in both[0]], (both[1] if len(both) > 1 else None)
+
+    def run(self, batch: ScheduledBatch) -> tuple[list[int], list[float] | None]:
+        """New token (and logprob) for each of batch.sample_seqs, synchronously."""
+        return self.resolve(self.launch(batch))
 
     def _prefill(self, batch: ScheduledBatch) -> torch.Tensor:
         ids, positions, slots, alpha_rows, seqs, last = [], [], [], [], [], []
         offset = 0
         for seq, n in zip(batch.seqs, batch.num_tokens):
             start, end = seq.num_computed, seq.num_computed + n
+            assert end <= seq.num_known, "prefill of a PENDING token"
             ids += seq.token_ids[start:end]
             positions += range(start, end)
             alpha_rows.append((self.alpha_row(seq.ntk_alpha), n))
@@ -169,7 +208,7 @@ class ModelRunner:
         """Flat int64 [5*rows] (ids, positions, slots, context lens, alpha rows) and the block tables [rows, W]."""
         bs = self.block_size
         n_pad = rows - len(seqs)
-        ids = [s.token_ids[-1] for s in seqs] + [0] * n_pad
+        ids = [max(s.token_ids[-1], 0) for s in seqs] + [0] * n_pad  # PENDING rows: filled by _feed_pending
         pos = [len(s) - 1 for s in seqs] + [0] * n_pad
         slots = [s.block_table[(len(s) - 1) // bs] * bs + (len(s) - 1) % bs for s in seqs] + [self.scratch_slot] * n_pad
         lens = [len(s) for s in seqs] + [0] * n_pad
@@ -178,15 +217,28 @@ class ModelRunner:
         tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs] + [[0] * width] * n_pad
         if self.device.type != "cuda":
             return self._to_device(ids + pos + slots + lens + alphas), self._to_device(tables, torch.int32)
-        # Reused pinned staging buffers: no pinned allocation per step. Safe to overwrite: the previous
-        # step's copies finished before its sampled tokens were read on the host.
-        flat = self._host_flat[:5 * rows]
+        # Pinned staging buffers used in turn: no pinned allocation per step. Safe to overwrite: the step that
+        # last used this set was launched before the step now in flight, so it was resolved (synced) already.
+        self._stage ^= 1
+        flat = self._host_flat[self._stage][:5 * rows]
         flat.numpy()[:] = ids + pos + slots + lens + alphas
-        host_tables = self._host_tables[:rows * width].view(rows, width)
+        host_tables = self._host_tables[self._stage][:rows * width].view(rows, width)
         host_tables.numpy()[:] = tables
         return flat.to(self.device, non_blocking=True), host_tables.to(self.device, non_blocking=True)
 
-    def _decode(self, seqs: list[Sequence]) -> torch.Tensor:
+    def _feed_pending(self, ids: torch.Tensor, seqs: list[Sequence], prev: LaunchedStep | None) -> None:
+        """Write the in-flight step's sampled tokens into the input ids of the rows whose last token is PENDING,
+        device to device (no host round trip)."""
+        pairs = [(i, prev.rows[s.seq_id]) for i, s in enumerate(seqs) if s.num_pending]
+        if not pairs:
+            return
+        dst, src = zip(*pairs)
+        if dst == src and dst[-1] == len(dst) - 1:  # the usual case: the same rows in the same order
+            ids[:len(dst)].copy_(prev.tokens[:len(dst)])
+        else:
+            ids.index_copy_(0, self._to_device(dst), prev.tokens.index_select(0, self._to_device(src)))
+
+    def _decode(self, seqs: list[Sequence], prev: LaunchedStep | None = None) -> torch.Tensor:
         B = len(seqs)
         graph_bs = next((b for b in sorted(self.graphs) if b >= B), None)
         use_logn_needed = self.cfg.use_logn_attn and max(len(s) for s in seqs) > self.cfg.seq_length
@@ -194,11 +246,13 @@ class ModelRunner:
             flat, tables = self._decode_inputs(seqs, graph_bs)
             st = self._static
             st["flat"][:, :graph_bs].copy_(flat.view(5, graph_bs))
+            self._feed_pending(st["ids"], seqs, prev)
             st["tables"][:graph_bs, :tables.shape[1]].copy_(tables)
             self.graphs[graph_bs].replay()  # context lens and RoPE rows are converted inside the graph
             return st["logits"][:B]
         flat, tables = self._decode_inputs(seqs, B)
         ids, pos, slots, lens, alphas = flat.view(5, B)
+        self._feed_pending(ids, seqs, prev)
         self.ctx.set_decode(slots, tables, lens.int(), max(len(s) for s in seqs))
         inv = self._inv_table[alphas][:, None, :]
         use_logn = use_logn_needed or (self.compiled and self.cfg.use_logn_attn)  # one compiled variant

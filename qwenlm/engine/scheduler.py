@@ -31,8 +31,9 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, blocks: BlockManager):
+    def __init__(self, config: EngineConfig, blocks: BlockManager, max_model_len: int | None = None):
         self.config = config
+        self.max_model_len = max_model_len or config.max_model_len or 1 << 62
         self.blocks = blocks
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -46,6 +47,7 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def finish(self, seq: Sequence, reason: str) -> None:
+        seq.drop_pending()  # a token still in flight for it is discarded when its step resolves
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
             self.blocks.release(seq)
@@ -54,13 +56,17 @@ class Scheduler:
         seq.status, seq.finish_reason = SeqStatus.FINISHED, reason
 
     def preempt(self, seq: Sequence) -> None:
+        assert not seq.num_pending, "preempting a sequence with a token in flight"
         self.running.remove(seq)
         self.blocks.release(seq)
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def schedule(self) -> ScheduledBatch | None:
+    def schedule(self, lookahead: bool = False) -> ScheduledBatch | None:
+        """The next batch. lookahead=True: scheduled while the previous step is still in flight (its sampled
+        tokens are PENDING placeholders): never preempts (None instead), and leaves out sequences that the
+        in-flight step brings to max_tokens / max_model_len, since they are finished whatever token it samples."""
         while self.running or self.waiting:
             decoding = any(not s.is_prefilling for s in self.running)
             wants_prefill = bool(self.waiting) or any(s.is_prefilling for s in self.running)
@@ -70,10 +76,12 @@ class Scheduler:
                     self.last_was_prefill = True
                     return batch
             if decoding:
-                batch = self._schedule_decode()
+                batch = self._schedule_decode(lookahead)
                 if batch is not None:
                     self.last_was_prefill = False
                     return batch
+            if lookahead:
+                return None  # the synchronous schedule that follows may preempt
             if wants_prefill and decoding:
                 continue  # decode preempted everything it could; prefill gets the freed blocks
             if not self.running:
@@ -82,6 +90,11 @@ class Scheduler:
                                    f"{self.blocks.num_blocks} blocks x {self.blocks.block_size} tokens")
             self.preempt(self.running[-1])  # prefilling sequences hold the pool and none can advance
         return None
+
+    def _done_after_pending(self, seq: Sequence) -> bool:
+        """The in-flight step's token ends the sequence by length (token_ids holds its placeholder)."""
+        return bool(seq.num_pending) and (len(seq) - seq.num_prompt_tokens >= seq.params.max_tokens
+                                          or len(seq) >= self.max_model_len)
 
     def _chunk(self, seq: Sequence, budget: int, partial_ok: bool) -> int:
         """Tokens of `seq` to compute now (blocks taken), or 0."""
@@ -125,15 +138,17 @@ class Scheduler:
             budget -= n
         return ScheduledBatch(True, seqs, counts) if seqs else None
 
-    def _schedule_decode(self) -> ScheduledBatch | None:
+    def _schedule_decode(self, lookahead: bool = False) -> ScheduledBatch | None:
         seqs = []
         i = 0
         while i < len(self.running):
             seq = self.running[i]
             i += 1
-            if seq.is_prefilling:
+            if seq.is_prefilling or (lookahead and self._done_after_pending(seq)):
                 continue
             while not self.blocks.ensure(seq, len(seq)):
+                if lookahead:
+                    return None  # blocks already taken stay in the tables: the next schedule uses them
                 victim = self.running[-1]
                 if victim in seqs:
                     seqs.remove(victim)

@@ -8,6 +8,9 @@ from itertools import count
 from qwenlm.sampling import SamplingParams
 
 
+PENDING = -1  # placeholder id of a sampled token still on the device (never a real token id)
+
+
 class SeqStatus(enum.Enum):
     WAITING = "waiting"  # not admitted (or preempted): owns no KV blocks
     RUNNING = "running"  # owns blocks; prefilling or decoding
@@ -20,8 +23,13 @@ _ids = count()
 class Sequence:
     """Token ids (prompt + generated), KV bookkeeping and per-sample outputs.
 
-    `num_computed` counts tokens whose K/V are in the cache. While num_computed < len - 1 the
-    sequence is prefilling (in chunks); afterwards each decode step computes the last token.
+    `num_computed` counts tokens whose K/V are in the cache (or are being written by a launched step).
+    While num_computed < len - 1 the sequence is prefilling (in chunks); afterwards each decode step
+    computes the last token.
+
+    With overlapped steps the token a launched step samples is not known on the host until the step is
+    resolved: it is held as a PENDING placeholder at the end of `token_ids` (so lengths, positions and
+    block needs are already right) and `num_pending` counts them; the engine fills it in or drops it.
     """
 
     def __init__(self, request_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams,
@@ -46,13 +54,24 @@ class Sequence:
         self.logprobs: list[float] | None = [] if params.logprobs else None
         self.finish_reason: str | None = None
         self.detok = None  # incremental detokenizer / stop matcher, set by the engine
+        self.num_pending = 0  # trailing placeholders: tokens sampled on the device, not yet read back
 
     def __len__(self) -> int:
         return len(self.token_ids)
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        """Generated tokens known on the host (pending placeholders left out)."""
+        return self.token_ids[self.num_prompt_tokens:len(self.token_ids) - self.num_pending]
+
+    @property
+    def num_known(self) -> int:
+        return len(self.token_ids) - self.num_pending
+
+    def drop_pending(self) -> None:
+        """Forget the placeholders (the sequence finished: their tokens are discarded)."""
+        del self.token_ids[self.num_known:]
+        self.num_pending = 0
 
     @property
     def num_output_tokens(self) -> int:
