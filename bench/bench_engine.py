@@ -342,7 +342,10 @@ def bench_qwenlm(model, cfg, dev, bw, args, compile_decode: bool | None, tag: st
         f"(decode steps alone {dec_tok / dec_s:.0f} tok/s), {wall:.1f}s, stats {engine.stats()}")
     save()
     if dev.type == "cuda":  # host gap of full-batch decode steps
-        timing, _ = step_timing(engine, prompts_of(n, 128, cfg.vocab_size, 4), greedy(32))
+        timing, table = step_timing(engine, prompts_of(n, 128, cfg.vocab_size, 4), greedy(32),
+                                    profile=tag != "qwenlm no overlap")
+        if table:
+            print(f"---- kernels of 16 batch-{n} decode steps, {tag} ----\n{table}", flush=True)
         res["b128_steps"] = timing
         log(f"[{tag}] batch {n} decode step {timing['wall_ms']:.2f} ms, GPU {timing['gpu_ms']:.2f} ms, "
             f"host gap {timing['host_gap_ms']:.2f} ms")
