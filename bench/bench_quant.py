@@ -3,13 +3,17 @@
 Random weights in the official GPTQ layout are built directly on the GPU (the bf16 linears of the Int4/Int8
 models never exist). Prints, side by side with the bandwidth bound (measured device-to-device copy):
   1. per-linear batch-1 time: bf16 cuBLAS, Int4 / Int8 Triton GEMV, Int4 tinygemm (achieved GB/s);
-  2. per weight format (bf16, Int4, Int4 tinygemm, Int8, int8 on the fly, Int4 + int8 KV): peak GPU memory
+  2. per weight format (bf16, Int4, Int4 tinygemm, Int8, int8 on the fly, Int4 + int8 KV; "-gateup": w1 + w2
+     as one GPTQ linear in the engine's GateUpMLP): peak GPU memory
      while encoding 2,048 tokens with the KV pool sized to that need, then batch-1 decode tok/s in the engine;
   3. bf16 weights, KV cache bf16 vs int8 at gpu_memory_utilization 0.9: pool tokens, 1,024-token sequences
      that fit, and 128 concurrent requests of 512 prompt / 256 output tokens (output tok/s).
 
     python bench/bench_quant.py                 # everything (about 5 minutes on an H100)
     python bench/bench_quant.py --sweep         # also search GEMV launch settings around the table's
+    python bench/bench_quant.py --gemv-sweep    # only: every batch-1 GEMV variant (unpacking, layout, launch)
+    python bench/bench_quant.py --tune --only-batch1 --compile --kinds int4,int4-gateup   # table vs prefetch
+                                                # neighbours, then batch-1 through the engine (w1 + w2 fused too)
     python bench/bench_quant.py --tiny --device cpu   # smoke test of the script itself
 """
 
@@ -107,6 +111,110 @@ def linear_table(sweep: bool):
     return rows
 
 
+GEMV_SHAPES = dict(SHAPES, **{"mlp.gate_up (w1+w2)": (4096, 22016)})
+
+
+def gemv_sweep(budget_s: float = 290.0):
+    """Batch-1 GEMV variants at the Qwen-7B shapes (and w1+w2 concatenated): µs and GB/s per variant against
+    bf16 cuBLAS and the table's current setting. Variants: UNPACK 0/1/2 (gptq_matmul._gemv_kernel), official
+    or tiled qweight (`tile_qweight`), BLOCK_N, SPLIT_K, warps. Prints the best per shape as table entries."""
+    torch.manual_seed(0)
+    t0 = time.time()
+    grids = {4: [(u, t, bn, sk, w) for u in (2, 1) for t in (False, True) for bn in (64, 128, 256)
+                 for sk in (4, 8, 16) for w in (4, 8)],
+             8: [(u, t, bn, sk, w) for u in (0, 1) for t in (False, True) for bn in (64, 128, 256)
+                 for sk in (4, 8, 16, 32) for w in (4,)]}
+    results, best = [], {}
+    for bits in (4, 8):
+        for name, (k, n) in GEMV_SHAPES.items():
+            x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+            qw, qz, s, gi = random_gptq(k, n, bits)
+            nbytes = gptq_bytes(k, n, bits)
+            ref = K.gptq_matmul_reference(x, qw, qz, s, gi, bits).float()
+            ws = K.gemv_workspace(n, "cuda")
+            w_bf16 = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+            t_bf16 = bench_ms(lambda: F.linear(x.bfloat16(), w_bf16))
+            t_cur = bench_ms(lambda: K.gptq_matmul(x, qw, qz, s, 128, bits, workspace=ws))
+            row = dict(bits=bits, layer=name, K=k, N=n, bf16_us=1e3 * t_bf16, current_cfg=K.gemv_config(bits, n, k),
+                       current_us=1e3 * t_cur, current_GBs=nbytes / t_cur / 1e6,
+                       bound_us=nbytes / HBM_BYTES_PER_S * 1e6, variants={})
+            tiles = {}
+            for (u, tiled, bn, sk, w) in grids[bits]:
+                if time.time() - t0 > budget_s:
+                    break
+                if tiled and bn not in tiles:
+                    tiles[bn] = K.tile_qweight(qw, bn)
+                q = tiles[bn] if tiled else qw
+                cfg = (bn, 128, sk, w, 3, u)
+                try:
+                    out = K.gptq_matmul(x, q, qz, s, 128, bits, config=cfg, workspace=ws).float()
+                    err = ((out - ref).abs().max() / ref.abs().max()).item()
+                    t = bench_ms(lambda: K.gptq_matmul(x, q, qz, s, 128, bits, config=cfg, workspace=ws))
+                except Exception as e:  # a setting that does not compile is skipped
+                    print(f"  skip {cfg} tiled={tiled}: {type(e).__name__} {str(e)[:200]}", flush=True)
+                    continue
+                key = f"u{u}_{'tiled' if tiled else 'official'}"
+                v = row["variants"].get(key)
+                if v is None or t * 1e3 < v["us"]:
+                    row["variants"][key] = dict(us=1e3 * t, GBs=nbytes / t / 1e6, cfg=cfg, maxerr=err)
+            for key, v in row["variants"].items():
+                b = best.get((bits, n, k))
+                if b is None or v["us"] < b[0]:
+                    best[(bits, n, k)] = (v["us"], v["cfg"], "tiled" in key, v["maxerr"])
+            results.append(row)
+            print(f"int{bits} {name} {k}->{n}: bf16 {1e3 * t_bf16:.1f} us | current {row['current_us']:.1f} us "
+                  f"({row['current_GBs']:.0f} GB/s) | bound {row['bound_us']:.1f} us  [{time.time() - t0:.0f}s]")
+            for key, v in sorted(row["variants"].items()):
+                print(f"    {key:14s} {v['us']:6.1f} us {v['GBs']:6.0f} GB/s  cfg {v['cfg']}  maxerr {v['maxerr']:.1e}")
+            RESULTS["gemv_sweep"] = results
+            save()
+    print("best per shape (us, config, tiled, maxerr):")
+    for key, b in best.items():
+        print(f"    {key}: {b},")
+    return results
+
+
+def tune_table():
+    """Around the table's batch-1 settings: the same with PREFETCH (next block's loads issued before this block's
+    arithmetic) and a few neighbours. The fastest per shape goes into GEMV_CONFIGS for the engine runs that follow
+    (and is printed as table entries)."""
+    torch.manual_seed(0)
+    rows = []
+    for bits in (4, 8):
+        for name, (k, n) in GEMV_SHAPES.items():
+            x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+            qw, qz, s, gi = random_gptq(k, n, bits)
+            ref = K.gptq_matmul_reference(x, qw, qz, s, gi, bits).float()
+            ws = K.gemv_workspace(n, "cuda")
+            base = K.gemv_config(bits, n, k)
+            cands = [base, base + (1,)]
+            for bn, sk, w in ((128, 8, 4), (256, 4, 4), (256, 8, 8), (64, 16, 4)):
+                cands.append((bn, 128, sk, w, 3, base[5], 1))
+            timed = []
+            for cfg in dict.fromkeys(cands):
+                out = K.gptq_matmul(x, qw, qz, s, 128, bits, config=cfg, workspace=ws).float()
+                err = ((out - ref).abs().max() / ref.abs().max()).item()
+                t = bench_ms(lambda: K.gptq_matmul(x, qw, qz, s, 128, bits, config=cfg, workspace=ws))
+                timed.append((1e3 * t, cfg, err))
+            nbytes = gptq_bytes(k, n, bits)
+            best = min(timed)
+            row = dict(bits=bits, layer=name, K=k, N=n, table_us=timed[0][0], table_cfg=base,
+                       best_us=best[0], best_cfg=best[1], best_GBs=nbytes / best[0] / 1e3, best_maxerr=best[2],
+                       bound_us=nbytes / HBM_BYTES_PER_S * 1e6, all=[(round(t, 2), c) for t, c, _ in timed])
+            rows.append(row)
+            print(f"int{bits} {name}: table {timed[0][0]:.1f} us -> best {best[0]:.1f} us ({row['best_GBs']:.0f} GB/s) "
+                  f"{best[1]} maxerr {best[2]:.1e}; bound {row['bound_us']:.1f} | "
+                  + " ".join(f"{t:.1f}" for t, _, _ in timed), flush=True)
+            if best[0] < timed[0][0]:
+                K.GEMV_CONFIGS[(bits, n, k)] = best[1]
+    RESULTS["gemv_tune"] = rows
+    save()
+    print("GEMV_CONFIGS = {")
+    for key, cfg in K.GEMV_CONFIGS.items():
+        print(f"    {key}: {cfg},")
+    print("}", flush=True)
+
+
 def prefill_table():
     """Batched rows: the tl.dot kernel up to 64 rows, Triton dequantize + cuBLAS above; fp16 cuBLAS beside."""
     rows = []
@@ -191,6 +299,20 @@ def build_model(cfg, kind, device, dtype):
     return model.eval()
 
 
+def fuse_gptq_gate_up(model) -> int:
+    """w1 + w2 of every block as one GPTQ linear (`quant.concat_gptq_linears`) inside the engine's GateUpMLP:
+    what the engine's build-time fusion does for bf16 linears, applied here to GPTQ ones."""
+    from qwenlm.engine.fusion import GateUpMLP
+    n = 0
+    for block in model.transformer.h:
+        mlp = block.mlp
+        if isinstance(mlp.w1, quant.GPTQLinear) and isinstance(mlp.w2, quant.GPTQLinear):
+            block.mlp = GateUpMLP(quant.concat_gptq_linears(mlp.w1, mlp.w2), mlp.c_proj)
+            del mlp
+            n += 1
+    return n
+
+
 def streamed_bytes(model) -> int:
     """Bytes a batch-1 decode step reads: every weight and buffer except the embedding table and g_idx."""
     tensors = list(model.named_parameters()) + list(model.named_buffers())
@@ -234,7 +356,9 @@ def weights_run(cfg, kind, device, dtype, bw, args, kv="auto"):
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    model = build_model(cfg, kind.replace("-tinygemm", ""), device, dtype)
+    model = build_model(cfg, kind.replace("-tinygemm", "").replace("-gateup", ""), device, dtype)
+    if kind.endswith("-gateup"):
+        fuse_gptq_gate_up(model)
     bs = 16
     engine = LLMEngine(model, None, EngineConfig(num_blocks=args.encode_len // bs + 1, block_size=bs,
                                                  max_num_batched_tokens=args.encode_len, max_num_seqs=1,
@@ -373,12 +497,15 @@ def section(name, fn, *a):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--gemv-sweep", action="store_true", help="only the batch-1 GEMV variant sweep")
+    ap.add_argument("--tune", action="store_true", help="settle GEMV settings (tune_table) before the engine runs")
+    ap.add_argument("--only-batch1", action="store_true", help="skip the attention-kernel and KV-pool sections")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--skip-linear", action="store_true")
     ap.add_argument("--batched", action="store_true", help="also the M=4/16/2048 linear table")
     ap.add_argument("--compile", action="store_true", help="engines with EngineConfig(compile_decode=True)")
-    ap.add_argument("--kinds", default="int4,int8,bf16,int4-tinygemm,int8-otf,int4+kv8")
+    ap.add_argument("--kinds", default="int4,int4-gateup,int8,int8-gateup,bf16,int4-tinygemm,int8-otf,int4+kv8")
     args = ap.parse_args()
     device = args.device
     if device == "cuda":
@@ -394,9 +521,14 @@ def main():
     else:
         cfg = ModelConfig()
         args.encode_len, args.new_tokens, args.prompt_len, args.max_batch, args.num_blocks = 2048, 256, 512, 128, None
+    if args.gemv_sweep:
+        section("gemv_sweep", gemv_sweep)
+        return
     if device == "cuda":
         section("kernel_checks", check_kernels_on_gpu, device)
         section("act_order", check_act_order)
+        if args.tune:
+            section("gemv_tune", tune_table)
         if not args.skip_linear:
             section("linear", lambda: RESULTS.__setitem__("linear_batch1", linear_table(args.sweep)))
             save()
@@ -412,10 +544,12 @@ def main():
         save()
     os.environ["QWENLM_GPTQ_KERNEL"] = "triton"
     gc.collect()
-    if device == "cuda":
+    if device == "cuda" and not args.only_batch1:
         torch.cuda.empty_cache()
         section("attention_kernel", attention_kernel_table, cfg, device, bw)
-    section("kv_cache", kv_cache_runs, cfg, device, torch.bfloat16 if device == "cuda" else torch.float32, bw, args)
+    if not args.only_batch1:
+        section("kv_cache", kv_cache_runs, cfg, device, torch.bfloat16 if device == "cuda" else torch.float32, bw,
+                args)
     if device == "cuda" and args.batched:
         RESULTS["batched"] = prefill_table()
     save()

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from qwenlm.kernels.gptq_matmul import gptq_matmul_reference, unpack_cols, unpack_rows
+from qwenlm.kernels.gptq_matmul import gptq_matmul_reference, tile_qweight, unpack_cols, unpack_rows, untile_qweight
 from qwenlm.model import quant
 from qwenlm.model.qwen import DenseKVCache, QWenLMHeadModel
 from qwenlm.testing import TINY
@@ -70,6 +70,29 @@ def test_gptq_linear_forward_equals_dequantize_then_matmul(bits, act_order):
     ref = oracle_forward(x, q, zeros, layer.scales, layer.g_idx, layer.bias)
     assert out.shape == (2, 3, 64) and out.dtype == x.dtype
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_tiled_layout_round_trips_and_concat_equals_both_outputs():
+    layer, q, zeros = random_layer(128, 64, 4, 32)
+    tiled = tile_qweight(layer.qweight, 16)
+    assert tiled.shape == (4, 16, 16) and torch.equal(tiled[1], layer.qweight[:, 16:32])  # block 1 = columns 16..31
+    assert torch.equal(untile_qweight(tiled), layer.qweight)
+    other, q2, zeros2 = random_layer(128, 32, 4, 32, seed=1)
+    both = quant.concat_gptq_linears(layer, other)
+    x = torch.randn(3, 128)
+    want = torch.cat((oracle_forward(x, q, zeros, layer.scales, layer.g_idx, layer.bias),
+                      oracle_forward(x, q2, zeros2, other.scales, other.g_idx, other.bias)), dim=1)
+    torch.testing.assert_close(both(x), want, rtol=1e-5, atol=1e-5)
+    assert both.qweight.shape == (16, 96) and both.qzeros.shape == (4, 12)
+    layer.qweight, other.qweight = tile_qweight(layer.qweight, 16), tile_qweight(other.qweight, 16)
+    tiled_both = quant.concat_gptq_linears(layer, other)  # tiled blocks concatenate into the tiled whole
+    assert torch.equal(untile_qweight(tiled_both.qweight), both.qweight)
+    torch.testing.assert_close(tiled_both.dequantized_weight(), both.dequantized_weight())
+    with pytest.raises(ValueError, match="bits, group_size, in_features"):
+        quant.concat_gptq_linears(layer, random_layer(128, 32, 8, 32)[0])
+    act, _, _ = random_layer(128, 32, 4, 32, act_order=True, seed=2)
+    with pytest.raises(ValueError, match="g_idx"):
+        quant.concat_gptq_linears(random_layer(128, 32, 4, 32, seed=3)[0], act)
 
 
 def test_prepare_gptq_buffers_match_official_names_shapes_dtypes():
@@ -155,7 +178,7 @@ def test_triton_kernels_match_reference_in_interpreter():
     code = r'''
 import torch
 from qwenlm.model import quant
-from qwenlm.kernels.gptq_matmul import gemv_workspace, gptq_matmul, gptq_matmul_reference
+from qwenlm.kernels.gptq_matmul import gemv_workspace, gptq_matmul, gptq_matmul_reference, tile_qweight
 torch.manual_seed(0)
 for bits in (4, 8):
     K, N, g = 256, 96, 64
@@ -181,6 +204,17 @@ for bits in (4, 8):
             out = gptq_matmul(x, qw, qz, s, g, bits, b, config=cfg, workspace=ws).float()
             assert (out - ref).abs().max().item() < 2e-3 * ref.abs().max().item() + 2e-3, (bits, cfg)
             assert not ws[0].any() and not ws[1].any()
+    # every unpacking (0 shift, 1 mantissa, 2 Int4 half2 math) on the official and the tiled layout; M > 1 too
+    for unpack in ((0, 1, 2) if bits == 4 else (0, 1)):
+        for tile in (None, 32):
+            w = tile_qweight(qw, tile) if tile else qw
+            for cfg in ((32, 64, 1, 4, 1, unpack), (32, 64, 4, 4, 1, unpack), (32, 64, 2, 4, 1, unpack, 1)):
+                out = gptq_matmul(x, w, qz, s, g, bits, b, config=cfg, workspace=ws).float()
+                assert (out - ref).abs().max().item() < 2e-3 * ref.abs().max().item() + 2e-3, (bits, cfg, tile)
+    x5 = torch.randn(5, K).half()
+    out = gptq_matmul(x5, tile_qweight(qw, 32), qz, s, g, bits, b).float()
+    ref5 = gptq_matmul_reference(x5, qw, qz, s, gi, bits, b).float()
+    assert (out - ref5).abs().max().item() < 2e-3 * ref5.abs().max().item() + 2e-3, bits
 # act-order layer through the kernel path equals the dequantize path
 layer = quant.GPTQLinear(256, 64, 4, 64)
 layer.qweight = quant.pack_rows(torch.randint(0, 16, (256, 64)), 4)
@@ -192,6 +226,17 @@ ref = layer(x).float()
 layer.prepare_kernel("triton")
 assert layer.backend == "triton" and layer.perm is not None
 assert (layer(x).float() - ref).abs().max().item() < 2e-3 * ref.abs().max().item() + 2e-3
+# act-order w1 + w2 concatenated after prepare_kernel (same g_idx): [w1(x), w2(x)] through one kernel
+other = quant.GPTQLinear(256, 32, 4, 64)
+other.qweight = quant.pack_rows(torch.randint(0, 16, (256, 32)), 4)
+other.qzeros = quant.pack_cols(torch.randint(0, 15, (4, 32)), 4)
+other.scales = (torch.rand(4, 32) * 0.01).half()
+other.g_idx = (torch.argsort(layer.perm).int() // 64).int()  # the shuffled order, as stored
+want = torch.cat((ref, other(x).float()), dim=1)
+other.prepare_kernel("triton")
+both = quant.concat_gptq_linears(layer, other)
+assert both.out_features == 96 and both.backend == "triton"
+assert (both(x).float() - want).abs().max().item() < 2e-3 * want.abs().max().item() + 2e-3
 print("ok")
 '''
     env = dict(os.environ, TRITON_INTERPRET="1")

@@ -5,19 +5,28 @@ r*(32/b)+j at bit offset b*j), qzeros int32 [G, N*b/32] packed along the output 
 scales [G, N]. Groups must be contiguous runs of `group_size` inputs (g_idx = k // group_size); an
 act-order checkpoint is brought to that form at load time by permuting its rows (`quant.finalize`).
 
-Two kernels, because batch-1 decode and batched/prefill rows want different work:
+Kernels, because batch-1 decode and batched/prefill rows want different work:
 - `_gemv_kernel` (M == 1): loads each packed word once, unpacks its lanes one at a time with plain FMAs
-  into a per-row accumulator reduced once at the end; split-K over the grid keeps every SM busy. At batch 1
-  the unpacking, not the memory, limits an H100 (~5 integer/float instructions per 4-bit weight, 2 weights
-  per byte), so each lane becomes a float by an exponent trick instead of a conversion instruction.
+  into a per-row accumulator reduced once at the end; split-K over the grid keeps every SM busy. Each Int4
+  lane becomes a float by an exponent trick instead of a conversion instruction.
+- `_gemv_kernel_v2` (M == 1, shapes where it measured faster): the same grid and in-kernel split-K reduction,
+  with cheaper unpacking -- UNPACK 1 leaves each lane in place in a float's mantissa (one LOP3 + FADD per
+  weight, no shift), UNPACK 2 (Int4) uses half2 math as Marlin/exllama do (`_int4_word_dot`, ~2.4 instructions
+  per weight instead of ~7; products summed in fp16 over the 8 lanes of a word, then fp32) -- optionally
+  prefetching the next K block into registers, and reading either the official qweight or a tiled copy
+  (`tile_qweight`: each program's column block one contiguous run).
 - M > 1 (batched decode, prefill): `_dequant_kernel` writes the fp16/bf16 weight once, cuBLAS multiplies.
-The GEMV uses  sum_k x_k * s * (q_kn - z_n) = s * (sum_k x_k q_kn - z_n * sum_k x_k)  per group, so the scale
-and zero are applied once per block instead of once per weight.
+The GEMVs use  sum_k x_k * s * (q_kn - z_n) = s * (sum_k x_k q_kn - z_n * sum_k x_k)  per group (or subtract z
+per weight in half2), so the scale is applied once per block instead of once per weight.
+Measured (H100, docs/benchmarks.md): the GEMVs stream at 0.6-1.3 TB/s; fewer instructions per weight bought
+~10-35% on some shapes, not the 2.5 TB/s aimed at, so the limit is elsewhere (bytes in flight per SM).
 
 `gptq_matmul_reference` is the plain-torch definition the kernels are tested against.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -42,8 +51,9 @@ def unpack_cols(packed: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def gptq_matmul_reference(x, qweight, qzeros, scales, g_idx, bits, bias=None):
-    """Dequantize-then-matmul in fp32: the definition of a GPTQ linear layer. Returns x's dtype."""
-    q = unpack_rows(qweight, bits).float()  # [K, N]
+    """Dequantize-then-matmul in fp32: the definition of a GPTQ linear layer. Returns x's dtype.
+    qweight may be official [K*b/32, N] or tiled (`tile_qweight`)."""
+    q = unpack_rows(untile_qweight(qweight), bits).float()  # [K, N]
     z = unpack_cols(qzeros, bits).float() + 1  # [G, N], stored as zero-1
     g = g_idx.long()
     w = scales.float()[g] * (q - z[g])  # [K, N]
@@ -53,7 +63,67 @@ def gptq_matmul_reference(x, qweight, qzeros, scales, g_idx, bits, bias=None):
     return out.to(x.dtype)
 
 
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter cannot run inline PTX
+
 if triton is not None:
+
+    @triton.jit
+    def _int4_word_dot(qw, x04, x15, x26, x37, zz, ASM: tl.constexpr):
+        """fp32 sum over the 8 lanes of each Int4 word: sum_l x_l * (q_l - z). x.. / zz: int32 holding two fp16
+        halves (x of lanes (i, i+4); 1024 + z twice). Marlin's trick with half2 math: (w >> 4i) & 0x000F000F |
+        0x64006400 is the half2 (1024 + q_i, 1024 + q_{i+4}); subtracting 1024 + z leaves q - z exactly; four
+        half2 FMAs sum the products in fp16 (8 terms each, then fp32) -- ~2.4 instructions per weight instead of
+        ~7 in fp32. ASM False (the Triton interpreter, which cannot run PTX): the same math in fp32 from the same
+        packed operands."""
+        if ASM:
+            return tl.inline_asm_elementwise(
+                asm="""{
+                .reg .b32 a0, a1, a2, a3, t, p;
+                .reg .f16 lo, hi;
+                .reg .f32 f0, f1;
+                lop3.b32 a0, $1, 0x000F000F, 0x64006400, 0xEA;
+                shr.u32 t, $1, 4;
+                lop3.b32 a1, t, 0x000F000F, 0x64006400, 0xEA;
+                shr.u32 t, $1, 8;
+                lop3.b32 a2, t, 0x000F000F, 0x64006400, 0xEA;
+                shr.u32 t, $1, 12;
+                lop3.b32 a3, t, 0x000F000F, 0x64006400, 0xEA;
+                sub.f16x2 a0, a0, $6;
+                sub.f16x2 a1, a1, $6;
+                sub.f16x2 a2, a2, $6;
+                sub.f16x2 a3, a3, $6;
+                mul.rn.f16x2 p, a0, $2;
+                fma.rn.f16x2 p, a1, $3, p;
+                fma.rn.f16x2 p, a2, $4, p;
+                fma.rn.f16x2 p, a3, $5, p;
+                mov.b32 {lo, hi}, p;
+                cvt.f32.f16 f0, lo;
+                cvt.f32.f16 f1, hi;
+                add.f32 $0, f0, f1;
+                }""",
+                constraints="=f,r,r,r,r,r,r",
+                args=[qw, x04, x15, x26, x37, zz], dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            z = ((zz & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) - 1024.0)
+            total = tl.zeros(qw.shape, dtype=tl.float32)
+            for i in tl.static_range(4):
+                xp = x04 if i == 0 else (x15 if i == 1 else (x26 if i == 2 else x37))
+                x_lo = (xp & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                x_hi = ((xp >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                total += x_lo * (((qw >> (4 * i)) & 15).to(tl.float32) - z)
+                total += x_hi * (((qw >> (4 * i + 16)) & 15).to(tl.float32) - z)
+            return total
+
+    @triton.jit
+    def _half_bits(x):
+        """fp16 [R] -> int32 [R] holding its 16 bits in the low half."""
+        return x.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+
+    @triton.jit
+    def _x_pair(xb, i: tl.constexpr, mask):
+        """int32 [R] holding the fp16 pair (x[8r + i], x[8r + i + 4]): the inputs of lanes i and i + 4."""
+        lo = _half_bits(tl.load(xb + i, mask=mask, other=0.0))
+        return lo | (_half_bits(tl.load(xb + i + 4, mask=mask, other=0.0)) << 16)
 
     @triton.jit
     def _gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, N, K, group_size,
@@ -115,15 +185,135 @@ if triton is not None:
             tl.atomic_add(out_ptr + offs_n, out, mask=n_mask)
 
     @triton.jit
+    def _load_block(qw_base, row_stride, s_ptr, qz_ptr, kb, rows, offs_n, n_mask, N, K, group_size,
+                    PER: tl.constexpr):
+        """The packed words [ROWS, BLOCK_N], scales and packed zeros [BLOCK_N] of the K block at kb (masked
+        off past K)."""
+        r = kb // PER + rows
+        qw = tl.load(qw_base + r[:, None] * row_stride, mask=(r < K // PER)[:, None] & n_mask[None, :], other=0)
+        g = kb // group_size
+        m = n_mask & ((offs_n * 0 + kb) < K)  # a whole tensor: the interpreter refuses a scalar mask here
+        s = tl.load(s_ptr + g * N + offs_n, mask=m, other=0.0)
+        zw = tl.load(qz_ptr + g * (N // PER) + offs_n // PER, mask=m, other=0)
+        return qw, s, zw
+
+    @triton.jit
+    def _gemv_kernel_v2(x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, N, K, group_size,
+                     BITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, FUSED_REDUCE: tl.constexpr,
+                     UNPACK: tl.constexpr, TILED: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr):
+        PER: tl.constexpr = 32 // BITS
+        MASK: tl.constexpr = (1 << BITS) - 1
+        ROWS: tl.constexpr = BLOCK_K // PER
+        LOW: tl.constexpr = 5 if BITS == 4 else 2  # UNPACK 1: lanes whose bits sit below bit 20 (Int4) / 16 (Int8)
+        HI_SHIFT: tl.constexpr = 12 if BITS == 4 else 16
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        cols = tl.arange(0, BLOCK_N)
+        offs_n = pid_n * BLOCK_N + cols
+        n_mask = offs_n < N
+        rows = tl.arange(0, ROWS)
+        z_shift = (offs_n % PER) * BITS
+        if TILED:  # [N/BLOCK_N, K/PER, BLOCK_N]: this program's column block is one contiguous run
+            qw_base = qw_ptr + pid_n * (K // PER) * BLOCK_N + cols[None, :]
+        else:
+            qw_base = qw_ptr + offs_n[None, :]
+        row_stride = BLOCK_N if TILED else N
+        # Partial sums stay per packed row until the end: no cross-thread reduction inside the loop.
+        acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+        STEP: tl.constexpr = BLOCK_K * SPLIT_K
+        if PREFETCH:  # the next block's loads are issued before this block's arithmetic (registers, 2 deep)
+            qw_n, s_n, z_n = _load_block(qw_base, row_stride, s_ptr, qz_ptr, pid_k * BLOCK_K, rows, offs_n, n_mask,
+                                         N, K, group_size, PER)
+        for kb in range(pid_k * BLOCK_K, K, STEP):
+            r = kb // PER + rows  # packed rows of this block
+            r_mask = r < K // PER
+            if PREFETCH:
+                qw, s, zw = qw_n, s_n, z_n
+                qw_n, s_n, z_n = _load_block(qw_base, row_stride, s_ptr, qz_ptr, kb + STEP, rows, offs_n, n_mask,
+                                             N, K, group_size, PER)
+            else:
+                qw, s, zw = _load_block(qw_base, row_stride, s_ptr, qz_ptr, kb, rows, offs_n, n_mask,
+                                        N, K, group_size, PER)  # [ROWS, BLOCK_N], each word read once
+            s = s.to(tl.float32)
+            z = (zw >> z_shift) & MASK
+            if UNPACK == 2:  # Int4, half2 math (_int4_word_dot)
+                xb = x_ptr + kb + rows * 8
+                x04 = _x_pair(xb, 0, r_mask)
+                x15 = _x_pair(xb, 1, r_mask)
+                x26 = _x_pair(xb, 2, r_mask)
+                x37 = _x_pair(xb, 3, r_mask)
+                zz = (z + 1) | 0x6400
+                zz = zz | (zz << 16)
+                dot = _int4_word_dot(qw, x04[:, None], x15[:, None], x26[:, None], x37[:, None], zz[None, :], ASM)
+                acc += s[None, :] * dot
+            else:
+                if UNPACK == 1:
+                    # The upper lanes moved into the low 20 (Int4) / 16 (Int8) bits by one shift per word.
+                    hi = qw >> HI_SHIFT
+                part = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+                xs = tl.zeros((ROWS,), dtype=tl.float32)
+                for j in tl.static_range(PER):  # lane j of every word: input kb + row*PER + j
+                    xj = tl.load(x_ptr + kb + rows * PER + j, mask=r_mask, other=0.0).to(tl.float32)
+                    if UNPACK == 1:
+                        # Lane left in place at bit p of the mantissa: (word & (MASK << p)) | 0x4B000000 is the float
+                        # 2^23 + q * 2^p exactly (p + BITS <= 23), so one LOP3 + one FADD give q * 2^p, and the
+                        # 2^-p goes into x (per row, not per weight). No per-lane shift.
+                        if j < LOW:
+                            wq = ((qw & (MASK << (j * BITS))) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                            part += (xj * (1.0 / (1 << (j * BITS))))[:, None] * wq
+                        else:
+                            lo = j * BITS - HI_SHIFT
+                            wq = ((hi & (MASK << lo)) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                            part += (xj * (1.0 / (1 << lo)))[:, None] * wq
+                    elif BITS == 4:
+                        # int -> float without a conversion instruction (those issue at 1/8 the FMA rate on sm_90):
+                        # 0x4B000000 | q is the float 2^23 + q, exactly. (Int8 keeps the conversion: sm_90 converts a
+                        # selected byte in one instruction, which measured faster than this.)
+                        wq = (((qw >> (j * BITS)) & MASK) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                        part += xj[:, None] * wq
+                    else:
+                        wq = ((qw >> (j * BITS)) & MASK).to(tl.float32)
+                        part += xj[:, None] * wq
+                    xs += xj
+                acc += s[None, :] * (part - xs[:, None] * (z + 1).to(tl.float32)[None, :])
+        out = tl.sum(acc, axis=0)  # [BLOCK_N]
+        if HAS_BIAS:
+            if pid_k == 0:
+                out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        if SPLIT_K == 1:
+            tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
+        elif FUSED_REDUCE:
+            # Split-K without the zero-fill and cast kernels: partial sums go to a float32 workspace kept at
+            # zero between calls; the last program of each column block (counted by an atomic) writes the
+            # output and re-arms the workspace and its counter. Saves two launches per linear.
+            tl.atomic_add(ws_ptr + offs_n, out, mask=n_mask)
+            tl.debug_barrier()  # every thread's partial sums are issued before the count is released
+            arrived = tl.atomic_add(cnt_ptr + pid_n, 1)  # acq_rel, gpu scope
+            if arrived == SPLIT_K - 1:
+                zero = tl.zeros([BLOCK_N], dtype=tl.float32)
+                total = tl.atomic_add(ws_ptr + offs_n, zero, mask=n_mask)  # read where the atomics landed (L2)
+                tl.store(out_ptr + offs_n, total.to(out_ptr.dtype.element_ty), mask=n_mask)
+                tl.store(ws_ptr + offs_n, zero, mask=n_mask)  # every partial has arrived: plain stores re-arm
+                tl.store(cnt_ptr + pid_n, 0)
+        else:
+            tl.atomic_add(out_ptr + offs_n, out, mask=n_mask)
+
+    @triton.jit
     def _dequant_kernel(qw_ptr, qz_ptr, s_ptr, w_ptr, N, K, group_size, BITS: tl.constexpr,
-                        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
-        """W_T [K, N] in w's dtype from the packed tensors (prefill: then one cuBLAS matmul)."""
+                        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, TILE_N: tl.constexpr):
+        """W_T [K, N] in w's dtype from the packed tensors (prefill: then one cuBLAS matmul).
+        TILE_N > 0: qweight is in the tiled layout [N/TILE_N, K/PER, TILE_N] (`tile_qweight`)."""
         PER: tl.constexpr = 32 // BITS
         MASK: tl.constexpr = (1 << BITS) - 1
         r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = (r < K // PER)[:, None] & (offs_n < N)[None, :]
-        qw = tl.load(qw_ptr + r[:, None] * N + offs_n[None, :], mask=mask, other=0)
+        if TILE_N > 0:
+            qw_off = (offs_n // TILE_N * ((K // PER) * TILE_N) + offs_n % TILE_N)[None, :] + r[:, None] * TILE_N
+        else:
+            qw_off = r[:, None] * N + offs_n[None, :]
+        qw = tl.load(qw_ptr + qw_off, mask=mask, other=0)
         z_shift = ((offs_n % PER) * BITS)[None, :]
         for j in tl.static_range(PER):
             k = r * PER + j
@@ -135,23 +325,57 @@ if triton is not None:
             tl.store(w_ptr + k[:, None] * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
 
 
-# Launch settings per (bits, N, K) for batch 1, chosen by bench/bench_quant.py --sweep on an H100
-# (Int4: the 2026-11-22 sweep with the in-kernel split-K reduction; Int8: the earlier, wider sweep).
-GEMV_CONFIGS: dict[tuple[int, int, int], tuple[int, int, int, int, int]] = {  # (bits, N, K)
-    (4, 12288, 4096): (256, 128, 8, 4, 3),
-    (8, 12288, 4096): (64, 128, 4, 4, 3),
-    (4, 4096, 4096): (64, 128, 16, 4, 3),
-    (8, 4096, 4096): (256, 64, 32, 2, 3),
+def tile_qweight(qweight: torch.Tensor, tile_n: int) -> torch.Tensor:
+    """Official qweight [K*b/32, N] -> tiled [N/tile_n, K*b/32, tile_n]: each block of tile_n output columns
+    becomes one contiguous run (a GEMV program with BLOCK_N = tile_n streams it front to back)."""
+    rows, n = qweight.shape
+    if n % tile_n:
+        raise ValueError(f"cannot tile {n} output columns in blocks of {tile_n}")
+    return qweight.view(rows, n // tile_n, tile_n).permute(1, 0, 2).contiguous()
+
+
+def untile_qweight(qweight: torch.Tensor) -> torch.Tensor:
+    """Inverse of `tile_qweight` (a 2-D official qweight is returned as it is)."""
+    if qweight.dim() == 2:
+        return qweight
+    blocks, rows, tile_n = qweight.shape
+    return qweight.permute(1, 0, 2).reshape(rows, blocks * tile_n)
+
+
+# Launch settings per (bits, N, K) for batch 1, from `bench/bench_quant.py --gemv-sweep` / `--tune` on an H100
+# (2026-11-22; docs/benchmarks.md): (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages[, UNPACK[, PREFETCH]]).
+# UNPACK 0 without PREFETCH = `_gemv_kernel`; otherwise `_gemv_kernel_v2` with UNPACK 1 (lane left in place in
+# the mantissa, fp32 math) or 2 (Int4 half2 math, `_int4_word_dot`). A shape keeps `_gemv_kernel` unless
+# v2 measured faster in the same run: v2 won at c_attn, attn.c_proj and the concatenated w1 + w2 (Int4),
+# and only at w1 + w2 for Int8.
+GEMV_CONFIGS: dict[tuple[int, int, int], tuple] = {  # (bits, N, K)
+    (4, 12288, 4096): (256, 128, 8, 4, 3, 2),
+    (4, 4096, 4096): (64, 128, 16, 4, 3, 2, 1),
     (4, 11008, 4096): (64, 128, 8, 4, 3),
-    (8, 11008, 4096): (64, 128, 8, 4, 3),
+    (4, 22016, 4096): (256, 128, 4, 4, 3, 2),  # w1 + w2 concatenated (`quant.concat_gptq_linears`)
     (4, 4096, 11008): (64, 128, 16, 4, 3),
+    (8, 12288, 4096): (64, 128, 4, 4, 3),
+    (8, 4096, 4096): (256, 64, 32, 2, 3),
+    (8, 11008, 4096): (64, 128, 8, 4, 3),
+    (8, 22016, 4096): (128, 128, 4, 4, 3, 1),
     (8, 4096, 11008): (64, 128, 32, 4, 3),
 }
-GEMV_DEFAULT = (128, 128, 8, 4, 3)  # BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages
+GEMV_DEFAULT = (128, 128, 8, 4, 3, 0)  # BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages, UNPACK
+# Shapes whose qweight is repacked at load time into the tiled layout (`tile_qweight`), with its tile width.
+# Empty: the tiled layout measured within noise (±5%) of the official one at every shape (docs/benchmarks.md),
+# so the official tensors are kept as stored.
+GEMV_TILES: dict[tuple[int, int, int], int] = {}
 
 
-def gemv_config(bits: int, n: int, k: int) -> tuple[int, int, int, int, int]:
-    return GEMV_CONFIGS.get((bits, n, k), GEMV_DEFAULT)
+def gemv_config(bits: int, n: int, k: int) -> tuple:
+    cfg = tuple(GEMV_CONFIGS.get((bits, n, k), GEMV_DEFAULT))
+    return cfg if len(cfg) == 6 else cfg + (0,)
+
+
+def gemv_tile(bits: int, n: int, k: int) -> int | None:
+    """Tile width of the load-time layout for this shape, or None to keep the official layout."""
+    t = GEMV_TILES.get((bits, n, k))
+    return t if t and n % t == 0 else None
 
 
 def gemv_workspace(n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,17 +389,25 @@ def gptq_matmul(x: torch.Tensor, qweight, qzeros, scales, group_size: int, bits:
                 config: tuple | None = None, workspace: tuple | None = None) -> torch.Tensor:
     """x [M, K] (fp16/bf16/fp32, contiguous) -> [M, N] in x's dtype. Groups contiguous (g_idx = k // g).
 
+    qweight: official [K*b/32, N], or tiled [N/T, K*b/32, T] (`tile_qweight`; batch 1 then uses BLOCK_N = T).
     workspace (`gemv_workspace(N)`): batch-1 split-K reduces inside the GEMV kernel (one launch, not three)."""
     if triton is None:
         raise RuntimeError("gptq_matmul needs triton; use qwenlm.model.quant's dequantize path instead")
     M, K = x.shape
-    N = qweight.shape[1]
+    tiled = qweight.dim() == 3
+    N = qweight.shape[0] * qweight.shape[2] if tiled else qweight.shape[1]
+    tile_n = qweight.shape[2] if tiled else 0
     if group_size % 32:
         raise ValueError(f"GPTQ group_size {group_size} must be a multiple of 32 for the Triton kernel")
     has_bias = bias is not None
     b = bias if has_bias else scales  # any valid pointer; unused when HAS_BIAS is False
     if M == 1:
-        block_n, block_k, split_k, warps, stages = config or gemv_config(bits, N, K)
+        cfg = tuple(config) if config is not None else gemv_config(bits, N, K)
+        block_n, block_k, split_k, warps, stages = cfg[:5]
+        unpack = cfg[5] if len(cfg) > 5 else 0
+        prefetch = bool(cfg[6]) if len(cfg) > 6 else False
+        if tiled:
+            block_n = tile_n  # the layout fixes the column block
         block_k = min(block_k, group_size)
         while group_size % block_k:
             block_k //= 2
@@ -186,13 +418,20 @@ def gptq_matmul(x: torch.Tensor, qweight, qzeros, scales, group_size: int, bits:
         else:
             out = torch.zeros((1, N), device=x.device, dtype=torch.float32)
         ws, cnt = workspace if fused else (out, out)
-        _gemv_kernel[grid](x, qweight, qzeros, scales, b, out, ws, cnt, N, K, group_size, BITS=bits,
-                           HAS_BIAS=has_bias, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
-                           FUSED_REDUCE=fused, num_warps=warps, num_stages=stages)
+        if unpack == 0 and not tiled and not prefetch:
+            _gemv_kernel[grid](x, qweight, qzeros, scales, b, out, ws, cnt, N, K, group_size, BITS=bits,
+                               HAS_BIAS=has_bias, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+                               FUSED_REDUCE=fused, num_warps=warps, num_stages=stages)
+        else:
+            _gemv_kernel_v2[grid](x, qweight, qzeros, scales, b, out, ws, cnt, N, K, group_size, BITS=bits,
+                                  HAS_BIAS=has_bias, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+                                  FUSED_REDUCE=fused, UNPACK=unpack, TILED=tiled, ASM=not INTERPRET,
+                                  PREFETCH=prefetch, num_warps=warps, num_stages=stages)
         return out if (split_k == 1 or fused) else out.to(x.dtype)
     # Several rows: dequantize once, then cuBLAS. On the H100 a fused tl.dot kernel measured 2-4x an fp16
     # matmul at 4 and 16 rows; this path costs 1.15-1.3x at 2048 rows (docs/benchmarks.md).
     w = torch.empty((K, N), device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(K // (32 // bits), 16), triton.cdiv(N, 128))
-    _dequant_kernel[grid](qweight, qzeros, scales, w, N, K, group_size, BITS=bits, BLOCK_R=16, BLOCK_N=128)
+    _dequant_kernel[grid](qweight, qzeros, scales, w, N, K, group_size, BITS=bits, BLOCK_R=16, BLOCK_N=128,
+                          TILE_N=tile_n)
     return torch.addmm(bias, x, w) if has_bias else x @ w

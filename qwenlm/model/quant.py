@@ -80,7 +80,9 @@ class GPTQLinear(nn.Module):
                 f"group_size={self.group_size}, backend={self.backend}")
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
-        return dequantize_weight(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, dtype)
+        """W_T [K, N]; after an act-order `prepare_kernel` its rows are in the permuted (`self.perm`) order."""
+        return dequantize_weight(kernels.untile_qweight(self.qweight), self.qzeros, self.scales, self.g_idx,
+                                 self.bits, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -125,6 +127,49 @@ class GPTQLinear(nn.Module):
         elif kernels.triton is not None and self.group_size % 32 == 0:
             self.backend = "triton"
             self._workspace = kernels.gemv_workspace(self.out_features, self.qweight.device)
+            tile = kernels.gemv_tile(self.bits, self.out_features, self.in_features)
+            if tile and self.qweight.dim() == 2:  # load-time layout for the GEMV; replaces, not beside
+                self.qweight = kernels.tile_qweight(self.qweight, tile)
+
+
+@torch.no_grad()
+def concat_gptq_linears(a: GPTQLinear, b: GPTQLinear) -> GPTQLinear:
+    """One GPTQLinear computing [a(x), b(x)] (outputs concatenated): one weight stream and one launch for two
+    linears of the same input (mlp.w1 and mlp.w2 -> a `gate_up`). Every output element is the same dot product
+    with the same scale and zero as before. Both layers must share bits, group size, input size and g_idx
+    (w1 and w2 see the same calibration inputs, so an act-order checkpoint gives them the same order), and
+    be in the same state (both as loaded, or both after `prepare_kernel` with the same backend). The result
+    takes their place: a and b are left as they are and can be dropped."""
+    if (a.bits, a.group_size, a.in_features) != (b.bits, b.group_size, b.in_features):
+        raise ValueError(f"cannot concatenate GPTQ layers with (bits, group_size, in_features) "
+                         f"{(a.bits, a.group_size, a.in_features)} and {(b.bits, b.group_size, b.in_features)}")
+    if not torch.equal(a.g_idx, b.g_idx) or a.backend != b.backend or (a.perm is None) != (b.perm is None) or (
+            a.perm is not None and not torch.equal(a.perm, b.perm)) or a.qweight.dim() != b.qweight.dim():
+        raise ValueError("cannot concatenate GPTQ layers with different g_idx, input order or kernel state")
+    if a.qweight.dim() == 3 and a.qweight.shape[2] != b.qweight.shape[2]:
+        raise ValueError("cannot concatenate GPTQ layers tiled with different widths")
+    has_bias = a.bias is not None or b.bias is not None
+    out = GPTQLinear(a.in_features, a.out_features + b.out_features, a.bits, a.group_size, bias=False,
+                     device="meta", dtype=a.scales.dtype)
+
+    def bias_of(m):
+        return m.bias if m.bias is not None else torch.zeros(m.out_features, dtype=a.scales.dtype,
+                                                             device=a.scales.device)
+
+    # A tiled qweight [N/T, rows, T] is a list of column blocks: concatenating the blocks tiles the whole.
+    out.qweight = torch.cat((a.qweight, b.qweight), dim=0 if a.qweight.dim() == 3 else 1)
+    out.qzeros = torch.cat((a.qzeros, b.qzeros), dim=1)  # packed along N; N of each is a multiple of 32/bits
+    out.scales = torch.cat((a.scales, b.scales), dim=1)
+    out.g_idx = a.g_idx.clone()
+    out.bias = torch.cat((bias_of(a), bias_of(b))) if has_bias else None
+    out.backend, out.perm, out._tinygemm = a.backend, a.perm, None
+    if a._kernel_bias is not None or b._kernel_bias is not None:
+        out._kernel_bias = out.bias
+    if a.backend == "triton":
+        out._workspace = kernels.gemv_workspace(out.out_features, a.qweight.device)
+    elif a.backend == "tinygemm":  # tinygemm's packed copy is rebuilt from the concatenated GPTQ tensors
+        out._tinygemm = to_tinygemm(out.qweight, out.qzeros, out.scales, out.group_size)
+    return out
 
 
 def to_tinygemm(qweight, qzeros, scales, group_size: int, inner_k_tiles: int = 8):
