@@ -72,6 +72,19 @@ def test_fusion_leaves_quantized_layers_alone():
     assert type(model.transformer.h[0].mlp) is QWenMLP and type(model.transformer.h[1].mlp) is GateUpMLP
 
 
+def test_quantized_gate_up_gives_identical_logits():
+    from qwenlm.model.quant import GPTQLinear, quantize_int8_
+
+    model = quantize_int8_(tiny_model())
+    fused = copy.deepcopy(model)
+    assert fuse_gate_up(fused) == model.config.num_hidden_layers
+    mlp = fused.transformer.h[0].mlp
+    assert type(mlp) is GateUpMLP and type(mlp.gate_up) is GPTQLinear
+    prompts, nxt = random_prompts([9, 9]), [5, 7]
+    for a, b in zip(_prefill_then_decode(model, prompts, nxt), _prefill_then_decode(fused, prompts, nxt)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
 def test_compiled_decode_regions_equal_the_model_and_are_shared_by_layers():
     """Regions traced with the "eager" backend run the model's exact ops: bitwise equal logits, for batch 1
     (static regions) and batch 3 (dynamic regions), with LogN on; one graph per region whatever the depth."""

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwenlm.model.quant import GPTQLinear, concat_gptq_linears
 from qwenlm.model.qwen import QWenMLP
 
 
@@ -66,7 +67,8 @@ def _official_names(module: GateUpMLP, state_dict, prefix, local_metadata):
 
 
 def fuse_gate_up(model: nn.Module) -> int:
-    """Replace each QWenMLP whose w1 and w2 are plain nn.Linear (not quantized) by a GateUpMLP.
+    """Replace each QWenMLP whose w1 and w2 are both plain nn.Linear, or both GPTQLinear, by a GateUpMLP.
+    (A fused GPTQ layer's state_dict keeps the gate_up name: it is for inference, not for saving.)
 
     Layer by layer, so memory grows by at most one layer's w1 + w2 while it runs. Returns how many
     were fused (0 when already fused or quantized).
@@ -76,6 +78,13 @@ def fuse_gate_up(model: nn.Module) -> int:
         mlp = block.mlp
         if type(mlp) is QWenMLP and type(mlp.w1) is nn.Linear and type(mlp.w2) is nn.Linear:
             block.mlp = GateUpMLP.from_mlp(mlp)
-            del mlp
-            fused += 1
+        elif type(mlp) is QWenMLP and type(mlp.w1) is GPTQLinear and type(mlp.w2) is GPTQLinear:
+            try:  # GPTQ Int4/Int8 (or on-the-fly int8): the packed columns are concatenated the same way
+                block.mlp = GateUpMLP(concat_gptq_linears(mlp.w1, mlp.w2), mlp.c_proj)
+            except ValueError:
+                continue  # different g_idx or kernel state: keep the two launches
+        else:
+            continue
+        del mlp
+        fused += 1
     return fused
