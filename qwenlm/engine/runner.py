@@ -4,6 +4,9 @@ Prefill steps run eagerly on one flat row of concatenated chunks. Decode steps r
 captured for the smallest batch-size bucket that holds the batch (padding rows write to a scratch
 block and attend to nothing). The pool is sized from free GPU memory after a warm-up forward at the
 largest prefill the scheduler can issue, as nano-vllm does.
+
+`launch` queues a step without waiting for it (its decode inputs may be tokens still on the device, sampled
+by the step in flight); `resolve` waits for a launched step's tokens on the host (engine.py overlaps the two).
 """
 
 from __future__ import annotations
@@ -167,10 +170,6 @@ class ModelRunner:
             step.done.synchronize()
         both = step.host.tolist()
         return [int(t) for t in both[0]], (both[1] if len(both) > 1 else None)
-
-    def run(self, batch: ScheduledBatch) -> tuple[list[int], list[float] | None]:
-        """New token (and logprob) for each of batch.sample_seqs, synchronously."""
-        return self.resolve(self.launch(batch))
 
     def _prefill(self, batch: ScheduledBatch) -> torch.Tensor:
         ids, positions, slots, alpha_rows, seqs, last = [], [], [], [], [], []
