@@ -126,6 +126,31 @@ if triton is not None:
         return lo | (_half_bits(tl.load(xb + i + 4, mask=mask, other=0.0)) << 16)
 
     @triton.jit
+    def _store_output(out, b_ptr, out_ptr, ws_ptr, cnt_ptr, offs_n, n_mask, pid_n, pid_k, HAS_BIAS: tl.constexpr,
+                      SPLIT_K: tl.constexpr, FUSED_REDUCE: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The GEMV epilogue shared by both kernels: out [BLOCK_N] float32 partial (or whole) dot products."""
+        if HAS_BIAS:
+            if pid_k == 0:
+                out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        if SPLIT_K == 1:
+            tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
+        elif FUSED_REDUCE:
+            # Split-K without the zero-fill and cast kernels: partial sums go to a float32 workspace kept at
+            # zero between calls; the last program of each column block (counted by an atomic) writes the
+            # output and re-arms the workspace and its counter. Saves two launches per linear.
+            tl.atomic_add(ws_ptr + offs_n, out, mask=n_mask)
+            tl.debug_barrier()  # every thread's partial sums are issued before the count is released
+            arrived = tl.atomic_add(cnt_ptr + pid_n, 1)  # acq_rel, gpu scope
+            if arrived == SPLIT_K - 1:
+                zero = tl.zeros([BLOCK_N], dtype=tl.float32)
+                total = tl.atomic_add(ws_ptr + offs_n, zero, mask=n_mask)  # read where the atomics landed (L2)
+                tl.store(out_ptr + offs_n, total.to(out_ptr.dtype.element_ty), mask=n_mask)
+                tl.store(ws_ptr + offs_n, zero, mask=n_mask)  # every partial has arrived: plain stores re-arm
+                tl.store(cnt_ptr + pid_n, 0)
+        else:
+            tl.atomic_add(out_ptr + offs_n, out, mask=n_mask)
+
+    @triton.jit
     def _gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, N, K, group_size,
                      BITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, FUSED_REDUCE: tl.constexpr):
@@ -162,27 +187,8 @@ if triton is not None:
             s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             z = (tl.load(qz_ptr + g * (N // PER) + offs_n // PER, mask=n_mask, other=0) >> z_shift) & MASK
             acc += s[None, :] * (part - xs[:, None] * (z + 1).to(tl.float32)[None, :])
-        out = tl.sum(acc, axis=0)  # [BLOCK_N]
-        if HAS_BIAS:
-            if pid_k == 0:
-                out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        if SPLIT_K == 1:
-            tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
-        elif FUSED_REDUCE:
-            # Split-K without the zero-fill and cast kernels: partial sums go to a float32 workspace kept at
-            # zero between calls; the last program of each column block (counted by an atomic) writes the
-            # output and re-arms the workspace and its counter. Saves two launches per linear.
-            tl.atomic_add(ws_ptr + offs_n, out, mask=n_mask)
-            tl.debug_barrier()  # every thread's partial sums are issued before the count is released
-            arrived = tl.atomic_add(cnt_ptr + pid_n, 1)  # acq_rel, gpu scope
-            if arrived == SPLIT_K - 1:
-                zero = tl.zeros([BLOCK_N], dtype=tl.float32)
-                total = tl.atomic_add(ws_ptr + offs_n, zero, mask=n_mask)  # read where the atomics landed (L2)
-                tl.store(out_ptr + offs_n, total.to(out_ptr.dtype.element_ty), mask=n_mask)
-                tl.store(ws_ptr + offs_n, zero, mask=n_mask)  # every partial has arrived: plain stores re-arm
-                tl.store(cnt_ptr + pid_n, 0)
-        else:
-            tl.atomic_add(out_ptr + offs_n, out, mask=n_mask)
+        _store_output(tl.sum(acc, axis=0), b_ptr, out_ptr, ws_ptr, cnt_ptr, offs_n, n_mask, pid_n, pid_k,
+                      HAS_BIAS, SPLIT_K, FUSED_REDUCE, BLOCK_N)
 
     @triton.jit
     def _load_block(qw_base, row_stride, s_ptr, qz_ptr, kb, rows, offs_n, n_mask, N, K, group_size,
@@ -277,27 +283,8 @@ if triton is not None:
                         part += xj[:, None] * wq
                     xs += xj
                 acc += s[None, :] * (part - xs[:, None] * (z + 1).to(tl.float32)[None, :])
-        out = tl.sum(acc, axis=0)  # [BLOCK_N]
-        if HAS_BIAS:
-            if pid_k == 0:
-                out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        if SPLIT_K == 1:
-            tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
-        elif FUSED_REDUCE:
-            # Split-K without the zero-fill and cast kernels: partial sums go to a float32 workspace kept at
-            # zero between calls; the last program of each column block (counted by an atomic) writes the
-            # output and re-arms the workspace and its counter. Saves two launches per linear.
-            tl.atomic_add(ws_ptr + offs_n, out, mask=n_mask)
-            tl.debug_barrier()  # every thread's partial sums are issued before the count is released
-            arrived = tl.atomic_add(cnt_ptr + pid_n, 1)  # acq_rel, gpu scope
-            if arrived == SPLIT_K - 1:
-                zero = tl.zeros([BLOCK_N], dtype=tl.float32)
-                total = tl.atomic_add(ws_ptr + offs_n, zero, mask=n_mask)  # read where the atomics landed (L2)
-                tl.store(out_ptr + offs_n, total.to(out_ptr.dtype.element_ty), mask=n_mask)
-                tl.store(ws_ptr + offs_n, zero, mask=n_mask)  # every partial has arrived: plain stores re-arm
-                tl.store(cnt_ptr + pid_n, 0)
-        else:
-            tl.atomic_add(out_ptr + offs_n, out, mask=n_mask)
+        _store_output(tl.sum(acc, axis=0), b_ptr, out_ptr, ws_ptr, cnt_ptr, offs_n, n_mask, pid_n, pid_k,
+                      HAS_BIAS, SPLIT_K, FUSED_REDUCE, BLOCK_N)
 
     @triton.jit
     def _dequant_kernel(qw_ptr, qz_ptr, s_ptr, w_ptr, N, K, group_size, BITS: tl.constexpr,
