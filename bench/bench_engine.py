@@ -484,6 +484,8 @@ def main():
                     type=lambda v: v.split(";"), help="batch-1 variants to run, ';'-separated")
     ap.add_argument("--no-int8-kv", action="store_true", help="skip the defaults + int8 KV cache run")
     ap.add_argument("--no-sync", action="store_true", help="skip the run without overlapped steps")
+    ap.add_argument("--attention-before", action="store_true",
+                    help="also run with the v1 decode attention kernel and separate K/V store launches")
     ap.add_argument("--eager-deadline", type=float, default=330, help="skip the eager run after this many s")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
@@ -517,6 +519,22 @@ def main():
     if not args.no_int8_kv:
         bench_qwenlm(model, cfg, dev, bw, args, compile_decode=None, tag="qwenlm int8 KV", full=False,
                      kv_cache_dtype="int8")
+    if args.attention_before:  # the same engine with the run-4 attention: v1 kernel + separate store launches
+        from qwenlm.kernels import attention as attention_kernels
+        tables = attention_kernels.DECODE_CONFIGS
+        v1 = attention_kernels.DecodeConfig("v1")
+        attention_kernels.DECODE_CONFIGS = {"bf16": [(1, v1)], "int8": [(1, v1)]}
+        try:
+            bench_qwenlm(model, cfg, dev, bw, args, compile_decode=None, tag="qwenlm v1 attention", full=False)
+            bench_qwenlm(model, cfg, dev, bw, args, compile_decode=None, tag="int8 KV v1 attention", full=False,
+                         kv_cache_dtype="int8")
+        finally:
+            attention_kernels.DECODE_CONFIGS = tables
+        for a, b in (("qwenlm", "qwenlm v1 attention"), ("qwenlm int8 KV", "int8 KV v1 attention")):
+            for fig in ("b1", "throughput"):
+                same = TOKENS.get((a, fig)) == TOKENS.get((b, fig))
+                RESULTS[f"same_tokens {a} / {b} {fig}"] = same
+                log(f"{fig}: {a} and {b} give the same greedy tokens: {same}")
     if not args.no_sync:
         bench_qwenlm(model, cfg, dev, bw, args, compile_decode=None, tag="qwenlm no overlap", full=False,
                      overlap_steps=False)
@@ -540,24 +558,25 @@ def main():
 
     print("\n==== qwenlm engine vs transformers vs bound (" + RESULTS["device"] + ") ====")
     hf = RESULTS.get("transformers", {})
-    for tag in ("qwenlm", "qwenlm int8 KV", "qwenlm no overlap", "qwenlm eager"):
+    for tag in ("qwenlm", "qwenlm int8 KV", "qwenlm v1 attention", "int8 KV v1 attention", "qwenlm no overlap",
+                "qwenlm eager"):
         r = RESULTS.get(tag)
         if not r or "b1" not in r:
             continue
         b1 = r["b1"]
-        print(f"{tag:15s} b1 decode      {b1['tok_s']:8.1f} tok/s  {b1['gb_s']:6.0f} GB/s  "
+        print(f"{tag:22s} b1 decode      {b1['tok_s']:8.1f} tok/s  {b1['gb_s']:6.0f} GB/s  "
               f"bound {b1['bound_tok_s']:.1f}  transformers {hf.get('b1', {}).get('tok_s', float('nan')):.1f}")
         if "throughput" in r:
             t = r["throughput"]
             hf_b = hf.get(f"b{args.hf_batch}", {}).get("tok_s", float("nan"))
-            print(f"{tag:15s} {t['requests']} x {args.prompt_len}/{args.new_tokens}  {t['output_tok_s']:8.0f} "
+            print(f"{tag:22s} {t['requests']} x {args.prompt_len}/{args.new_tokens}  {t['output_tok_s']:8.0f} "
                   f"output tok/s (decode steps {t['decode_tok_s']:.0f})  transformers batch {args.hf_batch}: {hf_b:.0f}")
         if "b128_steps" in r:
             st = r["b128_steps"]
-            print(f"{tag:15s} batch {args.max_batch} step  {st['wall_ms']:8.2f} ms  GPU {st['gpu_ms']:.2f} ms  "
+            print(f"{tag:22s} batch {args.max_batch} step  {st['wall_ms']:8.2f} ms  GPU {st['gpu_ms']:.2f} ms  "
                   f"host gap {st['host_gap_ms']:.2f} ms")
         if "ttft" in r:
-            print(f"{tag:15s} TTFT {args.ttft_len}      {r['ttft']['ms']:8.1f} ms  ({r['ttft']['tflops']:.0f} TFLOP/s)")
+            print(f"{tag:22s} TTFT {args.ttft_len}      {r['ttft']['ms']:8.1f} ms  ({r['ttft']['tflops']:.0f} TFLOP/s)")
     for name, v in RESULTS.get("b1_variants", {}).items():
         print(f"b1 {name:44s} {v['tok_s']:7.1f} tok/s ({v['gb_s'] * 1e9 / 1e9:5.0f} GB/s)  GPU alone "
               f"{v['gpu_tok_s']:7.1f}  host gap {v['host_gap_ms']:.3f} ms  build {v['build_s']:.0f} s")

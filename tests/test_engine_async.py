@@ -106,28 +106,56 @@ def test_async_consumer_leaving_aborts_and_frees_blocks(model):
         engine.shutdown()
 
 
-def test_triton_paged_decode_kernel_matches_reference_in_interpreter():
+def test_triton_paged_decode_kernels_match_reference_in_interpreter():
+    """Every kernel variant (v1; v2 with several heads per program and context splits), with and without the
+    fused store of the new token's K/V, against store-then-reference: outputs and the pools."""
     pytest.importorskip("triton")
     code = textwrap.dedent("""
         import torch
-        from qwenlm.kernels.attention import paged_decode_attention, paged_decode_attention_ref
+        from qwenlm.kernels.attention import DecodeConfig, paged_decode_attention, paged_decode_attention_ref
         g = torch.Generator().manual_seed(0)
-        B, H, D, bs, nb = 4, 2, 16, 4, 48
-        kc, vc = torch.randn(nb, bs, H, D, generator=g), torch.randn(nb, bs, H, D, generator=g)
-        tables = torch.randperm(nb, generator=g)[:40].view(B, 10).int()
-        lens = torch.tensor([1, 7, 40, 0]).int()
-        q = torch.randn(B, H, D, generator=g)
-        out = torch.full_like(q, float("nan"))
-        paged_decode_attention(q, kc, vc, tables, lens, out=out, block_n=8)
-        ref = paged_decode_attention_ref(q[:3], kc, vc, tables[:3], lens[:3])
-        err = ((out[:3] - ref).norm() / ref.norm()).item()
-        assert err < 1e-5, err
-        assert torch.equal(out[3], torch.zeros_like(out[3]))  # a padding row (no context) gives zeros
-        print("ok", err)
+        B, H, D, bs, nb = 4, 4, 16, 4, 48
+        configs = [DecodeConfig("v1", block_n=8), DecodeConfig(block_n=8), DecodeConfig(heads=2, splits=3, block_n=4),
+                   DecodeConfig(heads=4, splits=8, block_n=2)]
+        for cfg in configs:
+            for fused in (False, True):
+                kc, vc = torch.randn(nb, bs, H, D, generator=g), torch.randn(nb, bs, H, D, generator=g)
+                tables = torch.randperm(nb - 1, generator=g)[:40].view(B, 10).int()
+                lens = torch.tensor([1, 7, 40, 0]).int()
+                q = torch.randn(B, H, D, generator=g)
+                kn = torch.randn(B, H, D, generator=g)
+                vn = torch.randn(B, 3, H, D, generator=g)[:, 1]  # strided, as a slice of the fused projection
+                pos = (lens - 1).clamp(min=0).long()
+                slots = tables.long()[torch.arange(B), pos // bs] * bs + pos % bs
+                slots[3] = (nb - 1) * bs  # a padding row stores into the scratch block and attends to nothing
+                ref_k, ref_v = kc.clone(), vc.clone()
+                if fused:
+                    ref_k.view(-1, H, D)[slots], ref_v.view(-1, H, D)[slots] = kn, vn
+                out = torch.full_like(q, float("nan"))
+                new = dict(k_new=kn, v_new=vn, slots=slots) if fused else {}
+                paged_decode_attention(q, kc, vc, tables, lens, out=out, config=cfg, **new)
+                ref = paged_decode_attention_ref(q[:3], ref_k, ref_v, tables[:3], lens[:3])
+                err = ((out[:3] - ref).norm() / ref.norm()).item()
+                assert err < 1e-5, (cfg, fused, err)
+                assert torch.equal(out[3], torch.zeros_like(out[3])), (cfg, fused)  # zeros, not NaN
+                assert torch.equal(kc, ref_k) and torch.equal(vc, ref_v), (cfg, fused)
+        print("ok")
     """)
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+def test_decode_config_table_covers_every_batch():
+    from qwenlm.kernels.attention import DECODE_CONFIGS, DecodeConfig, decode_config
+    for int8 in (False, True):
+        for batch in range(1, 257):
+            cfg = decode_config(batch, int8)
+            assert isinstance(cfg, DecodeConfig) and cfg.kernel in ("v1", "v2")
+            assert 32 % cfg.heads == 0 and cfg.splits >= 1 and cfg.block_n & (cfg.block_n - 1) == 0
+    assert decode_config(1, False) == DECODE_CONFIGS["bf16"][0][1]
+    assert decode_config(256, True) == DECODE_CONFIGS["int8"][-1][1]
+    assert decode_config(3, False) == decode_config(2, False)  # the entry of the largest start <= 3
 
 
 def test_torch_paged_reference_matches_dense_attention():

@@ -5,8 +5,8 @@ length and block table); `attend` stores the new K/V into the pool and computes 
 - prefill: the batch is one flat row [1, T] of concatenated chunks; each chunk attends causally to its
   own tokens and, after a prefix-cache hit or an earlier chunk, to its cached prefix (bottom-right
   causal mask) through torch SDPA;
-- decode: one token per sequence [B, 1]; the Triton paged kernel on CUDA (CUDA-graph safe), the torch
-  reference elsewhere.
+- decode: one token per sequence [B, 1]; on CUDA the Triton paged kernel, which also stores the new K/V
+  (CUDA-graph safe), the torch reference elsewhere.
 
 With an int8 KV cache (`EngineConfig(kv_cache_dtype="int8")`) the pools are uint8 with a float32 (scale, zero)
 per token and head (spec §8 math, `qwenlm.model.quant.quantize_kv`): new K/V are quantized as they are stored,
@@ -88,6 +88,11 @@ class PagedAttention:
         if self.int8:
             return self._attend_int8(layer, q, k, v)
         k_cache, v_cache = self.k_cache[layer], self.v_cache[layer]
+        if not self.is_prefill and self.backend == "triton" and self.slot_mapping is not None:
+            # the kernel stores the new K/V itself (no separate store launches)
+            out = paged_decode_attention(q[:, 0], k_cache, v_cache, self.block_tables, self.context_lens,
+                                         k_new=k[:, 0], v_new=v[:, 0], slots=self.slot_mapping)
+            return out[:, None]
         if self.slot_mapping is not None:
             k_cache.view(-1, H, D).index_copy_(0, self.slot_mapping, k.reshape(-1, H, D))
             v_cache.view(-1, H, D).index_copy_(0, self.slot_mapping, v.reshape(-1, H, D))
@@ -131,10 +136,12 @@ class PagedAttention:
         use_triton = self.backend == "triton"
         kc, vc, ks, vs = self.k_cache[layer], self.v_cache[layer], self.k_sz[layer], self.v_sz[layer]
         if not self.is_prefill:
-            quantize_store_kv(k, v, kc, vc, ks, vs, self.slot_mapping, use_triton)
-            if use_triton:
-                out = paged_decode_attention(q[:, 0], kc, vc, self.block_tables, self.context_lens, k_sz=ks, v_sz=vs)
+            if use_triton:  # quantizes and stores the new K/V itself
+                new = {} if self.slot_mapping is None else dict(k_new=k[:, 0], v_new=v[:, 0], slots=self.slot_mapping)
+                out = paged_decode_attention(q[:, 0], kc, vc, self.block_tables, self.context_lens, k_sz=ks, v_sz=vs,
+                                             **new)
             else:
+                quantize_store_kv(k, v, kc, vc, ks, vs, self.slot_mapping, use_triton)
                 out = paged_decode_attention_ref(q[:, 0], kc, vc, self.block_tables, self.context_lens,
                                                  self.max_context_len, k_sz=ks, v_sz=vs)
             return out[:, None]

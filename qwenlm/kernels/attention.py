@@ -2,9 +2,14 @@
 
 Layout: k_cache / v_cache [num_blocks, block_size, heads, head_dim]; block_tables [B, W] int32 (block ids
 of each sequence, in order); context_lens [B] int32 (tokens to attend over, the new one included);
-q [B, heads, head_dim]. One program per (sequence, head) runs an online softmax over its pages, reading
-each K/V row once: decode attention is bound by memory bandwidth, and Qwen v1 has no GQA, so a
-per-head dot product (no tensor cores) fits the shape.
+q [B, heads, head_dim]. Each program runs an online softmax over its pages, reading each K/V row once: decode
+attention is bound by memory bandwidth, and Qwen v1 has no GQA, so a per-head dot product (no tensor cores)
+fits the shape. Two kernels, picked per pool dtype and batch size by `decode_config` (an H100 sweep):
+- v1: one program per (sequence, head); the new token's K/V stored beforehand by separate launches;
+- v2: one program per (sequence, `heads` adjacent heads, context split); with splits > 1 a second kernel
+  combines the splits' partial softmax (flash-decoding: at batch 1 one program per head leaves most of the
+  GPU idle); it stores the new token's K/V itself (quantized for int8) and attends to it as stored, which
+  saves the store launches of every layer.
 
 Int8 KV cache (spec §8, `qwenlm.model.quant.quantize_kv`): the pools are uint8 and every (token, head) row has
 a (scale, zero) pair in a float32 tensor [num_blocks, block_size, heads, 2]; `x ~ scale * (q - zero)`.
@@ -16,6 +21,7 @@ dot product plus two scalars, and V rows are weighted by p * scale.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -149,6 +155,148 @@ if triton is not None:
                 tl.store(VSZ + dst_sz + 1, zero, mask=h_ok)
 
 
+    @triton.jit
+    def _quantize_rows(x):
+        """x [R, d] fp32 -> (uint8 [R, d], scale [R], zero [R]): quant.quantize_kv's math, with IEEE divisions
+        (div_rn) as torch computes them and float -> uint8 truncation toward zero, as _quantize_store_kernel."""
+        fmax = tl.max(x, 1)
+        fmin = tl.min(x, 1)
+        qscale = tl.maximum(tl.math.div_rn(fmax - fmin, 255.0), 1e-8)
+        zero = 0.0 - tl.math.div_rn(fmin, qscale)
+        y = tl.math.div_rn(x, qscale[:, None]) + zero[:, None]
+        return tl.minimum(tl.maximum(y, 0.0), 255.0).to(tl.uint8), qscale, zero
+
+    @triton.jit
+    def _paged_decode_v2_kernel(Q, K, V, KSZ, VSZ, Kin, Vin, Slots, Out, PartM, PartL, PartAcc,
+                                BlockTables, ContextLens, scale,
+                                stride_qb, stride_qh, stride_kb, stride_kp, stride_kh,
+                                stride_sb, stride_sp, stride_sh,
+                                stride_knb, stride_knh, stride_vnb, stride_vnh,
+                                stride_ob, stride_oh, stride_bt,
+                                PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                                HEADS: tl.constexpr, KV_INT8: tl.constexpr, FUSED_STORE: tl.constexpr,
+                                SPLIT: tl.constexpr):
+        """Program (sequence b, heads hg*HEADS.., split sp). HEADS adjacent heads share a program: a token's rows
+        of those heads are one contiguous HEADS*HEAD_DIM run (and, int8, one run of (scale, zero) pairs).
+        SPLIT: the context is cut into num_programs(2) ranges whose partial (max, sum, acc) a second kernel
+        combines (flash-decoding). FUSED_STORE: the new token (position ctx_len - 1) comes from Kin / Vin,
+        not from the pool; split 0 writes it into slot Slots[b] (quantized for int8) and attends to it as
+        stored, so the store launches disappear and no program reads the slot being written."""
+        b = tl.program_id(0)
+        hg = tl.program_id(1)
+        sp = tl.program_id(2)
+        n_splits = tl.num_programs(2)
+        ctx_len = tl.load(ContextLens + b)
+        if FUSED_STORE:
+            n_cached = tl.maximum(ctx_len - 1, 0)
+        else:
+            n_cached = ctx_len
+        hh = hg * HEADS + tl.arange(0, HEADS)
+        d = tl.arange(0, HEAD_DIM)
+        q = tl.load(Q + b * stride_qb + hh[:, None] * stride_qh + d[None, :]).to(tl.float32) * scale  # [HB,D]
+        q_sum = tl.sum(q, 1)
+        m = tl.full([HEADS], float("-inf"), tl.float32)
+        l_sum = tl.zeros([HEADS], tl.float32)
+        acc = tl.zeros([HEADS, HEAD_DIM], tl.float32)
+        if SPLIT:
+            chunk = tl.cdiv(tl.cdiv(n_cached, n_splits), BLOCK_N) * BLOCK_N
+            start = sp * chunk
+            end = tl.minimum(start + chunk, n_cached)
+        else:
+            start = 0
+            end = n_cached
+        for s0 in range(start, end, BLOCK_N):
+            n = s0 + tl.arange(0, BLOCK_N)
+            valid = n < end
+            blk = tl.load(BlockTables + b * stride_bt + n // PAGE, mask=valid, other=0).to(tl.int64)
+            row = blk * stride_kb + (n % PAGE) * stride_kp
+            off = row[:, None, None] + hh[None, :, None] * stride_kh + d[None, None, :]  # [BN,HB,D]
+            k = tl.load(K + off, mask=valid[:, None, None], other=0.0).to(tl.float32)
+            v = tl.load(V + off, mask=valid[:, None, None], other=0.0).to(tl.float32)
+            s = tl.sum(k * q[None, :, :], 2)  # [BN,HB]
+            if KV_INT8:
+                sz = (blk * stride_sb + (n % PAGE) * stride_sp)[:, None] + hh[None, :] * stride_sh  # [BN,HB]
+                k_scale = tl.load(KSZ + sz, mask=valid[:, None], other=0.0)
+                k_zero = tl.load(KSZ + sz + 1, mask=valid[:, None], other=0.0)
+                s = k_scale * (s - k_zero * q_sum[None, :])  # q . scale*(k - zero)
+            s = tl.where(valid[:, None], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 0))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(s - m_new[None, :])
+            l_sum = l_sum * alpha + tl.sum(p, 0)
+            if KV_INT8:
+                pv = p * tl.load(VSZ + sz, mask=valid[:, None], other=0.0)  # p * scale
+                v_zero = tl.load(VSZ + sz + 1, mask=valid[:, None], other=0.0)
+                acc = acc * alpha[:, None] + tl.sum(pv[:, :, None] * v, 0) - tl.sum(pv * v_zero, 0)[:, None]
+            else:
+                acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v, 0)
+            m = m_new
+        if FUSED_STORE:
+            slot = tl.load(Slots + b).to(tl.int64)
+            dst = (slot // PAGE) * stride_kb + (slot % PAGE) * stride_kp + hh[:, None] * stride_kh + d[None, :]
+            kn = tl.load(Kin + b * stride_knb + hh[:, None] * stride_knh + d[None, :])
+            vn = tl.load(Vin + b * stride_vnb + hh[:, None] * stride_vnh + d[None, :])
+            first_h = (hh * 0 + sp) == 0  # split 0 stores (masks as tensors: the interpreter wants them)
+            first = first_h[:, None] & (d[None, :] >= 0)
+            if KV_INT8:
+                dst_sz = (slot // PAGE) * stride_sb + (slot % PAGE) * stride_sp + hh * stride_sh
+                kq, k_scale, k_zero = _quantize_rows(kn.to(tl.float32))
+                vq, v_scale, v_zero = _quantize_rows(vn.to(tl.float32))
+                tl.store(K + dst, kq, mask=first)
+                tl.store(KSZ + dst_sz, k_scale, mask=first_h)
+                tl.store(KSZ + dst_sz + 1, k_zero, mask=first_h)
+                tl.store(V + dst, vq, mask=first)
+                tl.store(VSZ + dst_sz, v_scale, mask=first_h)
+                tl.store(VSZ + dst_sz + 1, v_zero, mask=first_h)
+                k_new = k_scale[:, None] * (kq.to(tl.float32) - k_zero[:, None])  # the row as stored
+                v_new = v_scale[:, None] * (vq.to(tl.float32) - v_zero[:, None])
+            else:
+                kn = kn.to(K.dtype.element_ty)
+                vn = vn.to(V.dtype.element_ty)
+                tl.store(K + dst, kn, mask=first)
+                tl.store(V + dst, vn, mask=first)
+                k_new = kn.to(tl.float32)
+                v_new = vn.to(tl.float32)
+            # online-softmax step for the one new row, in split 0 only (branch-free: -inf elsewhere)
+            s_new = tl.where(first_h & (ctx_len > 0), tl.sum(k_new * q, 1), float("-inf"))  # [HB]
+            m_new = tl.maximum(m, s_new)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - m_safe)
+            p_new = tl.exp(s_new - m_safe)
+            l_sum = l_sum * alpha + p_new
+            acc = acc * alpha[:, None] + p_new[:, None] * v_new
+            m = m_new
+        if SPLIT:
+            part = (b * tl.num_programs(1) * HEADS + hh) * n_splits + sp  # [HB]
+            tl.store(PartM + part, m)
+            tl.store(PartL + part, l_sum)
+            tl.store(PartAcc + part[:, None] * HEAD_DIM + d[None, :], acc)
+        else:
+            l_sum = tl.where(l_sum > 0, l_sum, 1.0)  # padding rows (ctx_len 0) give zeros, not NaN
+            tl.store(Out + b * stride_ob + hh[:, None] * stride_oh + d[None, :],
+                     (acc / l_sum[:, None]).to(Out.dtype.element_ty))
+
+    @triton.jit
+    def _split_reduce_kernel(PartM, PartL, PartAcc, Out, stride_ob, stride_oh, N_SPLITS,
+                             HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
+        """Combine the splits of one (sequence, head): weights exp(m_i - max m), empty splits (m = -inf) weigh 0."""
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        s = tl.arange(0, BLOCK_S)
+        d = tl.arange(0, HEAD_DIM)
+        ok = s < N_SPLITS
+        base = (b * tl.num_programs(1) + h) * N_SPLITS
+        m = tl.load(PartM + base + s, mask=ok, other=float("-inf"))
+        l_sum = tl.load(PartL + base + s, mask=ok, other=0.0)
+        m_max = tl.max(m, 0)
+        m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+        w = tl.exp(m - m_max)
+        total = tl.sum(l_sum * w, 0)
+        acc = tl.load(PartAcc + (base + s)[:, None] * HEAD_DIM + d[None, :], mask=ok[:, None], other=0.0)
+        o = tl.sum(acc * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+        tl.store(Out + b * stride_ob + h * stride_oh + d, o.to(Out.dtype.element_ty))
+
+
 def quantize_store_kv(k, v, k_cache, v_cache, k_sz, v_sz, slot_mapping, use_triton: bool) -> None:
     """quantize_store_kv_ref through one Triton launch (k, v [..., h, d], each head's d values contiguous)."""
     if not use_triton:
@@ -163,12 +311,60 @@ def quantize_store_kv(k, v, k_cache, v_cache, k_sz, v_sz, slot_mapping, use_trit
                                      BLOCK_H=triton.next_power_of_2(H), num_warps=4)
 
 
-def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, out=None, block_n: int = 128,
-                           k_sz=None, v_sz=None):
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """How paged_decode_attention runs: kernel "v2" (heads per program, context splits, fused store) or "v1"
+    (one program per (sequence, head), K/V stored by separate launches before it)."""
+    kernel: str = "v2"
+    heads: int = 1
+    splits: int = 1
+    block_n: int = 128
+    num_warps: int = 4
+    num_stages: int | None = None
+
+
+# Chosen per pool dtype and batch size from the H100 kernel sweep (bench/bench_attention.py, docs/benchmarks.md
+# run 5; contexts 640 / 2048, and 160 at batch 128): (smallest batch it applies from, config); the last entry
+# whose batch <= B wins. Small batches split the context (one program per head leaves most of the GPU idle:
+# bf16 batch 1, context 640: 48 -> 12 us with the stores); bf16 keeps one split from 16 (2.78 TB/s at 128 x 640
+# vs 2.57 before, stores included). The int8 v2 kernel lost to v1 from batch 16 on (387 vs 319 us at 128 x 640,
+# stores included), so int8 keeps v1 and its store launch there.
+DECODE_CONFIGS = {
+    "bf16": [(1, DecodeConfig(splits=16, block_n=64)), (2, DecodeConfig(splits=8, block_n=64)),
+             (4, DecodeConfig(splits=4)), (8, DecodeConfig(splits=2)), (16, DecodeConfig()),
+             (64, DecodeConfig(block_n=64))],
+    "int8": [(1, DecodeConfig(splits=16, block_n=64)), (2, DecodeConfig(splits=8, block_n=64)),
+             (8, DecodeConfig(splits=4, block_n=64)), (16, DecodeConfig("v1"))],
+}
+
+
+def decode_config(batch: int, int8: bool) -> DecodeConfig:
+    table = DECODE_CONFIGS["int8" if int8 else "bf16"]
+    return [c for b, c in table if b <= max(batch, 1)][-1]
+
+
+def _store_new_kv(k_new, v_new, slots, k_cache, v_cache, k_sz, v_sz) -> None:
+    """Separate store launches (the v1 path): index_copy_ of K and V, or the int8 quantizing store."""
+    if k_sz is not None:
+        quantize_store_kv(k_new, v_new, k_cache, v_cache, k_sz, v_sz, slots, use_triton=True)
+        return
+    H, D = k_cache.shape[-2:]
+    k_cache.view(-1, H, D).index_copy_(0, slots, k_new.reshape(-1, H, D))
+    v_cache.view(-1, H, D).index_copy_(0, slots, v_new.reshape(-1, H, D))
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, out=None, block_n: int | None = None,
+                           k_sz=None, v_sz=None, k_new=None, v_new=None, slots=None,
+                           config: DecodeConfig | None = None):
     """Triton paged decode attention (same contract as the reference); safe inside a CUDA graph.
 
-    block_n=128: on an H100 at batch 128, context 640 it read K/V at 2610 GB/s (32: 2285, 16: 1415).
     k_sz / v_sz given: int8 pools (uint8 rows, float32 (scale, zero) per token and head).
+    k_new / v_new [B, h, d] with slots [B]: the step's new K/V, stored into the pool at `slots` (quantized for
+    int8) and attended to as the last context position (context_lens includes it), as store-then-attend would.
+    config: DecodeConfig (default: decode_config(B, int8), chosen by batch size, so a CUDA graph captured for
+    one batch bucket always runs one kernel shape); block_n overrides its block_n.
     """
     if triton is None:
         raise RuntimeError("paged_decode_attention needs triton; use paged_decode_attention_ref")
@@ -179,10 +375,42 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, out=
     int8 = k_sz is not None
     if int8:
         assert k_sz.stride() == v_sz.stride() and k_sz.stride(-1) == 1
+    cfg = config or decode_config(B, int8)
+    block_n = block_n or cfg.block_n
+    fused = k_new is not None
+    if fused:
+        assert slots is not None and k_new.stride(-1) == 1 and v_new.stride(-1) == 1
+        slots = slots.contiguous()  # read as Slots + b (a no-op for the runner's slots)
     sz_strides = k_sz.stride()[:3] if int8 else (0, 0, 0)
-    _paged_decode_kernel[(B, H)](
-        q, k_cache, v_cache, k_sz if int8 else k_cache, v_sz if int8 else v_cache, out, block_tables, context_lens,
-        1.0 / math.sqrt(D), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        *sz_strides, out.stride(0), out.stride(1), block_tables.stride(0),
-        PAGE=k_cache.shape[1], HEAD_DIM=D, BLOCK_N=block_n, KV_INT8=int8, num_warps=4)
+    kszv = (k_sz, v_sz) if int8 else (k_cache, v_cache)
+    extra = {} if cfg.num_stages is None else {"num_stages": cfg.num_stages}
+    if cfg.kernel == "v1":
+        if fused:
+            _store_new_kv(k_new, v_new, slots, k_cache, v_cache, k_sz, v_sz)
+        _paged_decode_kernel[(B, H)](
+            q, k_cache, v_cache, *kszv, out, block_tables, context_lens,
+            1.0 / math.sqrt(D), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            *sz_strides, out.stride(0), out.stride(1), block_tables.stride(0),
+            PAGE=k_cache.shape[1], HEAD_DIM=D, BLOCK_N=block_n, KV_INT8=int8, num_warps=cfg.num_warps, **extra)
+        return out
+    assert H % cfg.heads == 0 and cfg.heads & (cfg.heads - 1) == 0, \
+        f"DecodeConfig.heads={cfg.heads} must be a power of two dividing the {H} heads"
+    split = cfg.splits > 1
+    if split:
+        part_m = torch.empty(B * H * cfg.splits, device=q.device, dtype=torch.float32)
+        part_l = torch.empty_like(part_m)
+        part_acc = torch.empty(B * H * cfg.splits * D, device=q.device, dtype=torch.float32)
+    else:
+        part_m = part_l = part_acc = out
+    kn, vn = (k_new, v_new) if fused else (q, q)
+    _paged_decode_v2_kernel[(B, H // cfg.heads, cfg.splits)](
+        q, k_cache, v_cache, *kszv, kn, vn, slots if fused else context_lens, out, part_m, part_l, part_acc,
+        block_tables, context_lens, 1.0 / math.sqrt(D),
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *sz_strides,
+        kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        PAGE=k_cache.shape[1], HEAD_DIM=D, BLOCK_N=block_n, HEADS=cfg.heads, KV_INT8=int8, FUSED_STORE=fused,
+        SPLIT=split, num_warps=cfg.num_warps, **extra)
+    if split:
+        _split_reduce_kernel[(B, H)](part_m, part_l, part_acc, out, out.stride(0), out.stride(1), cfg.splits,
+                                     HEAD_DIM=D, BLOCK_S=triton.next_power_of_2(cfg.splits), num_warps=4)
     return out
