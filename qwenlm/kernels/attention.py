@@ -122,6 +122,17 @@ if triton is not None:
         tl.store(Out + b * stride_ob + h * stride_oh + d, (acc / l_sum).to(Out.dtype.element_ty))
 
     @triton.jit
+    def _quantize_rows(x):
+        """x [R, d] fp32 -> (uint8 [R, d], scale [R], zero [R]): quant.quantize_kv's math, with IEEE divisions
+        (div_rn) as torch computes them and float -> uint8 truncation toward zero."""
+        fmax = tl.max(x, 1)
+        fmin = tl.min(x, 1)
+        qscale = tl.maximum(tl.math.div_rn(fmax - fmin, 255.0), 1e-8)
+        zero = 0.0 - tl.math.div_rn(fmin, qscale)
+        y = tl.math.div_rn(x, qscale[:, None]) + zero[:, None]
+        return tl.minimum(tl.maximum(y, 0.0), 255.0).to(tl.uint8), qscale, zero
+
+    @triton.jit
     def _quantize_store_kernel(Kin, Vin, KC, VC, KSZ, VSZ, Slots, H, stride_kt, stride_kh, stride_vt, stride_vh,
                                HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr):
         """One token: quantize its K and V rows [H, d] per head (quant.quantize_kv math) into slot Slots[t]."""
@@ -137,14 +148,7 @@ if triton is not None:
                 src = Kin + t * stride_kt + hh[:, None] * stride_kh + d[None, :]
             else:
                 src = Vin + t * stride_vt + hh[:, None] * stride_vh + d[None, :]
-            x = tl.load(src, mask=h_ok[:, None], other=0.0).to(tl.float32)
-            fmax = tl.max(x, 1)
-            fmin = tl.min(x, 1)
-            # IEEE divisions (div_rn), as torch computes them, so q is bit-identical to quant.quantize_kv
-            qscale = tl.maximum(tl.math.div_rn(fmax - fmin, 255.0), 1e-8)
-            zero = 0.0 - tl.math.div_rn(fmin, qscale)
-            y = tl.math.div_rn(x, qscale[:, None]) + zero[:, None]
-            q8 = tl.minimum(tl.maximum(y, 0.0), 255.0).to(tl.uint8)  # float -> uint8 truncates toward zero
+            q8, qscale, zero = _quantize_rows(tl.load(src, mask=h_ok[:, None], other=0.0).to(tl.float32))
             if which == 0:
                 tl.store(KC + dst, q8, mask=h_ok[:, None])
                 tl.store(KSZ + dst_sz, qscale, mask=h_ok)
@@ -153,18 +157,6 @@ if triton is not None:
                 tl.store(VC + dst, q8, mask=h_ok[:, None])
                 tl.store(VSZ + dst_sz, qscale, mask=h_ok)
                 tl.store(VSZ + dst_sz + 1, zero, mask=h_ok)
-
-
-    @triton.jit
-    def _quantize_rows(x):
-        """x [R, d] fp32 -> (uint8 [R, d], scale [R], zero [R]): quant.quantize_kv's math, with IEEE divisions
-        (div_rn) as torch computes them and float -> uint8 truncation toward zero, as _quantize_store_kernel."""
-        fmax = tl.max(x, 1)
-        fmin = tl.min(x, 1)
-        qscale = tl.maximum(tl.math.div_rn(fmax - fmin, 255.0), 1e-8)
-        zero = 0.0 - tl.math.div_rn(fmin, qscale)
-        y = tl.math.div_rn(x, qscale[:, None]) + zero[:, None]
-        return tl.minimum(tl.maximum(y, 0.0), 255.0).to(tl.uint8), qscale, zero
 
     @triton.jit
     def _paged_decode_v2_kernel(Q, K, V, KSZ, VSZ, Kin, Vin, Slots, Out, PartM, PartL, PartAcc,
