@@ -14,6 +14,7 @@ from qwenlm.sampling import SamplingParams
 from qwenlm.server.api import create_app
 from qwenlm.server.launch import ServerThread
 from qwenlm.tools import build_react_instruction, parse_react_reply
+from server_helpers import RecordingEngine
 
 KEY = "test-key"
 MODEL = "Qwen-tiny-Chat"
@@ -22,27 +23,6 @@ NIHAO_PROMPT = [151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198
                 198, 151644, 77091, 198]
 WEATHER = {"name": "get_weather", "description": "Get the weather of a city.",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
-
-
-class RecordingEngine:
-    """The real AsyncEngine, recording what the server sends it and the final outputs it returns."""
-
-    def __init__(self, engine: AsyncEngine):
-        self.inner, self.engine = engine, engine.engine
-        self.calls = []  # [prompt_ids, params, final RequestOutput or None]
-
-    async def generate(self, prompt_ids, params, request_id):
-        call = [list(prompt_ids), params, None]
-        self.calls.append(call)
-        async for out in self.inner.generate(prompt_ids, params, request_id):
-            call[2] = out
-            yield out
-
-    def abort_nowait(self, request_id):
-        self.inner.abort_nowait(request_id)
-
-    def stats(self):
-        return self.inner.stats()
 
 
 @pytest.fixture(scope="module")

@@ -10,25 +10,10 @@ from playwright.sync_api import expect, sync_playwright
 from qwenlm.engine import LLM, AsyncEngine
 from qwenlm.server.api import create_app
 from qwenlm.server.launch import ServerThread
+from server_helpers import RecordingEngine
 
 CHROMIUM = os.environ.get("QWENLM_CHROMIUM", "/usr/bin/chromium")
 KEY = "web-key"
-
-
-class RecordingEngine:
-    def __init__(self, engine):
-        self.inner, self.engine, self.calls = engine, engine.engine, []
-
-    async def generate(self, prompt_ids, params, request_id):
-        self.calls.append((list(prompt_ids), params))
-        async for out in self.inner.generate(prompt_ids, params, request_id):
-            yield out
-
-    def abort_nowait(self, request_id):
-        self.inner.abort_nowait(request_id)
-
-    def stats(self):
-        return self.inner.stats()
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +62,7 @@ def test_chat_stop_and_new_chat(web):
     expect(first).to_have_attribute("data-done", "true")
     assert first.inner_text().strip()  # the streamed reply is on the page
     expect(page.locator(".msg.user").nth(0)).to_have_text("Hello **there**")  # user text is never rendered
-    prompt, params = web.engine.calls[-1]
+    prompt, params, _ = web.engine.calls[-1]
     assert "Be brief." in tok.decode(prompt) and params.max_tokens == 8 and params.temperature == 0
 
     page.fill("#input", "And again?")
