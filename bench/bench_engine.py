@@ -19,49 +19,17 @@ import time
 
 import torch
 
+from benchlib import OUT, T0, copy_bandwidth, log, save_json, sync
 from qwenlm.config import ModelConfig
 from qwenlm.engine import EngineConfig, LLMEngine, SamplingParams
 from qwenlm.model.qwen import QWenLMHeadModel
 
-T0 = time.time()
 RESULTS: dict = {}
 TOKENS: dict = {}  # (tag, figure) -> output token ids of that run
-OUT = os.environ.get("OUT", ".")
-
-
-def log(msg):
-    print(f"[{time.time() - T0:6.1f}s] {msg}", flush=True)
 
 
 def save():
-    with open(os.path.join(OUT, "engine_bench.json"), "w") as f:
-        json.dump(RESULTS, f, indent=2)
-
-
-def sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def measure_bandwidth(dev) -> float:
-    """Bytes read + written per second of a large device-to-device copy."""
-    if dev.type != "cuda":
-        return 50e9
-    a = torch.randn(1 << 29, device=dev, dtype=torch.bfloat16)  # 1 GiB
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(10):
-        start.record()
-        b.copy_(a)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    bw = 2 * a.numel() * a.element_size() / statistics.median(times)
-    del a, b
-    return bw
+    save_json(RESULTS, "engine_bench.json")
 
 
 def bench_attention_kernel(cfg: ModelConfig, dev, bw):
@@ -502,7 +470,7 @@ def main():
         dtype = torch.bfloat16
     RESULTS["device"] = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
     RESULTS["torch"] = torch.__version__
-    bw = measure_bandwidth(dev)
+    bw = copy_bandwidth(dev)
     RESULTS["copy_bandwidth_gb_s"] = bw / 1e9
     log(f"{RESULTS['device']}: device-to-device copy {bw / 1e9:.0f} GB/s (read + write)")
 

@@ -23,12 +23,12 @@ import argparse
 import gc
 import json
 import os
-import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
+from benchlib import copy_bandwidth, log, save_json, sync
 from qwenlm.config import ModelConfig
 from qwenlm.engine import EngineConfig, LLMEngine, SamplingParams
 from qwenlm.kernels import gptq_matmul as K
@@ -235,38 +235,10 @@ def prefill_table():
 
 
 RESULTS: dict = {}
-OUT = os.environ.get("OUT", ".")
-T0 = time.time()
-
-
-def log(msg):
-    print(f"[{time.time() - T0:6.1f}s] {msg}", flush=True)
 
 
 def save():
-    with open(os.path.join(OUT, "bench_quant.json"), "w") as f:
-        json.dump(RESULTS, f, indent=1)
-
-
-def sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def copy_bandwidth(device) -> float:
-    """Bytes read + written per second of a 1 GiB device-to-device copy (the achievable streaming rate)."""
-    if torch.device(device).type != "cuda":
-        return 50e9
-    a = torch.empty(1 << 29, device=device, dtype=torch.bfloat16)
-    b = torch.empty_like(a)
-    times = []
-    for i in range(13):
-        t = time.perf_counter()
-        b.copy_(a)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    del a, b
-    return 2 * (1 << 30) / statistics.median(times[3:])
+    save_json(RESULTS, "bench_quant.json", indent=1)
 
 
 def build_model(cfg, kind, device, dtype):
