@@ -282,14 +282,8 @@ class LLM(LLMEngine):
             raise ValueError("pass either an EngineConfig or EngineConfig keyword arguments, not both")
         config = config or EngineConfig(**config_kwargs)
         if not hasattr(model_or_path, "config"):
-            import torch
+            from qwenlm.api import load  # the one loading path (qwenlm.api imports this module)
 
-            from qwenlm.hub import resolve_model
-            from qwenlm.model.loader import load_model
-            from qwenlm.tokenizer import Tokenizer
-
-            folder = resolve_model(model_or_path)
-            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-            model_or_path = load_model(folder, device, dtype)
-            tokenizer = tokenizer or Tokenizer.from_folder(folder)
+            loaded = load(model_or_path, device=device, dtype=dtype)
+            model_or_path, tokenizer = loaded.model, tokenizer or loaded.tokenizer
         super().__init__(model_or_path, tokenizer, config)
