@@ -84,11 +84,3 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, seen_ids: torch
         logits = logits.masked_fill(remove.scatter(0, sorted_idx, remove), float("-inf"))
     return logits
 
-
-def sample_token(logits: torch.Tensor, params: SamplingParams, seen_ids: torch.Tensor | None,
-                 generator: torch.Generator | None = None) -> int:
-    processed = process_logits(logits, params, seen_ids)
-    if params.greedy:
-        return int(processed.argmax())
-    probs = processed.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator))

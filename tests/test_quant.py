@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-from qwenlm.kernels.gptq_matmul import gptq_matmul_reference, tile_qweight, unpack_cols, unpack_rows, untile_qweight
+from qwenlm.kernels.gptq_matmul import tile_qweight, unpack_cols, unpack_rows, untile_qweight
 from qwenlm.model import quant
-from qwenlm.model.qwen import DenseKVCache, QWenLMHeadModel
+from qwenlm.model.qwen import QWenLMHeadModel
 from qwenlm.testing import TINY
 from qwenlm.config import ModelConfig
 

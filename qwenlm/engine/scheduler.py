@@ -43,9 +43,6 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
-
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.drop_pending()  # a token still in flight for it is discarded when its step resolves
         if seq.status is SeqStatus.RUNNING:

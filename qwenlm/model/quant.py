@@ -13,7 +13,6 @@ import math
 import os
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qwenlm.kernels import gptq_matmul as kernels
