@@ -102,15 +102,44 @@ def test_compiled_decode_regions_equal_the_model_and_are_shared_by_layers():
     assert counters["stats"]["unique_graphs"] == 10  # 5 regions x (static, dynamic), not x layers
 
 
+def test_compiled_prefill_regions_equal_the_model_with_logn_and_ntk():
+    """The prefill regions (flat row [1, T], per-token RoPE rows, LogN always on) give the model's exact hidden
+    states, also past seq_length (LogN active) and with two NTK alphas in one row; one graph for every T >= 2."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_model(num_hidden_layers=3, seq_length=16)
+    fuse_gate_up(model)
+    compiled = CompiledDecode(model, None, backend="eager")
+    torch._dynamo.reset()
+    counters.clear()
+    for T, start, alphas in ((9, 0, (1.0,)), (12, 10, (1.0, 3.0)), (5, 0, (3.0,))):
+        ids = torch.tensor(random_prompts([T], seed=T))
+        pos = torch.arange(start, start + T)[None]
+        inv = model.inv_freq(list(alphas), "cpu")[:, 0]  # [n_alphas, r/2]
+        inv_tok = inv[torch.arange(T) * len(alphas) // T][None]  # [1,T,r/2]: first part alpha 0, then alpha 1
+        with torch.no_grad():
+            ref_cache, cache = DenseKVCache(3), DenseKVCache(3)
+            ref_cache.begin(torch.ones(1, T, dtype=torch.bool))
+            cache.begin(torch.ones(1, T, dtype=torch.bool))
+            ref = model(ids, pos, ref_cache, inv_tok, use_logn=start + T > 16)
+            got = model.transformer.ln_f(compiled.prefill(cache, ids, pos, inv_tok))
+        assert torch.equal(ref, got)
+    assert counters["stats"]["unique_graphs"] == 4  # prologue, attn_in, attn_out, mlp_out: one graph each
+
+
 def test_engine_with_inductor_compiled_decode_matches_the_reference_loop():
     model = tiny_model()
     engine = tiny_engine(model, compile_decode=True)
     assert engine.runner.compiled and isinstance(engine.runner._decode_forward, CompiledDecode)
+    prefills = []
+    prefill = engine.runner._compiled.prefill
+    engine.runner._compiled.prefill = lambda *a: prefills.append(a[1].shape[1]) or prefill(*a)
     prompts = random_prompts([5, 11], seed=3)
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     outs = engine.generate(prompts, params)
     for prompt, out in zip(prompts, outs):
         assert out.outputs[0].token_ids == reference_ids(model, prompt, params)
+    assert prefills  # the prompts went through the compiled prefill regions
 
 
 @pytest.mark.parametrize("compile_decode,on_cuda,eager,expected", [

@@ -1,4 +1,4 @@
-"""The decode forward compiled by regions: one block's code compiled once and reused by all 32 layers.
+"""The decode (and prefill) forward compiled by regions: one block's code compiled once, reused by all 32 layers.
 
 Compiling the whole 32-layer forward traces and compiles every layer (~135 s at the Qwen-7B shape).
 Here each block is cut at the attention call into two regions, the same for every layer:
@@ -14,6 +14,13 @@ Batch 1 gets its own static-shape compile with gpt-fast's Inductor settings: wit
 `coordinate_descent_tuning`, Inductor rewrites an M=1 matmul as a reduction and generates (and tunes)
 a Triton GEMV for it, with the neighbouring pointwise work (bias, residual add, SiLU * up) fused in.
 Larger batches share one dynamic-shape compile whose matmuls stay on cuBLAS.
+
+Prefill (one flat row [1, T] of concatenated chunks, `prefill`) runs the same regions through a third,
+dynamic-in-T compile: eager, each RMSNorm, RoPE and SiLU * up is a chain of fp32 kernels over [T, 4096]
+tensors (about a fifth of a 2,048-token prefill on an H100); compiled, each chain is one kernel. Its
+inputs always carry per-token RoPE rows and the LogN scale (exactly 1 up to seq_length), so one graph
+serves every prefill of two tokens or more (T == 1 would be specialised by the compiler: the runner runs
+those eagerly).
 
 The math is the network's own (qwenlm/model/qwen.py: QWenLMHeadModel.forward, QWenBlock.forward and
 QWenAttention.forward), split at `ctx.attend`; tests check it against the model.
@@ -103,14 +110,24 @@ class CompiledDecode:
 
         self.static = _Regions(wrap(False))  # batch 1
         self.dynamic = _Regions(wrap(True))  # every other batch size, one compile
+        self.varlen = _Regions(wrap(True))  # prefill rows [1, T], T >= 2
 
-    def __call__(self, ids, pos, inv, use_logn: bool) -> torch.Tensor:
-        r = self.static if ids.shape[0] == 1 else self.dynamic
+    def _blocks(self, r: _Regions, ctx, ids, pos, inv, use_logn: bool) -> torch.Tensor:
         x, cos, sin, q_scale = r.prologue(self.model, ids, pos, inv, use_logn)
         for block in self.model.transformer.h:
             q, k, v = r.attn_in(block, x, cos, sin, q_scale)
-            out = self.ctx.attend(block.attn.layer_idx, q, k, v)
+            out = ctx.attend(block.attn.layer_idx, q, k, v)
             x, act = r.attn_out(block, x, out)
             if act is not None:
                 x = r.mlp_out(block, x, act)
-        return r.head(self.model, x)
+        return x
+
+    def __call__(self, ids, pos, inv, use_logn: bool) -> torch.Tensor:
+        r = self.static if ids.shape[0] == 1 else self.dynamic
+        return r.head(self.model, self._blocks(r, self.ctx, ids, pos, inv, use_logn))
+
+    def prefill(self, ctx, ids, pos, inv) -> torch.Tensor:
+        """Hidden states [1, T, H] before ln_f (as the blocks leave them) for ids, pos [1, T] (T >= 2) and
+        per-token RoPE rows inv [1, T, r/2]; LogN is always applied (a factor of exactly 1 up to seq_length)."""
+        assert ids.shape[0] == 1 and ids.shape[1] >= 2 and inv.shape[1] == ids.shape[1]
+        return self._blocks(self.varlen, ctx, ids, pos, inv, True)

@@ -52,6 +52,10 @@ class ModelRunner:
         # Fixed storage (CUDA graphs read rows of it by index); alphas are 1, 3, 7, 15, ... (spec §5.4).
         self._inv_table = torch.zeros(MAX_NTK_ALPHAS, self.cfg.rotary_dim // 2, device=self.device)
         self.alpha_row(1.0)
+        self.compiled = config.use_compiled_decode(self.device.type == "cuda")
+        # Compiled by regions between the attention calls (compiled_decode.py); batch 1 gets Triton GEMVs.
+        # Created before the pool is sized, so the sizing warm-up (or _compile_prefill) compiles the prefill.
+        self._compiled = CompiledDecode(model, None) if self.compiled else None
         self.num_blocks = self._size_pool()
         cfg = self.cfg
         # One extra block at the end: the scratch target of CUDA-graph padding rows.
@@ -67,10 +71,11 @@ class ModelRunner:
                                  for _ in range(2)]
             self._stage = 0
         self._decode_forward = self._decode_forward_eager
-        self.compiled = config.use_compiled_decode(self.device.type == "cuda")
         if self.compiled:
-            # Compiled by regions between the attention calls (compiled_decode.py); batch 1 gets Triton GEMVs.
-            self._decode_forward = CompiledDecode(model, self.ctx)
+            self._compiled.ctx = self.ctx
+            self._decode_forward = self._compiled
+            if not self._warmed_up:
+                self._compile_prefill()
         if self.device.type == "cuda" and not config.enforce_eager and self.ctx.backend == "triton":
             self._capture_graphs()
 
@@ -92,6 +97,7 @@ class ModelRunner:
         return cfg.num_hidden_layers * self.block_size * cfg.num_attention_heads * per_head
 
     def _size_pool(self) -> int:
+        self._warmed_up = False
         if self.config.num_blocks is not None:
             return self.config.num_blocks
         if self.device.type != "cuda":
@@ -115,18 +121,39 @@ class ModelRunner:
     def _warmup(self) -> None:
         """Run the largest prefill and sampler the scheduler can issue, to measure peak activation memory."""
         n = min(self.config.max_num_batched_tokens, self.max_model_len)
+        rows = min(self.config.max_num_seqs, n)
+        logits = self.model.logits(self._prefill_scratch(n, slice(0, rows)))
+        params = SamplingParams(temperature=0.7, top_p=0.8, top_k=50, repetition_penalty=1.1, logprobs=True)
+        seqs = [Sequence("warmup", 0, [0], params, seed=i, ntk_alpha=1.0) for i in range(rows)]
+        sample(logits, SamplingBatch(seqs, self.device))
+        del logits
+        torch.cuda.synchronize()
+        self._warmed_up = True
+
+    def _prefill_scratch(self, n: int, rows) -> torch.Tensor:
+        """Hidden states (after ln_f) of `rows` of an n-token prefill that stores nothing (pool-less context)."""
         ctx = PagedAttention([None] * self.cfg.num_hidden_layers, [None] * self.cfg.num_hidden_layers, "torch")
         ctx.set_prefill(None, [PrefillSeq(0, n, n, None)])
         ids = torch.zeros(1, n, dtype=torch.long, device=self.device)
         pos = torch.arange(n, device=self.device)[None]
-        hidden = self.model(ids, pos, ctx, self._inv_table[:1, None, :], use_logn=self.cfg.use_logn_attn)
-        rows = min(self.config.max_num_seqs, n)
-        logits = self.model.logits(hidden[0, :rows])
-        params = SamplingParams(temperature=0.7, top_p=0.8, top_k=50, repetition_penalty=1.1, logprobs=True)
-        seqs = [Sequence("warmup", 0, [0], params, seed=i, ntk_alpha=1.0) for i in range(rows)]
-        sample(logits, SamplingBatch(seqs, self.device))
-        del hidden, logits
-        torch.cuda.synchronize()
+        inv = self._inv_table[torch.zeros(n, dtype=torch.long, device=self.device)][None]  # [1,n,r/2]
+        return self._prefill_forward(ctx, ids, pos, inv, self.cfg.use_logn_attn, rows)
+
+    @torch.inference_mode()
+    def _compile_prefill(self) -> None:
+        """Compile the prefill regions now (engine start) rather than on the first request."""
+        n = min(16, self.config.max_num_batched_tokens, self.max_model_len)
+        if n >= 2:
+            self._prefill_scratch(n, slice(n - 1, n))
+
+    def _prefill_forward(self, ctx, ids, pos, inv, use_logn: bool, rows) -> torch.Tensor:
+        """Hidden states after ln_f of `rows` (an index) of the flat batch ids, pos [1, T]; inv [1, 1 or T, r/2].
+        Through the compiled regions when they are on (T >= 2)."""
+        T = ids.shape[1]
+        if self._compiled is not None and T >= 2:
+            inv = inv.expand(1, T, -1).contiguous()  # one compiled graph: per-token rows always
+            return self.model.transformer.ln_f(self._compiled.prefill(ctx, ids, pos, inv)[0, rows])
+        return self.model(ids, pos, ctx, inv, use_logn=use_logn)[0, rows]
 
     # ---- steps ------------------------------------------------------------------------------------
     def _slots(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
@@ -198,10 +225,8 @@ class ModelRunner:
             per_token = torch.cat([torch.full((n,), r, dtype=torch.int64) for r, n in alpha_rows])
             inv = self._inv_table[per_token.to(self.device)][None]  # [1,T,r/2]
         use_logn = self.cfg.use_logn_attn and max(positions) + 1 > self.cfg.seq_length
-        hidden = self.model(ids_t, pos_t, self.ctx, inv, use_logn=use_logn)
-        if not last:
-            return hidden.new_empty(0, self.cfg.vocab_size).float()
-        return self.model.logits(hidden[0, self._to_device(last)])
+        hidden = self._prefill_forward(self.ctx, ids_t, pos_t, inv, use_logn, self._to_device(last))
+        return self.model.logits(hidden)  # [len(last), V] fp32 (no rows: empty)
 
     def _decode_inputs(self, seqs: list[Sequence], rows: int):
         """Flat int64 [5*rows] (ids, positions, slots, context lens, alpha rows) and the block tables [rows, W]."""
