@@ -25,6 +25,24 @@ def test_mixed_length_concurrent_requests_equal_single_runs(model):
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
 
 
+def test_equal_length_prompts_batched_in_one_attention_call_equal_single_runs(model):
+    """Runs of fresh chunks of one length share one causal SDPA call ([G,h,L,d] views of the flat row)."""
+    prompts = random_prompts([7, 7, 7, 5, 5, 9, 7], seed=11)
+    engine = tiny_engine(model, max_num_batched_tokens=64, enable_prefix_caching=False)
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    import qwenlm.engine.attention as attention
+    attention.F = type("F", (), {"scaled_dot_product_attention": staticmethod(
+        lambda q, *a, **k: calls.append(q.shape[0]) or sdpa(q, *a, **k))})
+    try:
+        outs = engine.generate(prompts, GREEDY)
+    finally:
+        attention.F = torch.nn.functional
+    assert calls[:8] == [3, 2, 1, 1] * 2  # the first prefill step's groups, in each layer
+    for prompt, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == reference_ids(model, prompt, GREEDY)
+
+
 def test_chunked_prefill_equals_unchunked(model):
     prompts = random_prompts([37, 23], seed=3)
     p = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=True)

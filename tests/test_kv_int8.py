@@ -152,6 +152,15 @@ def test_triton_int8_kernels_match_reference_in_interpreter():
                 assert (a.int() - b.int()).abs().max() <= 1 and (a != b).float().mean() < 1e-3, (a != b).sum()
             else:
                 torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+        # the store's dequantized copy of the new rows is exactly what reading them back from the pool gives
+        # (fp16 here: the interpreter's fp32 -> bf16 cast does not round to nearest as the GPU's does;
+        # bench/bench_attention.py checks bf16 on the GPU)
+        from qwenlm.kernels.attention import dequantize_rows
+        again = [torch.zeros_like(t) for t in pools]
+        kd, vd = quantize_store_kv(k.half(), v.half(), *again, slots, use_triton=True, dequantized=True)
+        for rows, cache, sz in ((kd, again[0], again[2]), (vd, again[1], again[3])):
+            back = dequantize_rows(cache.view(-1, H, D)[slots], sz.view(-1, H, 2)[slots], torch.float16)
+            assert rows.dtype == torch.float16 and torch.equal(rows, back)
         kc, vc, ks, vs = ref_pools
         kc.random_(0, 256, generator=g); vc.random_(0, 256, generator=g)  # every slot holds data
         ks.uniform_(0.001, 0.03, generator=g); vs.uniform_(0.001, 0.03, generator=g)

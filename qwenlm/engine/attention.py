@@ -106,29 +106,37 @@ class PagedAttention:
         return self._prefill(q, k, v, lambda slots: (k_cache.view(-1, H, D)[slots], v_cache.view(-1, H, D)[slots]))
 
     def _prefill(self, q, k, v, gather) -> torch.Tensor:
-        """Each chunk attends causally to its context. gather(slots) gives the context's K, V [S,h,d] from the
-        pool: used when a prefix is cached and, for an int8 pool, always (the chunk's own rows as stored)."""
+        """Each chunk attends causally to its context: its own rows k, v (for an int8 pool, as stored) and, after
+        a prefix-cache hit or an earlier chunk, its cached prefix, whose K, V [S,h,d] gather(slots) reads."""
         out = torch.empty_like(q)
-        for s in self.prefill_seqs:
-            # 4-D [1,h,T,d] views: SDPA picks its flash / memory-efficient kernels only for 4-D inputs
-            # (3-D ones fall back to the math kernel, which materialises the T x S scores).
-            qs = q[:, s.q_start:s.q_start + s.q_len].transpose(1, 2)  # [1,h,T,d]
-            slots = s.ctx_slots
-            if slots is None and self.int8 and self.slot_mapping is not None:
-                slots = self.slot_mapping[s.q_start:s.q_start + s.q_len]  # the stored (quantized) chunk
-            if slots is None:
-                ks = k[:, s.q_start:s.q_start + s.q_len].transpose(1, 2)
-                vs = v[:, s.q_start:s.q_start + s.q_len].transpose(1, 2)
-            else:
-                kg, vg = gather(slots)
-                ks, vs = kg[None].transpose(1, 2), vg[None].transpose(1, 2)  # [1,h,S,d]
+        H, D = q.shape[2:]
+        seqs, i = self.prefill_seqs, 0
+        while i < len(seqs):
+            s = seqs[i]
             if s.ctx_slots is None:
-                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
-            else:
-                q_pos = torch.arange(s.ctx_len - s.q_len, s.ctx_len, device=q.device)[:, None]
-                mask = torch.arange(s.ctx_len, device=q.device)[None, :] <= q_pos  # [T,S]
-                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)
+                # A run of fresh chunks of one length (adjacent in the flat row): one causal SDPA over [G,h,L,d]
+                # views. 4-D inputs: SDPA picks its flash / memory-efficient kernels only for those (3-D ones
+                # fall back to the math kernel, which materialises the T x S scores).
+                j = i + 1
+                while j < len(seqs) and seqs[j].ctx_slots is None and seqs[j].q_len == s.q_len:
+                    j += 1
+                a, b, L = s.q_start, seqs[j - 1].q_start + s.q_len, s.q_len
+
+                def rows(t):
+                    return t[0, a:b].reshape(j - i, L, H, D).transpose(1, 2)
+
+                o = F.scaled_dot_product_attention(rows(q), rows(k), rows(v), is_causal=True)
+                out[0, a:b] = o.transpose(1, 2).reshape(b - a, H, D)
+                i = j
+                continue
+            qs = q[:, s.q_start:s.q_start + s.q_len].transpose(1, 2)  # [1,h,T,d]
+            kg, vg = gather(s.ctx_slots)
+            ks, vs = kg[None].transpose(1, 2), vg[None].transpose(1, 2)  # [1,h,S,d]
+            q_pos = torch.arange(s.ctx_len - s.q_len, s.ctx_len, device=q.device)[:, None]
+            mask = torch.arange(s.ctx_len, device=q.device)[None, :] <= q_pos  # [T,S]
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)
             out[:, s.q_start:s.q_start + s.q_len] = o.transpose(1, 2)
+            i += 1
         return out
 
     def _attend_int8(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -145,8 +153,9 @@ class PagedAttention:
                 out = paged_decode_attention_ref(q[:, 0], kc, vc, self.block_tables, self.context_lens,
                                                  self.max_context_len, k_sz=ks, v_sz=vs)
             return out[:, None]
-        if self.slot_mapping is not None:
-            quantize_store_kv(k, v, kc, vc, ks, vs, self.slot_mapping, use_triton)
+        if self.slot_mapping is not None:  # the chunk attends to its own rows as stored (dequantized)
+            kd, vd = quantize_store_kv(k, v, kc, vc, ks, vs, self.slot_mapping, use_triton, dequantized=True)
+            k, v = kd.view(k.shape), vd.view(v.shape)
 
         def gather(slots):
             return (dequantize_rows(kc.view(-1, H, D)[slots], ks.view(-1, H, 2)[slots], q.dtype),
