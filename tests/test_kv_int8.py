@@ -188,7 +188,8 @@ def test_triton_int8_kernels_match_reference_in_interpreter():
         pos = (lens - 1).clamp(min=0).long()
         slots = tables.long()[torch.arange(B), pos // bs] * bs + pos % bs
         for cfg in (DecodeConfig("v1", block_n=8), DecodeConfig(block_n=8), DecodeConfig(heads=2, splits=3, block_n=4),
-                    DecodeConfig(heads=4, splits=8, block_n=2)):
+                    DecodeConfig(heads=4, splits=8, block_n=2), DecodeConfig("mma", block_n=16),
+                    DecodeConfig("mma", splits=3, block_n=16)):
             pools = [kc.clone(), vc.clone(), ks.clone(), vs.clone()]
             want_pools = [kc.clone(), vc.clone(), ks.clone(), vs.clone()]
             quantize_store_kv_ref(kn, vn, *want_pools, slots)

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from qwenlm.kernels.attention import (dequantize_rows, paged_decode_attention, paged_decode_attention_ref,
-                                     quantize_store_kv, triton)
+from qwenlm.kernels.attention import paged_decode_attention, paged_decode_attention_ref, triton
+from qwenlm.kernels.kv_int8 import dequantize_rows, quantize_store_kv
 
 KV_CACHE_DTYPES = ("auto", "int8")
 

@@ -11,10 +11,9 @@ fits the shape. Two kernels, picked per pool dtype and batch size by `decode_con
   GPU idle); it stores the new token's K/V itself (quantized for int8) and attends to it as stored, which
   saves the store launches of every layer.
 
-Int8 KV cache (spec §8, `qwenlm.model.quant.quantize_kv`): the pools are uint8 and every (token, head) row has
-a (scale, zero) pair in a float32 tensor [num_blocks, block_size, heads, 2]; `x ~ scale * (q - zero)`.
-`quantize_store_kv` quantizes new K/V rows into their slots (one Triton program per token on CUDA), and the
-decode kernel dequantizes while it reads: q.k = scale * (q.k_u8 - zero * sum(q)), so each K row costs one
+Int8 KV cache (spec §8; the store is in `qwenlm.kernels.kv_int8`): the pools are uint8 and every (token, head)
+row has a (scale, zero) pair in a float32 tensor [num_blocks, block_size, heads, 2]; `x ~ scale * (q - zero)`.
+The decode kernels dequantize while they read: q.k = scale * (q.k_u8 - zero * sum(q)), so each K row costs one
 dot product plus two scalars, and V rows are weighted by p * scale.
 """
 
@@ -32,26 +31,10 @@ try:
 except ImportError:  # CPU installs without triton use the torch path
     triton = None
 
+from qwenlm.kernels.kv_int8 import dequantize_rows, quantize_store_kv, quantize_store_kv_ref  # noqa: F401
 
-def dequantize_rows(q_u8: torch.Tensor, scale_zero: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """uint8 [..., d] and (scale, zero) [..., 2] -> scale * (q - zero) in dtype (the official dequantize)."""
-    from qwenlm.model.quant import dequantize_kv
-    return dequantize_kv(q_u8, scale_zero[..., 0:1], scale_zero[..., 1:2], dtype)
-
-
-def quantize_store_kv_ref(k, v, k_cache, v_cache, k_sz, v_sz, slot_mapping, dequantized: bool = False):
-    """Quantize k, v [..., h, d] per token and head (quant.quantize_kv) into uint8 pools [N, bs, h, d] at the
-    given slots, with (scale, zero) into k_sz / v_sz [N, bs, h, 2]. dequantized=True: also return the rows as
-    stored, dequantized to k's dtype ([n, h, d] each), i.e. what reading them back from the pool gives."""
-    from qwenlm.model.quant import dequantize_kv, quantize_kv
-    H, D = k_cache.shape[-2:]
-    rows = []
-    for x, cache, sz in ((k, k_cache, k_sz), (v, v_cache, v_sz)):
-        q8, scale, zero = quantize_kv(x.reshape(-1, H, D))
-        cache.view(-1, H, D).index_copy_(0, slot_mapping, q8)
-        sz.view(-1, H, 2).index_copy_(0, slot_mapping, torch.cat((scale, zero), -1))
-        rows.append(dequantize_kv(q8, scale, zero, x.dtype) if dequantized else None)
-    return tuple(rows) if dequantized else None
+if triton is not None:
+    from qwenlm.kernels.kv_int8 import _quantize_rows
 
 
 def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, max_len: int | None = None,
@@ -126,50 +109,59 @@ if triton is not None:
         tl.store(Out + b * stride_ob + h * stride_oh + d, (acc / l_sum).to(Out.dtype.element_ty))
 
     @triton.jit
-    def _quantize_rows(x):
-        """x [R, d] fp32 -> (uint8 [R, d], scale [R], zero [R]): quant.quantize_kv's math, with IEEE divisions
-        (div_rn) as torch computes them and float -> uint8 truncation toward zero."""
-        fmax = tl.max(x, 1)
-        fmin = tl.min(x, 1)
-        qscale = tl.maximum(tl.math.div_rn(fmax - fmin, 255.0), 1e-8)
-        zero = 0.0 - tl.math.div_rn(fmin, qscale)
-        y = tl.math.div_rn(x, qscale[:, None]) + zero[:, None]
-        return tl.minimum(tl.maximum(y, 0.0), 255.0).to(tl.uint8), qscale, zero
+    def _store_new_and_attend(K, V, KSZ, VSZ, Kin, Vin, Slots, b, hh, sp, d, q, m, l_sum, acc, ctx_len,
+                              stride_kb, stride_kp, stride_kh, stride_sb, stride_sp, stride_sh,
+                              stride_knb, stride_knh, stride_vnb, stride_vnh, PAGE: tl.constexpr,
+                              KV_INT8: tl.constexpr):
+        """The fused store: the new token's K/V rows of heads hh (from Kin / Vin) go into slot Slots[b], quantized
+        for int8, by split 0 only; then one online-softmax step over that row as stored. q: the scaled query
+        [HB, D] fp32; (m, l_sum, acc) [HB], [HB], [HB, D]: the running softmax state, returned updated."""
+        slot = tl.load(Slots + b).to(tl.int64)
+        dst = (slot // PAGE) * stride_kb + (slot % PAGE) * stride_kp + hh[:, None] * stride_kh + d[None, :]
+        kn = tl.load(Kin + b * stride_knb + hh[:, None] * stride_knh + d[None, :])
+        vn = tl.load(Vin + b * stride_vnb + hh[:, None] * stride_vnh + d[None, :])
+        first_h = (hh * 0 + sp) == 0  # split 0 stores (masks as tensors: the interpreter wants them)
+        first = first_h[:, None] & (d[None, :] >= 0)
+        if KV_INT8:
+            dst_sz = (slot // PAGE) * stride_sb + (slot % PAGE) * stride_sp + hh * stride_sh
+            kq, k_scale, k_zero = _quantize_rows(kn.to(tl.float32))
+            vq, v_scale, v_zero = _quantize_rows(vn.to(tl.float32))
+            tl.store(K + dst, kq, mask=first)
+            tl.store(KSZ + dst_sz, k_scale, mask=first_h)
+            tl.store(KSZ + dst_sz + 1, k_zero, mask=first_h)
+            tl.store(V + dst, vq, mask=first)
+            tl.store(VSZ + dst_sz, v_scale, mask=first_h)
+            tl.store(VSZ + dst_sz + 1, v_zero, mask=first_h)
+            k_new = k_scale[:, None] * (kq.to(tl.float32) - k_zero[:, None])  # the row as stored
+            v_new = v_scale[:, None] * (vq.to(tl.float32) - v_zero[:, None])
+        else:
+            kn = kn.to(K.dtype.element_ty)
+            vn = vn.to(V.dtype.element_ty)
+            tl.store(K + dst, kn, mask=first)
+            tl.store(V + dst, vn, mask=first)
+            k_new = kn.to(tl.float32)
+            v_new = vn.to(tl.float32)
+        # online-softmax step for the one new row, in split 0 only (branch-free: -inf elsewhere)
+        s_new = tl.where(first_h & (ctx_len > 0), tl.sum(k_new * q, 1), float("-inf"))  # [HB]
+        m_new = tl.maximum(m, s_new)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        p_new = tl.exp(s_new - m_safe)
+        return m_new, l_sum * alpha + p_new, acc * alpha[:, None] + p_new[:, None] * v_new
 
     @triton.jit
-    def _quantize_store_kernel(Kin, Vin, KC, VC, KSZ, VSZ, Slots, KD, VD, H, stride_kt, stride_kh, stride_vt,
-                               stride_vh, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, DEQUANT: tl.constexpr):
-        """One token: quantize its K and V rows [H, d] per head (quant.quantize_kv math) into slot Slots[t];
-        DEQUANT: also write the stored rows dequantized (dequantize_kv math: scale * (q - zero) in fp32, then
-        cast) to KD / VD [T, H, d], contiguous."""
-        t = tl.program_id(0)
-        slot = tl.load(Slots + t).to(tl.int64)
-        hh = tl.arange(0, BLOCK_H)
-        d = tl.arange(0, HEAD_DIM)
-        h_ok = hh < H
-        dst = slot * H * HEAD_DIM + hh[:, None] * HEAD_DIM + d[None, :]
-        dst_sz = slot * H * 2 + hh * 2
-        for which in tl.static_range(2):
-            if which == 0:
-                src = Kin + t * stride_kt + hh[:, None] * stride_kh + d[None, :]
-            else:
-                src = Vin + t * stride_vt + hh[:, None] * stride_vh + d[None, :]
-            q8, qscale, zero = _quantize_rows(tl.load(src, mask=h_ok[:, None], other=0.0).to(tl.float32))
-            if DEQUANT:
-                deq = qscale[:, None] * (q8.to(tl.float32) - zero[:, None])
-                row = t * H * HEAD_DIM + hh[:, None] * HEAD_DIM + d[None, :]
-                if which == 0:
-                    tl.store(KD + row, deq.to(KD.dtype.element_ty), mask=h_ok[:, None])
-                else:
-                    tl.store(VD + row, deq.to(VD.dtype.element_ty), mask=h_ok[:, None])
-            if which == 0:
-                tl.store(KC + dst, q8, mask=h_ok[:, None])
-                tl.store(KSZ + dst_sz, qscale, mask=h_ok)
-                tl.store(KSZ + dst_sz + 1, zero, mask=h_ok)
-            else:
-                tl.store(VC + dst, q8, mask=h_ok[:, None])
-                tl.store(VSZ + dst_sz, qscale, mask=h_ok)
-                tl.store(VSZ + dst_sz + 1, zero, mask=h_ok)
+    def _finish(Out, PartM, PartL, PartAcc, b, hh, sp, d, m, l_sum, acc, n_heads, n_splits, stride_ob, stride_oh,
+                HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr):
+        """Write heads hh of sequence b: acc / l_sum, or with SPLIT the partial (m, l_sum, acc) of split sp."""
+        if SPLIT:
+            part = (b * n_heads + hh) * n_splits + sp  # [HB]
+            tl.store(PartM + part, m)
+            tl.store(PartL + part, l_sum)
+            tl.store(PartAcc + part[:, None] * HEAD_DIM + d[None, :], acc)
+        else:
+            l_sum = tl.where(l_sum > 0, l_sum, 1.0)  # padding rows (ctx_len 0) give zeros, not NaN
+            tl.store(Out + b * stride_ob + hh[:, None] * stride_oh + d[None, :],
+                     (acc / l_sum[:, None]).to(Out.dtype.element_ty))
 
     @triton.jit
     def _paged_decode_v2_kernel(Q, K, V, KSZ, VSZ, Kin, Vin, Slots, Out, PartM, PartL, PartAcc,
@@ -237,49 +229,103 @@ if triton is not None:
                 acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v, 0)
             m = m_new
         if FUSED_STORE:
-            slot = tl.load(Slots + b).to(tl.int64)
-            dst = (slot // PAGE) * stride_kb + (slot % PAGE) * stride_kp + hh[:, None] * stride_kh + d[None, :]
-            kn = tl.load(Kin + b * stride_knb + hh[:, None] * stride_knh + d[None, :])
-            vn = tl.load(Vin + b * stride_vnb + hh[:, None] * stride_vnh + d[None, :])
-            first_h = (hh * 0 + sp) == 0  # split 0 stores (masks as tensors: the interpreter wants them)
-            first = first_h[:, None] & (d[None, :] >= 0)
-            if KV_INT8:
-                dst_sz = (slot // PAGE) * stride_sb + (slot % PAGE) * stride_sp + hh * stride_sh
-                kq, k_scale, k_zero = _quantize_rows(kn.to(tl.float32))
-                vq, v_scale, v_zero = _quantize_rows(vn.to(tl.float32))
-                tl.store(K + dst, kq, mask=first)
-                tl.store(KSZ + dst_sz, k_scale, mask=first_h)
-                tl.store(KSZ + dst_sz + 1, k_zero, mask=first_h)
-                tl.store(V + dst, vq, mask=first)
-                tl.store(VSZ + dst_sz, v_scale, mask=first_h)
-                tl.store(VSZ + dst_sz + 1, v_zero, mask=first_h)
-                k_new = k_scale[:, None] * (kq.to(tl.float32) - k_zero[:, None])  # the row as stored
-                v_new = v_scale[:, None] * (vq.to(tl.float32) - v_zero[:, None])
-            else:
-                kn = kn.to(K.dtype.element_ty)
-                vn = vn.to(V.dtype.element_ty)
-                tl.store(K + dst, kn, mask=first)
-                tl.store(V + dst, vn, mask=first)
-                k_new = kn.to(tl.float32)
-                v_new = vn.to(tl.float32)
-            # online-softmax step for the one new row, in split 0 only (branch-free: -inf elsewhere)
-            s_new = tl.where(first_h & (ctx_len > 0), tl.sum(k_new * q, 1), float("-inf"))  # [HB]
-            m_new = tl.maximum(m, s_new)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m - m_safe)
-            p_new = tl.exp(s_new - m_safe)
-            l_sum = l_sum * alpha + p_new
-            acc = acc * alpha[:, None] + p_new[:, None] * v_new
-            m = m_new
-        if SPLIT:
-            part = (b * tl.num_programs(1) * HEADS + hh) * n_splits + sp  # [HB]
-            tl.store(PartM + part, m)
-            tl.store(PartL + part, l_sum)
-            tl.store(PartAcc + part[:, None] * HEAD_DIM + d[None, :], acc)
+            m, l_sum, acc = _store_new_and_attend(K, V, KSZ, VSZ, Kin, Vin, Slots, b, hh, sp, d, q, m, l_sum, acc,
+                                                  ctx_len, stride_kb, stride_kp, stride_kh, stride_sb, stride_sp,
+                                                  stride_sh, stride_knb, stride_knh, stride_vnb, stride_vnh,
+                                                  PAGE, KV_INT8)
+        _finish(Out, PartM, PartL, PartAcc, b, hh, sp, d, m, l_sum, acc, tl.num_programs(1) * HEADS, n_splits,
+                stride_ob, stride_oh, HEAD_DIM, SPLIT)
+
+    @triton.jit
+    def _paged_decode_mma_kernel(Q, K, V, KSZ, VSZ, Kin, Vin, Slots, Out, PartM, PartL, PartAcc,
+                                 BlockTables, ContextLens, scale,
+                                 stride_qb, stride_qh, stride_kb, stride_kp, stride_kh,
+                                 stride_sb, stride_sp, stride_sh,
+                                 stride_knb, stride_knh, stride_vnb, stride_vnh,
+                                 stride_ob, stride_oh, stride_bt,
+                                 PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                                 KV_INT8: tl.constexpr, FUSED_STORE: tl.constexpr, SPLIT: tl.constexpr,
+                                 OP: tl.constexpr, Q_LO: tl.constexpr):
+        """v2's program (sequence b, head h, split sp) with both products on tensor cores: q.K^T as K[BN,D] @
+        Q[D,16] and p.V as P[16,BN] @ V[BN,D], where only column / row 0 of the padded operand is nonzero.
+        Decode attention stays bound by reading K/V; the point is what the tensor-core path does to that read:
+        Triton stages tl.dot operands through shared memory with asynchronous copies (num_stages deep), so
+        many more bytes are in flight per SM than with v1/v2's register tiles, and the per-element products
+        and reductions leave the CUDA cores. Operands are in the pool dtype; for int8 pools bf16, which holds
+        every uint8 exactly. A query not exact in that dtype (Q_LO) and the weights p are split into a high
+        and a low part (two products), so the result keeps ~16 bits where one bf16 operand would keep 8."""
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        sp = tl.program_id(2)
+        n_splits = tl.num_programs(2)
+        ctx_len = tl.load(ContextLens + b)
+        if FUSED_STORE:
+            n_cached = tl.maximum(ctx_len - 1, 0)
         else:
-            l_sum = tl.where(l_sum > 0, l_sum, 1.0)  # padding rows (ctx_len 0) give zeros, not NaN
-            tl.store(Out + b * stride_ob + hh[:, None] * stride_oh + d[None, :],
-                     (acc / l_sum[:, None]).to(Out.dtype.element_ty))
+            n_cached = ctx_len
+        hh = h + tl.arange(0, 1)
+        d = tl.arange(0, HEAD_DIM)
+        c = tl.arange(0, 16)
+        qf = tl.load(Q + b * stride_qb + h * stride_qh + d).to(tl.float32)  # [D], unscaled
+        q_hi = qf.to(OP)
+        q_mat = tl.where(c[None, :] == 0, q_hi[:, None], 0.0).to(OP)  # [D,16]
+        if Q_LO:
+            q_mat_lo = tl.where(c[None, :] == 0, (qf - q_hi.to(tl.float32)).to(OP)[:, None], 0.0).to(OP)
+        q_sum = tl.sum(qf, 0)
+        m = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), 0)
+        l_sum = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)
+        acc = tl.zeros([16, HEAD_DIM], tl.float32)  # row 0 is the output; the others stay 0
+        if SPLIT:
+            chunk = tl.cdiv(tl.cdiv(n_cached, n_splits), BLOCK_N) * BLOCK_N
+            start = sp * chunk
+            end = tl.minimum(start + chunk, n_cached)
+        else:
+            start = 0
+            end = n_cached
+        for s0 in range(start, end, BLOCK_N):
+            n = s0 + tl.arange(0, BLOCK_N)
+            valid = n < end
+            blk = tl.load(BlockTables + b * stride_bt + n // PAGE, mask=valid, other=0).to(tl.int64)
+            off = (blk * stride_kb + (n % PAGE) * stride_kp + h * stride_kh)[:, None] + d[None, :]  # [BN,D]
+            k = tl.load(K + off, mask=valid[:, None], other=0).to(OP)
+            sc = tl.dot(k, q_mat)  # [BN,16] fp32, column 0 = k . q
+            if Q_LO:
+                sc += tl.dot(k, q_mat_lo)
+            s = tl.sum(sc, 1)
+            if KV_INT8:
+                sz = blk * stride_sb + (n % PAGE) * stride_sp + h * stride_sh
+                k_scale = tl.load(KSZ + sz, mask=valid, other=0.0)
+                k_zero = tl.load(KSZ + sz + 1, mask=valid, other=0.0)
+                s = k_scale * (s - k_zero * q_sum)  # q . scale*(k - zero)
+            s = tl.where(valid, s * scale, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 0))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(s - m_new)
+            l_sum = l_sum * alpha + tl.sum(p, 0)
+            v = tl.load(V + off, mask=valid[:, None], other=0).to(OP)
+            if KV_INT8:
+                pv = p * tl.load(VSZ + sz, mask=valid, other=0.0)  # p * scale
+                corr = tl.sum(pv * tl.load(VSZ + sz + 1, mask=valid, other=0.0), 0)  # sum p * scale * zero
+            else:
+                pv = p
+            pv_hi = pv.to(OP)
+            p_hi = tl.where(c[:, None] == 0, pv_hi[None, :], 0.0).to(OP)  # [16,BN]
+            p_lo = tl.where(c[:, None] == 0, (pv - pv_hi.to(tl.float32)).to(OP)[None, :], 0.0).to(OP)
+            acc = acc * alpha + tl.dot(p_hi, v) + tl.dot(p_lo, v)
+            if KV_INT8:
+                acc -= tl.where(c[:, None] == 0, corr, 0.0)
+            m = m_new
+        acc_row = tl.sum(acc, 0)[None, :]  # [1,D]
+        m1 = m + tl.zeros([1], tl.float32)
+        l1 = l_sum + tl.zeros([1], tl.float32)
+        if FUSED_STORE:
+            m1, l1, acc_row = _store_new_and_attend(K, V, KSZ, VSZ, Kin, Vin, Slots, b, hh, sp, d,
+                                                    (qf * scale)[None, :], m1, l1, acc_row, ctx_len,
+                                                    stride_kb, stride_kp, stride_kh, stride_sb, stride_sp,
+                                                    stride_sh, stride_knb, stride_knh, stride_vnb, stride_vnh,
+                                                    PAGE, KV_INT8)
+        _finish(Out, PartM, PartL, PartAcc, b, hh, sp, d, m1, l1, acc_row, tl.num_programs(1), n_splits,
+                stride_ob, stride_oh, HEAD_DIM, SPLIT)
 
     @triton.jit
     def _split_reduce_kernel(PartM, PartL, PartAcc, Out, stride_ob, stride_oh, N_SPLITS,
@@ -302,31 +348,11 @@ if triton is not None:
         tl.store(Out + b * stride_ob + h * stride_oh + d, o.to(Out.dtype.element_ty))
 
 
-def quantize_store_kv(k, v, k_cache, v_cache, k_sz, v_sz, slot_mapping, use_triton: bool,
-                      dequantized: bool = False):
-    """quantize_store_kv_ref through one Triton launch (k, v [..., h, d], each head's d values contiguous);
-    with dequantized=True it also returns the stored rows dequantized (no read-back from the pool)."""
-    if not use_triton:
-        return quantize_store_kv_ref(k, v, k_cache, v_cache, k_sz, v_sz, slot_mapping, dequantized)
-    H, D = k_cache.shape[-2:]
-    k2, v2 = k.reshape(-1, H, D), v.reshape(-1, H, D)
-    assert k2.stride(-1) == 1 and v2.stride(-1) == 1 and k_cache.is_contiguous() and k_sz.is_contiguous()
-    n = k2.shape[0]
-    kd, vd = (torch.empty(n, H, D, dtype=k.dtype, device=k.device) for _ in range(2)) if dequantized else (k2, v2)
-    if n:
-        _quantize_store_kernel[(n,)](k2, v2, k_cache, v_cache, k_sz, v_sz, slot_mapping, kd, vd, H,
-                                     k2.stride(0), k2.stride(1), v2.stride(0), v2.stride(1), HEAD_DIM=D,
-                                     BLOCK_H=triton.next_power_of_2(H), DEQUANT=dequantized, num_warps=4)
-    return (kd, vd) if dequantized else None
-
-
-
-
 @dataclass(frozen=True)
 class DecodeConfig:
     """How paged_decode_attention runs: kernel "v2" (heads per program, context splits, fused store) or "v1"
     (one program per (sequence, head), K/V stored by separate launches before it)."""
-    kernel: str = "v2"
+    kernel: str = "v2"  # "v1", "v2" or "mma" (v2's program with tensor-core products; heads 1)
     heads: int = 1
     splits: int = 1
     block_n: int = 128
@@ -402,6 +428,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, out=
             *sz_strides, out.stride(0), out.stride(1), block_tables.stride(0),
             PAGE=k_cache.shape[1], HEAD_DIM=D, BLOCK_N=block_n, KV_INT8=int8, num_warps=cfg.num_warps, **extra)
         return out
+    assert cfg.kernel != "mma" or (cfg.heads == 1 and block_n >= 16 and D >= 16), "mma: heads 1, tiles >= 16"
     assert H % cfg.heads == 0 and cfg.heads & (cfg.heads - 1) == 0, \
         f"DecodeConfig.heads={cfg.heads} must be a power of two dividing the {H} heads"
     split = cfg.splits > 1
@@ -412,13 +439,21 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, out=
     else:
         part_m = part_l = part_acc = out
     kn, vn = (k_new, v_new) if fused else (q, q)
-    _paged_decode_v2_kernel[(B, H // cfg.heads, cfg.splits)](
+    kernel, kw = _paged_decode_v2_kernel, dict(HEADS=cfg.heads)
+    if cfg.kernel == "mma":
+        op_dtype = k_cache.dtype
+        if int8:  # uint8 values are exact in bf16 and fp16: the query's own dtype where it is one of them
+            op_dtype = q.dtype if q.dtype in (torch.bfloat16, torch.float16) else torch.float16
+        assert op_dtype in (torch.bfloat16, torch.float16), f"mma: int8, bf16 or fp16 pools, not {op_dtype}"
+        kernel = _paged_decode_mma_kernel
+        kw = dict(OP=tl.bfloat16 if op_dtype == torch.bfloat16 else tl.float16, Q_LO=q.dtype != op_dtype)
+    kernel[(B, H // cfg.heads, cfg.splits)](
         q, k_cache, v_cache, *kszv, kn, vn, slots if fused else context_lens, out, part_m, part_l, part_acc,
         block_tables, context_lens, 1.0 / math.sqrt(D),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *sz_strides,
         kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
-        PAGE=k_cache.shape[1], HEAD_DIM=D, BLOCK_N=block_n, HEADS=cfg.heads, KV_INT8=int8, FUSED_STORE=fused,
-        SPLIT=split, num_warps=cfg.num_warps, **extra)
+        PAGE=k_cache.shape[1], HEAD_DIM=D, BLOCK_N=block_n, KV_INT8=int8, FUSED_STORE=fused,
+        SPLIT=split, num_warps=cfg.num_warps, **kw, **extra)
     if split:
         _split_reduce_kernel[(B, H)](part_m, part_l, part_acc, out, out.stride(0), out.stride(1), cfg.splits,
                                      HEAD_DIM=D, BLOCK_S=triton.next_power_of_2(cfg.splits), num_warps=4)
