@@ -1,7 +1,7 @@
 """Paged decode attention kernel sweep: µs and GB/s of each DecodeConfig at the Qwen-7B shape (32 heads x 128).
 
 Every timing is the median replay of a CUDA graph of many calls (as the engine runs them), the new token's K/V
-stored by the call (fused into the v2 kernel; separate store launches for v1), rotating over enough layers'
+stored by the call (fused into every kernel), rotating over enough layers'
 pools that the K/V is not served from L2. GB/s counts the pool bytes a call must read (K and V rows of the
 context, plus the (scale, zero) pairs for int8). Writes attention_sweep.json into $OUT (or ./).
 
@@ -29,7 +29,7 @@ T0 = time.time()
 
 def configs(quick: bool, kernels: str) -> list[tuple[str, DecodeConfig, bool]]:
     """(name, config, fused store) of the kernels named in `kernels` (v1, v2, mma; comma-separated)."""
-    out = [("v1 + store launches", DecodeConfig("v1", block_n=128), True),
+    out = [("v1 + store", DecodeConfig("v1", block_n=128), True),
            ("v1 alone", DecodeConfig("v1", block_n=128), False),
            ("v2 h1 n128 w4 s1 unfused", DecodeConfig(block_n=128), False)]
     tiles = [(1, 128, 4), (1, 64, 4), (1, 128, 8), (1, 32, 4), (2, 64, 4), (2, 32, 4), (2, 64, 8), (4, 32, 4),
@@ -173,7 +173,7 @@ def main():
             errs = {n: check(inputs, c, int8) for n, c, f in cfgs
                     if n in rows and (n.endswith(" s1") or n.endswith(" s16"))}
             res[f"{dt} B={B} ctx={ctx}"] = rows
-            base = rows.get("v1 + store launches", {}).get("us", float("nan"))
+            base = rows.get("v1 + store", {}).get("us", float("nan"))
             best = sorted(rows.items(), key=lambda kv: kv[1]["us"])[:6]
             print(f"[{time.time() - T0:5.0f}s] {dt} B={B} ctx={ctx} ({nbytes / 1e6:.1f} MB/layer): v1+stores "
                   f"{base:.1f} us ({nbytes / max(base, 1e-9) / 1e3:.0f} GB/s), v1 alone {rows.get('v1 alone', {}).get('us', 0):.1f} "
@@ -193,7 +193,7 @@ def main():
             names = set.intersection(*(set(res[k]) for k in keys))
             score = {n: math.exp(statistics.mean(math.log(max(res[k][n]["us"], 1e-9)) for k in keys)) for n in names}
             ranked = sorted(score.items(), key=lambda kv: kv[1])
-            base = score.get("v1 + store launches", float("nan"))
+            base = score.get("v1 + store", float("nan"))
             print(f"{dt} B={B}: " + ", ".join(f"{n} {s:.1f}" for n, s in ranked[:4]) + f" | v1+stores {base:.1f}")
     with open(os.path.join(os.environ.get("OUT", "."), "attention_sweep.json"), "w") as f:
         json.dump(res, f, indent=1)

@@ -305,9 +305,10 @@ def bench_qwenlm(model, cfg, dev, bw, args, compile_decode: bool | None, tag: st
     out_tps = n * args.new_tokens / wall
     TOKENS[tag, "throughput"] = run_timed.last_tokens
     res["throughput"] = dict(requests=n, output_tok_s=out_tps, decode_tok_s=dec_tok / dec_s, wall_s=wall,
-                             preemptions=engine.scheduler.num_preemptions)
+                             decode_s=dec_s, preemptions=engine.scheduler.num_preemptions)
     log(f"[{tag}] {n} requests x {args.prompt_len}/{args.new_tokens}: {out_tps:.0f} output tok/s "
-        f"(decode steps alone {dec_tok / dec_s:.0f} tok/s), {wall:.1f}s, stats {engine.stats()}")
+        f"(decode steps alone {dec_tok / dec_s:.0f} tok/s), {wall:.2f}s of which decode steps {dec_s:.2f}s, "
+        f"stats {engine.stats()}")
     save()
     if dev.type == "cuda":  # host gap of full-batch decode steps
         timing, table = step_timing(engine, prompts_of(n, 128, cfg.vocab_size, 4), greedy(32),
@@ -453,7 +454,7 @@ def main():
     ap.add_argument("--no-int8-kv", action="store_true", help="skip the defaults + int8 KV cache run")
     ap.add_argument("--no-sync", action="store_true", help="skip the run without overlapped steps")
     ap.add_argument("--attention-before", action="store_true",
-                    help="also run with the v1 decode attention kernel and separate K/V store launches")
+                    help="also run with the v1 decode attention kernel for every batch")
     ap.add_argument("--eager-deadline", type=float, default=330, help="skip the eager run after this many s")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
@@ -487,7 +488,7 @@ def main():
     if not args.no_int8_kv:
         bench_qwenlm(model, cfg, dev, bw, args, compile_decode=None, tag="qwenlm int8 KV", full=False,
                      kv_cache_dtype="int8")
-    if args.attention_before:  # the same engine with the run-4 attention: v1 kernel + separate store launches
+    if args.attention_before:  # the same engine with the v1 attention kernel at every batch
         from qwenlm.kernels import attention as attention_kernels
         tables = attention_kernels.DECODE_CONFIGS
         v1 = attention_kernels.DecodeConfig("v1")

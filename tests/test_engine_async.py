@@ -159,6 +159,9 @@ def test_decode_config_table_covers_every_batch():
     assert decode_config(1, False) == DECODE_CONFIGS["bf16"][0][1]
     assert decode_config(256, True) == DECODE_CONFIGS["int8"][-1][1]
     assert decode_config(3, False) == decode_config(2, False)  # the entry of the largest start <= 3
+    for batch in (1, 8, 128):  # fp32 pools: v2 where the table says mma (tensor cores take 16-bit operands)
+        cfg, fp32 = decode_config(batch, False), decode_config(batch, False, torch.float32)
+        assert fp32.kernel == ("v2" if cfg.kernel == "mma" else cfg.kernel) and fp32.splits == cfg.splits
 
 
 def test_torch_paged_reference_matches_dense_attention():

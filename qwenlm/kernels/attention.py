@@ -3,13 +3,16 @@
 Layout: k_cache / v_cache [num_blocks, block_size, heads, head_dim]; block_tables [B, W] int32 (block ids
 of each sequence, in order); context_lens [B] int32 (tokens to attend over, the new one included);
 q [B, heads, head_dim]. Each program runs an online softmax over its pages, reading each K/V row once: decode
-attention is bound by memory bandwidth, and Qwen v1 has no GQA, so a per-head dot product (no tensor cores)
-fits the shape. Two kernels, picked per pool dtype and batch size by `decode_config` (an H100 sweep):
-- v1: one program per (sequence, head); the new token's K/V stored beforehand by separate launches;
+attention is bound by memory bandwidth (Qwen v1 has no GQA: every head reads its own K/V). Three kernels, picked
+per pool dtype and batch size by `decode_config` (an H100 sweep):
+- v1: one program per (sequence, head), products on the CUDA cores;
 - v2: one program per (sequence, `heads` adjacent heads, context split); with splits > 1 a second kernel
   combines the splits' partial softmax (flash-decoding: at batch 1 one program per head leaves most of the
-  GPU idle); it stores the new token's K/V itself (quantized for int8) and attends to it as stored, which
-  saves the store launches of every layer.
+  GPU idle);
+- mma: v2's program (one head) with both products on tensor cores, whose operands Triton streams through
+  shared memory with asynchronous copies: the fastest for bf16 pools at every batch (2.95 TB/s at 128 x 640).
+Given the step's new K/V, each stores it itself (quantized for int8) and attends to it as stored, which saves
+the store launches of every layer.
 
 Int8 KV cache (spec §8; the store is in `qwenlm.kernels.kv_int8`): the pools are uint8 and every (token, head)
 row has a (scale, zero) pair in a float32 tensor [num_blocks, block_size, heads, 2]; `x ~ scale * (q - zero)`.
@@ -64,24 +67,30 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, 
 if triton is not None:
 
     @triton.jit
-    def _paged_decode_kernel(Q, K, V, KSZ, VSZ, Out, BlockTables, ContextLens, scale,
+    def _paged_decode_kernel(Q, K, V, KSZ, VSZ, Kin, Vin, Slots, Out, BlockTables, ContextLens, scale,
                              stride_qb, stride_qh, stride_kb, stride_kp, stride_kh,
                              stride_sb, stride_sp, stride_sh,
+                             stride_knb, stride_knh, stride_vnb, stride_vnh,
                              stride_ob, stride_oh, stride_bt,
                              PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                             KV_INT8: tl.constexpr):
+                             KV_INT8: tl.constexpr, FUSED_STORE: tl.constexpr):
+        """Program (sequence b, head h): the whole context in BLOCK_N-token tiles. FUSED_STORE: as in v2."""
         b = tl.program_id(0)
         h = tl.program_id(1)
         ctx_len = tl.load(ContextLens + b)
+        if FUSED_STORE:
+            n_cached = tl.maximum(ctx_len - 1, 0)
+        else:
+            n_cached = ctx_len
         d = tl.arange(0, HEAD_DIM)
         q = tl.load(Q + b * stride_qb + h * stride_qh + d).to(tl.float32) * scale
         q_sum = tl.sum(q, 0)
         m = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), 0)
         l_sum = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)
         acc = tl.zeros([HEAD_DIM], tl.float32)
-        for start in range(0, ctx_len, BLOCK_N):
+        for start in range(0, n_cached, BLOCK_N):
             n = start + tl.arange(0, BLOCK_N)
-            valid = n < ctx_len
+            valid = n < n_cached
             blk = tl.load(BlockTables + b * stride_bt + n // PAGE, mask=valid, other=0).to(tl.int64)
             off = blk * stride_kb + (n % PAGE) * stride_kp + h * stride_kh  # [BLOCK_N]
             sz = blk * stride_sb + (n % PAGE) * stride_sp + h * stride_sh  # (scale, zero) rows (int8 pools)
@@ -105,8 +114,14 @@ if triton is not None:
             else:
                 acc = acc * alpha + tl.sum(p[:, None] * v, 0)
             m = m_new
-        l_sum = tl.where(l_sum > 0, l_sum, 1.0)  # padding rows (ctx_len 0) give zeros, not NaN
-        tl.store(Out + b * stride_ob + h * stride_oh + d, (acc / l_sum).to(Out.dtype.element_ty))
+        hh = h + tl.arange(0, 1)
+        m1, l1, acc1 = m + tl.zeros([1], tl.float32), l_sum + tl.zeros([1], tl.float32), acc[None, :]
+        if FUSED_STORE:
+            m1, l1, acc1 = _store_new_and_attend(K, V, KSZ, VSZ, Kin, Vin, Slots, b, hh, 0, d, q[None, :], m1, l1,
+                                                 acc1, ctx_len, stride_kb, stride_kp, stride_kh, stride_sb,
+                                                 stride_sp, stride_sh, stride_knb, stride_knh, stride_vnb,
+                                                 stride_vnh, PAGE, KV_INT8)
+        _finish(Out, Out, Out, Out, b, hh, 0, d, m1, l1, acc1, 0, 1, stride_ob, stride_oh, HEAD_DIM, False)
 
     @triton.jit
     def _store_new_and_attend(K, V, KSZ, VSZ, Kin, Vin, Slots, b, hh, sp, d, q, m, l_sum, acc, ctx_len,
@@ -360,34 +375,29 @@ class DecodeConfig:
     num_stages: int | None = None
 
 
-# Chosen per pool dtype and batch size from the H100 kernel sweep (bench/bench_attention.py, docs/benchmarks.md
-# run 5; contexts 640 / 2048, and 160 at batch 128): (smallest batch it applies from, config); the last entry
-# whose batch <= B wins. Small batches split the context (one program per head leaves most of the GPU idle:
-# bf16 batch 1, context 640: 48 -> 12 us with the stores); bf16 keeps one split from 16 (2.78 TB/s at 128 x 640
-# vs 2.57 before, stores included). The int8 v2 kernel lost to v1 from batch 16 on (387 vs 319 us at 128 x 640,
-# stores included), so int8 keeps v1 and its store launch there.
+# Chosen per pool dtype and batch size from the H100 kernel sweeps (bench/bench_attention.py, docs/benchmarks.md
+# engine runs 5 and 6; contexts 640 / 2048, and 160 at batch 128): (smallest batch it applies from, config); the
+# last entry whose batch <= B wins. Small batches split the context (one program per head leaves most of the GPU
+# idle: bf16 batch 1, context 640: 48 -> 11 us). bf16: mma with 64-token tiles and 2 stages won at every batch
+# (128 x 640: 455 us, 2.95 TB/s, vs 482 for v2). int8: the uint8 tiles are slower in v2 and mma than in v1
+# from batch 16 on (128 x 640: v1 308 us, v2 380, mma 457), so int8 keeps v2 below 16 and v1 above.
+_MMA = dict(kernel="mma", block_n=64, num_stages=2)
 DECODE_CONFIGS = {
-    "bf16": [(1, DecodeConfig(splits=16, block_n=64)), (2, DecodeConfig(splits=8, block_n=64)),
-             (4, DecodeConfig(splits=4)), (8, DecodeConfig(splits=2)), (16, DecodeConfig()),
-             (64, DecodeConfig(block_n=64))],
+    "bf16": [(1, DecodeConfig(splits=16, **_MMA)), (2, DecodeConfig(splits=8, **_MMA)),
+             (4, DecodeConfig(splits=4, **_MMA)), (8, DecodeConfig(splits=2, **_MMA)), (16, DecodeConfig(**_MMA))],
     "int8": [(1, DecodeConfig(splits=16, block_n=64)), (2, DecodeConfig(splits=8, block_n=64)),
              (8, DecodeConfig(splits=4, block_n=64)), (16, DecodeConfig("v1"))],
 }
 
 
-def decode_config(batch: int, int8: bool) -> DecodeConfig:
+def decode_config(batch: int, int8: bool, pool_dtype: torch.dtype = torch.bfloat16) -> DecodeConfig:
+    """The table's config for this batch; fp32 pools (fp32 models: tests, CPU-built checks) take v2 where the
+    table says mma (tensor cores take 16-bit operands)."""
     table = DECODE_CONFIGS["int8" if int8 else "bf16"]
-    return [c for b, c in table if b <= max(batch, 1)][-1]
-
-
-def _store_new_kv(k_new, v_new, slots, k_cache, v_cache, k_sz, v_sz) -> None:
-    """Separate store launches (the v1 path): index_copy_ of K and V, or the int8 quantizing store."""
-    if k_sz is not None:
-        quantize_store_kv(k_new, v_new, k_cache, v_cache, k_sz, v_sz, slots, use_triton=True)
-        return
-    H, D = k_cache.shape[-2:]
-    k_cache.view(-1, H, D).index_copy_(0, slots, k_new.reshape(-1, H, D))
-    v_cache.view(-1, H, D).index_copy_(0, slots, v_new.reshape(-1, H, D))
+    cfg = [c for b, c in table if b <= max(batch, 1)][-1]
+    if cfg.kernel == "mma" and not int8 and pool_dtype not in (torch.bfloat16, torch.float16):
+        cfg = DecodeConfig("v2", splits=cfg.splits, block_n=cfg.block_n, num_warps=cfg.num_warps)
+    return cfg
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, out=None, block_n: int | None = None,
@@ -410,7 +420,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, out=
     int8 = k_sz is not None
     if int8:
         assert k_sz.stride() == v_sz.stride() and k_sz.stride(-1) == 1
-    cfg = config or decode_config(B, int8)
+    cfg = config or decode_config(B, int8, k_cache.dtype)
     block_n = block_n or cfg.block_n
     fused = k_new is not None
     if fused:
@@ -419,14 +429,14 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, out=
     sz_strides = k_sz.stride()[:3] if int8 else (0, 0, 0)
     kszv = (k_sz, v_sz) if int8 else (k_cache, v_cache)
     extra = {} if cfg.num_stages is None else {"num_stages": cfg.num_stages}
+    kn, vn = (k_new, v_new) if fused else (q, q)
     if cfg.kernel == "v1":
-        if fused:
-            _store_new_kv(k_new, v_new, slots, k_cache, v_cache, k_sz, v_sz)
         _paged_decode_kernel[(B, H)](
-            q, k_cache, v_cache, *kszv, out, block_tables, context_lens,
+            q, k_cache, v_cache, *kszv, kn, vn, slots if fused else context_lens, out, block_tables, context_lens,
             1.0 / math.sqrt(D), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            *sz_strides, out.stride(0), out.stride(1), block_tables.stride(0),
-            PAGE=k_cache.shape[1], HEAD_DIM=D, BLOCK_N=block_n, KV_INT8=int8, num_warps=cfg.num_warps, **extra)
+            *sz_strides, kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1), out.stride(0), out.stride(1),
+            block_tables.stride(0), PAGE=k_cache.shape[1], HEAD_DIM=D, BLOCK_N=block_n, KV_INT8=int8,
+            FUSED_STORE=fused, num_warps=cfg.num_warps, **extra)
         return out
     assert cfg.kernel != "mma" or (cfg.heads == 1 and block_n >= 16 and D >= 16), "mma: heads 1, tiles >= 16"
     assert H % cfg.heads == 0 and cfg.heads & (cfg.heads - 1) == 0, \
@@ -438,7 +448,6 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, out=
         part_acc = torch.empty(B * H * cfg.splits * D, device=q.device, dtype=torch.float32)
     else:
         part_m = part_l = part_acc = out
-    kn, vn = (k_new, v_new) if fused else (q, q)
     kernel, kw = _paged_decode_v2_kernel, dict(HEADS=cfg.heads)
     if cfg.kernel == "mma":
         op_dtype = k_cache.dtype
