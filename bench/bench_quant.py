@@ -12,6 +12,9 @@ models never exist). Prints, side by side with the bandwidth bound (measured dev
     python bench/bench_quant.py                 # everything (about 5 minutes on an H100)
     python bench/bench_quant.py --sweep         # also search GEMV launch settings around the table's
     python bench/bench_quant.py --gemv-sweep    # only: every batch-1 GEMV variant (unpacking, layout, launch)
+    python bench/bench_quant.py --gemv-graph    # only: Int4 GEMV, table vs _gemv_kernel_v4 settings, CUDA graphs
+    python bench/bench_quant.py --gemv-graph --apply --only-batch1 --skip-linear --compile --kinds int4,bf16
+                                                # the same, the fastest put in the table, then the engine
     python bench/bench_quant.py --tune --only-batch1 --compile --kinds int4,int4-gateup   # table vs prefetch
                                                 # neighbours, then batch-1 through the engine (w1 + w2 fused too)
     python bench/bench_quant.py --tiny --device cpu   # smoke test of the script itself
@@ -172,6 +175,119 @@ def gemv_sweep(budget_s: float = 290.0):
     for key, b in best.items():
         print(f"    {key}: {b},")
     return results
+
+
+def graph_us(call, copies, reps=20):
+    """µs per call of `call(c)` replayed from one CUDA graph over `copies` (distinct weights, together larger
+    than L2, run back to back as the engine's decode graph runs its linears): no launch gaps, no L2 flush."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for c in copies:
+            call(c)
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for c in copies:
+            call(c)
+    g.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        g.replay()
+    end.record()
+    end.synchronize()
+    return 1e3 * start.elapsed_time(end) / (reps * len(copies))
+
+
+# The batch-1 Int4 settings the table had before `_gemv_kernel_v4` (docs/benchmarks.md runs 3-4), per shape.
+PREVIOUS_INT4 = {(12288, 4096): (256, 128, 8, 4, 3, 2), (4096, 4096): (64, 128, 16, 4, 3, 2, 1),
+                 (11008, 4096): (64, 128, 8, 4, 3, 0), (22016, 4096): (256, 128, 4, 4, 3, 2),
+                 (4096, 11008): (64, 128, 16, 4, 3, 0)}
+
+
+def graph_configs():
+    """`_gemv_kernel_v4` settings (BLOCK_N = 128 x warps, BLOCK_K unused, SPLIT_K, warps, stages, 4, flags): the
+    fastest of the earlier sweeps (docs/benchmarks.md, run 5), each with the relaxed split-K epilogue (flag 1),
+    every load of a group first (2), both, and neither; and the previous table's settings."""
+    base = [(512, 128, 16, 4, 2, 4), (512, 128, 8, 4, 2, 4), (256, 128, 16, 2, 3, 4), (128, 128, 4, 1, 3, 4),
+            (256, 128, 8, 2, 2, 4), (256, 128, 32, 2, 1, 4), (512, 128, 16, 4, 3, 4)]
+    return [c + (f,) for c in base for f in (0, 1, 2, 3)] + list(dict.fromkeys(PREVIOUS_INT4.values()))
+
+
+def profile_calls(configs):
+    """One call per setting at attn.c_attn, for a profiler run (ncu) to read the kernels' counters."""
+    k, n = SHAPES["attn.c_attn"]
+    qw, qz, s, _ = random_gptq(k, n, 4)
+    x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+    ws = K.gemv_workspace(n, "cuda")
+    for cfg in configs:
+        for _ in range(2):
+            K.gptq_matmul(x, qw, qz, s, 128, 4, config=cfg, workspace=ws)
+    torch.cuda.synchronize()
+
+
+def gemv_graph_sweep(configs=None, budget_s=150.0, apply=False):
+    """Int4 batch-1 GEMV at the Qwen-7B shapes: the table's setting against `graph_configs()`, each timed two
+    ways: do_bench with L2 flushed (median; the earlier runs took the mean) and back to back in a CUDA graph
+    over weight copies larger than L2 (`graph_us`, the engine's situation). Prints µs, GB/s and the max error
+    over 10 calls; the best per shape last (apply: into the table, for the engine runs that follow)."""
+    torch.manual_seed(0)
+    t0 = time.time()
+    configs = configs or graph_configs()
+    rows = []
+    for name, (k, n) in GEMV_SHAPES.items():
+        nbytes = gptq_bytes(k, n, 4)
+        copies = [random_gptq(k, n, 4) for _ in range(max(2, -(-150_000_000 // int(nbytes))))]
+        x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+        qw, qz, s, gi = copies[0]
+        ref = K.gptq_matmul_reference(x, qw, qz, s, gi, 4).float()
+        ws = K.gemv_workspace(n, "cuda")
+
+        def timed(cfg):
+            cs = [tuple(c[:3]) for c in copies]
+            err = max(((K.gptq_matmul(x, qw, qz, s, 128, 4, config=cfg, workspace=ws).float() - ref).abs().max()
+                       / ref.abs().max()).item() for _ in range(10))
+            from triton.testing import do_bench  # median: single slow readings (seen up to 7x) do not count
+            t = 1e3 * do_bench(lambda: K.gptq_matmul(x, cs[0][0], cs[0][1], cs[0][2], 128, 4, config=cfg,
+                                                     workspace=ws), warmup=20, rep=60, return_mode="median")
+            tg = graph_us(lambda c: K.gptq_matmul(x, c[0], c[1], c[2], 128, 4, config=cfg, workspace=ws), cs)
+            return dict(cfg=cfg, us=t, GBs=nbytes / t / 1e3, graph_us=tg, graph_GBs=nbytes / tg / 1e3, maxerr=err)
+
+        w_bf16 = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        row = dict(layer=name, K=k, N=n, bf16_us=1e3 * bench_ms(lambda: F.linear(x.bfloat16(), w_bf16)),
+                   bound_us=nbytes / HBM_BYTES_PER_S * 1e6, current=timed(K.gemv_config(4, n, k)), variants=[])
+        del w_bf16
+        for cfg in configs:
+            if time.time() - t0 > budget_s:
+                print("  budget spent: remaining settings skipped", flush=True)
+                break
+            try:
+                row["variants"].append(timed(cfg))
+            except Exception as e:  # a setting that does not compile (registers, shared memory) is skipped
+                print(f"  skip {cfg}: {type(e).__name__} {str(e)[:160]}", flush=True)
+        rows.append(row)
+        c = row["current"]
+        print(f"int4 {name} {k}->{n}: bf16 {row['bf16_us']:.1f} us | table {c['cfg']}: {c['us']:.1f} us "
+              f"({c['GBs']:.0f} GB/s), graph {c['graph_us']:.1f} us ({c['graph_GBs']:.0f}) | bound "
+              f"{row['bound_us']:.1f} us  [{time.time() - t0:.0f}s]", flush=True)
+        prev = [v for v in row["variants"] if v["cfg"] == PREVIOUS_INT4.get((n, k))]
+        for v in prev + sorted(row["variants"], key=lambda v: v["graph_us"])[:12]:
+            print(f"    {str(v['cfg']):33s} {v['us']:6.1f} us {v['GBs']:5.0f} GB/s | graph {v['graph_us']:6.1f} us "
+                  f"{v['graph_GBs']:5.0f} GB/s | maxerr {v['maxerr']:.1e}" + ("  (previous table)" if v in prev
+                                                                             else ""), flush=True)
+        RESULTS["gemv_graph_sweep"] = rows
+        save()
+    print("best per shape by graph time (bits, N, K): setting, graph us, do_bench us")
+    for r in rows:
+        good = [v for v in r["variants"] if v["maxerr"] < 2e-3]
+        if good:
+            b = min(good, key=lambda v: v["graph_us"])
+            print(f"    (4, {r['N']}, {r['K']}): {b['cfg']},  # graph {b['graph_us']:.1f} "
+                  f"(table {r['current']['graph_us']:.1f}), do_bench {b['us']:.1f} (table {r['current']['us']:.1f})")
+            if apply and b["graph_us"] < r["current"]["graph_us"]:
+                K.GEMV_CONFIGS[(4, r["N"], r["K"])] = b["cfg"]  # the engine runs that follow use it
+    return rows
 
 
 def tune_table():
@@ -470,6 +586,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--gemv-sweep", action="store_true", help="only the batch-1 GEMV variant sweep")
+    ap.add_argument("--gemv-graph", action="store_true",
+                    help="only: Int4 batch-1 GEMV, the table vs graph_configs(), timed in CUDA graphs too")
+    ap.add_argument("--sweep-s", type=float, default=150.0, help="with --gemv-graph: time budget (s)")
+    ap.add_argument("--apply", action="store_true", help="with --gemv-graph: put the fastest settings in the "
+                    "table, then run the engine sections")
+    ap.add_argument("--profile", default="", help='only: GEMV calls for ncu, settings "a,b,c,d,e,f;..."')
     ap.add_argument("--tune", action="store_true", help="settle GEMV settings (tune_table) before the engine runs")
     ap.add_argument("--only-batch1", action="store_true", help="skip the attention-kernel and KV-pool sections")
     ap.add_argument("--tiny", action="store_true")
@@ -496,6 +618,13 @@ def main():
     if args.gemv_sweep:
         section("gemv_sweep", gemv_sweep)
         return
+    if args.profile:
+        profile_calls([tuple(int(v) for v in c.split(",")) for c in args.profile.split(";")])
+        return
+    if args.gemv_graph:
+        section("gemv_graph_sweep", gemv_graph_sweep, None, args.sweep_s, args.apply)
+        if not args.apply:
+            return
     if device == "cuda":
         section("kernel_checks", check_kernels_on_gpu, device)
         section("act_order", check_act_order)

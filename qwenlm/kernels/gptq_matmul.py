@@ -15,11 +15,16 @@ Kernels, because batch-1 decode and batched/prefill rows want different work:
   per weight instead of ~7; products summed in fp16 over the 8 lanes of a word, then fp32) -- optionally
   prefetching the next K block into registers, and reading either the official qweight or a tiled copy
   (`tile_qweight`: each program's column block one contiguous run).
+- `_gemv_kernel_v4` (Int4, M == 1; the table's choice at every Qwen-7B shape): 4 columns per thread and every
+  row of a group inside the thread, so the group's rows are summed in half2 in registers (Marlin's unpacking,
+  `_int4_word_fma`: 13 instructions per word, the zero point and a 2^-8 range guard folded into one HFMA2 per
+  lane pair), the scale applied once per group and no cross-thread reduction until the end.
 - M > 1 (batched decode, prefill): `_dequant_kernel` writes the fp16/bf16 weight once, cuBLAS multiplies.
 The GEMVs use  sum_k x_k * s * (q_kn - z_n) = s * (sum_k x_k q_kn - z_n * sum_k x_k)  per group (or subtract z
 per weight in half2), so the scale is applied once per block instead of once per weight.
-Measured (H100, docs/benchmarks.md): the GEMVs stream at 0.6-1.3 TB/s; fewer instructions per weight bought
-~10-35% on some shapes, not the 2.5 TB/s aimed at, so the limit is elsewhere (bytes in flight per SM).
+Measured (H100, docs/benchmarks.md run 5): back to back in a CUDA graph the v4 GEMVs take ~5 us plus ~0.39
+us/MB (2.6 TB/s) -- the fixed part (launch gap, first loads, the split-K epilogue's atomics) is now most of
+what separates them from the bandwidth bound at these sizes (8-45 MB).
 
 `gptq_matmul_reference` is the plain-torch definition the kernels are tested against.
 """
@@ -126,9 +131,29 @@ if triton is not None:
         return lo | (_half_bits(tl.load(xb + i + 4, mask=mask, other=0.0)) << 16)
 
     @triton.jit
+    def _fence_gpu():
+        """fence.acq_rel.gpu in every thread (a one-element op, so once per thread)."""
+        tl.inline_asm_elementwise("fence.acq_rel.gpu;\n mov.b32 $0, $1;", "=r,r", [tl.zeros([1], dtype=tl.int32)],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
+    def _opaque_zero():
+        """[1] int32 zero the compiler cannot see through (%nsmid >> 31), to order work after a dependency."""
+        return tl.inline_asm_elementwise("{ .reg .u32 t; mov.u32 t, %nsmid; shr.u32 t, t, 31; add.u32 $0, t, $1; }",
+                                         "=r,r", [tl.zeros([1], dtype=tl.int32)], dtype=tl.int32, is_pure=True,
+                                         pack=1)
+
+    @triton.jit
+    def _xor(a, b):
+        return a ^ b
+
+    @triton.jit
     def _store_output(out, b_ptr, out_ptr, ws_ptr, cnt_ptr, offs_n, n_mask, pid_n, pid_k, HAS_BIAS: tl.constexpr,
-                      SPLIT_K: tl.constexpr, FUSED_REDUCE: tl.constexpr, BLOCK_N: tl.constexpr):
-        """The GEMV epilogue shared by both kernels: out [BLOCK_N] float32 partial (or whole) dot products."""
+                      SPLIT_K: tl.constexpr, FUSED_REDUCE: tl.constexpr, BLOCK_N: tl.constexpr,
+                      RELAXED: tl.constexpr = False):
+        """The GEMV epilogue shared by the kernels: out [BLOCK_N] float32 partial (or whole) dot products.
+        RELAXED: the partial sums are fire-and-forget reductions (no acquire, no L1 invalidation each), then
+        one gpu-scope fence per thread orders them before the arrival count."""
         if HAS_BIAS:
             if pid_k == 0:
                 out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -138,7 +163,11 @@ if triton is not None:
             # Split-K without the zero-fill and cast kernels: partial sums go to a float32 workspace kept at
             # zero between calls; the last program of each column block (counted by an atomic) writes the
             # output and re-arms the workspace and its counter. Saves two launches per linear.
-            tl.atomic_add(ws_ptr + offs_n, out, mask=n_mask)
+            if RELAXED:
+                tl.atomic_add(ws_ptr + offs_n, out, mask=n_mask, sem="relaxed")
+                _fence_gpu()
+            else:
+                tl.atomic_add(ws_ptr + offs_n, out, mask=n_mask)
             tl.debug_barrier()  # every thread's partial sums are issued before the count is released
             arrived = tl.atomic_add(cnt_ptr + pid_n, 1)  # acq_rel, gpu scope
             if arrived == SPLIT_K - 1:
@@ -287,6 +316,106 @@ if triton is not None:
                       HAS_BIAS, SPLIT_K, FUSED_REDUCE, BLOCK_N)
 
     @triton.jit
+    def _int4_word_fma(qw, x04, x15, x26, x37, zlo, zhi, h, ASM: tl.constexpr):
+        """h + sum over the 8 lanes of each Int4 word of x_l * (q_l - z) / 256, h a half2 accumulator (int32
+        bits; fp32 when ASM is False, for the interpreter). Marlin's unpacking: w & 0x000F000F | 0x64006400 is
+        the half2 (1024 + q0, 1024 + q4) and w & 0x00F000F0 | 0x64006400 is (1024 + 16 q1, 1024 + 16 q5); one
+        HFMA2 each scales by 2^-8 (2^-12) and subtracts zlo = (4 + z/256) (zhi = (1/4 + z/256)), which leaves
+        (q - z)/256 exactly; w >> 8 gives lanes 2, 6, 3, 7 the same way. 13 instructions per word. The 1/256
+        keeps the fp16 sums far from overflow (|terms| <= |x| * 15/256); the caller multiplies by 256 * s."""
+        if ASM:
+            return tl.inline_asm_elementwise(
+                asm="""{
+                .reg .b32 t, a0, a1, a2, a3, acc, c8, c12;
+                mov.b32 c8, 0x1C001C00;
+                mov.b32 c12, 0x0C000C00;
+                lop3.b32 a0, $1, 0x000F000F, 0x64006400, 0xEA;
+                lop3.b32 a1, $1, 0x00F000F0, 0x64006400, 0xEA;
+                shr.u32 t, $1, 8;
+                lop3.b32 a2, t, 0x000F000F, 0x64006400, 0xEA;
+                lop3.b32 a3, t, 0x00F000F0, 0x64006400, 0xEA;
+                fma.rn.f16x2 a0, a0, c8, $6;
+                fma.rn.f16x2 a1, a1, c12, $7;
+                fma.rn.f16x2 a2, a2, c8, $6;
+                fma.rn.f16x2 a3, a3, c12, $7;
+                fma.rn.f16x2 acc, a0, $2, $8;
+                fma.rn.f16x2 acc, a1, $3, acc;
+                fma.rn.f16x2 acc, a2, $4, acc;
+                fma.rn.f16x2 $0, a3, $5, acc;
+                }""",
+                constraints="=r,r,r,r,r,r,r,r,r",
+                args=[qw, x04, x15, x26, x37, zlo, zhi, h], dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            z = -256.0 * ((zlo & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) + 4.0)
+            for i in tl.static_range(4):
+                xp = x04 if i == 0 else (x15 if i == 1 else (x26 if i == 2 else x37))
+                x_lo = (xp & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                x_hi = ((xp >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                h += x_lo * (((qw >> (4 * i)) & 15).to(tl.float32) - z) / 256.0
+                h += x_hi * (((qw >> (4 * i + 16)) & 15).to(tl.float32) - z) / 256.0
+            return h
+
+    @triton.jit
+    def _hadd2(a, b):
+        """Sum of two half2 values held as int32 bits (a reduction's combine step)."""
+        return tl.inline_asm_elementwise("add.rn.f16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.int32, is_pure=True,
+                                         pack=1)
+
+    @triton.jit
+    def _gemv_kernel_v4(x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, N, K,
+                        GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+                        FUSED_REDUCE: tl.constexpr, ASM: tl.constexpr, STAGES: tl.constexpr,
+                        RELAXED: tl.constexpr, EARLY: tl.constexpr):
+        """Int4 GEMV, one group per iteration on a tile [GROUP/8 rows, BLOCK_N] of packed words. With BLOCK_N =
+        128 x num_warps Triton gives each thread 4 columns (one 16-byte load per row) and every row, so the
+        thread sums the group's rows in half2 (`_int4_word_fma`, 13 instructions per word, then one HADD2 per
+        row) and applies the group's scale once: no reduction across threads until the end. Iterations go
+        through `tl.range(num_stages=STAGES)` (cp.async into shared memory ahead of use when STAGES > 1). The
+        inputs of a packed row are read as four int32 pairs (x0 x1 | x2 x3 | x4 x5 | x6 x7), regrouped into the
+        lane pairs (i, i + 4). EARLY: the sums start from an opaque zero that depends on every word of the
+        group, so ptxas issues all the group's loads before any arithmetic (it otherwise spreads them out);
+        RELAXED: the split-K epilogue of `_store_output`."""
+        RPG: tl.constexpr = GROUP // 8
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        rows = tl.arange(0, RPG)[:, None]  # [RPG, 1]
+        x32 = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+        z_shift = (offs_n % 8) * 4
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for g in tl.range(pid_k, K // GROUP, SPLIT_K, num_stages=STAGES):
+            r = g * RPG + rows
+            qw = tl.load(qw_ptr + r * N + offs_n[None, :], mask=n_mask[None, :], other=0)
+            s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32) * 256.0
+            z = ((tl.load(qz_ptr + g * (N // 8) + offs_n // 8, mask=n_mask, other=0) >> z_shift) & 15) + 1
+            zlo = (z | 0x4400) ^ 0x8000  # -(4 + z/256) as fp16 bits: exponent of 4, z in the low mantissa
+            zhi = ((z << 4) | 0x3400) ^ 0x8000  # -(1/4 + z/256): a mantissa step is 2^-12 there
+            zlo = (zlo | (zlo << 16))[None, :]
+            zhi = (zhi | (zhi << 16))[None, :]
+            p0 = tl.load(x32 + r * 4)
+            p1 = tl.load(x32 + r * 4 + 1)
+            p2 = tl.load(x32 + r * 4 + 2)
+            p3 = tl.load(x32 + r * 4 + 3)
+            x04 = (p0 & 0xFFFF) | (p2 << 16)
+            x15 = ((p0 >> 16) & 0xFFFF) | (p2 & -65536)
+            x26 = (p1 & 0xFFFF) | (p3 << 16)
+            x37 = ((p1 >> 16) & 0xFFFF) | (p3 & -65536)
+            if ASM:
+                h0 = qw * 0
+                if EARLY:
+                    h0 += (tl.reduce(qw, 0, _xor) & _opaque_zero())[None, :]
+                h = tl.reduce(_int4_word_fma(qw, x04, x15, x26, x37, zlo, zhi, h0, ASM), 0, _hadd2)
+                lo = (h & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                hi = ((h >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                acc += s * (lo + hi)
+            else:
+                h = _int4_word_fma(qw, x04, x15, x26, x37, zlo, zhi, tl.zeros(qw.shape, dtype=tl.float32), ASM)
+                acc += s * tl.sum(h, axis=0)
+        _store_output(acc, b_ptr, out_ptr, ws_ptr, cnt_ptr, offs_n, n_mask, pid_n, pid_k, HAS_BIAS, SPLIT_K,
+                      FUSED_REDUCE, BLOCK_N, RELAXED)
+
+    @triton.jit
     def _dequant_kernel(qw_ptr, qz_ptr, s_ptr, w_ptr, N, K, group_size, BITS: tl.constexpr,
                         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, TILE_N: tl.constexpr):
         """W_T [K, N] in w's dtype from the packed tensors (prefill: then one cuBLAS matmul).
@@ -329,18 +458,18 @@ def untile_qweight(qweight: torch.Tensor) -> torch.Tensor:
     return qweight.permute(1, 0, 2).reshape(rows, blocks * tile_n)
 
 
-# Launch settings per (bits, N, K) for batch 1, from `bench/bench_quant.py --gemv-sweep` / `--tune` on an H100
-# (2026-11-22; docs/benchmarks.md): (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages[, UNPACK[, PREFETCH]]).
-# UNPACK 0 without PREFETCH = `_gemv_kernel`; otherwise `_gemv_kernel_v2` with UNPACK 1 (lane left in place in
-# the mantissa, fp32 math) or 2 (Int4 half2 math, `_int4_word_dot`). A shape keeps `_gemv_kernel` unless
-# v2 measured faster in the same run: v2 won at c_attn, attn.c_proj and the concatenated w1 + w2 (Int4),
-# and only at w1 + w2 for Int8.
+# Launch settings per (bits, N, K) for batch 1, from `bench/bench_quant.py --gemv-sweep` / `--gemv-v3` on an
+# H100 (2026-11-22; docs/benchmarks.md): (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages[, KERNEL[, FLAGS]]).
+# KERNEL 0 (without PREFETCH) = `_gemv_kernel`; 1 / 2 = `_gemv_kernel_v2` with mantissa / half2 unpacking (FLAGS
+# = PREFETCH); 4 = `_gemv_kernel_v4` (Int4; one group per iteration, BLOCK_K unused, BLOCK_N = 128 x warps;
+# FLAGS bit 0 relaxed split-K epilogue, bit 1 every load first). Int4 uses v4 at every Qwen-7B shape
+# (run 5: 15-30% faster than the previous table back to back in a CUDA graph); Int8 keeps its kernels.
 GEMV_CONFIGS: dict[tuple[int, int, int], tuple] = {  # (bits, N, K)
-    (4, 12288, 4096): (256, 128, 8, 4, 3, 2),
-    (4, 4096, 4096): (64, 128, 16, 4, 3, 2, 1),
-    (4, 11008, 4096): (64, 128, 8, 4, 3),
-    (4, 22016, 4096): (256, 128, 4, 4, 3, 2),  # w1 + w2 concatenated (`quant.concat_gptq_linears`)
-    (4, 4096, 11008): (64, 128, 16, 4, 3),
+    (4, 12288, 4096): (512, 128, 16, 4, 2, 4),
+    (4, 4096, 4096): (256, 128, 16, 2, 3, 4),
+    (4, 11008, 4096): (512, 128, 16, 4, 2, 4),
+    (4, 22016, 4096): (512, 128, 8, 4, 2, 4),  # w1 + w2 concatenated (`quant.concat_gptq_linears`)
+    (4, 4096, 11008): (256, 128, 16, 2, 3, 4),
     (8, 12288, 4096): (64, 128, 4, 4, 3),
     (8, 4096, 4096): (256, 64, 32, 2, 3),
     (8, 11008, 4096): (64, 128, 8, 4, 3),
@@ -356,7 +485,7 @@ GEMV_TILES: dict[tuple[int, int, int], int] = {}
 
 def gemv_config(bits: int, n: int, k: int) -> tuple:
     cfg = tuple(GEMV_CONFIGS.get((bits, n, k), GEMV_DEFAULT))
-    return cfg if len(cfg) == 6 else cfg + (0,)
+    return cfg + (0,) if len(cfg) == 5 else cfg
 
 
 def gemv_tile(bits: int, n: int, k: int) -> int | None:
@@ -393,11 +522,20 @@ def gptq_matmul(x: torch.Tensor, qweight, qzeros, scales, group_size: int, bits:
         block_n, block_k, split_k, warps, stages = cfg[:5]
         unpack = cfg[5] if len(cfg) > 5 else 0
         prefetch = bool(cfg[6]) if len(cfg) > 6 else False
+        flags = cfg[6] if len(cfg) > 6 else 0  # v4: 1 relaxed split-K epilogue, 2 every load first
         if tiled:
             block_n = tile_n  # the layout fixes the column block
-        block_k = min(block_k, group_size)
-        while group_size % block_k:
-            block_k //= 2
+        if unpack == 4 and (bits != 4 or K % group_size or tiled or group_size & (group_size - 1)
+                            or group_size > 256):
+            # v4 reads the official layout of whole power-of-two groups of at most 256 (a group's rows sit in
+            # one thread's registers); the other kernels do the rest
+            unpack, prefetch = (2 if bits == 4 else 0), False
+        if unpack == 4:
+            split_k = max(1, min(split_k, K // group_size))
+        else:
+            block_k = min(block_k, group_size)
+            while group_size % block_k:
+                block_k //= 2
         grid = (triton.cdiv(N, block_n), split_k)
         fused = split_k > 1 and workspace is not None and block_n >= 16
         if split_k == 1 or fused:
@@ -405,7 +543,12 @@ def gptq_matmul(x: torch.Tensor, qweight, qzeros, scales, group_size: int, bits:
         else:
             out = torch.zeros((1, N), device=x.device, dtype=torch.float32)
         ws, cnt = workspace if fused else (out, out)
-        if unpack == 0 and not tiled and not prefetch:
+        if unpack == 4:
+            _gemv_kernel_v4[grid](x, qweight, qzeros, scales, b, out, ws, cnt, N, K, GROUP=group_size,
+                                  HAS_BIAS=has_bias, BLOCK_N=block_n, SPLIT_K=split_k, FUSED_REDUCE=fused,
+                                  ASM=not INTERPRET, STAGES=stages, RELAXED=bool(flags & 1) and not INTERPRET,
+                                  EARLY=bool(flags & 2), num_warps=warps, num_stages=stages)
+        elif unpack == 0 and not tiled and not prefetch:
             _gemv_kernel[grid](x, qweight, qzeros, scales, b, out, ws, cnt, N, K, group_size, BITS=bits,
                                HAS_BIAS=has_bias, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
                                FUSED_REDUCE=fused, num_warps=warps, num_stages=stages)
