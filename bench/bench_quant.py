@@ -207,12 +207,15 @@ PREVIOUS_INT4 = {(12288, 4096): (256, 128, 8, 4, 3, 2), (4096, 4096): (64, 128, 
 
 
 def graph_configs():
-    """`_gemv_kernel_v4` settings (BLOCK_N = 128 x warps, BLOCK_K unused, SPLIT_K, warps, stages, 4, flags): the
-    fastest of the earlier sweeps (docs/benchmarks.md, run 5), each with the relaxed split-K epilogue (flag 1),
-    every load of a group first (2), both, and neither; and the previous table's settings."""
+    """`_gemv_kernel_v4` settings (BLOCK_N = 128 x warps, BLOCK_K, SPLIT_K, warps, stages, 4, flags): the fastest
+    of the earlier sweeps (docs/benchmarks.md, run 5), each with the relaxed split-K epilogue (flag 1), every
+    load of a block first (2), both, and neither; half groups per iteration (BLOCK_K 64: half the registers,
+    twice the programs); and the previous table's settings."""
     base = [(512, 128, 16, 4, 2, 4), (512, 128, 8, 4, 2, 4), (256, 128, 16, 2, 3, 4), (128, 128, 4, 1, 3, 4),
             (256, 128, 8, 2, 2, 4), (256, 128, 32, 2, 1, 4), (512, 128, 16, 4, 3, 4)]
-    return [c + (f,) for c in base for f in (0, 1, 2, 3)] + list(dict.fromkeys(PREVIOUS_INT4.values()))
+    half = [(512, 64, 32, 4, 2, 4), (512, 64, 16, 4, 2, 4), (256, 64, 64, 2, 1, 4), (256, 64, 32, 2, 3, 4)]
+    return ([c + (f,) for c in base for f in (0, 1, 2, 3)] + [c + (f,) for c in half for f in (0, 3)]
+            + list(dict.fromkeys(PREVIOUS_INT4.values())))
 
 
 def profile_calls(configs):

@@ -363,29 +363,32 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel_v4(x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, N, K,
-                        GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
-                        FUSED_REDUCE: tl.constexpr, ASM: tl.constexpr, STAGES: tl.constexpr,
+                        GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        SPLIT_K: tl.constexpr, FUSED_REDUCE: tl.constexpr, ASM: tl.constexpr, STAGES: tl.constexpr,
                         RELAXED: tl.constexpr, EARLY: tl.constexpr):
-        """Int4 GEMV, one group per iteration on a tile [GROUP/8 rows, BLOCK_N] of packed words. With BLOCK_N =
+        """Int4 GEMV, BLOCK_K inputs (a group or a part of one) per iteration on a tile [BLOCK_K/8 rows, BLOCK_N]
+        of packed words. With BLOCK_N =
         128 x num_warps Triton gives each thread 4 columns (one 16-byte load per row) and every row, so the
-        thread sums the group's rows in half2 (`_int4_word_fma`, 13 instructions per word, then one HADD2 per
-        row) and applies the group's scale once: no reduction across threads until the end. Iterations go
+        thread sums the block's rows in half2 (`_int4_word_fma`, 13 instructions per word, then one HADD2 per
+        row) and applies the group's scale once per block: no reduction across threads until the end. Iterations go
         through `tl.range(num_stages=STAGES)` (cp.async into shared memory ahead of use when STAGES > 1). The
         inputs of a packed row are read as four int32 pairs (x0 x1 | x2 x3 | x4 x5 | x6 x7), regrouped into the
         lane pairs (i, i + 4). EARLY: the sums start from an opaque zero that depends on every word of the
         group, so ptxas issues all the group's loads before any arithmetic (it otherwise spreads them out);
         RELAXED: the split-K epilogue of `_store_output`."""
-        RPG: tl.constexpr = GROUP // 8
+        ROWS: tl.constexpr = BLOCK_K // 8  # packed rows per iteration
+        SUB: tl.constexpr = GROUP // BLOCK_K  # iterations per group
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
-        rows = tl.arange(0, RPG)[:, None]  # [RPG, 1]
+        rows = tl.arange(0, ROWS)[:, None]  # [ROWS, 1]
         x32 = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
         z_shift = (offs_n % 8) * 4
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for g in tl.range(pid_k, K // GROUP, SPLIT_K, num_stages=STAGES):
-            r = g * RPG + rows
+        for it in tl.range(pid_k, K // BLOCK_K, SPLIT_K, num_stages=STAGES):
+            g = it // SUB
+            r = it * ROWS + rows
             qw = tl.load(qw_ptr + r * N + offs_n[None, :], mask=n_mask[None, :], other=0)
             s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32) * 256.0
             z = ((tl.load(qz_ptr + g * (N // 8) + offs_n // 8, mask=n_mask, other=0) >> z_shift) & 15) + 1
@@ -461,7 +464,7 @@ def untile_qweight(qweight: torch.Tensor) -> torch.Tensor:
 # Launch settings per (bits, N, K) for batch 1, from `bench/bench_quant.py --gemv-sweep` / `--gemv-v3` on an
 # H100 (2026-11-22; docs/benchmarks.md): (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages[, KERNEL[, FLAGS]]).
 # KERNEL 0 (without PREFETCH) = `_gemv_kernel`; 1 / 2 = `_gemv_kernel_v2` with mantissa / half2 unpacking (FLAGS
-# = PREFETCH); 4 = `_gemv_kernel_v4` (Int4; one group per iteration, BLOCK_K unused, BLOCK_N = 128 x warps;
+# = PREFETCH); 4 = `_gemv_kernel_v4` (Int4; BLOCK_K inputs per iteration, at most a group; BLOCK_N = 128 x warps;
 # FLAGS bit 0 relaxed split-K epilogue, bit 1 every load first). Int4 uses v4 at every Qwen-7B shape
 # (run 5: 15-30% faster than the previous table back to back in a CUDA graph); Int8 keeps its kernels.
 GEMV_CONFIGS: dict[tuple[int, int, int], tuple] = {  # (bits, N, K)
@@ -531,7 +534,8 @@ def gptq_matmul(x: torch.Tensor, qweight, qzeros, scales, group_size: int, bits:
             # one thread's registers); the other kernels do the rest
             unpack, prefetch = (2 if bits == 4 else 0), False
         if unpack == 4:
-            split_k = max(1, min(split_k, K // group_size))
+            block_k = 1 << (max(8, min(block_k, group_size)).bit_length() - 1)  # a power of two: divides the group
+            split_k = max(1, min(split_k, K // block_k))
         else:
             block_k = min(block_k, group_size)
             while group_size % block_k:
@@ -545,8 +549,8 @@ def gptq_matmul(x: torch.Tensor, qweight, qzeros, scales, group_size: int, bits:
         ws, cnt = workspace if fused else (out, out)
         if unpack == 4:
             _gemv_kernel_v4[grid](x, qweight, qzeros, scales, b, out, ws, cnt, N, K, GROUP=group_size,
-                                  HAS_BIAS=has_bias, BLOCK_N=block_n, SPLIT_K=split_k, FUSED_REDUCE=fused,
-                                  ASM=not INTERPRET, STAGES=stages, RELAXED=bool(flags & 1) and not INTERPRET,
+                                  HAS_BIAS=has_bias, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+                                  FUSED_REDUCE=fused, ASM=not INTERPRET, STAGES=stages, RELAXED=bool(flags & 1) and not INTERPRET,
                                   EARLY=bool(flags & 2), num_warps=warps, num_stages=stages)
         elif unpack == 0 and not tiled and not prefetch:
             _gemv_kernel[grid](x, qweight, qzeros, scales, b, out, ws, cnt, N, K, group_size, BITS=bits,
