@@ -15,8 +15,9 @@ class EngineConfig:
     max_model_len: int | None = None  # prompt + output tokens per sequence; None = config's max_position_embeddings
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # no CUDA graphs
-    # torch.compile the decode forward by regions (compiled_decode.py): fused pointwise kernels, Triton GEMVs at
-    # batch 1. None = on with CUDA graphs on a GPU (adds ~20 s to engine start at 7B; Inductor caches it on disk).
+    # torch.compile the decode and prefill forwards by regions (compiled_decode.py): fused pointwise kernels, Triton
+    # GEMVs at batch 1. None = on with CUDA graphs on a GPU (adds up to ~60 s to the first engine start at 7B;
+    # Inductor caches it on disk, and later starts take a few seconds).
     compile_decode: bool | None = None
     overlap_steps: bool = True  # launch step N+1 before processing step N's tokens on the host (engine.py)
     fuse_mlp: bool = True  # one gate_up linear for w1 and w2 (fusion.py); skipped for quantized layers
