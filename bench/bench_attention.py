@@ -55,7 +55,7 @@ def configs(quick: bool, kernels: str) -> list[tuple[str, DecodeConfig, bool]]:
 def check_store_dequantized(dev):
     """On the GPU (bf16 rounding as the model's): the int8 store's dequantized copy of new rows equals reading
     them back from the pool, bit for bit (the interpreter tests cover fp16 only)."""
-    from qwenlm.kernels.attention import dequantize_rows, quantize_store_kv
+    from qwenlm.kernels.kv_int8 import dequantize_rows, quantize_store_kv
     g = torch.Generator(device=dev).manual_seed(1)
     n, nb = 3000, 256
     k = torch.randn(n, H, D, device=dev, dtype=torch.bfloat16, generator=g) * 4

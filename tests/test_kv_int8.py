@@ -12,7 +12,8 @@ import torch
 from engine_helpers import random_prompts, tiny_engine, tiny_model
 from qwenlm.engine import EngineConfig, SamplingParams
 from qwenlm.engine.attention import PagedAttention, PrefillSeq
-from qwenlm.kernels.attention import paged_decode_attention_ref, quantize_store_kv_ref
+from qwenlm.kernels.attention import paged_decode_attention_ref
+from qwenlm.kernels.kv_int8 import quantize_store_kv_ref
 from qwenlm.model import quant
 
 
@@ -133,8 +134,8 @@ def test_triton_int8_kernels_match_reference_in_interpreter():
     pytest.importorskip("triton")
     code = textwrap.dedent("""
         import torch
-        from qwenlm.kernels.attention import (DecodeConfig, paged_decode_attention, paged_decode_attention_ref,
-                                              quantize_store_kv, quantize_store_kv_ref)
+        from qwenlm.kernels.attention import DecodeConfig, paged_decode_attention, paged_decode_attention_ref
+        from qwenlm.kernels.kv_int8 import dequantize_rows, quantize_store_kv, quantize_store_kv_ref
         g = torch.Generator().manual_seed(0)
         B, H, D, bs, nb = 4, 3, 16, 4, 48
         n = 40
@@ -155,7 +156,6 @@ def test_triton_int8_kernels_match_reference_in_interpreter():
         # the store's dequantized copy of the new rows is exactly what reading them back from the pool gives
         # (fp16 here: the interpreter's fp32 -> bf16 cast does not round to nearest as the GPU's does;
         # bench/bench_attention.py checks bf16 on the GPU)
-        from qwenlm.kernels.attention import dequantize_rows
         again = [torch.zeros_like(t) for t in pools]
         kd, vd = quantize_store_kv(k.half(), v.half(), *again, slots, use_triton=True, dequantized=True)
         for rows, cache, sz in ((kd, again[0], again[2]), (vd, again[1], again[3])):

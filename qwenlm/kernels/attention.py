@@ -67,6 +67,24 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, 
 if triton is not None:
 
     @triton.jit
+    def _span(ContextLens, b, sp, n_splits, BLOCK_N: tl.constexpr, FUSED_STORE: tl.constexpr, SPLIT: tl.constexpr):
+        """(context length, first and end position this program reads from the pool): the cached context, less
+        the new token when the kernel stores it itself; with SPLIT, split sp's BLOCK_N-aligned share of it."""
+        ctx_len = tl.load(ContextLens + b)
+        if FUSED_STORE:
+            n_cached = tl.maximum(ctx_len - 1, 0)
+        else:
+            n_cached = ctx_len
+        if SPLIT:
+            chunk = tl.cdiv(tl.cdiv(n_cached, n_splits), BLOCK_N) * BLOCK_N
+            start = sp * chunk
+            end = tl.minimum(start + chunk, n_cached)
+        else:
+            start = 0
+            end = n_cached
+        return ctx_len, start, end
+
+    @triton.jit
     def _paged_decode_kernel(Q, K, V, KSZ, VSZ, Kin, Vin, Slots, Out, BlockTables, ContextLens, scale,
                              stride_qb, stride_qh, stride_kb, stride_kp, stride_kh,
                              stride_sb, stride_sp, stride_sh,
@@ -77,20 +95,16 @@ if triton is not None:
         """Program (sequence b, head h): the whole context in BLOCK_N-token tiles. FUSED_STORE: as in v2."""
         b = tl.program_id(0)
         h = tl.program_id(1)
-        ctx_len = tl.load(ContextLens + b)
-        if FUSED_STORE:
-            n_cached = tl.maximum(ctx_len - 1, 0)
-        else:
-            n_cached = ctx_len
+        ctx_len, start, end = _span(ContextLens, b, 0, 1, BLOCK_N, FUSED_STORE, False)
         d = tl.arange(0, HEAD_DIM)
         q = tl.load(Q + b * stride_qb + h * stride_qh + d).to(tl.float32) * scale
         q_sum = tl.sum(q, 0)
         m = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), 0)
         l_sum = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)
         acc = tl.zeros([HEAD_DIM], tl.float32)
-        for start in range(0, n_cached, BLOCK_N):
-            n = start + tl.arange(0, BLOCK_N)
-            valid = n < n_cached
+        for s0 in range(start, end, BLOCK_N):
+            n = s0 + tl.arange(0, BLOCK_N)
+            valid = n < end
             blk = tl.load(BlockTables + b * stride_bt + n // PAGE, mask=valid, other=0).to(tl.int64)
             off = blk * stride_kb + (n % PAGE) * stride_kp + h * stride_kh  # [BLOCK_N]
             sz = blk * stride_sb + (n % PAGE) * stride_sp + h * stride_sh  # (scale, zero) rows (int8 pools)
@@ -198,11 +212,7 @@ if triton is not None:
         hg = tl.program_id(1)
         sp = tl.program_id(2)
         n_splits = tl.num_programs(2)
-        ctx_len = tl.load(ContextLens + b)
-        if FUSED_STORE:
-            n_cached = tl.maximum(ctx_len - 1, 0)
-        else:
-            n_cached = ctx_len
+        ctx_len, start, end = _span(ContextLens, b, sp, n_splits, BLOCK_N, FUSED_STORE, SPLIT)
         hh = hg * HEADS + tl.arange(0, HEADS)
         d = tl.arange(0, HEAD_DIM)
         q = tl.load(Q + b * stride_qb + hh[:, None] * stride_qh + d[None, :]).to(tl.float32) * scale  # [HB,D]
@@ -210,13 +220,6 @@ if triton is not None:
         m = tl.full([HEADS], float("-inf"), tl.float32)
         l_sum = tl.zeros([HEADS], tl.float32)
         acc = tl.zeros([HEADS, HEAD_DIM], tl.float32)
-        if SPLIT:
-            chunk = tl.cdiv(tl.cdiv(n_cached, n_splits), BLOCK_N) * BLOCK_N
-            start = sp * chunk
-            end = tl.minimum(start + chunk, n_cached)
-        else:
-            start = 0
-            end = n_cached
         for s0 in range(start, end, BLOCK_N):
             n = s0 + tl.arange(0, BLOCK_N)
             valid = n < end
@@ -273,11 +276,7 @@ if triton is not None:
         h = tl.program_id(1)
         sp = tl.program_id(2)
         n_splits = tl.num_programs(2)
-        ctx_len = tl.load(ContextLens + b)
-        if FUSED_STORE:
-            n_cached = tl.maximum(ctx_len - 1, 0)
-        else:
-            n_cached = ctx_len
+        ctx_len, start, end = _span(ContextLens, b, sp, n_splits, BLOCK_N, FUSED_STORE, SPLIT)
         hh = h + tl.arange(0, 1)
         d = tl.arange(0, HEAD_DIM)
         c = tl.arange(0, 16)
@@ -290,13 +289,6 @@ if triton is not None:
         m = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), 0)
         l_sum = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)
         acc = tl.zeros([16, HEAD_DIM], tl.float32)  # row 0 is the output; the others stay 0
-        if SPLIT:
-            chunk = tl.cdiv(tl.cdiv(n_cached, n_splits), BLOCK_N) * BLOCK_N
-            start = sp * chunk
-            end = tl.minimum(start + chunk, n_cached)
-        else:
-            start = 0
-            end = n_cached
         for s0 in range(start, end, BLOCK_N):
             n = s0 + tl.arange(0, BLOCK_N)
             valid = n < end
