@@ -31,6 +31,21 @@ def test_half2_unpacking_is_exact():
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                     reason="triton has no build for this platform (a [test] dependency on Linux, where this runs)")
+def test_kernel_source_survives_torch_compile():
+    """torch.compile (Inductor) copies a user Triton kernel's source, with every jit function it calls, into a
+    string literal of a generated module: an escape sequence in that source (a "\\n" in an asm string) is decoded
+    there and the generated module no longer parses -- the compiled decode then fails for every GPTQ model."""
+    from triton import JITFunction
+
+    from qwenlm.kernels import gptq_matmul as K
+    jitted = [v for v in vars(K).values() if isinstance(v, JITFunction)]
+    assert any(f.__name__ == "_gemv_kernel_v4" for f in jitted)
+    for f in jitted:
+        assert "\\" not in f.src, f.__name__
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                    reason="triton has no build for this platform (a [test] dependency on Linux, where this runs)")
 def test_v4_gemv_matches_reference_in_interpreter():
     """Runs in a subprocess: TRITON_INTERPRET must be set before triton is imported."""
     code = r'''

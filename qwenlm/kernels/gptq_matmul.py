@@ -132,8 +132,9 @@ if triton is not None:
 
     @triton.jit
     def _fence_gpu():
-        """fence.acq_rel.gpu in every thread (a one-element op, so once per thread)."""
-        tl.inline_asm_elementwise("fence.acq_rel.gpu;\n mov.b32 $0, $1;", "=r,r", [tl.zeros([1], dtype=tl.int32)],
+        """fence.acq_rel.gpu in every thread (a one-element op, so once per thread). No escape sequences in this
+        module's kernel source: torch.compile re-embeds it in a string literal, where they would be decoded."""
+        tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.b32 $0, $1;", "=r,r", [tl.zeros([1], dtype=tl.int32)],
                                   dtype=tl.int32, is_pure=False, pack=1)
 
     @triton.jit
@@ -150,7 +151,7 @@ if triton is not None:
     @triton.jit
     def _store_output(out, b_ptr, out_ptr, ws_ptr, cnt_ptr, offs_n, n_mask, pid_n, pid_k, HAS_BIAS: tl.constexpr,
                       SPLIT_K: tl.constexpr, FUSED_REDUCE: tl.constexpr, BLOCK_N: tl.constexpr,
-                      RELAXED: tl.constexpr = False):
+                      RELAXED: tl.constexpr):
         """The GEMV epilogue shared by the kernels: out [BLOCK_N] float32 partial (or whole) dot products.
         RELAXED: the partial sums are fire-and-forget reductions (no acquire, no L1 invalidation each), then
         one gpu-scope fence per thread orders them before the arrival count."""
@@ -217,7 +218,7 @@ if triton is not None:
             z = (tl.load(qz_ptr + g * (N // PER) + offs_n // PER, mask=n_mask, other=0) >> z_shift) & MASK
             acc += s[None, :] * (part - xs[:, None] * (z + 1).to(tl.float32)[None, :])
         _store_output(tl.sum(acc, axis=0), b_ptr, out_ptr, ws_ptr, cnt_ptr, offs_n, n_mask, pid_n, pid_k,
-                      HAS_BIAS, SPLIT_K, FUSED_REDUCE, BLOCK_N)
+                      HAS_BIAS, SPLIT_K, FUSED_REDUCE, BLOCK_N, False)
 
     @triton.jit
     def _load_block(qw_base, row_stride, s_ptr, qz_ptr, kb, rows, offs_n, n_mask, N, K, group_size,
@@ -313,7 +314,7 @@ if triton is not None:
                     xs += xj
                 acc += s[None, :] * (part - xs[:, None] * (z + 1).to(tl.float32)[None, :])
         _store_output(tl.sum(acc, axis=0), b_ptr, out_ptr, ws_ptr, cnt_ptr, offs_n, n_mask, pid_n, pid_k,
-                      HAS_BIAS, SPLIT_K, FUSED_REDUCE, BLOCK_N)
+                      HAS_BIAS, SPLIT_K, FUSED_REDUCE, BLOCK_N, False)
 
     @triton.jit
     def _int4_word_fma(qw, x04, x15, x26, x37, zlo, zhi, h, ASM: tl.constexpr):
