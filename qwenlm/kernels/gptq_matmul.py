@@ -368,15 +368,14 @@ if triton is not None:
                         SPLIT_K: tl.constexpr, FUSED_REDUCE: tl.constexpr, ASM: tl.constexpr, STAGES: tl.constexpr,
                         RELAXED: tl.constexpr, EARLY: tl.constexpr):
         """Int4 GEMV, BLOCK_K inputs (a group or a part of one) per iteration on a tile [BLOCK_K/8 rows, BLOCK_N]
-        of packed words. With BLOCK_N =
-        128 x num_warps Triton gives each thread 4 columns (one 16-byte load per row) and every row, so the
-        thread sums the block's rows in half2 (`_int4_word_fma`, 13 instructions per word, then one HADD2 per
-        row) and applies the group's scale once per block: no reduction across threads until the end. Iterations go
-        through `tl.range(num_stages=STAGES)` (cp.async into shared memory ahead of use when STAGES > 1). The
-        inputs of a packed row are read as four int32 pairs (x0 x1 | x2 x3 | x4 x5 | x6 x7), regrouped into the
-        lane pairs (i, i + 4). EARLY: the sums start from an opaque zero that depends on every word of the
-        group, so ptxas issues all the group's loads before any arithmetic (it otherwise spreads them out);
-        RELAXED: the split-K epilogue of `_store_output`."""
+        of packed words. With BLOCK_N = 128 x num_warps Triton gives each thread 4 columns (one 16-byte load per
+        row) and every row, so the thread sums the block's rows in half2 (`_int4_word_fma`, 13 instructions per
+        word, then one HADD2 per row) and applies the group's scale once per block: no reduction across threads
+        until the end. Iterations go through `tl.range(num_stages=STAGES)` (cp.async into shared memory ahead of
+        use when STAGES > 1). The inputs of a packed row are read as four int32 pairs (x0 x1 | x2 x3 | x4 x5 |
+        x6 x7), regrouped into the lane pairs (i, i + 4). EARLY: the sums start from an opaque zero that depends
+        on every word of the block, so ptxas issues all its loads before any arithmetic (it otherwise spreads
+        them out); RELAXED: the split-K epilogue of `_store_output`."""
         ROWS: tl.constexpr = BLOCK_K // 8  # packed rows per iteration
         SUB: tl.constexpr = GROUP // BLOCK_K  # iterations per group
         pid_n = tl.program_id(0)
@@ -462,12 +461,12 @@ def untile_qweight(qweight: torch.Tensor) -> torch.Tensor:
     return qweight.permute(1, 0, 2).reshape(rows, blocks * tile_n)
 
 
-# Launch settings per (bits, N, K) for batch 1, from `bench/bench_quant.py --gemv-sweep` / `--gemv-v3` on an
+# Launch settings per (bits, N, K) for batch 1, from `bench/bench_quant.py --gemv-sweep` / `--gemv-graph` on an
 # H100 (2026-11-22; docs/benchmarks.md): (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages[, KERNEL[, FLAGS]]).
 # KERNEL 0 (without PREFETCH) = `_gemv_kernel`; 1 / 2 = `_gemv_kernel_v2` with mantissa / half2 unpacking (FLAGS
 # = PREFETCH); 4 = `_gemv_kernel_v4` (Int4; BLOCK_K inputs per iteration, at most a group; BLOCK_N = 128 x warps;
 # FLAGS bit 0 relaxed split-K epilogue, bit 1 every load first). Int4 uses v4 at every Qwen-7B shape
-# (run 5: 15-30% faster than the previous table back to back in a CUDA graph); Int8 keeps its kernels.
+# (run 5, back to back in a CUDA graph: 10-27% faster than the previous table, c_proj even); Int8 keeps its own.
 GEMV_CONFIGS: dict[tuple[int, int, int], tuple] = {  # (bits, N, K)
     (4, 12288, 4096): (512, 128, 16, 4, 2, 4),
     (4, 4096, 4096): (256, 128, 16, 2, 3, 4),
