@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from benchlib import copy_bandwidth, log, save_json, sync
 from qwenlm.config import ModelConfig
 from qwenlm.engine import EngineConfig, LLMEngine, SamplingParams
-from qwenlm.kernels import gptq_matmul as K
+from qwenlm.kernels import gptq_gemv as G, gptq_matmul as K
 from qwenlm.model import quant
 from qwenlm.model.qwen import QWenLMHeadModel
 
@@ -76,7 +76,7 @@ def linear_table(sweep: bool):
         for bits in (4, 8):
             qw, qz, s, gi = random_gptq(k, n, bits)
             ref = K.gptq_matmul_reference(x, qw, qz, s, gi, bits)
-            ws = K.gemv_workspace(n, "cuda")  # split-K reduced in the kernel, as GPTQLinear runs it
+            ws = G.gemv_workspace(n, "cuda")  # split-K reduced in the kernel, as GPTQLinear runs it
             out = K.gptq_matmul(x, qw, qz, s, 128, bits, workspace=ws)
             row[f"int{bits}_maxerr"] = (out.float() - ref.float()).abs().max().item() / ref.abs().max().item()
             row[f"int{bits}_us_3_launches"] = 1e3 * bench_ms(lambda: K.gptq_matmul(x, qw, qz, s, 128, bits))
@@ -110,7 +110,7 @@ def linear_table(sweep: bool):
         for key, cfg in best.items():
             print(f"    {key}: {cfg},")
         print("}")
-        K.GEMV_CONFIGS.update(best)  # the decode runs below use the tuned settings
+        G.GEMV_CONFIGS.update(best)  # the decode runs below use the tuned settings
     return rows
 
 
@@ -119,7 +119,7 @@ GEMV_SHAPES = dict(SHAPES, **{"mlp.gate_up (w1+w2)": (4096, 22016)})
 
 def gemv_sweep(budget_s: float = 290.0):
     """Batch-1 GEMV variants at the Qwen-7B shapes (and w1+w2 concatenated): µs and GB/s per variant against
-    bf16 cuBLAS and the table's current setting. Variants: UNPACK 0/1/2 (gptq_matmul._gemv_kernel), official
+    bf16 cuBLAS and the table's current setting. Variants: UNPACK 0/1/2 (gptq_gemv._gemv_kernel), official
     or tiled qweight (`tile_qweight`), BLOCK_N, SPLIT_K, warps. Prints the best per shape as table entries."""
     torch.manual_seed(0)
     t0 = time.time()
@@ -134,11 +134,11 @@ def gemv_sweep(budget_s: float = 290.0):
             qw, qz, s, gi = random_gptq(k, n, bits)
             nbytes = gptq_bytes(k, n, bits)
             ref = K.gptq_matmul_reference(x, qw, qz, s, gi, bits).float()
-            ws = K.gemv_workspace(n, "cuda")
+            ws = G.gemv_workspace(n, "cuda")
             w_bf16 = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
             t_bf16 = bench_ms(lambda: F.linear(x.bfloat16(), w_bf16))
             t_cur = bench_ms(lambda: K.gptq_matmul(x, qw, qz, s, 128, bits, workspace=ws))
-            row = dict(bits=bits, layer=name, K=k, N=n, bf16_us=1e3 * t_bf16, current_cfg=K.gemv_config(bits, n, k),
+            row = dict(bits=bits, layer=name, K=k, N=n, bf16_us=1e3 * t_bf16, current_cfg=G.gemv_config(bits, n, k),
                        current_us=1e3 * t_cur, current_GBs=nbytes / t_cur / 1e6,
                        bound_us=nbytes / HBM_BYTES_PER_S * 1e6, variants={})
             tiles = {}
@@ -223,7 +223,7 @@ def profile_calls(configs):
     k, n = SHAPES["attn.c_attn"]
     qw, qz, s, _ = random_gptq(k, n, 4)
     x = torch.randn(1, k, device="cuda", dtype=torch.float16)
-    ws = K.gemv_workspace(n, "cuda")
+    ws = G.gemv_workspace(n, "cuda")
     for cfg in configs:
         for _ in range(2):
             K.gptq_matmul(x, qw, qz, s, 128, 4, config=cfg, workspace=ws)
@@ -245,7 +245,7 @@ def gemv_graph_sweep(configs=None, budget_s=150.0, apply=False):
         x = torch.randn(1, k, device="cuda", dtype=torch.float16)
         qw, qz, s, gi = copies[0]
         ref = K.gptq_matmul_reference(x, qw, qz, s, gi, 4).float()
-        ws = K.gemv_workspace(n, "cuda")
+        ws = G.gemv_workspace(n, "cuda")
 
         def timed(cfg):
             cs = [tuple(c[:3]) for c in copies]
@@ -259,7 +259,7 @@ def gemv_graph_sweep(configs=None, budget_s=150.0, apply=False):
 
         w_bf16 = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         row = dict(layer=name, K=k, N=n, bf16_us=1e3 * bench_ms(lambda: F.linear(x.bfloat16(), w_bf16)),
-                   bound_us=nbytes / HBM_BYTES_PER_S * 1e6, current=timed(K.gemv_config(4, n, k)), variants=[])
+                   bound_us=nbytes / HBM_BYTES_PER_S * 1e6, current=timed(G.gemv_config(4, n, k)), variants=[])
         del w_bf16
         for cfg in configs:
             if time.time() - t0 > budget_s:
@@ -289,7 +289,7 @@ def gemv_graph_sweep(configs=None, budget_s=150.0, apply=False):
             print(f"    (4, {r['N']}, {r['K']}): {b['cfg']},  # graph {b['graph_us']:.1f} "
                   f"(table {r['current']['graph_us']:.1f}), do_bench {b['us']:.1f} (table {r['current']['us']:.1f})")
             if apply and b["graph_us"] < r["current"]["graph_us"]:
-                K.GEMV_CONFIGS[(4, r["N"], r["K"])] = b["cfg"]  # the engine runs that follow use it
+                G.GEMV_CONFIGS[(4, r["N"], r["K"])] = b["cfg"]  # the engine runs that follow use it
     return rows
 
 
@@ -304,8 +304,8 @@ def tune_table():
             x = torch.randn(1, k, device="cuda", dtype=torch.float16)
             qw, qz, s, gi = random_gptq(k, n, bits)
             ref = K.gptq_matmul_reference(x, qw, qz, s, gi, bits).float()
-            ws = K.gemv_workspace(n, "cuda")
-            base = K.gemv_config(bits, n, k)
+            ws = G.gemv_workspace(n, "cuda")
+            base = G.gemv_config(bits, n, k)
             cands = [base, base + (1,)]
             for bn, sk, w in ((128, 8, 4), (256, 4, 4), (256, 8, 8), (64, 16, 4)):
                 cands.append((bn, 128, sk, w, 3, base[5], 1))
@@ -325,11 +325,11 @@ def tune_table():
                   f"{best[1]} maxerr {best[2]:.1e}; bound {row['bound_us']:.1f} | "
                   + " ".join(f"{t:.1f}" for t, _, _ in timed), flush=True)
             if best[0] < timed[0][0]:
-                K.GEMV_CONFIGS[(bits, n, k)] = best[1]
+                G.GEMV_CONFIGS[(bits, n, k)] = best[1]
     RESULTS["gemv_tune"] = rows
     save()
     print("GEMV_CONFIGS = {")
-    for key, cfg in K.GEMV_CONFIGS.items():
+    for key, cfg in G.GEMV_CONFIGS.items():
         print(f"    {key}: {cfg},")
     print("}", flush=True)
 

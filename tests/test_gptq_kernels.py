@@ -1,4 +1,4 @@
-"""The Int4 batch-1 GEMV `_gemv_kernel_v4` (qwenlm.kernels.gptq_matmul) against the plain-torch definition, in
+"""The Int4 batch-1 GEMV `_gemv_kernel_v4` (qwenlm.kernels.gptq_gemv) against the plain-torch definition, in
 the Triton interpreter (the GPU path differs only in the inline-PTX half2 arithmetic, whose exactness is checked
 here in numpy), plus its fallbacks and an act-order layer through it."""
 
@@ -37,8 +37,8 @@ def test_kernel_source_survives_torch_compile():
     there and the generated module no longer parses -- the compiled decode then fails for every GPTQ model."""
     from triton import JITFunction
 
-    from qwenlm.kernels import gptq_matmul as K
-    jitted = [v for v in vars(K).values() if isinstance(v, JITFunction)]
+    from qwenlm.kernels import gptq_gemv as G, gptq_matmul as K
+    jitted = [v for m in (G, K) for v in vars(m).values() if isinstance(v, JITFunction)]
     assert any(f.__name__ == "_gemv_kernel_v4" for f in jitted)
     for f in jitted:
         assert "\\" not in f.src, f.__name__
@@ -50,7 +50,7 @@ def test_v4_gemv_matches_reference_in_interpreter():
     """Runs in a subprocess: TRITON_INTERPRET must be set before triton is imported."""
     code = r'''
 import torch
-from qwenlm.kernels import gptq_matmul as K
+from qwenlm.kernels import gptq_gemv as G, gptq_matmul as K
 from qwenlm.model import quant
 torch.manual_seed(0)
 
@@ -73,7 +73,7 @@ def check(x, qw, qz, s, gi, g, bits, b, cfg, ws=None):
 for k, n, g in ((256, 96, 64), (384, 256, 128), (128, 64, 32)):
     qw, qz, s, gi = case(k, n, g)
     b = torch.randn(n).half()
-    ws = K.gemv_workspace(n, "cpu")
+    ws = G.gemv_workspace(n, "cpu")
     x = torch.randn(1, k).half()
     for cfg in ((128, 128, 1, 1, 1, 4), (128, 128, 3, 1, 2, 4, 1), (256, 128, 8, 2, 3, 4, 2),
                 (64, 128, 2, 1, 1, 4, 3), (128, 32, 5, 1, 2, 4, 3), (128, 48, 64, 1, 1, 4)):
@@ -101,7 +101,7 @@ layer.g_idx = (torch.randperm(256) // 64).int()
 x = torch.randn(1, 256).half()
 ref = layer(x).float()
 layer.prepare_kernel("triton")
-K.GEMV_CONFIGS[(4, 128, 256)] = (128, 128, 2, 1, 1, 4, 2)
+G.GEMV_CONFIGS[(4, 128, 256)] = (128, 128, 2, 1, 1, 4, 2)
 assert layer.backend == "triton" and layer.perm is not None
 assert (layer(x).float() - ref).abs().max().item() < 2e-3 * ref.abs().max().item() + 2e-3
 print("ok")

@@ -179,7 +179,8 @@ def test_triton_kernels_match_reference_in_interpreter():
     code = r'''
 import torch
 from qwenlm.model import quant
-from qwenlm.kernels.gptq_matmul import gemv_workspace, gptq_matmul, gptq_matmul_reference, tile_qweight
+from qwenlm.kernels.gptq_gemv import gemv_workspace
+from qwenlm.kernels.gptq_matmul import gptq_matmul, gptq_matmul_reference, tile_qweight
 torch.manual_seed(0)
 for bits in (4, 8):
     K, N, g = 256, 96, 64

@@ -15,7 +15,7 @@ import os
 import torch
 from torch import nn
 
-from qwenlm.kernels import gptq_matmul as kernels
+from qwenlm.kernels import gptq_gemv, gptq_matmul as kernels
 from qwenlm.kernels.gptq_matmul import unpack_cols, unpack_rows
 
 log = logging.getLogger(__name__)
@@ -125,8 +125,8 @@ class GPTQLinear(nn.Module):
             self.backend = "tinygemm"
         elif kernels.triton is not None and self.group_size % 32 == 0:
             self.backend = "triton"
-            self._workspace = kernels.gemv_workspace(self.out_features, self.qweight.device)
-            tile = kernels.gemv_tile(self.bits, self.out_features, self.in_features)
+            self._workspace = gptq_gemv.gemv_workspace(self.out_features, self.qweight.device)
+            tile = gptq_gemv.gemv_tile(self.bits, self.out_features, self.in_features)
             if tile and self.qweight.dim() == 2:  # load-time layout for the GEMV; replaces, not beside
                 self.qweight = kernels.tile_qweight(self.qweight, tile)
 
@@ -165,7 +165,7 @@ def concat_gptq_linears(a: GPTQLinear, b: GPTQLinear) -> GPTQLinear:
     if a._kernel_bias is not None or b._kernel_bias is not None:
         out._kernel_bias = out.bias
     if a.backend == "triton":
-        out._workspace = kernels.gemv_workspace(out.out_features, a.qweight.device)
+        out._workspace = gptq_gemv.gemv_workspace(out.out_features, a.qweight.device)
     elif a.backend == "tinygemm":  # tinygemm's packed copy is rebuilt from the concatenated GPTQ tensors
         out._tinygemm = to_tinygemm(out.qweight, out.qzeros, out.scales, out.group_size)
     return out
