@@ -149,6 +149,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--dry-run", action="store_true", help="CPU, TRITON_INTERPRET=1, one small shape")
     ap.add_argument("--kernels", default="v1,v2,mma", help="kernels to sweep: v1,v2,mma")
+    ap.add_argument("--pools", default="bf16,int8", help="pool dtypes to sweep: bf16,int8")
     args = ap.parse_args()
     global SHAPES
     dev = torch.device("cpu" if args.dry_run else "cuda")
@@ -157,7 +158,7 @@ def main():
     print(f"{dev}  current table: {DECODE_CONFIGS}", flush=True)
     cfgs = configs(args.quick, args.kernels)
     res = {"store_dequantized_exact": check_store_dequantized(dev)} if dev.type == "cuda" else {}
-    for int8 in (False, True):
+    for int8 in [dt == "int8" for dt in args.pools.split(",")]:
         dt = "int8" if int8 else "bf16"
         for B, ctx in SHAPES:
             inputs = make_inputs(B, ctx, int8, dev)
