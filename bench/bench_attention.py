@@ -43,6 +43,13 @@ def configs(quick: bool, kernels: str) -> list[tuple[str, DecodeConfig, bool]]:
         for s in splits:
             out.append((f"v2 h{heads} n{bn} w{warps} s{s}", DecodeConfig(heads=heads, splits=s, block_n=bn,
                                                                           num_warps=warps), True))
+    if "v1tiles" in kernels:  # v1 launch settings
+        for bn, warps, stages in ((64, 4, None), (128, 8, None), (256, 8, None), (64, 2, None), (32, 2, None),
+                                  (128, 4, 1), (128, 4, 2), (128, 4, 4), (64, 4, 2), (256, 4, None), (64, 1, None),
+                                  (32, 1, None), (128, 2, None), (128, 1, None), (16, 1, None), (32, 1, 2),
+                                  (16, 1, 2)):
+            name = f"v1 n{bn} w{warps}" + (f" st{stages}" if stages else "")
+            out.append((name, DecodeConfig("v1", block_n=bn, num_warps=warps, num_stages=stages), True))
     if "mma" in kernels:  # tensor-core products: tile, warps, pipeline depth
         for bn, warps, stages in ((64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 4, 3), (128, 8, 3),
                                   (32, 4, 3), (32, 4, 4), (64, 8, 3), (16, 4, 4)):
@@ -150,9 +157,12 @@ def main():
     ap.add_argument("--dry-run", action="store_true", help="CPU, TRITON_INTERPRET=1, one small shape")
     ap.add_argument("--kernels", default="v1,v2,mma", help="kernels to sweep: v1,v2,mma")
     ap.add_argument("--pools", default="bf16,int8", help="pool dtypes to sweep: bf16,int8")
+    ap.add_argument("--shapes", help="batch x context list, e.g. 32x640,128x160 (default: the standard set)")
     args = ap.parse_args()
     global SHAPES
     dev = torch.device("cpu" if args.dry_run else "cuda")
+    if args.shapes:
+        SHAPES = [tuple(int(v) for v in x.split("x")) for x in args.shapes.split(",")]
     if args.dry_run:
         SHAPES = [(2, 40)]
     print(f"{dev}  current table: {DECODE_CONFIGS}", flush=True)

@@ -372,13 +372,16 @@ class DecodeConfig:
 # last entry whose batch <= B wins. Small batches split the context (one program per head leaves most of the GPU
 # idle: bf16 batch 1, context 640: 48 -> 11 us). bf16: mma with 64-token tiles and 2 stages won at every batch
 # (128 x 640: 455 us, 2.95 TB/s, vs 482 for v2). int8: the uint8 tiles are slower in v2 and mma than in v1
-# from batch 16 on (128 x 640: v1 308 us, v2 380, mma 457), so int8 keeps v2 below 16 and v1 above.
+# from batch 16 on (128 x 640: v1 308 us, v2 380, mma 457), so int8 keeps v2 below 16 and v1 above, with
+# small programs as the batch grows (one warp, 32-token tiles from 64: 128 x 640 in 258 us, 2.77 TB/s, vs 324
+# with 4 warps and 128-token tiles: more programs resident per SM, more loads in flight).
 _MMA = dict(kernel="mma", block_n=64, num_stages=2)
 DECODE_CONFIGS = {
     "bf16": [(1, DecodeConfig(splits=16, **_MMA)), (2, DecodeConfig(splits=8, **_MMA)),
              (4, DecodeConfig(splits=4, **_MMA)), (8, DecodeConfig(splits=2, **_MMA)), (16, DecodeConfig(**_MMA))],
     "int8": [(1, DecodeConfig(splits=16, block_n=64)), (2, DecodeConfig(splits=8, block_n=64)),
-             (8, DecodeConfig(splits=4, block_n=64)), (16, DecodeConfig("v1"))],
+             (8, DecodeConfig(splits=4, block_n=64)), (16, DecodeConfig("v1", block_n=128, num_warps=2)),
+             (32, DecodeConfig("v1", block_n=64, num_warps=1)), (64, DecodeConfig("v1", block_n=32, num_warps=1))],
 }
 
 
