@@ -550,8 +550,8 @@ def check_act_order():
 
 def check_kernels_on_gpu(device):
     """The int8 KV store and decode kernels against their torch references on the real device."""
-    from qwenlm.kernels.attention import (paged_decode_attention, paged_decode_attention_ref, quantize_store_kv,
-                                          quantize_store_kv_ref)
+    from qwenlm.kernels.attention import paged_decode_attention, paged_decode_attention_ref
+    from qwenlm.kernels.kv_int8 import quantize_store_kv, quantize_store_kv_ref
     B, H, D, bs, nb = 8, 32, 128, 16, 64
     k = torch.randn(B * 20, H, D, device=device, dtype=torch.bfloat16)
     v = torch.randn(B * 20, 3, H, D, device=device, dtype=torch.bfloat16)[:, 1]

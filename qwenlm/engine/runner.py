@@ -74,8 +74,7 @@ class ModelRunner:
         if self.compiled:
             self._compiled.ctx = self.ctx
             self._decode_forward = self._compiled
-            if not self._warmed_up:
-                self._compile_prefill()
+            self._compile_prefill()  # compiled by the sizing warm-up already where one ran: then a cache hit
         if self.device.type == "cuda" and not config.enforce_eager and self.ctx.backend == "triton":
             self._capture_graphs()
 
@@ -97,7 +96,6 @@ class ModelRunner:
         return cfg.num_hidden_layers * self.block_size * cfg.num_attention_heads * per_head
 
     def _size_pool(self) -> int:
-        self._warmed_up = False
         if self.config.num_blocks is not None:
             return self.config.num_blocks
         if self.device.type != "cuda":
@@ -128,7 +126,6 @@ class ModelRunner:
         sample(logits, SamplingBatch(seqs, self.device))
         del logits
         torch.cuda.synchronize()
-        self._warmed_up = True
 
     def _prefill_scratch(self, n: int, rows) -> torch.Tensor:
         """Hidden states (after ln_f) of `rows` of an n-token prefill that stores nothing (pool-less context)."""
@@ -141,7 +138,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _compile_prefill(self) -> None:
-        """Compile the prefill regions now (engine start) rather than on the first request."""
+        """Compile the prefill regions now (engine start) rather than on the first request: a 16-token prefill."""
         n = min(16, self.config.max_num_batched_tokens, self.max_model_len)
         if n >= 2:
             self._prefill_scratch(n, slice(n - 1, n))

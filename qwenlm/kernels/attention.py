@@ -34,7 +34,7 @@ try:
 except ImportError:  # CPU installs without triton use the torch path
     triton = None
 
-from qwenlm.kernels.kv_int8 import dequantize_rows, quantize_store_kv, quantize_store_kv_ref  # noqa: F401
+from qwenlm.kernels.kv_int8 import dequantize_rows
 
 if triton is not None:
     from qwenlm.kernels.kv_int8 import _quantize_rows

@@ -87,6 +87,7 @@ if triton is not None:
                 tl.store(VSZ + dst_sz, qscale, mask=h_ok)
                 tl.store(VSZ + dst_sz + 1, zero, mask=h_ok)
 
+
 def quantize_store_kv(k, v, k_cache, v_cache, k_sz, v_sz, slot_mapping, use_triton: bool,
                       dequantized: bool = False):
     """quantize_store_kv_ref through one Triton launch (k, v [..., h, d], each head's d values contiguous);
