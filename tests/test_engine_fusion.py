@@ -104,7 +104,8 @@ def test_compiled_decode_regions_equal_the_model_and_are_shared_by_layers():
 
 def test_compiled_prefill_regions_equal_the_model_with_logn_and_ntk():
     """The prefill regions (flat row [1, T], per-token RoPE rows, LogN always on) give the model's exact hidden
-    states, also past seq_length (LogN active) and with two NTK alphas in one row; one graph for every T >= 2."""
+    states, also past seq_length (LogN active) and with two NTK alphas in one row; one graph for every T >= 2,
+    also when the first T equals a model size (16 = head_dim here: the compiler must not tie T to it)."""
     from torch._dynamo.utils import counters
 
     model = tiny_model(num_hidden_layers=3, seq_length=16)
@@ -112,7 +113,8 @@ def test_compiled_prefill_regions_equal_the_model_with_logn_and_ntk():
     compiled = CompiledDecode(model, None, backend="eager")
     torch._dynamo.reset()
     counters.clear()
-    for T, start, alphas in ((9, 0, (1.0,)), (12, 10, (1.0, 3.0)), (5, 0, (3.0,))):
+    assert model.config.head_dim == 16
+    for T, start, alphas in ((16, 0, (1.0,)), (9, 0, (1.0,)), (12, 10, (1.0, 3.0)), (5, 0, (3.0,))):
         ids = torch.tensor(random_prompts([T], seed=T))
         pos = torch.arange(start, start + T)[None]
         inv = model.inv_freq(list(alphas), "cpu")[:, 0]  # [n_alphas, r/2]

@@ -15,8 +15,8 @@ Batch 1 gets its own static-shape compile with gpt-fast's Inductor settings: wit
 a Triton GEMV for it, with the neighbouring pointwise work (bias, residual add, SiLU * up) fused in.
 Larger batches share one dynamic-shape compile whose matmuls stay on cuBLAS.
 
-Prefill (one flat row [1, T] of concatenated chunks, `prefill`) runs the same regions through a third,
-dynamic-in-T compile: eager, each RMSNorm, RoPE and SiLU * up is a chain of fp32 kernels over [T, 4096]
+Prefill (one flat row [1, T] of concatenated chunks, `prefill`) runs the same regions through a third
+compile, dynamic in T alone: eager, each RMSNorm, RoPE and SiLU * up is a chain of fp32 kernels over [T, 4096]
 tensors (about a fifth of a 2,048-token prefill on an H100); compiled, each chain is one kernel. Its
 inputs always carry per-token RoPE rows and the LogN scale (exactly 1 up to seq_length), so one graph
 serves every prefill of two tokens or more (T == 1 would be specialised by the compiler: the runner runs
@@ -89,6 +89,13 @@ def head(model, x):
     return model.logits(model.transformer.ln_f(x)[:, 0])
 
 
+def _tokens(*tensors) -> None:
+    """Mark dim 1 (tokens) of each [1, T, ...] tensor dynamic for the next compiled call."""
+    for t in tensors:
+        if t is not None:
+            torch._dynamo.mark_dynamic(t, 1)
+
+
 class _Regions:
     def __init__(self, wrap):
         self.prologue, self.attn_in, self.attn_out, self.mlp_out, self.head = (
@@ -110,16 +117,25 @@ class CompiledDecode:
 
         self.static = _Regions(wrap(False))  # batch 1
         self.dynamic = _Regions(wrap(True))  # every other batch size, one compile
-        self.varlen = _Regions(wrap(True))  # prefill rows [1, T], T >= 2
+        # Prefill rows [1, T], T >= 2: static shapes except T, marked on every region input (_tokens). With
+        # every dim dynamic, the compiler unifies T with any other size equal to it in the first call (the
+        # head dim, the hidden size) and specialises on that, so a later T would compile again mid-serving.
+        self.varlen = _Regions(wrap(False))
 
     def _blocks(self, r: _Regions, ctx, ids, pos, inv, use_logn: bool) -> torch.Tensor:
+        mark = _tokens if r is self.varlen else (lambda *ts: None)
+        mark(ids, pos, inv)
         x, cos, sin, q_scale = r.prologue(self.model, ids, pos, inv, use_logn)
+        mark(x, cos, sin, q_scale)
         for block in self.model.transformer.h:
             q, k, v = r.attn_in(block, x, cos, sin, q_scale)
             out = ctx.attend(block.attn.layer_idx, q, k, v)
+            mark(x, out)
             x, act = r.attn_out(block, x, out)
             if act is not None:
+                mark(x, act)
                 x = r.mlp_out(block, x, act)
+            mark(x)
         return x
 
     def __call__(self, ids, pos, inv, use_logn: bool) -> torch.Tensor:
