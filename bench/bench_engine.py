@@ -63,14 +63,19 @@ def bench_attention_kernel(cfg: ModelConfig, dev, bw):
     del kc, vc
 
 
+def tiny_model(dev) -> QWenLMHeadModel:
+    """A tiny fp32 model for the checks of the GPU path (exactness, compiles), not for speed."""
+    cfg = ModelConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      kv_channels=16, intermediate_size=256)
+    return build_qwen(cfg, dev, torch.float32)
+
+
 def check_overlap_gpu(dev):
     """Overlapped vs synchronous steps on the GPU path (CUDA graphs, pinned staging, tokens fed on the device):
     a tiny model, mixed requests with stop ids, sampling, logprobs, preemption; outputs must be identical."""
     if dev.type != "cuda":
         return
-    cfg = ModelConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      kv_channels=16, intermediate_size=256)
-    model = build_qwen(cfg, dev, torch.float32)
+    model = tiny_model(dev)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (9, 30, 4, 17, 22, 6, 40, 3)]
     params = [SamplingParams(temperature=0.8, top_p=0.9, seed=5, max_tokens=40, logprobs=True),
@@ -112,9 +117,7 @@ def check_compiled_prefill_gpu(dev):
     if dev.type != "cuda":
         return
     from torch._dynamo.utils import counters
-    cfg = ModelConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      kv_channels=16, intermediate_size=256)
-    model = build_qwen(cfg, dev, torch.float32)
+    model = tiny_model(dev)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (3, 17, 40, 5, 64, 2, 33)]
     greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
