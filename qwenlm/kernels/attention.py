@@ -269,9 +269,10 @@ if triton is not None:
         Decode attention stays bound by reading K/V; the point is what the tensor-core path does to that read:
         Triton stages tl.dot operands through shared memory with asynchronous copies (num_stages deep), so
         many more bytes are in flight per SM than with v1/v2's register tiles, and the per-element products
-        and reductions leave the CUDA cores. Operands are in the pool dtype; for int8 pools bf16, which holds
-        every uint8 exactly. A query not exact in that dtype (Q_LO) and the weights p are split into a high
-        and a low part (two products), so the result keeps ~16 bits where one bf16 operand would keep 8."""
+        and reductions leave the CUDA cores. Operands (OP) are in the pool dtype; for int8 pools in the query's
+        dtype if bf16 or fp16 (both hold every uint8 exactly), else fp16. A query not exact in OP (Q_LO) and
+        the weights p are split into a high and a low part (two products), so the result keeps ~16 bits where
+        one bf16 operand would keep 8."""
         b = tl.program_id(0)
         h = tl.program_id(1)
         sp = tl.program_id(2)
