@@ -23,6 +23,7 @@ models never exist). Prints, side by side with the bandwidth bound (measured dev
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 
 from benchlib import copy_bandwidth, log, save_json, sync
 from qwenlm.config import ModelConfig
-from qwenlm.engine import EngineConfig, LLMEngine, SamplingParams
+from qwenlm.engine import EngineConfig, LLMEngine, SamplingParams, fused_decode
 from qwenlm.kernels import gptq_gemv as G, gptq_matmul as K
 from qwenlm.model import quant
 from qwenlm.model.qwen import QWenLMHeadModel
@@ -360,6 +361,9 @@ def save():
     save_json(RESULTS, "bench_quant.json", indent=1)
 
 
+PDL_DEFAULT = fused_decode.PDL
+
+
 def build_model(cfg, kind, device, dtype):
     """Random Qwen weights in `dtype`: kind = bf16 | int4 | int8 (GPTQ layout, built packed: no float linears)
     | int8-otf (float model, then quant.quantize_int8_ as `qwenlm.load(quantize="int8")` does)."""
@@ -447,7 +451,8 @@ def weights_run(cfg, kind, device, dtype, bw, args, kv="auto"):
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    model = build_model(cfg, kind.replace("-tinygemm", "").replace("-gateup", ""), device, dtype)
+    model = build_model(cfg, kind.replace("-tinygemm", "").replace("-gateup", "").replace("-unfused", "")
+                        .replace("-nopdl", "").split("-pdl")[0], device, dtype)
     if kind.endswith("-gateup"):
         fuse_gptq_gate_up(model)
     bs = 16
@@ -467,6 +472,48 @@ def weights_run(cfg, kind, device, dtype, bw, args, kv="auto"):
     log(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}))
     del engine, model
     return r
+
+
+def check_fused_int4(cfg, device):
+    """The fused batch-1 Int4 step (qwenlm.engine.fused_decode, the engine's default for GPTQ Int4) against the
+    model's own step, on 2 layers at the real shape with a biased c_attn: with and without PDL, 3 times each
+    (a missing wait under PDL would show as a difference or a change between repeats)."""
+    from qwenlm.engine import compiled_decode, fused_decode
+    from qwenlm.model.qwen import DenseKVCache
+    model = build_model(dataclasses.replace(cfg, num_hidden_layers=2), "int4", device, torch.float16)
+    fuse_gptq_gate_up(model)
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.attn.c_attn.bias.normal_(0, 0.5)
+            block.attn.c_attn._kernel_bias = block.attn.c_attn.bias
+    assert fused_decode.supports(model)
+    T = 40
+    ids = torch.randint(0, cfg.vocab_size, (1, T), device=device)
+    pos = torch.arange(T, device=device)[None]
+    inv = model.inv_freq([1.0], device)
+
+    def cache():
+        ctx = DenseKVCache(2)
+        ctx.begin(torch.ones(1, T - 1, dtype=torch.bool, device=device))
+        model(ids[:, :-1], pos[:, :-1], ctx, inv, use_logn=True)
+        ctx.begin(torch.ones(1, 1, dtype=torch.bool, device=device))
+        return ctx
+
+    with torch.no_grad():
+        ref = model(ids[:, -1:], pos[:, -1:], cache(), inv, use_logn=True)[0, 0].float()
+        x, cos, sin, qs = compiled_decode.prologue(model, ids[:, -1:], pos[:, -1:], inv, True)
+        errs = {}
+        for pdl in (0, 1, 2):
+            outs = [model.transformer.ln_f(fused_decode.FusedInt4Blocks(model, pdl=pdl)(cache(), x, cos, sin, qs))
+                    [0, 0].float() for _ in range(3)]
+            errs[f"pdl={pdl}"] = max((o - ref).abs().max().item() for o in outs)
+            # split-K partial sums land in any order: repeats differ by fp32 rounding, not more
+            errs[f"repeats pdl={pdl}"] = max((o - outs[0]).abs().max().item() for o in outs)
+    tol = 4e-3 * ref.abs().max().item()
+    from qwenlm.kernels.gptq_fused import PDL_AVAILABLE
+    log(f"PDL available: {PDL_AVAILABLE}; fused Int4 step vs model step: max |diff| {errs} (|ref| max {ref.abs().max().item():.3f}, tol {tol:.4f})")
+    assert all(e <= tol for e in errs.values()), errs
+    RESULTS["fused_int4_check"] = errs
 
 
 def kv_cache_runs(cfg, device, dtype, bw, args):
@@ -631,6 +678,7 @@ def main():
     if device == "cuda":
         section("kernel_checks", check_kernels_on_gpu, device)
         section("act_order", check_act_order)
+        section("fused_int4", check_fused_int4, cfg, device)
         if args.tune:
             section("gemv_tune", tune_table)
         if not args.skip_linear:
@@ -643,6 +691,10 @@ def main():
         if device == "cpu":
             dtype = torch.float32
         os.environ["QWENLM_GPTQ_KERNEL"] = "tinygemm" if weights == "int4-tinygemm" else "triton"
+        # int4-unfused: the compiled regions; int4-nopdl: the fused kernels launched without PDL
+        fused_decode.ENABLED = weights != "int4-unfused"
+        fused_decode.PDL = (0 if weights == "int4-nopdl" else int(weights[-1]) if weights.startswith("int4-pdl")
+                            else PDL_DEFAULT)
         section(f"engine_{kind}", lambda: dec.append(
             weights_run(cfg, weights, device, dtype, bw, args, "int8" if kv == "kv8" else "auto")))
         save()

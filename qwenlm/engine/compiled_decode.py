@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwenlm.engine import fused_decode
 from qwenlm.engine.fusion import GateUpMLP
 from qwenlm.model.qwen import apply_rope, logn_scale
 
@@ -121,6 +122,9 @@ class CompiledDecode:
         # every dim dynamic, the compiler unifies T with any other size equal to it in the first call (the
         # head dim, the hidden size) and specialises on that, so a later T would compile again mid-serving.
         self.varlen = _Regions(wrap(False))
+        # GPTQ Int4 models decode one sequence through fused kernels instead of the compiled blocks.
+        self.fused = fused_decode.FusedInt4Blocks(model) if (
+            fused_decode.ENABLED and backend is not None and fused_decode.supports(model)) else None
 
     def _blocks(self, r: _Regions, ctx, ids, pos, inv, use_logn: bool) -> torch.Tensor:
         mark = _tokens if r is self.varlen else (lambda *ts: None)
@@ -140,6 +144,8 @@ class CompiledDecode:
 
     def __call__(self, ids, pos, inv, use_logn: bool) -> torch.Tensor:
         r = self.static if ids.shape[0] == 1 else self.dynamic
+        if r is self.static and self.fused is not None:
+            return r.head(self.model, self.fused(self.ctx, *r.prologue(self.model, ids, pos, inv, use_logn)))
         return r.head(self.model, self._blocks(r, self.ctx, ids, pos, inv, use_logn))
 
     def prefill(self, ctx, ids, pos, inv) -> torch.Tensor:

@@ -466,7 +466,8 @@ def gemv(x: torch.Tensor, qweight, qzeros, scales, group_size: int, bits: int, b
         out = torch.zeros((1, N), device=x.device, dtype=torch.float32)
     ws, cnt = workspace if fused else (out, out)
     if unpack == 4:
-        _gemv_kernel_v4[grid](x, qweight, qzeros, scales, b, out, ws, cnt, N, K, GROUP=group_size,
+        x16 = x if x.dtype == torch.float16 else x.half()  # v4 reads the inputs as fp16 pairs
+        _gemv_kernel_v4[grid](x16, qweight, qzeros, scales, b, out, ws, cnt, N, K, GROUP=group_size,
                               HAS_BIAS=has_bias, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
                               FUSED_REDUCE=fused, ASM=not INTERPRET, STAGES=stages,
                               RELAXED=bool(flags & 1) and not INTERPRET, EARLY=bool(flags & 2), num_warps=warps,

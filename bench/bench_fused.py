@@ -1,0 +1,137 @@
+"""The fused batch-1 Int4 kernels (qwenlm.kernels.gptq_fused) at the Qwen-7B shapes, on a GPU.
+
+1. Per linear, replayed from CUDA graphs over 8 layers' distinct weights (more than L2): the plain v4 GEMV
+   (`gptq_matmul`, what the compiled regions call) against the fused kernel with its prologue / epilogue, for
+   each PDL mode (0 off; 1 launch next at once, first tile before the wait; 2 launch next after the main loop;
+   3 launch next at once, wait first) and a few launch settings. Achieved GB/s next to the copy bandwidth.
+2. The four fused GEMVs of a layer chained over 8 layers (no attention), per PDL mode.
+3. --profile KIND[,KIND]: kernel times inside the engine's batch-1 decode graph (torch.profiler), per step.
+
+    python bench/bench_fused.py
+    python bench/bench_fused.py --profile int4,int4-unfused
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from bench_quant import build_model, graph_us, greedy, prompts_of, random_gptq
+from benchlib import copy_bandwidth, log
+from qwenlm.config import ModelConfig
+from qwenlm.engine import EngineConfig, LLMEngine, fused_decode
+from qwenlm.kernels.gptq_fused import PDL_AVAILABLE, fused_config, fused_int4_gemv
+from qwenlm.model import quant
+
+H, FFN, HEAD = 4096, 11008, 128
+PDL_DEFAULT = fused_decode.PDL
+LAYERS = 8
+
+
+def layer_of(k, n, bias=False):
+    layer = quant.GPTQLinear(k, n, 4, 128, bias=bias, device="cuda")
+    layer.qweight, layer.qzeros, layer.scales, layer.g_idx = random_gptq(k, n, 4)
+    if bias:
+        layer.bias.normal_(0, 0.1)
+    layer.prepare_kernel("triton")
+    return layer
+
+
+def gptq_bytes(layer):
+    return sum(t.numel() * t.element_size() for t in (layer.qweight, layer.qzeros, layer.scales))
+
+
+def per_linear(bw):
+    x = torch.randn(H, device="cuda", dtype=torch.float16)
+    xf = torch.randn(FFN, device="cuda", dtype=torch.float16)
+    nw = torch.ones(H, device="cuda", dtype=torch.float16)
+    cos = torch.rand(HEAD, device="cuda")
+    sin = torch.rand(HEAD, device="cuda")
+    qs = torch.ones(1, device="cuda")
+    shapes = {
+        "c_attn (norm, rope)": (H, 3 * H, True, dict(norm_weight=nw, eps=1e-6, rope=(cos, sin, qs, 2 * H, H, HEAD))),
+        "attn c_proj (+x)": (H, H, False, dict(residual=x)),
+        "gate_up (norm, silu)": (H, 2 * FFN, False, dict(norm_weight=nw, eps=1e-6, glu=FFN)),
+        "mlp c_proj (+x)": (FFN, H, False, dict(residual=x)),
+    }
+    rows, chains = [], {}
+    for name, (k, n, bias, kw) in shapes.items():
+        layers = [layer_of(k, n, bias) for _ in range(LAYERS)]
+        mb = gptq_bytes(layers[0]) / 1e6
+        inp = x if k == H else xf
+        plain = graph_us(lambda l: l(inp[None]), layers)
+        base = fused_config(n, k)
+        configs = [base, (base[0], base[1], base[2] * 2, base[3], base[4]), (base[0], base[1], max(2, base[2] // 2),
+                   base[3], base[4]), (256, 128, base[2], 2, 2)]
+        src = xf if k == FFN else x
+        for cfg in dict.fromkeys(configs):
+            for mode in ((0, 1, 2, 3) if cfg == base else (0, 1)) if PDL_AVAILABLE else (0,):
+                us = graph_us(lambda l: fused_int4_gemv(src, l, pdl=mode, config=cfg, **kw), layers)
+                rows.append(dict(linear=name, MB=round(mb, 1), config=cfg, pdl=mode, fused_us=round(us, 2),
+                                 plain_us=round(plain, 2), fused_GBs=round(mb * 1e3 / us), bound_us=round(mb * 1e12 / bw,
+                                                                                                           2)))
+                log(f"{name:22s} {mb:5.1f} MB cfg {cfg} pdl {mode}: fused {us:6.2f} us ({mb * 1e3 / us:4.0f} GB/s), "
+                    f"plain v4 GEMV {plain:6.2f} us, copy-bandwidth bound {mb * 1e12 / bw:5.2f} us")
+        chains[name] = (layers, kw, src)
+    for mode in ((0, 1, 2, 3) if PDL_AVAILABLE else (0,)):
+        def layer_chain(i, mode=mode):
+            for name, (layers, kw, src) in chains.items():
+                fused_int4_gemv(src, layers[i], pdl=mode, **kw)
+        us = graph_us(layer_chain, range(LAYERS))
+        total_mb = sum(gptq_bytes(c[0][0]) for c in chains.values()) / 1e6
+        log(f"layer chain (4 fused GEMVs) pdl {mode}: {us:6.2f} us per layer, {total_mb * 1e3 / us:4.0f} GB/s "
+            f"(bound {total_mb * 1e12 / bw:5.2f} us)")
+        rows.append(dict(linear="layer chain", pdl=mode, fused_us=round(us, 2), bound_us=round(total_mb * 1e12 / bw, 2)))
+    return rows
+
+
+def profile_decode(kind):
+    """Kernel times inside the batch-1 decode graph of the engine (kind: int4 | int4-unfused | int4-nopdl)."""
+    fused_decode.ENABLED = kind != "int4-unfused"
+    fused_decode.PDL = 0 if kind == "int4-nopdl" else int(kind[-1]) if kind.startswith("int4-pdl") else PDL_DEFAULT
+    cfg = ModelConfig()
+    model = build_model(cfg, "int4", "cuda", torch.float16)
+    engine = LLMEngine(model, None, EngineConfig(num_blocks=64, block_size=16, max_num_seqs=1,
+                                                 cuda_graph_batch_sizes=[1], compile_decode=True))
+    engine.generate([prompts_of(1, 16, cfg.vocab_size, 1)[0]], greedy(8))
+    engine.add_request(None, prompts_of(1, 16, cfg.vocab_size, 2)[0], greedy(40))
+    engine.step()  # prefill
+    steps = 0
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        while engine.has_unfinished() and steps < 20:
+            engine.step()
+            steps += 1
+    torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    events.sort(key=lambda e: -e.device_time_total)
+    total = sum(e.device_time_total for e in events) / steps
+    log(f"== {kind}: {steps} decode steps, kernel time {total:.0f} us per step ==")
+    for e in events[:25]:
+        log(f"  {e.device_time_total / steps:8.1f} us/step  {e.count / steps:6.1f} calls/step  "
+            f"{e.device_time_total / e.count:7.2f} us/call  {e.key[:90]}")
+    while engine.has_unfinished():
+        engine.step()
+    del engine, model
+    torch.cuda.empty_cache()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--profile", default="", help="kinds to profile in the engine (int4, int4-unfused, int4-nopdl)")
+    ap.add_argument("--skip-linear", action="store_true")
+    args = ap.parse_args()
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, "PDL available", PDL_AVAILABLE, flush=True)
+    bw = copy_bandwidth("cuda")
+    log(f"copy bandwidth {bw / 1e9:.0f} GB/s")
+    out = {}
+    if not args.skip_linear:
+        out["per_linear"] = per_linear(bw)
+    for kind in filter(None, args.profile.split(",")):
+        profile_decode(kind)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

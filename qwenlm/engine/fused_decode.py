@@ -1,0 +1,72 @@
+"""Batch-1 decode of GPTQ Int4 blocks in five launches per layer (qwenlm.kernels.gptq_fused):
+
+  1. ln_1 -> c_attn (+ bias) -> RoPE on q and k -> LogN on q        [q | k | v]
+  2. attention (ctx.attend: stores K/V into the paged pool and attends)
+  3. x + c_proj(attn)
+  4. ln_2 -> gate_up                                                 [up | gate]
+  5. x + c_proj(up * silu(gate))
+
+The compiled regions (qwenlm.engine.compiled_decode) run the same math in about ten kernels per layer, each
+GEMV a separate Triton launch Inductor cannot fuse into; at batch 1 the step is a chain of small dependent
+kernels whose fixed costs add up. Here the norms, RoPE, LogN, SiLU * up and residual adds ride inside the
+GEMVs, and each GEMV is launched with programmatic dependent launch on sm_90+, so its launch and first weight
+loads overlap the kernel before it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from qwenlm.engine.fusion import GateUpMLP
+from qwenlm.kernels.gptq_fused import fusable, fused_int4_gemv
+
+# QWENLM_FUSED_INT4=0 keeps Int4 models on the compiled regions; QWENLM_PDL=0 launches without PDL (comparisons).
+ENABLED = os.environ.get("QWENLM_FUSED_INT4", "1") != "0"
+PDL = int(os.environ.get("QWENLM_PDL", "2"))  # the kernel's PDL mode (qwenlm.kernels.gptq_fused)
+
+
+def supports(model) -> bool:
+    """Every block is GPTQ Int4 on the Triton backend with a fused gate_up, RoPE covers whole heads."""
+    cfg = model.config
+    if cfg.rotary_dim != cfg.head_dim:
+        return False
+    for block in model.transformer.h:
+        mlp, attn = block.mlp, block.attn
+        if not isinstance(mlp, GateUpMLP):
+            return False
+        if not all(hasattr(m, "bits") and fusable(m) for m in (attn.c_attn, attn.c_proj, mlp.gate_up, mlp.c_proj)):
+            return False
+        if mlp.ffn_dim % 64:
+            return False  # gate_up's column blocks hold matching halves of up and gate
+    return True
+
+
+class FusedInt4Blocks:
+    """Callable (ctx, x [1, 1, H], cos [1, 1, 1, r], sin, q_scale [1, 1, 1, 1] or None) -> x after every block, for one
+    sequence, attending through ctx (the engine's PagedAttention)."""
+
+    def __init__(self, model, pdl: int | None = None):
+        self.model = model
+        if pdl is None:
+            pdl = PDL if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9 else 0
+        self.pdl = pdl
+
+    def __call__(self, ctx, x, cos, sin, q_scale) -> torch.Tensor:
+        H = x.shape[-1]
+        x = x.reshape(H)
+        cos, sin = cos.reshape(-1), sin.reshape(-1)
+        qs = q_scale.reshape(1) if q_scale is not None else None
+        for block in self.model.transformer.h:
+            attn, mlp = block.attn, block.mlp
+            proj = attn.num_heads * attn.head_dim
+            qkv = fused_int4_gemv(x, attn.c_attn, norm_weight=block.ln_1.weight, eps=block.ln_1.eps,
+                                  rope=(cos, sin, qs, 2 * proj, proj, attn.head_dim), pdl=self.pdl)
+            q, k, v = qkv.view(1, 1, 3, attn.num_heads, attn.head_dim).unbind(2)
+            out = ctx.attend(attn.layer_idx, q, k, v)
+            x = fused_int4_gemv(out.reshape(-1), attn.c_proj, residual=x, pdl=self.pdl).view(H)
+            act = fused_int4_gemv(x, mlp.gate_up, norm_weight=block.ln_2.weight, eps=block.ln_2.eps,
+                                  glu=mlp.ffn_dim, pdl=self.pdl)
+            x = fused_int4_gemv(act, mlp.c_proj, residual=x, pdl=self.pdl).view(H)
+        return x.view(1, 1, H)

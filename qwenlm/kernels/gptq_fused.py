@@ -1,0 +1,242 @@
+"""Batch-1 GPTQ Int4 GEMVs with the work around them fused in: the decode step of a quantized block in four
+GEMV launches (plus attention) instead of about ten.
+
+`fused_int4_gemv` runs `_fused_int4_kernel`: the GEMV of `gptq_gemv._gemv_kernel_v4` (4 columns and a whole
+group per thread, half2 unpacking, split-K reduced inside the kernel), with
+- RMSNorm on the input (ln_1 / ln_2 before c_attn / gate_up): each program normalises the inputs of its own K
+  blocks into an fp16 scratch row (programs sharing a K block write the same values there);
+- an epilogue run by the last program of each column block: bias; NeoX RoPE on the q and k columns (a head's
+  partner column lies in the same block) and the LogN query scale; up * silu(gate) for gate_up, whose column
+  blocks take matching halves of up and gate, so the MLP's c_proj reads the activation as it is; or the
+  residual add;
+- programmatic dependent launch (PDL, sm_90): the kernel waits for the previous one only after loading its
+  first weight tile (weights are never written by an earlier kernel), and lets the next one launch once its
+  own main loop is done, so launch gaps and first DRAM round trips overlap the kernel before.
+
+Every intermediate is rounded to the model dtype where the network rounds it (qwenlm/model/qwen.py: RMSNorm,
+the linear's output, apply_rope, q * q_scale, x + out, w1(x) * silu(w2(x))), so the result is the unfused
+sequence up to the order of fp32 sums.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from qwenlm.kernels.gptq_gemv import gemv_config, triton
+
+if triton is not None:
+    import triton.language as tl
+
+    from qwenlm.kernels.gptq_gemv import _fence_gpu, _hadd2, _int4_word_fma
+
+    try:  # triton >= 3.4
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    except ImportError:  # pragma: no cover - older triton: PDL off
+        gdc_launch_dependents = gdc_wait = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# PDL needs sm_90+ and triton's griddepcontrol ops; the interpreter runs none of it.
+PDL_AVAILABLE = triton is not None and not INTERPRET and gdc_wait is not None
+
+if triton is not None:
+
+    @triton.jit
+    def _w_tile(qw_ptr, qz_ptr, s_ptr, it, rows, offs_n, n_mask, N, ROWS: tl.constexpr, SUB: tl.constexpr):
+        """Iteration `it`'s packed words [ROWS, BLOCK_N], 256 x scales and the zero terms as half2 bits."""
+        g = it // SUB
+        qw = tl.load(qw_ptr + (it * ROWS + rows) * N + offs_n[None, :], mask=n_mask[None, :], other=0)
+        s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32) * 256.0
+        z = ((tl.load(qz_ptr + g * (N // 8) + offs_n // 8, mask=n_mask, other=0) >> ((offs_n % 8) * 4)) & 15) + 1
+        zlo = (z | 0x4400) ^ 0x8000  # -(4 + z/256) as fp16 bits (see gptq_gemv._int4_word_fma)
+        zhi = ((z << 4) | 0x3400) ^ 0x8000  # -(1/4 + z/256)
+        return qw, s, (zlo | (zlo << 16))[None, :], (zhi | (zhi << 16))[None, :]
+
+    @triton.jit
+    def _w_dot(qw, s, zlo, zhi, x32, it, rows, ROWS: tl.constexpr, ASM: tl.constexpr):
+        """sum over the tile's inputs of x_k * w_kn for each column: [BLOCK_N] fp32 (x32: the fp16 inputs read
+        as int32 pairs, regrouped into the lane pairs (i, i + 4) of a packed word)."""
+        r = it * ROWS + rows
+        p0 = tl.load(x32 + r * 4)
+        p1 = tl.load(x32 + r * 4 + 1)
+        p2 = tl.load(x32 + r * 4 + 2)
+        p3 = tl.load(x32 + r * 4 + 3)
+        x04 = (p0 & 0xFFFF) | (p2 << 16)
+        x15 = ((p0 >> 16) & 0xFFFF) | (p2 & -65536)
+        x26 = (p1 & 0xFFFF) | (p3 << 16)
+        x37 = ((p1 >> 16) & 0xFFFF) | (p3 & -65536)
+        if ASM:
+            h = tl.reduce(_int4_word_fma(qw, x04, x15, x26, x37, zlo, zhi, qw * 0, ASM), 0, _hadd2)
+            lo = (h & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            hi = ((h >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            return s * (lo + hi)
+        h = _int4_word_fma(qw, x04, x15, x26, x37, zlo, zhi, tl.zeros(qw.shape, dtype=tl.float32), ASM)
+        return s * tl.sum(h, axis=0)
+
+    @triton.jit
+    def _fused_int4_kernel(x_ptr, nw_ptr, xs_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
+                           res_ptr, cos_ptr, sin_ptr, qsc_ptr, N, K, FFN, eps,
+                           GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr, PRO: tl.constexpr,
+                           K_POW2: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr, ROPE_N: tl.constexpr,
+                           Q_N: tl.constexpr, LOGN: tl.constexpr, HEAD: tl.constexpr, ASM: tl.constexpr,
+                           PDL: tl.constexpr):
+        ROWS: tl.constexpr = BLOCK_K // 8
+        SUB: tl.constexpr = GROUP // BLOCK_K
+        DT = out_ptr.dtype.element_ty  # the model dtype
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        lane = tl.arange(0, BLOCK_N)
+        if GLU:  # columns [up | gate] of width FFN: this block takes BLOCK_N/2 of each, the same features
+            HALF: tl.constexpr = BLOCK_N // 2
+            feat = pid_n * HALF + lane % HALF
+            offs_n = tl.where(lane < HALF, feat, FFN + feat)
+            n_mask = feat < FFN
+        else:
+            offs_n = pid_n * BLOCK_N + lane
+            n_mask = offs_n < N
+        rows = tl.arange(0, ROWS)[:, None]
+        # PDL 1: let the next kernel launch now, load the first weight tile (never written by an earlier kernel)
+        # before waiting for the previous kernel; 2: the same, the next kernel launched after the main loop;
+        # 3: launch at once, wait before any load.
+        if PDL == 3:
+            gdc_launch_dependents()
+            gdc_wait()
+        qw, s, zlo, zhi = _w_tile(qw_ptr, qz_ptr, s_ptr, pid_k, rows, offs_n, n_mask, N, ROWS, SUB)
+        if PDL == 1:
+            gdc_launch_dependents()
+        if PDL == 1 or PDL == 2:
+            gdc_wait()  # everything earlier kernels wrote is visible from here on
+        if PRO == 0:  # fp16 inputs, read where they are
+            x32 = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+        else:  # this program's inputs, as the network computes them, into an fp16 scratch row
+            if PRO == 1:
+                ka = tl.arange(0, K_POW2)
+                xa = tl.load(x_ptr + ka, mask=ka < K, other=0.0).to(tl.float32)
+                inv = 1.0 / tl.sqrt(tl.sum(xa * xa, 0) / K + eps)
+            for it in range(pid_k, K // BLOCK_K, SPLIT_K):
+                kb = it * BLOCK_K + tl.arange(0, BLOCK_K)
+                if PRO == 1:  # RMSNorm: normalise in fp32, round, scale by the weight in the model dtype
+                    xn = (tl.load(x_ptr + kb).to(tl.float32) * inv).to(DT).to(tl.float32)
+                    v = (xn * tl.load(nw_ptr + kb).to(tl.float32)).to(DT)
+                else:
+                    v = tl.load(x_ptr + kb)
+                tl.store(xs_ptr + kb, v.to(tl.float16))
+            tl.debug_barrier()  # the scratch row is written before any thread of this program reads it
+            x32 = xs_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+        acc = _w_dot(qw, s, zlo, zhi, x32, pid_k, rows, ROWS, ASM)
+        for it in tl.range(pid_k + SPLIT_K, K // BLOCK_K, SPLIT_K, num_stages=STAGES):
+            qw, s, zlo, zhi = _w_tile(qw_ptr, qz_ptr, s_ptr, it, rows, offs_n, n_mask, N, ROWS, SUB)
+            acc += _w_dot(qw, s, zlo, zhi, x32, it, rows, ROWS, ASM)
+        if PDL == 2:
+            gdc_launch_dependents()
+        if HAS_BIAS:
+            if pid_k == 0:
+                acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        # Split-K reduction (gptq_gemv._store_output's relaxed form): partial sums into a float32 workspace kept
+        # at zero between calls; the last program of the column block finishes it.
+        if ASM:
+            tl.atomic_add(ws_ptr + offs_n, acc, mask=n_mask, sem="relaxed")
+            _fence_gpu()
+        else:
+            tl.atomic_add(ws_ptr + offs_n, acc, mask=n_mask)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt_ptr + pid_n, 1)  # acq_rel, gpu scope
+        if arrived == SPLIT_K - 1:
+            zero = tl.zeros([BLOCK_N], dtype=tl.float32)
+            t = tl.atomic_add(ws_ptr + offs_n, zero, mask=n_mask).to(DT).to(tl.float32)  # the linear's output
+            out_n = offs_n
+            keep = n_mask
+            if GLU:  # w1(x) * silu(w2(x)): the up lanes take their gate from the other half of the block
+                gate = tl.atomic_add(ws_ptr + offs_n + FFN, zero, mask=n_mask & (lane < HALF))
+                gate = gate.to(DT).to(tl.float32)
+                act = (gate / (1.0 + tl.exp(-gate))).to(DT).to(tl.float32)
+                t = t * act
+                out_n = feat
+                keep = n_mask & (lane < HALF)
+            if ROPE_N > 0:  # rotate-half RoPE over whole heads: the partner column is in this block
+                d = offs_n % HEAD
+                first = d < HEAD // 2
+                partner = tl.where(first, offs_n + HEAD // 2, offs_n - HEAD // 2)
+                pt = tl.atomic_add(ws_ptr + partner, zero, mask=n_mask).to(DT).to(tl.float32)
+                rot = tl.where(first, -pt, pt)
+                roped = (t * tl.load(cos_ptr + d) + rot * tl.load(sin_ptr + d)).to(DT).to(tl.float32)
+                if LOGN:
+                    qs = tl.load(qsc_ptr + offs_n * 0).to(DT).to(tl.float32)
+                    roped = tl.where(offs_n < Q_N, (roped * qs).to(DT).to(tl.float32), roped)
+                t = tl.where(offs_n < ROPE_N, roped, t)
+            if RES:
+                t = t + tl.load(res_ptr + out_n, mask=keep, other=0.0).to(tl.float32)
+            tl.store(out_ptr + out_n, t.to(DT), mask=keep)
+            tl.debug_barrier()  # every partner read is done before the workspace is re-armed
+            tl.store(ws_ptr + offs_n, zero, mask=n_mask)
+            tl.store(cnt_ptr + pid_n, 0)
+
+
+def fusable(layer) -> bool:
+    """Whether a GPTQLinear can run through `fused_int4_gemv`: Int4 on the Triton backend, groups in order,
+    official layout, whole power-of-two groups of at most 256, output a multiple of 128, a split-K workspace."""
+    g = layer.group_size
+    return (layer.bits == 4 and layer.backend == "triton" and layer.perm is None and layer.qweight.dim() == 2
+            and layer._workspace is not None and g & (g - 1) == 0 and g <= 256 and layer.in_features % g == 0
+            and layer.out_features % 128 == 0 and layer.in_features % 128 == 0)
+
+
+# Launch settings per (N, K) for the fused kernel: (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages); missing
+# shapes take gptq_gemv's Int4 table entry with at least two splits.
+FUSED_CONFIGS: dict[tuple[int, int], tuple] = {}
+
+
+def fused_config(n: int, k: int) -> tuple:
+    if (n, k) in FUSED_CONFIGS:
+        return FUSED_CONFIGS[(n, k)]
+    block_n, block_k, split_k, warps, stages = gemv_config(4, n, k)[:5]
+    return 128 * warps, block_k, max(2, split_k), warps, stages
+
+
+def fused_int4_gemv(x: torch.Tensor, layer, *, norm_weight=None, eps: float = 0.0, glu: int = 0,
+                    residual=None, rope=None, pdl: int = 0, config: tuple | None = None) -> torch.Tensor:
+    """[K] -> [1, N] in x's dtype through an Int4 GPTQLinear (`fusable`):
+      norm_weight: the input is RMSNorm(x) * norm_weight (eps), else x itself;
+      glu=F: the layer's outputs are [up | gate] of F each and the result is up * silu(gate), [1, F];
+      residual: + residual [N];  rope=(cos [HEAD], sin [HEAD], q_scale or None, rope_n, q_n, head): RoPE on the
+      columns < rope_n in heads of `head`, and the LogN scale on the columns < q_n.
+    pdl: launch with programmatic dependent launch (CUDA sm_90+, see the module docstring), 0 = off or the
+    kernel's PDL mode 1-3."""
+    K, N = layer.in_features, layer.out_features
+    block_n, block_k, split_k, warps, stages = config or fused_config(N, K)
+    while glu and glu % (block_n // 2) and warps > 1:  # gate_up's blocks: whole halves of up and gate
+        block_n, warps = block_n // 2, warps // 2
+    g = layer.group_size
+    block_k = 1 << (max(8, min(block_k, g)).bit_length() - 1)
+    split_k = max(2, min(split_k, K // block_k))
+    assert block_n == 128 * warps and fusable(layer), "fused_int4_gemv: see fusable() and BLOCK_N = 128 x warps"
+    assert not glu or (N == 2 * glu and glu % (block_n // 2) == 0), "glu: N = 2F, F a multiple of 64"
+    x = x.reshape(-1)
+    assert x.is_contiguous() and x.numel() == K
+    out = torch.empty((1, glu or N), device=x.device, dtype=x.dtype)
+    pro = 1 if norm_weight is not None else (0 if x.dtype == torch.float16 else 2)
+    scratch = torch.empty(K, device=x.device, dtype=torch.float16) if pro else x
+    ws, cnt = layer._workspace
+    bias = layer._kernel_bias
+    cos = sin = q_scale = None
+    rope_n = q_n = 0
+    head = 128
+    if rope is not None:
+        cos, sin, q_scale, rope_n, q_n, head = rope
+        assert rope_n % head == 0 and block_n % head == 0 and cos.numel() == head and not glu
+    any_ptr = layer.scales
+    pdl = int(pdl) if PDL_AVAILABLE else 0
+    extra = {"launch_pdl": True} if pdl else {}
+    grid = (triton.cdiv(glu, block_n // 2) if glu else triton.cdiv(N, block_n), split_k)
+    _fused_int4_kernel[grid](
+        x, norm_weight if norm_weight is not None else any_ptr, scratch, layer.qweight, layer.qzeros,
+        layer.scales, bias if bias is not None else any_ptr, out, ws, cnt,
+        residual if residual is not None else any_ptr, cos if cos is not None else any_ptr,
+        sin if sin is not None else any_ptr, q_scale if q_scale is not None else any_ptr, N, K, glu, eps,
+        GROUP=g, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, STAGES=stages,
+        PRO=pro, K_POW2=triton.next_power_of_2(K), GLU=glu > 0, RES=residual is not None, ROPE_N=rope_n, Q_N=q_n,
+        LOGN=q_scale is not None, HEAD=head, ASM=not INTERPRET, PDL=pdl, num_warps=warps, num_stages=stages,
+        **extra)
+    return out
