@@ -2,9 +2,8 @@
 
 1. Per linear, replayed from CUDA graphs over 8 layers' distinct weights (more than L2): the plain v4 GEMV
    (`gptq_matmul`, what the compiled regions call) against the fused kernel with its prologue / epilogue, for
-   each PDL mode (0 off; 1 launch next at once, first tile before the wait; 2 launch next after the main loop;
-   3 launch next at once, wait first) and a few launch settings. Achieved GB/s next to the copy bandwidth.
-2. The four fused GEMVs of a layer chained over 8 layers (no attention), per PDL mode.
+   a few launch settings. Achieved GB/s next to the copy bandwidth.
+2. The four fused GEMVs of a layer chained over 8 layers (no attention).
 3. --profile KIND[,KIND]: kernel times inside the engine's batch-1 decode graph (torch.profiler), per step.
 
     python bench/bench_fused.py
@@ -22,11 +21,10 @@ from bench_quant import build_model, graph_us, greedy, prompts_of, random_gptq
 from benchlib import copy_bandwidth, log
 from qwenlm.config import ModelConfig
 from qwenlm.engine import EngineConfig, LLMEngine, fused_decode
-from qwenlm.kernels.gptq_fused import PDL_AVAILABLE, fused_config, fused_int4_gemv
+from qwenlm.kernels.gptq_fused import fused_config, fused_int4_gemv
 from qwenlm.model import quant
 
 H, FFN, HEAD = 4096, 11008, 128
-PDL_DEFAULT = fused_decode.PDL
 LAYERS = 8
 
 
@@ -67,30 +65,27 @@ def per_linear(bw):
                    base[3], base[4]), (256, 128, base[2], 2, 2)]
         src = xf if k == FFN else x
         for cfg in dict.fromkeys(configs):
-            for mode in ((0, 1, 2, 3) if cfg == base else (0, 1)) if PDL_AVAILABLE else (0,):
-                us = graph_us(lambda l: fused_int4_gemv(src, l, pdl=mode, config=cfg, **kw), layers)
-                rows.append(dict(linear=name, MB=round(mb, 1), config=cfg, pdl=mode, fused_us=round(us, 2),
-                                 plain_us=round(plain, 2), fused_GBs=round(mb * 1e3 / us), bound_us=round(mb * 1e12 / bw,
-                                                                                                           2)))
-                log(f"{name:22s} {mb:5.1f} MB cfg {cfg} pdl {mode}: fused {us:6.2f} us ({mb * 1e3 / us:4.0f} GB/s), "
-                    f"plain v4 GEMV {plain:6.2f} us, copy-bandwidth bound {mb * 1e12 / bw:5.2f} us")
+            us = graph_us(lambda l: fused_int4_gemv(src, l, config=cfg, **kw), layers)
+            rows.append(dict(linear=name, MB=round(mb, 1), config=cfg, fused_us=round(us, 2), plain_us=round(plain, 2),
+                             fused_GBs=round(mb * 1e3 / us), bound_us=round(mb * 1e12 / bw, 2)))
+            log(f"{name:22s} {mb:5.1f} MB cfg {cfg}: fused {us:6.2f} us ({mb * 1e3 / us:4.0f} GB/s), "
+                f"plain v4 GEMV {plain:6.2f} us, copy-bandwidth bound {mb * 1e12 / bw:5.2f} us")
         chains[name] = (layers, kw, src)
-    for mode in ((0, 1, 2, 3) if PDL_AVAILABLE else (0,)):
-        def layer_chain(i, mode=mode):
-            for name, (layers, kw, src) in chains.items():
-                fused_int4_gemv(src, layers[i], pdl=mode, **kw)
-        us = graph_us(layer_chain, range(LAYERS))
-        total_mb = sum(gptq_bytes(c[0][0]) for c in chains.values()) / 1e6
-        log(f"layer chain (4 fused GEMVs) pdl {mode}: {us:6.2f} us per layer, {total_mb * 1e3 / us:4.0f} GB/s "
-            f"(bound {total_mb * 1e12 / bw:5.2f} us)")
-        rows.append(dict(linear="layer chain", pdl=mode, fused_us=round(us, 2), bound_us=round(total_mb * 1e12 / bw, 2)))
+    def layer_chain(i):
+        for name, (layers, kw, src) in chains.items():
+            fused_int4_gemv(src, layers[i], **kw)
+
+    us = graph_us(layer_chain, range(LAYERS))
+    total_mb = sum(gptq_bytes(c[0][0]) for c in chains.values()) / 1e6
+    log(f"layer chain (4 fused GEMVs): {us:6.2f} us per layer, {total_mb * 1e3 / us:4.0f} GB/s "
+        f"(bound {total_mb * 1e12 / bw:5.2f} us)")
+    rows.append(dict(linear="layer chain", fused_us=round(us, 2), bound_us=round(total_mb * 1e12 / bw, 2)))
     return rows
 
 
 def profile_decode(kind):
-    """Kernel times inside the batch-1 decode graph of the engine (kind: int4 | int4-unfused | int4-nopdl)."""
+    """Kernel times inside the batch-1 decode graph of the engine (kind: int4 | int4-unfused)."""
     fused_decode.ENABLED = kind != "int4-unfused"
-    fused_decode.PDL = 0 if kind == "int4-nopdl" else int(kind[-1]) if kind.startswith("int4-pdl") else PDL_DEFAULT
     cfg = ModelConfig()
     model = build_model(cfg, "int4", "cuda", torch.float16)
     engine = LLMEngine(model, None, EngineConfig(num_blocks=64, block_size=16, max_num_seqs=1,
@@ -119,10 +114,10 @@ def profile_decode(kind):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--profile", default="", help="kinds to profile in the engine (int4, int4-unfused, int4-nopdl)")
+    ap.add_argument("--profile", default="", help="kinds to profile in the engine (int4, int4-unfused)")
     ap.add_argument("--skip-linear", action="store_true")
     args = ap.parse_args()
-    print(torch.cuda.get_device_name(), "torch", torch.__version__, "PDL available", PDL_AVAILABLE, flush=True)
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
     bw = copy_bandwidth("cuda")
     log(f"copy bandwidth {bw / 1e9:.0f} GB/s")
     out = {}

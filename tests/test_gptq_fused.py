@@ -67,14 +67,14 @@ with torch.no_grad():
     assert float(q_scale) > 1.05  # LogN is active at position 11 > seq_length 8
     ws = [l._workspace for l in model.modules() if isinstance(l, quant.GPTQLinear)]
     for _ in range(2):  # twice: the split-K workspaces are left zeroed for the next call
-        out = model.transformer.ln_f(fused_decode.FusedInt4Blocks(model, pdl=False)(prefix_cache(), x, cos, sin,
+        out = model.transformer.ln_f(fused_decode.FusedInt4Blocks(model)(prefix_cache(), x, cos, sin,
                                                                                     q_scale))[0, 0].float()
         assert all(not w.any() and not c.any() for w, c in ws)
         err = (out - ref).abs().max().item()
         assert err <= 4e-3, err  # one fp16 step at |x| ~ 4: the same rounding points (0 in the interpreter)
     # without LogN (use_logn False) the fused step still matches
     ref2 = model(ids[:, 11:], pos[:, 11:], prefix_cache(), inv, use_logn=False)[0, 0].float()
-    out2 = model.transformer.ln_f(fused_decode.FusedInt4Blocks(model, pdl=False)(prefix_cache(), x, cos, sin,
+    out2 = model.transformer.ln_f(fused_decode.FusedInt4Blocks(model)(prefix_cache(), x, cos, sin,
                                                                                  None))[0, 0].float()
     assert (out2 - ref2).abs().max().item() <= 4e-3 and (ref2 - ref).abs().max().item() > 0.05
 

@@ -22,9 +22,8 @@ import torch
 from qwenlm.engine.fusion import GateUpMLP
 from qwenlm.kernels.gptq_fused import fusable, fused_int4_gemv
 
-# QWENLM_FUSED_INT4=0 keeps Int4 models on the compiled regions; QWENLM_PDL=0 launches without PDL (comparisons).
+# QWENLM_FUSED_INT4=0 keeps Int4 models on the compiled regions (for comparisons).
 ENABLED = os.environ.get("QWENLM_FUSED_INT4", "1") != "0"
-PDL = int(os.environ.get("QWENLM_PDL", "2"))  # the kernel's PDL mode (qwenlm.kernels.gptq_fused)
 
 
 def supports(model) -> bool:
@@ -47,11 +46,8 @@ class FusedInt4Blocks:
     """Callable (ctx, x [1, 1, H], cos [1, 1, 1, r], sin, q_scale [1, 1, 1, 1] or None) -> x after every block, for one
     sequence, attending through ctx (the engine's PagedAttention)."""
 
-    def __init__(self, model, pdl: int | None = None):
+    def __init__(self, model):
         self.model = model
-        if pdl is None:
-            pdl = PDL if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9 else 0
-        self.pdl = pdl
 
     def __call__(self, ctx, x, cos, sin, q_scale) -> torch.Tensor:
         H = x.shape[-1]
@@ -62,11 +58,11 @@ class FusedInt4Blocks:
             attn, mlp = block.attn, block.mlp
             proj = attn.num_heads * attn.head_dim
             qkv = fused_int4_gemv(x, attn.c_attn, norm_weight=block.ln_1.weight, eps=block.ln_1.eps,
-                                  rope=(cos, sin, qs, 2 * proj, proj, attn.head_dim), pdl=self.pdl)
+                                  rope=(cos, sin, qs, 2 * proj, proj, attn.head_dim))
             q, k, v = qkv.view(1, 1, 3, attn.num_heads, attn.head_dim).unbind(2)
             out = ctx.attend(attn.layer_idx, q, k, v)
-            x = fused_int4_gemv(out.reshape(-1), attn.c_proj, residual=x, pdl=self.pdl).view(H)
+            x = fused_int4_gemv(out.reshape(-1), attn.c_proj, residual=x).view(H)
             act = fused_int4_gemv(x, mlp.gate_up, norm_weight=block.ln_2.weight, eps=block.ln_2.eps,
-                                  glu=mlp.ffn_dim, pdl=self.pdl)
-            x = fused_int4_gemv(act, mlp.c_proj, residual=x, pdl=self.pdl).view(H)
+                                  glu=mlp.ffn_dim)
+            x = fused_int4_gemv(act, mlp.c_proj, residual=x).view(H)
         return x.view(1, 1, H)

@@ -9,9 +9,9 @@ group per thread, half2 unpacking, split-K reduced inside the kernel), with
   partner column lies in the same block) and the LogN query scale; up * silu(gate) for gate_up, whose column
   blocks take matching halves of up and gate, so the MLP's c_proj reads the activation as it is; or the
   residual add;
-- programmatic dependent launch (PDL, sm_90): the kernel waits for the previous one only after loading its
-  first weight tile (weights are never written by an earlier kernel), and lets the next one launch once its
-  own main loop is done, so launch gaps and first DRAM round trips overlap the kernel before.
+- the epilogue's operands loaded at the start, while the weights stream.
+Launches with programmatic dependent launch (each GEMV loading its first weight tile before waiting for the
+kernel before it) were measured and not kept: 0-10% slower through the engine (docs/benchmarks.md).
 
 Every intermediate is rounded to the model dtype where the network rounds it (qwenlm/model/qwen.py: RMSNorm,
 the linear's output, apply_rope, q * q_scale, x + out, w1(x) * silu(w2(x))), so the result is the unfused
@@ -31,14 +31,7 @@ if triton is not None:
 
     from qwenlm.kernels.gptq_gemv import _fence_gpu, _hadd2, _int4_word_fma
 
-    try:  # triton >= 3.4
-        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-    except ImportError:  # pragma: no cover - older triton: PDL off
-        gdc_launch_dependents = gdc_wait = None
-
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# PDL needs sm_90+ and triton's griddepcontrol ops; the interpreter runs none of it.
-PDL_AVAILABLE = triton is not None and not INTERPRET and gdc_wait is not None
 
 if triton is not None:
 
@@ -80,8 +73,7 @@ if triton is not None:
                            GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr, PRO: tl.constexpr,
                            K_POW2: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr, ROPE_N: tl.constexpr,
-                           Q_N: tl.constexpr, LOGN: tl.constexpr, HEAD: tl.constexpr, ASM: tl.constexpr,
-                           PDL: tl.constexpr):
+                           Q_N: tl.constexpr, LOGN: tl.constexpr, HEAD: tl.constexpr, ASM: tl.constexpr):
         ROWS: tl.constexpr = BLOCK_K // 8
         SUB: tl.constexpr = GROUP // BLOCK_K
         DT = out_ptr.dtype.element_ty  # the model dtype
@@ -97,17 +89,19 @@ if triton is not None:
             offs_n = pid_n * BLOCK_N + lane
             n_mask = offs_n < N
         rows = tl.arange(0, ROWS)[:, None]
-        # PDL 1: let the next kernel launch now, load the first weight tile (never written by an earlier kernel)
-        # before waiting for the previous kernel; 2: the same, the next kernel launched after the main loop;
-        # 3: launch at once, wait before any load.
-        if PDL == 3:
-            gdc_launch_dependents()
-            gdc_wait()
         qw, s, zlo, zhi = _w_tile(qw_ptr, qz_ptr, s_ptr, pid_k, rows, offs_n, n_mask, N, ROWS, SUB)
-        if PDL == 1:
-            gdc_launch_dependents()
-        if PDL == 1 or PDL == 2:
-            gdc_wait()  # everything earlier kernels wrote is visible from here on
+        # The epilogue's operands are loaded now, while the weights stream: only the last program of the
+        # column block uses them, but it no longer waits on these loads at the end.
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        if RES:
+            res = tl.load(res_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        if ROPE_N > 0:
+            d = offs_n % HEAD
+            cos = tl.load(cos_ptr + d)
+            sin = tl.load(sin_ptr + d)
+            if LOGN:
+                qs = tl.load(qsc_ptr + offs_n * 0).to(DT).to(tl.float32)
         if PRO == 0:  # fp16 inputs, read where they are
             x32 = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
         else:  # this program's inputs, as the network computes them, into an fp16 scratch row
@@ -129,11 +123,9 @@ if triton is not None:
         for it in tl.range(pid_k + SPLIT_K, K // BLOCK_K, SPLIT_K, num_stages=STAGES):
             qw, s, zlo, zhi = _w_tile(qw_ptr, qz_ptr, s_ptr, it, rows, offs_n, n_mask, N, ROWS, SUB)
             acc += _w_dot(qw, s, zlo, zhi, x32, it, rows, ROWS, ASM)
-        if PDL == 2:
-            gdc_launch_dependents()
         if HAS_BIAS:
             if pid_k == 0:
-                acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                acc += bias
         # Split-K reduction (gptq_gemv._store_output's relaxed form): partial sums into a float32 workspace kept
         # at zero between calls; the last program of the column block finishes it.
         if ASM:
@@ -156,18 +148,16 @@ if triton is not None:
                 out_n = feat
                 keep = n_mask & (lane < HALF)
             if ROPE_N > 0:  # rotate-half RoPE over whole heads: the partner column is in this block
-                d = offs_n % HEAD
                 first = d < HEAD // 2
                 partner = tl.where(first, offs_n + HEAD // 2, offs_n - HEAD // 2)
                 pt = tl.atomic_add(ws_ptr + partner, zero, mask=n_mask).to(DT).to(tl.float32)
                 rot = tl.where(first, -pt, pt)
-                roped = (t * tl.load(cos_ptr + d) + rot * tl.load(sin_ptr + d)).to(DT).to(tl.float32)
+                roped = (t * cos + rot * sin).to(DT).to(tl.float32)
                 if LOGN:
-                    qs = tl.load(qsc_ptr + offs_n * 0).to(DT).to(tl.float32)
                     roped = tl.where(offs_n < Q_N, (roped * qs).to(DT).to(tl.float32), roped)
                 t = tl.where(offs_n < ROPE_N, roped, t)
             if RES:
-                t = t + tl.load(res_ptr + out_n, mask=keep, other=0.0).to(tl.float32)
+                t = t + res
             tl.store(out_ptr + out_n, t.to(DT), mask=keep)
             tl.debug_barrier()  # every partner read is done before the workspace is re-armed
             tl.store(ws_ptr + offs_n, zero, mask=n_mask)
@@ -184,8 +174,9 @@ def fusable(layer) -> bool:
 
 
 # Launch settings per (N, K) for the fused kernel: (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages); missing
-# shapes take gptq_gemv's Int4 table entry with at least two splits.
-FUSED_CONFIGS: dict[tuple[int, int], tuple] = {}
+# shapes take gptq_gemv's Int4 table entry with at least two splits. From `bench/bench_fused.py` on an H100
+# (docs/benchmarks.md): attn.c_proj with its residual add is fastest with 32 splits, the others as the table.
+FUSED_CONFIGS: dict[tuple[int, int], tuple] = {(4096, 4096): (256, 128, 32, 2, 3)}
 
 
 def fused_config(n: int, k: int) -> tuple:
@@ -196,14 +187,12 @@ def fused_config(n: int, k: int) -> tuple:
 
 
 def fused_int4_gemv(x: torch.Tensor, layer, *, norm_weight=None, eps: float = 0.0, glu: int = 0,
-                    residual=None, rope=None, pdl: int = 0, config: tuple | None = None) -> torch.Tensor:
+                    residual=None, rope=None, config: tuple | None = None) -> torch.Tensor:
     """[K] -> [1, N] in x's dtype through an Int4 GPTQLinear (`fusable`):
       norm_weight: the input is RMSNorm(x) * norm_weight (eps), else x itself;
       glu=F: the layer's outputs are [up | gate] of F each and the result is up * silu(gate), [1, F];
       residual: + residual [N];  rope=(cos [HEAD], sin [HEAD], q_scale or None, rope_n, q_n, head): RoPE on the
-      columns < rope_n in heads of `head`, and the LogN scale on the columns < q_n.
-    pdl: launch with programmatic dependent launch (CUDA sm_90+, see the module docstring), 0 = off or the
-    kernel's PDL mode 1-3."""
+      columns < rope_n in heads of `head`, and the LogN scale on the columns < q_n."""
     K, N = layer.in_features, layer.out_features
     block_n, block_k, split_k, warps, stages = config or fused_config(N, K)
     while glu and glu % (block_n // 2) and warps > 1:  # gate_up's blocks: whole halves of up and gate
@@ -226,9 +215,8 @@ def fused_int4_gemv(x: torch.Tensor, layer, *, norm_weight=None, eps: float = 0.
     if rope is not None:
         cos, sin, q_scale, rope_n, q_n, head = rope
         assert rope_n % head == 0 and block_n % head == 0 and cos.numel() == head and not glu
+    assert not (glu and residual is not None), "glu and residual: one epilogue or the other"
     any_ptr = layer.scales
-    pdl = int(pdl) if PDL_AVAILABLE else 0
-    extra = {"launch_pdl": True} if pdl else {}
     grid = (triton.cdiv(glu, block_n // 2) if glu else triton.cdiv(N, block_n), split_k)
     _fused_int4_kernel[grid](
         x, norm_weight if norm_weight is not None else any_ptr, scratch, layer.qweight, layer.qzeros,
@@ -237,6 +225,5 @@ def fused_int4_gemv(x: torch.Tensor, layer, *, norm_weight=None, eps: float = 0.
         sin if sin is not None else any_ptr, q_scale if q_scale is not None else any_ptr, N, K, glu, eps,
         GROUP=g, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, STAGES=stages,
         PRO=pro, K_POW2=triton.next_power_of_2(K), GLU=glu > 0, RES=residual is not None, ROPE_N=rope_n, Q_N=q_n,
-        LOGN=q_scale is not None, HEAD=head, ASM=not INTERPRET, PDL=pdl, num_warps=warps, num_stages=stages,
-        **extra)
+        LOGN=q_scale is not None, HEAD=head, ASM=not INTERPRET, num_warps=warps, num_stages=stages)
     return out
