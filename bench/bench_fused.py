@@ -21,12 +21,10 @@ from bench_quant import build_model, graph_us, greedy, prompts_of, random_gptq
 from benchlib import copy_bandwidth, log
 from qwenlm.config import ModelConfig
 from qwenlm.engine import EngineConfig, LLMEngine, fused_decode
-from qwenlm.kernels import gptq_fused as G
 from qwenlm.kernels.gptq_fused import fused_config, fused_int4_gemv
 from qwenlm.model import quant
 
 H, FFN, HEAD = 4096, 11008, 128
-EVICT0, AT0, PF_MB = G.EVICT_WEIGHTS, G.PREFETCH_AT, fused_decode.PREFETCH_MB
 LAYERS = 8
 
 
@@ -64,7 +62,7 @@ def per_linear(bw):
         plain = graph_us(lambda l: l(inp[None]), layers)
         base = fused_config(n, k)
         configs = [base, (base[0], base[1], base[2] * 2, base[3], base[4]), (base[0], base[1], max(2, base[2] // 2),
-                   base[3], base[4])]
+                   base[3], base[4]), (256, 128, base[2], 2, 2)]
         src = xf if k == FFN else x
         for cfg in dict.fromkeys(configs):
             us = graph_us(lambda l: fused_int4_gemv(src, l, config=cfg, **kw), layers)
@@ -73,37 +71,21 @@ def per_linear(bw):
             log(f"{name:22s} {mb:5.1f} MB cfg {cfg}: fused {us:6.2f} us ({mb * 1e3 / us:4.0f} GB/s), "
                 f"plain v4 GEMV {plain:6.2f} us, copy-bandwidth bound {mb * 1e12 / bw:5.2f} us")
         chains[name] = (layers, kw, src)
-    order = list(chains.values())
+    def layer_chain(i):
+        for name, (layers, kw, src) in chains.items():
+            fused_int4_gemv(src, layers[i], **kw)
 
-    def layer_chain(i, mb):
-        for j, (layers, kw, src) in enumerate(order):
-            if j + 1 < len(order):
-                nxt = order[j + 1][0][i].qweight
-            else:
-                nxt = order[0][0][(i + 1) % LAYERS].qweight
-            fused_int4_gemv(src, layers[i], prefetch=(nxt, mb << 20) if mb else None, **kw)
-
+    us = graph_us(layer_chain, range(LAYERS))
     total_mb = sum(gptq_bytes(c[0][0]) for c in chains.values()) / 1e6
-    for evict in ("", "evict_first"):
-        for at in (1, 2):
-            for mb in (0, 4, 8, 16):
-                if mb == 0 and at == 2:
-                    continue
-                G.EVICT_WEIGHTS, G.PREFETCH_AT = evict, at
-                us = graph_us(lambda i: layer_chain(i, mb), range(LAYERS))
-                log(f"layer chain (4 fused GEMVs), weights {evict or 'default'} cache policy, prefetch {mb} MiB of "
-                    f"the next at {'start' if at == 1 else 'end of main loop'}: {us:6.2f} us per layer, "
-                    f"{total_mb * 1e3 / us:4.0f} GB/s (bound {total_mb * 1e12 / bw:5.2f} us)")
-                rows.append(dict(linear="layer chain", evict=evict, prefetch_at=at, prefetch_mb=mb,
-                                 fused_us=round(us, 2), bound_us=round(total_mb * 1e12 / bw, 2)))
-    G.EVICT_WEIGHTS, G.PREFETCH_AT = EVICT0, AT0
+    log(f"layer chain (4 fused GEMVs): {us:6.2f} us per layer, {total_mb * 1e3 / us:4.0f} GB/s "
+        f"(bound {total_mb * 1e12 / bw:5.2f} us)")
+    rows.append(dict(linear="layer chain", fused_us=round(us, 2), bound_us=round(total_mb * 1e12 / bw, 2)))
     return rows
 
 
 def profile_decode(kind):
-    """Kernel times inside the batch-1 decode graph of the engine (kind: int4 | int4-unfused | int4-nopf)."""
+    """Kernel times inside the batch-1 decode graph of the engine (kind: int4 | int4-unfused)."""
     fused_decode.ENABLED = kind != "int4-unfused"
-    fused_decode.PREFETCH_MB = 0 if kind == "int4-nopf" else PF_MB
     cfg = ModelConfig()
     model = build_model(cfg, "int4", "cuda", torch.float16)
     engine = LLMEngine(model, None, EngineConfig(num_blocks=64, block_size=16, max_num_seqs=1,

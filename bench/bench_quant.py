@@ -361,9 +361,6 @@ def save():
     save_json(RESULTS, "bench_quant.json", indent=1)
 
 
-PF_MB = fused_decode.PREFETCH_MB
-
-
 def build_model(cfg, kind, device, dtype):
     """Random Qwen weights in `dtype`: kind = bf16 | int4 | int8 (GPTQ layout, built packed: no float linears)
     | int8-otf (float model, then quant.quantize_int8_ as `qwenlm.load(quantize="int8")` does)."""
@@ -451,8 +448,8 @@ def weights_run(cfg, kind, device, dtype, bw, args, kv="auto"):
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    model = build_model(cfg, kind.replace("-tinygemm", "").replace("-gateup", "").replace("-unfused", "")
-                        .replace("-nopf", ""), device, dtype)
+    model = build_model(cfg, kind.replace("-tinygemm", "").replace("-gateup", "").replace("-unfused", ""),
+                        device, dtype)
     if kind.endswith("-gateup"):
         fuse_gptq_gate_up(model)
     bs = 16
@@ -688,7 +685,6 @@ def main():
             dtype = torch.float32
         os.environ["QWENLM_GPTQ_KERNEL"] = "tinygemm" if weights == "int4-tinygemm" else "triton"
         fused_decode.ENABLED = weights != "int4-unfused"  # int4-unfused: the compiled regions
-        fused_decode.PREFETCH_MB = 0 if weights == "int4-nopf" else PF_MB  # int4-nopf: no L2 prefetch
         section(f"engine_{kind}", lambda: dec.append(
             weights_run(cfg, weights, device, dtype, bw, args, "int8" if kv == "kv8" else "auto")))
         save()

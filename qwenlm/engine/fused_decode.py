@@ -24,8 +24,6 @@ from qwenlm.kernels.gptq_fused import fusable, fused_int4_gemv
 
 # QWENLM_FUSED_INT4=0 keeps Int4 models on the compiled regions (for comparisons).
 ENABLED = os.environ.get("QWENLM_FUSED_INT4", "1") != "0"
-# Each GEMV brings the first PREFETCH_MB MiB of the next one's weights into L2 (0: off).
-PREFETCH_MB = 8
 
 
 def supports(model) -> bool:
@@ -56,18 +54,15 @@ class FusedInt4Blocks:
         x = x.reshape(H)
         cos, sin = cos.reshape(-1), sin.reshape(-1)
         qs = q_scale.reshape(1) if q_scale is not None else None
-        blocks = list(self.model.transformer.h)
-        mb = PREFETCH_MB << 20
-        for i, block in enumerate(blocks):
+        for block in self.model.transformer.h:
             attn, mlp = block.attn, block.mlp
             proj = attn.num_heads * attn.head_dim
-            nxt = blocks[i + 1].attn.c_attn.qweight if i + 1 < len(blocks) else None
             qkv = fused_int4_gemv(x, attn.c_attn, norm_weight=block.ln_1.weight, eps=block.ln_1.eps,
-                                  rope=(cos, sin, qs, 2 * proj, proj, attn.head_dim), prefetch=(attn.c_proj.qweight, mb))
+                                  rope=(cos, sin, qs, 2 * proj, proj, attn.head_dim))
             q, k, v = qkv.view(1, 1, 3, attn.num_heads, attn.head_dim).unbind(2)
             out = ctx.attend(attn.layer_idx, q, k, v)
-            x = fused_int4_gemv(out.reshape(-1), attn.c_proj, residual=x, prefetch=(mlp.gate_up.qweight, mb)).view(H)
+            x = fused_int4_gemv(out.reshape(-1), attn.c_proj, residual=x).view(H)
             act = fused_int4_gemv(x, mlp.gate_up, norm_weight=block.ln_2.weight, eps=block.ln_2.eps,
-                                  glu=mlp.ffn_dim, prefetch=(mlp.c_proj.qweight, mb))
-            x = fused_int4_gemv(act, mlp.c_proj, residual=x, prefetch=(nxt, mb) if nxt is not None else None).view(H)
+                                  glu=mlp.ffn_dim)
+            x = fused_int4_gemv(act, mlp.c_proj, residual=x).view(H)
         return x.view(1, 1, H)

@@ -36,12 +36,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if triton is not None:
 
     @triton.jit
-    def _w_tile(qw_ptr, qz_ptr, s_ptr, it, rows, offs_n, n_mask, N, ROWS: tl.constexpr, SUB: tl.constexpr,
-                EVICT: tl.constexpr):
+    def _w_tile(qw_ptr, qz_ptr, s_ptr, it, rows, offs_n, n_mask, N, ROWS: tl.constexpr, SUB: tl.constexpr):
         """Iteration `it`'s packed words [ROWS, BLOCK_N], 256 x scales and the zero terms as half2 bits."""
         g = it // SUB
-        qw = tl.load(qw_ptr + (it * ROWS + rows) * N + offs_n[None, :], mask=n_mask[None, :], other=0,
-                     eviction_policy=EVICT)
+        qw = tl.load(qw_ptr + (it * ROWS + rows) * N + offs_n[None, :], mask=n_mask[None, :], other=0)
         s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32) * 256.0
         z = ((tl.load(qz_ptr + g * (N // 8) + offs_n // 8, mask=n_mask, other=0) >> ((offs_n % 8) * 4)) & 15) + 1
         zlo = (z | 0x4400) ^ 0x8000  # -(4 + z/256) as fp16 bits (see gptq_gemv._int4_word_fma)
@@ -70,25 +68,12 @@ if triton is not None:
         return s * tl.sum(h, axis=0)
 
     @triton.jit
-    def _prefetch_l2(pf_addr, pf_bytes, NUM_THREADS: tl.constexpr):
-        """This program's share of the next GEMV's first pf_bytes of weights into L2, one bulk prefetch per thread
-        (cp.async.bulk.prefetch, sm_90): fire and forget, no registers held."""
-        programs = tl.num_programs(0) * tl.num_programs(1)
-        per = (pf_bytes // (programs * NUM_THREADS)) // 16 * 16
-        if per > 0:
-            t = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * NUM_THREADS + tl.arange(0, NUM_THREADS)
-            addr = pf_addr + t.to(tl.int64) * per
-            tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2; mov.b32 $0, 0;", "=r,l,r",
-                                      [addr, per + t * 0], dtype=tl.int32, is_pure=False, pack=1)
-
-    @triton.jit
     def _fused_int4_kernel(x_ptr, nw_ptr, xs_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
-                           res_ptr, cos_ptr, sin_ptr, qsc_ptr, N, K, FFN, eps, pf_addr, pf_bytes,
+                           res_ptr, cos_ptr, sin_ptr, qsc_ptr, N, K, FFN, eps,
                            GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr, PRO: tl.constexpr,
                            K_POW2: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr, ROPE_N: tl.constexpr,
-                           Q_N: tl.constexpr, LOGN: tl.constexpr, HEAD: tl.constexpr, ASM: tl.constexpr,
-                           PF: tl.constexpr, NUM_THREADS: tl.constexpr, EVICT: tl.constexpr):
+                           Q_N: tl.constexpr, LOGN: tl.constexpr, HEAD: tl.constexpr, ASM: tl.constexpr):
         ROWS: tl.constexpr = BLOCK_K // 8
         SUB: tl.constexpr = GROUP // BLOCK_K
         DT = out_ptr.dtype.element_ty  # the model dtype
@@ -104,9 +89,7 @@ if triton is not None:
             offs_n = pid_n * BLOCK_N + lane
             n_mask = offs_n < N
         rows = tl.arange(0, ROWS)[:, None]
-        qw, s, zlo, zhi = _w_tile(qw_ptr, qz_ptr, s_ptr, pid_k, rows, offs_n, n_mask, N, ROWS, SUB, EVICT)
-        if PF == 1:
-            _prefetch_l2(pf_addr, pf_bytes, NUM_THREADS)
+        qw, s, zlo, zhi = _w_tile(qw_ptr, qz_ptr, s_ptr, pid_k, rows, offs_n, n_mask, N, ROWS, SUB)
         # The epilogue's operands are loaded now, while the weights stream: only the last program of the
         # column block uses them, but it no longer waits on these loads at the end.
         if HAS_BIAS:
@@ -138,10 +121,8 @@ if triton is not None:
             x32 = xs_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
         acc = _w_dot(qw, s, zlo, zhi, x32, pid_k, rows, ROWS, ASM)
         for it in tl.range(pid_k + SPLIT_K, K // BLOCK_K, SPLIT_K, num_stages=STAGES):
-            qw, s, zlo, zhi = _w_tile(qw_ptr, qz_ptr, s_ptr, it, rows, offs_n, n_mask, N, ROWS, SUB, EVICT)
+            qw, s, zlo, zhi = _w_tile(qw_ptr, qz_ptr, s_ptr, it, rows, offs_n, n_mask, N, ROWS, SUB)
             acc += _w_dot(qw, s, zlo, zhi, x32, it, rows, ROWS, ASM)
-        if PF == 2:
-            _prefetch_l2(pf_addr, pf_bytes, NUM_THREADS)
         if HAS_BIAS:
             if pid_k == 0:
                 acc += bias
@@ -196,8 +177,6 @@ def fusable(layer) -> bool:
 # shapes take gptq_gemv's Int4 table entry with at least two splits. From `bench/bench_fused.py` on an H100
 # (docs/benchmarks.md): attn.c_proj with its residual add is fastest with 32 splits, the others as the table.
 FUSED_CONFIGS: dict[tuple[int, int], tuple] = {(4096, 4096): (256, 128, 32, 2, 3)}
-PREFETCH_AT = 2  # where a kernel prefetches the next one's weights: 0 never, 1 at its start, 2 after its main loop
-EVICT_WEIGHTS = "evict_first"  # cache policy of the streamed weights ("" = default): they are read once
 
 
 def fused_config(n: int, k: int) -> tuple:
@@ -208,14 +187,12 @@ def fused_config(n: int, k: int) -> tuple:
 
 
 def fused_int4_gemv(x: torch.Tensor, layer, *, norm_weight=None, eps: float = 0.0, glu: int = 0,
-                    residual=None, rope=None, prefetch=None, config: tuple | None = None) -> torch.Tensor:
+                    residual=None, rope=None, config: tuple | None = None) -> torch.Tensor:
     """[K] -> [1, N] in x's dtype through an Int4 GPTQLinear (`fusable`):
       norm_weight: the input is RMSNorm(x) * norm_weight (eps), else x itself;
       glu=F: the layer's outputs are [up | gate] of F each and the result is up * silu(gate), [1, F];
       residual: + residual [N];  rope=(cos [HEAD], sin [HEAD], q_scale or None, rope_n, q_n, head): RoPE on the
-      columns < rope_n in heads of `head`, and the LogN scale on the columns < q_n.
-    prefetch=(tensor, nbytes): bring the first nbytes of tensor (the next GEMV's qweight) into L2 while this one
-      runs (PREFETCH_AT: 1 at the start, 2 after the main loop; CUDA only)."""
+      columns < rope_n in heads of `head`, and the LogN scale on the columns < q_n."""
     K, N = layer.in_features, layer.out_features
     block_n, block_k, split_k, warps, stages = config or fused_config(N, K)
     while glu and glu % (block_n // 2) and warps > 1:  # gate_up's blocks: whole halves of up and gate
@@ -240,19 +217,13 @@ def fused_int4_gemv(x: torch.Tensor, layer, *, norm_weight=None, eps: float = 0.
         assert rope_n % head == 0 and block_n % head == 0 and cos.numel() == head and not glu
     assert not (glu and residual is not None), "glu and residual: one epilogue or the other"
     any_ptr = layer.scales
-    pf, pf_addr, pf_bytes = 0, 0, 0
-    if prefetch is not None and PREFETCH_AT and not INTERPRET:
-        pf_addr, pf_bytes = prefetch[0].data_ptr(), min(int(prefetch[1]), prefetch[0].numel() * prefetch[0].element_size())
-        pf = PREFETCH_AT if pf_bytes > 0 else 0
     grid = (triton.cdiv(glu, block_n // 2) if glu else triton.cdiv(N, block_n), split_k)
     _fused_int4_kernel[grid](
         x, norm_weight if norm_weight is not None else any_ptr, scratch, layer.qweight, layer.qzeros,
         layer.scales, bias if bias is not None else any_ptr, out, ws, cnt,
         residual if residual is not None else any_ptr, cos if cos is not None else any_ptr,
-        sin if sin is not None else any_ptr, q_scale if q_scale is not None else any_ptr, N, K, glu, eps, pf_addr,
-        pf_bytes,
+        sin if sin is not None else any_ptr, q_scale if q_scale is not None else any_ptr, N, K, glu, eps,
         GROUP=g, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, STAGES=stages,
         PRO=pro, K_POW2=triton.next_power_of_2(K), GLU=glu > 0, RES=residual is not None, ROPE_N=rope_n, Q_N=q_n,
-        LOGN=q_scale is not None, HEAD=head, ASM=not INTERPRET, PF=pf, NUM_THREADS=32 * warps,
-        EVICT=EVICT_WEIGHTS if not INTERPRET else "", num_warps=warps, num_stages=stages)
+        LOGN=q_scale is not None, HEAD=head, ASM=not INTERPRET, num_warps=warps, num_stages=stages)
     return out
