@@ -609,9 +609,23 @@ def check_kernels_on_gpu(device):
     out = paged_decode_attention(q, *ref[:2], tables, lens, k_sz=ref[2], v_sz=ref[3]).float()
     want = paged_decode_attention_ref(q.float(), *ref[:2], tables, lens, k_sz=ref[2], v_sz=ref[3])
     err = ((out - want).norm() / want.norm()).item()
+    # the in-kernel combination of the context splits (counters) equals the second launch, bit for bit, in 50
+    # repeats (a missing fence or a wrong count would show as a difference): batch 1 and 4, bf16 and int8 pools
+    combine_diff = 0.0
+    for b in (1, 4):
+        kb = torch.randn(nb, bs, H, D, device=device, dtype=torch.bfloat16)
+        for pool in ((kb, kb * 0.5), tuple(ref)):
+            kw = dict(k_sz=pool[2], v_sz=pool[3]) if len(pool) == 4 else {}
+            two = paged_decode_attention(q[:b], *pool[:2], tables[:b], lens[:b], **kw)
+            counters = torch.zeros(b * H, dtype=torch.int32, device=device)
+            for _ in range(50):
+                one = paged_decode_attention(q[:b], *pool[:2], tables[:b], lens[:b], counters=counters, **kw)
+                combine_diff = max(combine_diff, (one.float() - two.float()).abs().max().item())
+            assert not counters.any()
     RESULTS["kernel_checks"] = dict(store_q_max_diff=q_diff, store_scale_zero_max_diff=sz_diff,
-                                    decode_int8_rel_err=err)
-    log(f"int8 KV kernels on GPU: store q diff {q_diff}, scale/zero diff {sz_diff:.3g}; decode rel err {err:.2e}")
+                                    decode_int8_rel_err=err, split_combine_in_kernel_max_diff=combine_diff)
+    log(f"int8 KV kernels on GPU: store q diff {q_diff}, scale/zero diff {sz_diff:.3g}; decode rel err {err:.2e}; "
+        f"splits combined in the kernel vs a second launch: max diff {combine_diff}")
     save()
 
 

@@ -60,6 +60,7 @@ class PagedAttention:
         self.block_tables: torch.Tensor | None = None  # decode: [B, W] int32
         self.context_lens: torch.Tensor | None = None  # decode: [B] int32
         self.max_context_len = 0  # decode, torch backend: host-side bound of the gather
+        self._counters: torch.Tensor | None = None  # the decode kernels' split counters (`_split_counters`)
 
     @classmethod
     def allocate(cls, shape: tuple, dtype: torch.dtype, kv_cache_dtype: str, device, backend: str = "auto"):
@@ -83,6 +84,17 @@ class PagedAttention:
         self.slot_mapping, self.block_tables, self.context_lens = slot_mapping, block_tables, context_lens
         self.max_context_len = max_context_len
 
+    def _split_counters(self, q: torch.Tensor) -> torch.Tensor | None:
+        """Zeroed int32 arrival counters (one per sequence and head) with which the decode kernel's last context
+        split combines the partials itself (`paged_decode_attention(counters=)`); the kernels leave them zero.
+        Grown outside CUDA-graph capture only: the runner runs every batch size once before capturing it."""
+        n = q.shape[0] * q.shape[2]
+        if self._counters is None or self._counters.numel() < n:
+            if q.is_cuda and torch.cuda.is_current_stream_capturing():
+                return None
+            self._counters = torch.zeros(n, dtype=torch.int32, device=q.device)
+        return self._counters
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         B, T, H, D = q.shape
         if self.int8:
@@ -91,14 +103,16 @@ class PagedAttention:
         if not self.is_prefill and self.backend == "triton" and self.slot_mapping is not None:
             # the kernel stores the new K/V itself (no separate store launches)
             out = paged_decode_attention(q[:, 0], k_cache, v_cache, self.block_tables, self.context_lens,
-                                         k_new=k[:, 0], v_new=v[:, 0], slots=self.slot_mapping)
+                                         k_new=k[:, 0], v_new=v[:, 0], slots=self.slot_mapping,
+                                         counters=self._split_counters(q))
             return out[:, None]
         if self.slot_mapping is not None:
             k_cache.view(-1, H, D).index_copy_(0, self.slot_mapping, k.reshape(-1, H, D))
             v_cache.view(-1, H, D).index_copy_(0, self.slot_mapping, v.reshape(-1, H, D))
         if not self.is_prefill:
             if self.backend == "triton":
-                out = paged_decode_attention(q[:, 0], k_cache, v_cache, self.block_tables, self.context_lens)
+                out = paged_decode_attention(q[:, 0], k_cache, v_cache, self.block_tables, self.context_lens,
+                                             counters=self._split_counters(q))
             else:
                 out = paged_decode_attention_ref(q[:, 0], k_cache, v_cache, self.block_tables,
                                                  self.context_lens, self.max_context_len)
@@ -147,7 +161,7 @@ class PagedAttention:
             if use_triton:  # quantizes and stores the new K/V itself
                 new = {} if self.slot_mapping is None else dict(k_new=k[:, 0], v_new=v[:, 0], slots=self.slot_mapping)
                 out = paged_decode_attention(q[:, 0], kc, vc, self.block_tables, self.context_lens, k_sz=ks, v_sz=vs,
-                                             **new)
+                                             counters=self._split_counters(q), **new)
             else:
                 quantize_store_kv(k, v, kc, vc, ks, vs, self.slot_mapping, use_triton)
                 out = paged_decode_attention_ref(q[:, 0], kc, vc, self.block_tables, self.context_lens,

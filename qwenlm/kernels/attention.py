@@ -6,9 +6,9 @@ q [B, heads, head_dim]. Each program runs an online softmax over its pages, read
 attention is bound by memory bandwidth (Qwen v1 has no GQA: every head reads its own K/V). Three kernels, picked
 per pool dtype and batch size by `decode_config` (an H100 sweep):
 - v1: one program per (sequence, head), products on the CUDA cores;
-- v2: one program per (sequence, `heads` adjacent heads, context split); with splits > 1 a second kernel
-  combines the splits' partial softmax (flash-decoding: at batch 1 one program per head leaves most of the
-  GPU idle);
+- v2: one program per (sequence, `heads` adjacent heads, context split); with splits > 1 the last split to
+  finish (or a second kernel) combines the splits' partial softmax (flash-decoding: at batch 1 one program per
+  head leaves most of the GPU idle);
 - mma: v2's program (one head) with both products on tensor cores, whose operands Triton streams through
   shared memory with asynchronous copies: the fastest for bf16 pools at every batch (2.95 TB/s at 128 x 640).
 Given the step's new K/V, each stores it itself (quantized for int8) and attends to it as stored, which saves
@@ -23,6 +23,7 @@ dot product plus two scalars, and V rows are weighted by p * scale.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,9 @@ from qwenlm.kernels.kv_int8 import dequantize_rows
 
 if triton is not None:
     from qwenlm.kernels.kv_int8 import _quantize_rows
+    from qwenlm.kernels.sync import _fence_gpu
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter cannot run inline PTX
 
 
 def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, max_len: int | None = None,
@@ -135,7 +139,8 @@ if triton is not None:
                                                  acc1, ctx_len, stride_kb, stride_kp, stride_kh, stride_sb,
                                                  stride_sp, stride_sh, stride_knb, stride_knh, stride_vnb,
                                                  stride_vnh, PAGE, KV_INT8)
-        _finish(Out, Out, Out, Out, b, hh, 0, d, m1, l1, acc1, 0, 1, stride_ob, stride_oh, HEAD_DIM, False)
+        _finish(Out, Out, Out, Out, Out, b, hh, 0, d, m1, l1, acc1, 0, 1, stride_ob, stride_oh, HEAD_DIM, False,
+                False, 1, False)
 
     @triton.jit
     def _store_new_and_attend(K, V, KSZ, VSZ, Kin, Vin, Slots, b, hh, sp, d, q, m, l_sum, acc, ctx_len,
@@ -179,21 +184,53 @@ if triton is not None:
         return m_new, l_sum * alpha + p_new, acc * alpha[:, None] + p_new[:, None] * v_new
 
     @triton.jit
-    def _finish(Out, PartM, PartL, PartAcc, b, hh, sp, d, m, l_sum, acc, n_heads, n_splits, stride_ob, stride_oh,
-                HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr):
-        """Write heads hh of sequence b: acc / l_sum, or with SPLIT the partial (m, l_sum, acc) of split sp."""
+    def _combine_splits(PartM, PartL, PartAcc, Out, b, hh, d, n_heads, n_splits, stride_ob, stride_oh,
+                        HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
+        """Heads hh of sequence b from their splits' partials: weights exp(m_i - max m), empty splits (m = -inf)
+        weigh 0. Reads through L2 (.cg): other programs wrote the partials."""
+        s = tl.arange(0, BLOCK_S)
+        ok = (s < n_splits)[None, :]
+        part = (b * n_heads + hh)[:, None] * n_splits + s[None, :]  # [HB,S]
+        m = tl.load(PartM + part, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        l_sum = tl.load(PartL + part, mask=ok, other=0.0, cache_modifier=".cg")
+        m_max = tl.max(m, 1)
+        m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+        w = tl.exp(m - m_max[:, None])
+        total = tl.sum(l_sum * w, 1)
+        acc = tl.load(PartAcc + part[:, :, None] * HEAD_DIM + d[None, None, :], mask=ok[:, :, None], other=0.0,
+                      cache_modifier=".cg")  # [HB,S,D]
+        o = tl.sum(acc * w[:, :, None], 1) / tl.where(total > 0, total, 1.0)[:, None]
+        tl.store(Out + b * stride_ob + hh[:, None] * stride_oh + d[None, :], o.to(Out.dtype.element_ty))
+
+    @triton.jit
+    def _finish(Out, PartM, PartL, PartAcc, Counters, b, hh, sp, d, m, l_sum, acc, n_heads, n_splits, stride_ob,
+                stride_oh, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr, FUSED_REDUCE: tl.constexpr,
+                BLOCK_S: tl.constexpr, ASM: tl.constexpr):
+        """Write heads hh of sequence b: acc / l_sum, or with SPLIT the partial (m, l_sum, acc) of split sp.
+        FUSED_REDUCE: the last split of (b, program's heads) to finish, counted in Counters (kept at zero between
+        calls), combines the partials itself: no second launch."""
         if SPLIT:
             part = (b * n_heads + hh) * n_splits + sp  # [HB]
             tl.store(PartM + part, m)
             tl.store(PartL + part, l_sum)
             tl.store(PartAcc + part[:, None] * HEAD_DIM + d[None, :], acc)
+            if FUSED_REDUCE:
+                if ASM:
+                    _fence_gpu()  # this thread's partials are visible GPU-wide before the count
+                tl.debug_barrier()
+                grp = b * tl.num_programs(1) + tl.program_id(1)
+                arrived = tl.atomic_add(Counters + grp, 1)  # acq_rel, gpu scope
+                if arrived == n_splits - 1:
+                    _combine_splits(PartM, PartL, PartAcc, Out, b, hh, d, n_heads, n_splits, stride_ob, stride_oh,
+                                    HEAD_DIM, BLOCK_S)
+                    tl.store(Counters + grp, 0)
         else:
             l_sum = tl.where(l_sum > 0, l_sum, 1.0)  # padding rows (ctx_len 0) give zeros, not NaN
             tl.store(Out + b * stride_ob + hh[:, None] * stride_oh + d[None, :],
                      (acc / l_sum[:, None]).to(Out.dtype.element_ty))
 
     @triton.jit
-    def _paged_decode_v2_kernel(Q, K, V, KSZ, VSZ, Kin, Vin, Slots, Out, PartM, PartL, PartAcc,
+    def _paged_decode_v2_kernel(Q, K, V, KSZ, VSZ, Kin, Vin, Slots, Out, PartM, PartL, PartAcc, Counters,
                                 BlockTables, ContextLens, scale,
                                 stride_qb, stride_qh, stride_kb, stride_kp, stride_kh,
                                 stride_sb, stride_sp, stride_sh,
@@ -201,7 +238,8 @@ if triton is not None:
                                 stride_ob, stride_oh, stride_bt,
                                 PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                                 HEADS: tl.constexpr, KV_INT8: tl.constexpr, FUSED_STORE: tl.constexpr,
-                                SPLIT: tl.constexpr):
+                                SPLIT: tl.constexpr, FUSED_REDUCE: tl.constexpr, BLOCK_S: tl.constexpr,
+                                ASM: tl.constexpr):
         """Program (sequence b, heads hg*HEADS.., split sp). HEADS adjacent heads share a program: a token's rows
         of those heads are one contiguous HEADS*HEAD_DIM run (and, int8, one run of (scale, zero) pairs).
         SPLIT: the context is cut into num_programs(2) ranges whose partial (max, sum, acc) a second kernel
@@ -251,11 +289,11 @@ if triton is not None:
                                                   ctx_len, stride_kb, stride_kp, stride_kh, stride_sb, stride_sp,
                                                   stride_sh, stride_knb, stride_knh, stride_vnb, stride_vnh,
                                                   PAGE, KV_INT8)
-        _finish(Out, PartM, PartL, PartAcc, b, hh, sp, d, m, l_sum, acc, tl.num_programs(1) * HEADS, n_splits,
-                stride_ob, stride_oh, HEAD_DIM, SPLIT)
+        _finish(Out, PartM, PartL, PartAcc, Counters, b, hh, sp, d, m, l_sum, acc, tl.num_programs(1) * HEADS,
+                n_splits, stride_ob, stride_oh, HEAD_DIM, SPLIT, FUSED_REDUCE, BLOCK_S, ASM)
 
     @triton.jit
-    def _paged_decode_mma_kernel(Q, K, V, KSZ, VSZ, Kin, Vin, Slots, Out, PartM, PartL, PartAcc,
+    def _paged_decode_mma_kernel(Q, K, V, KSZ, VSZ, Kin, Vin, Slots, Out, PartM, PartL, PartAcc, Counters,
                                  BlockTables, ContextLens, scale,
                                  stride_qb, stride_qh, stride_kb, stride_kp, stride_kh,
                                  stride_sb, stride_sp, stride_sh,
@@ -263,7 +301,8 @@ if triton is not None:
                                  stride_ob, stride_oh, stride_bt,
                                  PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                                  KV_INT8: tl.constexpr, FUSED_STORE: tl.constexpr, SPLIT: tl.constexpr,
-                                 OP: tl.constexpr, Q_LO: tl.constexpr):
+                                 OP: tl.constexpr, Q_LO: tl.constexpr, FUSED_REDUCE: tl.constexpr,
+                                 BLOCK_S: tl.constexpr, ASM: tl.constexpr):
         """v2's program (sequence b, head h, split sp) with both products on tensor cores: q.K^T as K[BN,D] @
         Q[D,16] and p.V as P[16,BN] @ V[BN,D], where only column / row 0 of the padded operand is nonzero.
         Decode attention stays bound by reading K/V; the point is what the tensor-core path does to that read:
@@ -332,28 +371,16 @@ if triton is not None:
                                                     stride_kb, stride_kp, stride_kh, stride_sb, stride_sp,
                                                     stride_sh, stride_knb, stride_knh, stride_vnb, stride_vnh,
                                                     PAGE, KV_INT8)
-        _finish(Out, PartM, PartL, PartAcc, b, hh, sp, d, m1, l1, acc_row, tl.num_programs(1), n_splits,
-                stride_ob, stride_oh, HEAD_DIM, SPLIT)
+        _finish(Out, PartM, PartL, PartAcc, Counters, b, hh, sp, d, m1, l1, acc_row, tl.num_programs(1), n_splits,
+                stride_ob, stride_oh, HEAD_DIM, SPLIT, FUSED_REDUCE, BLOCK_S, ASM)
 
     @triton.jit
     def _split_reduce_kernel(PartM, PartL, PartAcc, Out, stride_ob, stride_oh, N_SPLITS,
                              HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
-        """Combine the splits of one (sequence, head): weights exp(m_i - max m), empty splits (m = -inf) weigh 0."""
-        b = tl.program_id(0)
+        """Combine the splits of one (sequence, head) (`_combine_splits`)."""
         h = tl.program_id(1)
-        s = tl.arange(0, BLOCK_S)
-        d = tl.arange(0, HEAD_DIM)
-        ok = s < N_SPLITS
-        base = (b * tl.num_programs(1) + h) * N_SPLITS
-        m = tl.load(PartM + base + s, mask=ok, other=float("-inf"))
-        l_sum = tl.load(PartL + base + s, mask=ok, other=0.0)
-        m_max = tl.max(m, 0)
-        m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
-        w = tl.exp(m - m_max)
-        total = tl.sum(l_sum * w, 0)
-        acc = tl.load(PartAcc + (base + s)[:, None] * HEAD_DIM + d[None, :], mask=ok[:, None], other=0.0)
-        o = tl.sum(acc * w[:, None], 0) / tl.where(total > 0, total, 1.0)
-        tl.store(Out + b * stride_ob + h * stride_oh + d, o.to(Out.dtype.element_ty))
+        _combine_splits(PartM, PartL, PartAcc, Out, tl.program_id(0), h + tl.arange(0, 1), tl.arange(0, HEAD_DIM),
+                        tl.num_programs(1), N_SPLITS, stride_ob, stride_oh, HEAD_DIM, BLOCK_S)
 
 
 @dataclass(frozen=True)
@@ -398,7 +425,7 @@ def decode_config(batch: int, int8: bool, pool_dtype: torch.dtype = torch.bfloat
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, out=None, block_n: int | None = None,
                            k_sz=None, v_sz=None, k_new=None, v_new=None, slots=None,
-                           config: DecodeConfig | None = None):
+                           config: DecodeConfig | None = None, counters: torch.Tensor | None = None):
     """Triton paged decode attention (same contract as the reference); safe inside a CUDA graph.
 
     k_sz / v_sz given: int8 pools (uint8 rows, float32 (scale, zero) per token and head).
@@ -406,6 +433,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, out=
     int8) and attended to as the last context position (context_lens includes it), as store-then-attend would.
     config: DecodeConfig (default: decode_config(B, int8), chosen by batch size, so a CUDA graph captured for
     one batch bucket always runs one kernel shape); block_n overrides its block_n.
+    counters: int32 zeros, at least B * heads / config.heads (`split_counters`): with context splits, the last
+    split of each program group combines the partials, instead of a second launch. The kernel leaves them zero.
     """
     if triton is None:
         raise RuntimeError("paged_decode_attention needs triton; use paged_decode_attention_ref")
@@ -444,6 +473,9 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, out=
         part_acc = torch.empty(B * H * cfg.splits * D, device=q.device, dtype=torch.float32)
     else:
         part_m = part_l = part_acc = out
+    fused_reduce = split and counters is not None
+    if fused_reduce:
+        assert counters.dtype == torch.int32 and counters.numel() >= B * (H // cfg.heads)
     kernel, kw = _paged_decode_v2_kernel, dict(HEADS=cfg.heads)
     if cfg.kernel == "mma":
         op_dtype = k_cache.dtype
@@ -454,12 +486,13 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, out=
         kw = dict(OP=tl.bfloat16 if op_dtype == torch.bfloat16 else tl.float16, Q_LO=q.dtype != op_dtype)
     kernel[(B, H // cfg.heads, cfg.splits)](
         q, k_cache, v_cache, *kszv, kn, vn, slots if fused else context_lens, out, part_m, part_l, part_acc,
-        block_tables, context_lens, 1.0 / math.sqrt(D),
+        counters if fused_reduce else context_lens, block_tables, context_lens, 1.0 / math.sqrt(D),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *sz_strides,
         kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         PAGE=k_cache.shape[1], HEAD_DIM=D, BLOCK_N=block_n, KV_INT8=int8, FUSED_STORE=fused,
-        SPLIT=split, num_warps=cfg.num_warps, **kw, **extra)
-    if split:
+        SPLIT=split, FUSED_REDUCE=fused_reduce, BLOCK_S=triton.next_power_of_2(cfg.splits), ASM=not INTERPRET,
+        num_warps=cfg.num_warps, **kw, **extra)
+    if split and not fused_reduce:
         _split_reduce_kernel[(B, H)](part_m, part_l, part_acc, out, out.stride(0), out.stride(1), cfg.splits,
                                      HEAD_DIM=D, BLOCK_S=triton.next_power_of_2(cfg.splits), num_warps=4)
     return out

@@ -29,7 +29,8 @@ from qwenlm.kernels.gptq_gemv import gemv_config, triton
 if triton is not None:
     import triton.language as tl
 
-    from qwenlm.kernels.gptq_gemv import _fence_gpu, _hadd2, _int4_word_fma
+    from qwenlm.kernels.gptq_gemv import _hadd2, _int4_word_fma
+    from qwenlm.kernels.sync import _fence_gpu
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -89,7 +90,8 @@ if triton is not None:
             offs_n = pid_n * BLOCK_N + lane
             n_mask = offs_n < N
         rows = tl.arange(0, ROWS)[:, None]
-        qw, s, zlo, zhi = _w_tile(qw_ptr, qz_ptr, s_ptr, pid_k, rows, offs_n, n_mask, N, ROWS, SUB)
+        if PRO != 0:  # the first weight tile streams in while the prologue runs
+            qw, s, zlo, zhi = _w_tile(qw_ptr, qz_ptr, s_ptr, pid_k, rows, offs_n, n_mask, N, ROWS, SUB)
         # The epilogue's operands are loaded now, while the weights stream: only the last program of the
         # column block uses them, but it no longer waits on these loads at the end.
         if HAS_BIAS:
@@ -102,8 +104,12 @@ if triton is not None:
             sin = tl.load(sin_ptr + d)
             if LOGN:
                 qs = tl.load(qsc_ptr + offs_n * 0).to(DT).to(tl.float32)
-        if PRO == 0:  # fp16 inputs, read where they are
+        if PRO == 0:  # fp16 inputs, read where they are: v4's pipelined loop
             x32 = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for it in tl.range(pid_k, K // BLOCK_K, SPLIT_K, num_stages=STAGES):
+                qw, s, zlo, zhi = _w_tile(qw_ptr, qz_ptr, s_ptr, it, rows, offs_n, n_mask, N, ROWS, SUB)
+                acc += _w_dot(qw, s, zlo, zhi, x32, it, rows, ROWS, ASM)
         else:  # this program's inputs, as the network computes them, into an fp16 scratch row
             if PRO == 1:
                 ka = tl.arange(0, K_POW2)
@@ -119,10 +125,10 @@ if triton is not None:
                 tl.store(xs_ptr + kb, v.to(tl.float16))
             tl.debug_barrier()  # the scratch row is written before any thread of this program reads it
             x32 = xs_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
-        acc = _w_dot(qw, s, zlo, zhi, x32, pid_k, rows, ROWS, ASM)
-        for it in tl.range(pid_k + SPLIT_K, K // BLOCK_K, SPLIT_K, num_stages=STAGES):
-            qw, s, zlo, zhi = _w_tile(qw_ptr, qz_ptr, s_ptr, it, rows, offs_n, n_mask, N, ROWS, SUB)
-            acc += _w_dot(qw, s, zlo, zhi, x32, it, rows, ROWS, ASM)
+            acc = _w_dot(qw, s, zlo, zhi, x32, pid_k, rows, ROWS, ASM)
+            for it in tl.range(pid_k + SPLIT_K, K // BLOCK_K, SPLIT_K, num_stages=STAGES):
+                qw, s, zlo, zhi = _w_tile(qw_ptr, qz_ptr, s_ptr, it, rows, offs_n, n_mask, N, ROWS, SUB)
+                acc += _w_dot(qw, s, zlo, zhi, x32, it, rows, ROWS, ASM)
         if HAS_BIAS:
             if pid_k == 0:
                 acc += bias

@@ -39,6 +39,9 @@ except ImportError:  # CPU-only installs: the dequantize path in qwenlm.model.qu
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter cannot run inline PTX
 
 if triton is not None:
+    from qwenlm.kernels.sync import _fence_gpu
+
+if triton is not None:
 
     @triton.jit
     def _int4_word_dot(qw, x04, x15, x26, x37, zz, ASM: tl.constexpr):
@@ -97,13 +100,6 @@ if triton is not None:
         """int32 [R] holding the fp16 pair (x[8r + i], x[8r + i + 4]): the inputs of lanes i and i + 4."""
         lo = _half_bits(tl.load(xb + i, mask=mask, other=0.0))
         return lo | (_half_bits(tl.load(xb + i + 4, mask=mask, other=0.0)) << 16)
-
-    @triton.jit
-    def _fence_gpu():
-        """fence.acq_rel.gpu in every thread (a one-element op, so once per thread). No escape sequences in this
-        module's kernel source: torch.compile re-embeds it in a string literal, where they would be decoded."""
-        tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.b32 $0, $1;", "=r,r", [tl.zeros([1], dtype=tl.int32)],
-                                  dtype=tl.int32, is_pure=False, pack=1)
 
     @triton.jit
     def _opaque_zero():
