@@ -2,8 +2,10 @@
 
 1. Per linear, replayed from CUDA graphs over 8 layers' distinct weights (more than L2): the plain v4 GEMV
    (`gptq_matmul`, what the compiled regions call) against the fused kernel with its prologue / epilogue, for
-   a few launch settings. Achieved GB/s next to the copy bandwidth.
-2. The four fused GEMVs of a layer chained over 8 layers (no attention).
+   a few launch settings, with and without per-thread fences in the split-K epilogue
+   (qwenlm.kernels.sync.PER_THREAD_FENCE). Achieved GB/s next to the copy bandwidth.
+2. The four fused GEMVs of a layer chained over 8 layers (no attention); batch-1 decode attention with its
+   context splits combined by a second launch or in the kernel.
 3. --profile KIND[,KIND]: kernel times inside the engine's batch-1 decode graph (torch.profiler), per step.
 
     python bench/bench_fused.py
@@ -21,6 +23,8 @@ from bench_quant import build_model, graph_us, greedy, prompts_of, random_gptq
 from benchlib import copy_bandwidth, log
 from qwenlm.config import ModelConfig
 from qwenlm.engine import EngineConfig, LLMEngine, fused_decode
+from qwenlm.kernels import sync
+from qwenlm.kernels.attention import paged_decode_attention
 from qwenlm.kernels.gptq_fused import fused_config, fused_int4_gemv
 from qwenlm.model import quant
 
@@ -65,27 +69,59 @@ def per_linear(bw):
                    base[3], base[4]), (256, 128, base[2], 2, 2)]
         src = xf if k == FFN else x
         for cfg in dict.fromkeys(configs):
-            us = graph_us(lambda l: fused_int4_gemv(src, l, config=cfg, **kw), layers)
-            rows.append(dict(linear=name, MB=round(mb, 1), config=cfg, fused_us=round(us, 2), plain_us=round(plain, 2),
-                             fused_GBs=round(mb * 1e3 / us), bound_us=round(mb * 1e12 / bw, 2)))
-            log(f"{name:22s} {mb:5.1f} MB cfg {cfg}: fused {us:6.2f} us ({mb * 1e3 / us:4.0f} GB/s), "
-                f"plain v4 GEMV {plain:6.2f} us, copy-bandwidth bound {mb * 1e12 / bw:5.2f} us")
+            for fence in ((True, False) if cfg == base else (True,)):
+                sync.PER_THREAD_FENCE = fence
+                us = graph_us(lambda l: fused_int4_gemv(src, l, config=cfg, **kw), layers)
+                rows.append(dict(linear=name, MB=round(mb, 1), config=cfg, fence=fence, fused_us=round(us, 2),
+                                 plain_us=round(plain, 2), fused_GBs=round(mb * 1e3 / us),
+                                 bound_us=round(mb * 1e12 / bw, 2)))
+                log(f"{name:22s} {mb:5.1f} MB cfg {cfg} fence {fence:d}: fused {us:6.2f} us ({mb * 1e3 / us:4.0f} "
+                    f"GB/s), plain v4 GEMV {plain:6.2f} us, copy-bandwidth bound {mb * 1e12 / bw:5.2f} us")
+            sync.PER_THREAD_FENCE = True
         chains[name] = (layers, kw, src)
     def layer_chain(i):
         for name, (layers, kw, src) in chains.items():
             fused_int4_gemv(src, layers[i], **kw)
 
-    us = graph_us(layer_chain, range(LAYERS))
     total_mb = sum(gptq_bytes(c[0][0]) for c in chains.values()) / 1e6
-    log(f"layer chain (4 fused GEMVs): {us:6.2f} us per layer, {total_mb * 1e3 / us:4.0f} GB/s "
-        f"(bound {total_mb * 1e12 / bw:5.2f} us)")
-    rows.append(dict(linear="layer chain", fused_us=round(us, 2), bound_us=round(total_mb * 1e12 / bw, 2)))
+    for fence in (True, False):
+        sync.PER_THREAD_FENCE = fence
+        us = graph_us(layer_chain, range(LAYERS))
+        log(f"layer chain (4 fused GEMVs) fence {fence:d}: {us:6.2f} us per layer, {total_mb * 1e3 / us:4.0f} GB/s "
+            f"(bound {total_mb * 1e12 / bw:5.2f} us)")
+        rows.append(dict(linear="layer chain", fence=fence, fused_us=round(us, 2),
+                         bound_us=round(total_mb * 1e12 / bw, 2)))
+    sync.PER_THREAD_FENCE = True
+    return rows
+
+
+def attention_combine():
+    """Batch-1 decode attention (fp16 pool, the mma kernel with 16 context splits), 32 layers' pools back to back
+    in a CUDA graph: the splits combined by a second launch, or in the kernel (with / without per-thread fences)."""
+    H, D, bs = 32, HEAD, 16
+    rows = []
+    for ctx in (272, 1024):
+        nblk = ctx // bs + 1
+        pools = [(torch.randn(nblk, bs, H, D, device="cuda", dtype=torch.float16),
+                  torch.randn(nblk, bs, H, D, device="cuda", dtype=torch.float16)) for _ in range(32)]
+        tables = torch.arange(nblk, device="cuda", dtype=torch.int32)[None]
+        lens = torch.tensor([ctx], device="cuda", dtype=torch.int32)
+        q = torch.randn(1, H, D, device="cuda", dtype=torch.float16)
+        counters = torch.zeros(H, device="cuda", dtype=torch.int32)
+        for mode in ("second launch", "in kernel, fence", "in kernel, no fence"):
+            sync.PER_THREAD_FENCE = mode != "in kernel, no fence"
+            c = None if mode == "second launch" else counters
+            us = graph_us(lambda p: paged_decode_attention(q, p[0], p[1], tables, lens, counters=c), pools)
+            log(f"attention batch 1, context {ctx}: splits combined {mode:20s} {us:6.2f} us per layer")
+            rows.append(dict(context=ctx, mode=mode, us=round(us, 2)))
+    sync.PER_THREAD_FENCE = True
     return rows
 
 
 def profile_decode(kind):
-    """Kernel times inside the batch-1 decode graph of the engine (kind: int4 | int4-unfused)."""
+    """Kernel times inside the batch-1 decode graph of the engine (kind: int4 | int4-unfused | int4-nofence)."""
     fused_decode.ENABLED = kind != "int4-unfused"
+    sync.PER_THREAD_FENCE = kind != "int4-nofence"
     cfg = ModelConfig()
     model = build_model(cfg, "int4", "cuda", torch.float16)
     engine = LLMEngine(model, None, EngineConfig(num_blocks=64, block_size=16, max_num_seqs=1,
@@ -114,7 +150,7 @@ def profile_decode(kind):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--profile", default="", help="kinds to profile in the engine (int4, int4-unfused)")
+    ap.add_argument("--profile", default="", help="kinds to profile in the engine (int4, int4-unfused, int4-nofence)")
     ap.add_argument("--skip-linear", action="store_true")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
@@ -123,6 +159,7 @@ def main():
     out = {}
     if not args.skip_linear:
         out["per_linear"] = per_linear(bw)
+        out["attention_combine"] = attention_combine()
     for kind in filter(None, args.profile.split(",")):
         profile_decode(kind)
     print(json.dumps(out))

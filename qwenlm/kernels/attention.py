@@ -35,6 +35,7 @@ try:
 except ImportError:  # CPU installs without triton use the torch path
     triton = None
 
+from qwenlm.kernels import sync
 from qwenlm.kernels.kv_int8 import dequantize_rows
 
 if triton is not None:
@@ -140,7 +141,7 @@ if triton is not None:
                                                  stride_sp, stride_sh, stride_knb, stride_knh, stride_vnb,
                                                  stride_vnh, PAGE, KV_INT8)
         _finish(Out, Out, Out, Out, Out, b, hh, 0, d, m1, l1, acc1, 0, 1, stride_ob, stride_oh, HEAD_DIM, False,
-                False, 1, False)
+                False, 1, False, False)
 
     @triton.jit
     def _store_new_and_attend(K, V, KSZ, VSZ, Kin, Vin, Slots, b, hh, sp, d, q, m, l_sum, acc, ctx_len,
@@ -205,7 +206,7 @@ if triton is not None:
     @triton.jit
     def _finish(Out, PartM, PartL, PartAcc, Counters, b, hh, sp, d, m, l_sum, acc, n_heads, n_splits, stride_ob,
                 stride_oh, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr, FUSED_REDUCE: tl.constexpr,
-                BLOCK_S: tl.constexpr, ASM: tl.constexpr):
+                BLOCK_S: tl.constexpr, ASM: tl.constexpr, FENCE: tl.constexpr):
         """Write heads hh of sequence b: acc / l_sum, or with SPLIT the partial (m, l_sum, acc) of split sp.
         FUSED_REDUCE: the last split of (b, program's heads) to finish, counted in Counters (kept at zero between
         calls), combines the partials itself: no second launch."""
@@ -215,7 +216,7 @@ if triton is not None:
             tl.store(PartL + part, l_sum)
             tl.store(PartAcc + part[:, None] * HEAD_DIM + d[None, :], acc)
             if FUSED_REDUCE:
-                if ASM:
+                if ASM and FENCE:
                     _fence_gpu()  # this thread's partials are visible GPU-wide before the count
                 tl.debug_barrier()
                 grp = b * tl.num_programs(1) + tl.program_id(1)
@@ -239,7 +240,7 @@ if triton is not None:
                                 PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                                 HEADS: tl.constexpr, KV_INT8: tl.constexpr, FUSED_STORE: tl.constexpr,
                                 SPLIT: tl.constexpr, FUSED_REDUCE: tl.constexpr, BLOCK_S: tl.constexpr,
-                                ASM: tl.constexpr):
+                                ASM: tl.constexpr, FENCE: tl.constexpr):
         """Program (sequence b, heads hg*HEADS.., split sp). HEADS adjacent heads share a program: a token's rows
         of those heads are one contiguous HEADS*HEAD_DIM run (and, int8, one run of (scale, zero) pairs).
         SPLIT: the context is cut into num_programs(2) ranges whose partial (max, sum, acc) a second kernel
@@ -290,7 +291,7 @@ if triton is not None:
                                                   stride_sh, stride_knb, stride_knh, stride_vnb, stride_vnh,
                                                   PAGE, KV_INT8)
         _finish(Out, PartM, PartL, PartAcc, Counters, b, hh, sp, d, m, l_sum, acc, tl.num_programs(1) * HEADS,
-                n_splits, stride_ob, stride_oh, HEAD_DIM, SPLIT, FUSED_REDUCE, BLOCK_S, ASM)
+                n_splits, stride_ob, stride_oh, HEAD_DIM, SPLIT, FUSED_REDUCE, BLOCK_S, ASM, FENCE)
 
     @triton.jit
     def _paged_decode_mma_kernel(Q, K, V, KSZ, VSZ, Kin, Vin, Slots, Out, PartM, PartL, PartAcc, Counters,
@@ -302,7 +303,7 @@ if triton is not None:
                                  PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                                  KV_INT8: tl.constexpr, FUSED_STORE: tl.constexpr, SPLIT: tl.constexpr,
                                  OP: tl.constexpr, Q_LO: tl.constexpr, FUSED_REDUCE: tl.constexpr,
-                                 BLOCK_S: tl.constexpr, ASM: tl.constexpr):
+                                 BLOCK_S: tl.constexpr, ASM: tl.constexpr, FENCE: tl.constexpr):
         """v2's program (sequence b, head h, split sp) with both products on tensor cores: q.K^T as K[BN,D] @
         Q[D,16] and p.V as P[16,BN] @ V[BN,D], where only column / row 0 of the padded operand is nonzero.
         Decode attention stays bound by reading K/V; the point is what the tensor-core path does to that read:
@@ -372,7 +373,7 @@ if triton is not None:
                                                     stride_sh, stride_knb, stride_knh, stride_vnb, stride_vnh,
                                                     PAGE, KV_INT8)
         _finish(Out, PartM, PartL, PartAcc, Counters, b, hh, sp, d, m1, l1, acc_row, tl.num_programs(1), n_splits,
-                stride_ob, stride_oh, HEAD_DIM, SPLIT, FUSED_REDUCE, BLOCK_S, ASM)
+                stride_ob, stride_oh, HEAD_DIM, SPLIT, FUSED_REDUCE, BLOCK_S, ASM, FENCE)
 
     @triton.jit
     def _split_reduce_kernel(PartM, PartL, PartAcc, Out, stride_ob, stride_oh, N_SPLITS,
@@ -491,7 +492,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, out=
         kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         PAGE=k_cache.shape[1], HEAD_DIM=D, BLOCK_N=block_n, KV_INT8=int8, FUSED_STORE=fused,
         SPLIT=split, FUSED_REDUCE=fused_reduce, BLOCK_S=triton.next_power_of_2(cfg.splits), ASM=not INTERPRET,
-        num_warps=cfg.num_warps, **kw, **extra)
+        FENCE=sync.PER_THREAD_FENCE, num_warps=cfg.num_warps, **kw, **extra)
     if split and not fused_reduce:
         _split_reduce_kernel[(B, H)](part_m, part_l, part_acc, out, out.stride(0), out.stride(1), cfg.splits,
                                      HEAD_DIM=D, BLOCK_S=triton.next_power_of_2(cfg.splits), num_warps=4)

@@ -24,6 +24,7 @@ import os
 
 import torch
 
+from qwenlm.kernels import sync
 from qwenlm.kernels.gptq_gemv import gemv_config, triton
 
 if triton is not None:
@@ -74,7 +75,8 @@ if triton is not None:
                            GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr, PRO: tl.constexpr,
                            K_POW2: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr, ROPE_N: tl.constexpr,
-                           Q_N: tl.constexpr, LOGN: tl.constexpr, HEAD: tl.constexpr, ASM: tl.constexpr):
+                           Q_N: tl.constexpr, LOGN: tl.constexpr, HEAD: tl.constexpr, ASM: tl.constexpr,
+                           FENCE: tl.constexpr):
         ROWS: tl.constexpr = BLOCK_K // 8
         SUB: tl.constexpr = GROUP // BLOCK_K
         DT = out_ptr.dtype.element_ty  # the model dtype
@@ -136,7 +138,8 @@ if triton is not None:
         # at zero between calls; the last program of the column block finishes it.
         if ASM:
             tl.atomic_add(ws_ptr + offs_n, acc, mask=n_mask, sem="relaxed")
-            _fence_gpu()
+            if FENCE:
+                _fence_gpu()
         else:
             tl.atomic_add(ws_ptr + offs_n, acc, mask=n_mask)
         tl.debug_barrier()
@@ -231,5 +234,6 @@ def fused_int4_gemv(x: torch.Tensor, layer, *, norm_weight=None, eps: float = 0.
         sin if sin is not None else any_ptr, q_scale if q_scale is not None else any_ptr, N, K, glu, eps,
         GROUP=g, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, STAGES=stages,
         PRO=pro, K_POW2=triton.next_power_of_2(K), GLU=glu > 0, RES=residual is not None, ROPE_N=rope_n, Q_N=q_n,
-        LOGN=q_scale is not None, HEAD=head, ASM=not INTERPRET, num_warps=warps, num_stages=stages)
+        LOGN=q_scale is not None, HEAD=head, ASM=not INTERPRET, FENCE=sync.PER_THREAD_FENCE, num_warps=warps,
+        num_stages=stages)
     return out

@@ -8,6 +8,11 @@ try:
 except ImportError:  # CPU-only installs
     triton = None
 
+# Whether the last-arriving-program reductions (split-K GEMVs, split decode attention) fence in every thread before
+# the arrival count. Without it the order comes from the CTA barrier plus the count's release by one thread (PTX
+# release is cumulative over what the barrier ordered before it, CUTLASS's semaphore pattern).
+PER_THREAD_FENCE = True
+
 if triton is not None:
 
     @triton.jit
