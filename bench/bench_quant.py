@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from benchlib import copy_bandwidth, log, save_json, sync
 from qwenlm.config import ModelConfig
 from qwenlm.engine import EngineConfig, LLMEngine, SamplingParams, fused_decode
-from qwenlm.kernels import gptq_gemv as G, gptq_matmul as K, sync
+from qwenlm.kernels import gptq_gemv as G, gptq_matmul as K, sync as ksync
 from qwenlm.model import quant
 from qwenlm.model.qwen import QWenLMHeadModel
 
@@ -500,11 +500,11 @@ def check_fused_int4(cfg, device):
         ref = model(ids[:, -1:], pos[:, -1:], cache(), inv, use_logn=True)[0, 0].float()
         x, cos, sin, qs = compiled_decode.prologue(model, ids[:, -1:], pos[:, -1:], inv, True)
         outs = []
-        for fence in (True, False):  # qwenlm.kernels.sync.PER_THREAD_FENCE
-            sync.PER_THREAD_FENCE = fence
+        for fence in (True, False):  # qwenlm.kernels.ksync.PER_THREAD_FENCE
+            ksync.PER_THREAD_FENCE = fence
             outs += [model.transformer.ln_f(fused_decode.FusedInt4Blocks(model)(cache(), x, cos, sin, qs))[0, 0].float()
                      for _ in range(5)]
-        sync.PER_THREAD_FENCE = True
+        ksync.PER_THREAD_FENCE = True
         errs = {"vs_model": max((o - ref).abs().max().item() for o in outs),
                 "between_repeats": max((o - outs[0]).abs().max().item() for o in outs)}
     tol = 4e-3 * ref.abs().max().item()
@@ -622,13 +622,13 @@ def check_kernels_on_gpu(device):
             kw = dict(k_sz=pool[2], v_sz=pool[3]) if len(pool) == 4 else {}
             two = paged_decode_attention(q[:b], *pool[:2], tables[:b], lens[:b], **kw)
             counters = torch.zeros(b * H, dtype=torch.int32, device=device)
-            for fence in (True, False):  # qwenlm.kernels.sync.PER_THREAD_FENCE
-                sync.PER_THREAD_FENCE = fence
+            for fence in (True, False):  # qwenlm.kernels.ksync.PER_THREAD_FENCE
+                ksync.PER_THREAD_FENCE = fence
                 for _ in range(50):
                     one = paged_decode_attention(q[:b], *pool[:2], tables[:b], lens[:b], counters=counters, **kw)
                     combine_diff = max(combine_diff, (one.float() - two.float()).abs().max().item())
                 assert not counters.any()
-            sync.PER_THREAD_FENCE = True
+            ksync.PER_THREAD_FENCE = True
     RESULTS["kernel_checks"] = dict(store_q_max_diff=q_diff, store_scale_zero_max_diff=sz_diff,
                                     decode_int8_rel_err=err, split_combine_in_kernel_max_diff=combine_diff)
     log(f"int8 KV kernels on GPU: store q diff {q_diff}, scale/zero diff {sz_diff:.3g}; decode rel err {err:.2e}; "
@@ -706,7 +706,7 @@ def main():
             dtype = torch.float32
         os.environ["QWENLM_GPTQ_KERNEL"] = "tinygemm" if weights == "int4-tinygemm" else "triton"
         fused_decode.ENABLED = weights != "int4-unfused"  # int4-unfused: the compiled regions
-        sync.PER_THREAD_FENCE = not weights.endswith("-nofence")  # see qwenlm.kernels.sync
+        ksync.PER_THREAD_FENCE = not weights.endswith("-nofence")  # see qwenlm.kernels.sync
         section(f"engine_{kind}", lambda: dec.append(
             weights_run(cfg, weights, device, dtype, bw, args, "int8" if kv == "kv8" else "auto")))
         save()
