@@ -500,7 +500,7 @@ def check_fused_int4(cfg, device):
         ref = model(ids[:, -1:], pos[:, -1:], cache(), inv, use_logn=True)[0, 0].float()
         x, cos, sin, qs = compiled_decode.prologue(model, ids[:, -1:], pos[:, -1:], inv, True)
         outs = []
-        for fence in (True, False):  # qwenlm.kernels.ksync.PER_THREAD_FENCE
+        for fence in (True, False):  # qwenlm.kernels.sync.PER_THREAD_FENCE
             ksync.PER_THREAD_FENCE = fence
             outs += [model.transformer.ln_f(fused_decode.FusedInt4Blocks(model)(cache(), x, cos, sin, qs))[0, 0].float()
                      for _ in range(5)]
@@ -622,7 +622,7 @@ def check_kernels_on_gpu(device):
             kw = dict(k_sz=pool[2], v_sz=pool[3]) if len(pool) == 4 else {}
             two = paged_decode_attention(q[:b], *pool[:2], tables[:b], lens[:b], **kw)
             counters = torch.zeros(b * H, dtype=torch.int32, device=device)
-            for fence in (True, False):  # qwenlm.kernels.ksync.PER_THREAD_FENCE
+            for fence in (True, False):  # qwenlm.kernels.sync.PER_THREAD_FENCE
                 ksync.PER_THREAD_FENCE = fence
                 for _ in range(50):
                     one = paged_decode_attention(q[:b], *pool[:2], tables[:b], lens[:b], counters=counters, **kw)
