@@ -29,6 +29,7 @@ from qwenlm.kernels.gptq_fused import fused_config, fused_int4_gemv
 from qwenlm.model import quant
 
 H, FFN, HEAD = 4096, 11008, 128
+FENCE0 = sync.PER_THREAD_FENCE
 LAYERS = 8
 
 
@@ -77,7 +78,7 @@ def per_linear(bw):
                                  bound_us=round(mb * 1e12 / bw, 2)))
                 log(f"{name:22s} {mb:5.1f} MB cfg {cfg} fence {fence:d}: fused {us:6.2f} us ({mb * 1e3 / us:4.0f} "
                     f"GB/s), plain v4 GEMV {plain:6.2f} us, copy-bandwidth bound {mb * 1e12 / bw:5.2f} us")
-            sync.PER_THREAD_FENCE = True
+            sync.PER_THREAD_FENCE = FENCE0
         chains[name] = (layers, kw, src)
     def layer_chain(i):
         for name, (layers, kw, src) in chains.items():
@@ -91,7 +92,7 @@ def per_linear(bw):
             f"(bound {total_mb * 1e12 / bw:5.2f} us)")
         rows.append(dict(linear="layer chain", fence=fence, fused_us=round(us, 2),
                          bound_us=round(total_mb * 1e12 / bw, 2)))
-    sync.PER_THREAD_FENCE = True
+    sync.PER_THREAD_FENCE = FENCE0
     return rows
 
 
@@ -114,14 +115,14 @@ def attention_combine():
             us = graph_us(lambda p: paged_decode_attention(q, p[0], p[1], tables, lens, counters=c), pools)
             log(f"attention batch 1, context {ctx}: splits combined {mode:20s} {us:6.2f} us per layer")
             rows.append(dict(context=ctx, mode=mode, us=round(us, 2)))
-    sync.PER_THREAD_FENCE = True
+    sync.PER_THREAD_FENCE = FENCE0
     return rows
 
 
 def profile_decode(kind):
-    """Kernel times inside the batch-1 decode graph of the engine (kind: int4 | int4-unfused | int4-nofence)."""
+    """Kernel times inside the batch-1 decode graph of the engine (kind: int4 | int4-unfused | int4-fence)."""
     fused_decode.ENABLED = kind != "int4-unfused"
-    sync.PER_THREAD_FENCE = kind != "int4-nofence"
+    sync.PER_THREAD_FENCE = kind == "int4-fence"
     cfg = ModelConfig()
     model = build_model(cfg, "int4", "cuda", torch.float16)
     engine = LLMEngine(model, None, EngineConfig(num_blocks=64, block_size=16, max_num_seqs=1,
@@ -150,7 +151,7 @@ def profile_decode(kind):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--profile", default="", help="kinds to profile in the engine (int4, int4-unfused, int4-nofence)")
+    ap.add_argument("--profile", default="", help="kinds to profile in the engine (int4, int4-unfused, int4-fence)")
     ap.add_argument("--skip-linear", action="store_true")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)

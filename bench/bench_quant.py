@@ -361,6 +361,9 @@ def save():
     save_json(RESULTS, "bench_quant.json", indent=1)
 
 
+FENCE0 = ksync.PER_THREAD_FENCE
+
+
 def build_model(cfg, kind, device, dtype):
     """Random Qwen weights in `dtype`: kind = bf16 | int4 | int8 (GPTQ layout, built packed: no float linears)
     | int8-otf (float model, then quant.quantize_int8_ as `qwenlm.load(quantize="int8")` does)."""
@@ -449,7 +452,7 @@ def weights_run(cfg, kind, device, dtype, bw, args, kv="auto"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     model = build_model(cfg, kind.replace("-tinygemm", "").replace("-gateup", "").replace("-unfused", "")
-                        .replace("-nofence", ""), device, dtype)
+                        .replace("-fence", ""), device, dtype)
     if kind.endswith("-gateup"):
         fuse_gptq_gate_up(model)
     bs = 16
@@ -504,7 +507,7 @@ def check_fused_int4(cfg, device):
             ksync.PER_THREAD_FENCE = fence
             outs += [model.transformer.ln_f(fused_decode.FusedInt4Blocks(model)(cache(), x, cos, sin, qs))[0, 0].float()
                      for _ in range(5)]
-        ksync.PER_THREAD_FENCE = True
+        ksync.PER_THREAD_FENCE = FENCE0
         errs = {"vs_model": max((o - ref).abs().max().item() for o in outs),
                 "between_repeats": max((o - outs[0]).abs().max().item() for o in outs)}
     tol = 4e-3 * ref.abs().max().item()
@@ -628,7 +631,7 @@ def check_kernels_on_gpu(device):
                     one = paged_decode_attention(q[:b], *pool[:2], tables[:b], lens[:b], counters=counters, **kw)
                     combine_diff = max(combine_diff, (one.float() - two.float()).abs().max().item())
                 assert not counters.any()
-            ksync.PER_THREAD_FENCE = True
+            ksync.PER_THREAD_FENCE = FENCE0
     RESULTS["kernel_checks"] = dict(store_q_max_diff=q_diff, store_scale_zero_max_diff=sz_diff,
                                     decode_int8_rel_err=err, split_combine_in_kernel_max_diff=combine_diff)
     log(f"int8 KV kernels on GPU: store q diff {q_diff}, scale/zero diff {sz_diff:.3g}; decode rel err {err:.2e}; "
@@ -701,12 +704,12 @@ def main():
     dec = RESULTS.setdefault("engine_batch1", [])
     for kind in args.kinds.split(","):
         weights, _, kv = kind.partition("+")
-        dtype = torch.bfloat16 if weights.split("-no")[0] in ("bf16", "int8-otf", "int4-tinygemm") else torch.float16
+        dtype = torch.bfloat16 if weights.split("-fence")[0] in ("bf16", "int8-otf", "int4-tinygemm") else torch.float16
         if device == "cpu":
             dtype = torch.float32
         os.environ["QWENLM_GPTQ_KERNEL"] = "tinygemm" if weights == "int4-tinygemm" else "triton"
         fused_decode.ENABLED = weights != "int4-unfused"  # int4-unfused: the compiled regions
-        ksync.PER_THREAD_FENCE = not weights.endswith("-nofence")  # see qwenlm.kernels.sync
+        ksync.PER_THREAD_FENCE = weights.endswith("-fence")  # per-thread fences: see qwenlm.kernels.sync
         section(f"engine_{kind}", lambda: dec.append(
             weights_run(cfg, weights, device, dtype, bw, args, "int8" if kv == "kv8" else "auto")))
         save()

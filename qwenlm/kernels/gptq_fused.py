@@ -183,9 +183,9 @@ def fusable(layer) -> bool:
 
 
 # Launch settings per (N, K) for the fused kernel: (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages); missing
-# shapes take gptq_gemv's Int4 table entry with at least two splits. From `bench/bench_fused.py` on an H100
-# (docs/benchmarks.md): attn.c_proj with its residual add is fastest with 32 splits, the others as the table.
-FUSED_CONFIGS: dict[tuple[int, int], tuple] = {(4096, 4096): (256, 128, 32, 2, 3)}
+# shapes take gptq_gemv's Int4 table entry with at least two splits (`bench/bench_fused.py` on an H100 found
+# none faster at the Qwen-7B shapes, docs/benchmarks.md).
+FUSED_CONFIGS: dict[tuple[int, int], tuple] = {}
 
 
 def fused_config(n: int, k: int) -> tuple:
