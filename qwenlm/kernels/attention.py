@@ -243,10 +243,11 @@ if triton is not None:
                                 ASM: tl.constexpr, FENCE: tl.constexpr):
         """Program (sequence b, heads hg*HEADS.., split sp). HEADS adjacent heads share a program: a token's rows
         of those heads are one contiguous HEADS*HEAD_DIM run (and, int8, one run of (scale, zero) pairs).
-        SPLIT: the context is cut into num_programs(2) ranges whose partial (max, sum, acc) a second kernel
-        combines (flash-decoding). FUSED_STORE: the new token (position ctx_len - 1) comes from Kin / Vin,
-        not from the pool; split 0 writes it into slot Slots[b] (quantized for int8) and attends to it as
-        stored, so the store launches disappear and no program reads the slot being written."""
+        SPLIT: the context is cut into num_programs(2) ranges whose partial (max, sum, acc) the last split to
+        finish (FUSED_REDUCE) or a second kernel combines (flash-decoding). FUSED_STORE: the new token (position
+        ctx_len - 1) comes from Kin / Vin, not from the pool; split 0 writes it into slot Slots[b] (quantized for
+        int8) and attends to it as stored, so the store launches disappear and no program reads the slot being
+        written."""
         b = tl.program_id(0)
         hg = tl.program_id(1)
         sp = tl.program_id(2)
