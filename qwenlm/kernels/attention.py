@@ -39,8 +39,8 @@ from qwenlm.kernels import sync
 from qwenlm.kernels.kv_int8 import dequantize_rows
 
 if triton is not None:
+    from qwenlm.kernels.attention_splits import _finish, _span, _split_reduce_kernel
     from qwenlm.kernels.kv_int8 import _quantize_rows
-    from qwenlm.kernels.sync import _fence_gpu
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter cannot run inline PTX
 
@@ -70,24 +70,6 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, 
 
 
 if triton is not None:
-
-    @triton.jit
-    def _span(ContextLens, b, sp, n_splits, BLOCK_N: tl.constexpr, FUSED_STORE: tl.constexpr, SPLIT: tl.constexpr):
-        """(context length, first and end position this program reads from the pool): the cached context, less
-        the new token when the kernel stores it itself; with SPLIT, split sp's BLOCK_N-aligned share of it."""
-        ctx_len = tl.load(ContextLens + b)
-        if FUSED_STORE:
-            n_cached = tl.maximum(ctx_len - 1, 0)
-        else:
-            n_cached = ctx_len
-        if SPLIT:
-            chunk = tl.cdiv(tl.cdiv(n_cached, n_splits), BLOCK_N) * BLOCK_N
-            start = sp * chunk
-            end = tl.minimum(start + chunk, n_cached)
-        else:
-            start = 0
-            end = n_cached
-        return ctx_len, start, end
 
     @triton.jit
     def _paged_decode_kernel(Q, K, V, KSZ, VSZ, Kin, Vin, Slots, Out, BlockTables, ContextLens, scale,
@@ -183,52 +165,6 @@ if triton is not None:
         alpha = tl.exp(m - m_safe)
         p_new = tl.exp(s_new - m_safe)
         return m_new, l_sum * alpha + p_new, acc * alpha[:, None] + p_new[:, None] * v_new
-
-    @triton.jit
-    def _combine_splits(PartM, PartL, PartAcc, Out, b, hh, d, n_heads, n_splits, stride_ob, stride_oh,
-                        HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
-        """Heads hh of sequence b from their splits' partials: weights exp(m_i - max m), empty splits (m = -inf)
-        weigh 0. Reads through L2 (.cg): other programs wrote the partials."""
-        s = tl.arange(0, BLOCK_S)
-        ok = (s < n_splits)[None, :]
-        part = (b * n_heads + hh)[:, None] * n_splits + s[None, :]  # [HB,S]
-        m = tl.load(PartM + part, mask=ok, other=float("-inf"), cache_modifier=".cg")
-        l_sum = tl.load(PartL + part, mask=ok, other=0.0, cache_modifier=".cg")
-        m_max = tl.max(m, 1)
-        m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
-        w = tl.exp(m - m_max[:, None])
-        total = tl.sum(l_sum * w, 1)
-        acc = tl.load(PartAcc + part[:, :, None] * HEAD_DIM + d[None, None, :], mask=ok[:, :, None], other=0.0,
-                      cache_modifier=".cg")  # [HB,S,D]
-        o = tl.sum(acc * w[:, :, None], 1) / tl.where(total > 0, total, 1.0)[:, None]
-        tl.store(Out + b * stride_ob + hh[:, None] * stride_oh + d[None, :], o.to(Out.dtype.element_ty))
-
-    @triton.jit
-    def _finish(Out, PartM, PartL, PartAcc, Counters, b, hh, sp, d, m, l_sum, acc, n_heads, n_splits, stride_ob,
-                stride_oh, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr, FUSED_REDUCE: tl.constexpr,
-                BLOCK_S: tl.constexpr, ASM: tl.constexpr, FENCE: tl.constexpr):
-        """Write heads hh of sequence b: acc / l_sum, or with SPLIT the partial (m, l_sum, acc) of split sp.
-        FUSED_REDUCE: the last split of (b, program's heads) to finish, counted in Counters (kept at zero between
-        calls), combines the partials itself: no second launch."""
-        if SPLIT:
-            part = (b * n_heads + hh) * n_splits + sp  # [HB]
-            tl.store(PartM + part, m)
-            tl.store(PartL + part, l_sum)
-            tl.store(PartAcc + part[:, None] * HEAD_DIM + d[None, :], acc)
-            if FUSED_REDUCE:
-                if ASM and FENCE:
-                    _fence_gpu()  # this thread's partials are visible GPU-wide before the count
-                tl.debug_barrier()
-                grp = b * tl.num_programs(1) + tl.program_id(1)
-                arrived = tl.atomic_add(Counters + grp, 1)  # acq_rel, gpu scope
-                if arrived == n_splits - 1:
-                    _combine_splits(PartM, PartL, PartAcc, Out, b, hh, d, n_heads, n_splits, stride_ob, stride_oh,
-                                    HEAD_DIM, BLOCK_S)
-                    tl.store(Counters + grp, 0)
-        else:
-            l_sum = tl.where(l_sum > 0, l_sum, 1.0)  # padding rows (ctx_len 0) give zeros, not NaN
-            tl.store(Out + b * stride_ob + hh[:, None] * stride_oh + d[None, :],
-                     (acc / l_sum[:, None]).to(Out.dtype.element_ty))
 
     @triton.jit
     def _paged_decode_v2_kernel(Q, K, V, KSZ, VSZ, Kin, Vin, Slots, Out, PartM, PartL, PartAcc, Counters,
@@ -375,15 +311,6 @@ if triton is not None:
                                                     PAGE, KV_INT8)
         _finish(Out, PartM, PartL, PartAcc, Counters, b, hh, sp, d, m1, l1, acc_row, tl.num_programs(1), n_splits,
                 stride_ob, stride_oh, HEAD_DIM, SPLIT, FUSED_REDUCE, BLOCK_S, ASM, FENCE)
-
-    @triton.jit
-    def _split_reduce_kernel(PartM, PartL, PartAcc, Out, stride_ob, stride_oh, N_SPLITS,
-                             HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
-        """Combine the splits of one (sequence, head) (`_combine_splits`)."""
-        h = tl.program_id(1)
-        _combine_splits(PartM, PartL, PartAcc, Out, tl.program_id(0), h + tl.arange(0, 1), tl.arange(0, HEAD_DIM),
-                        tl.num_programs(1), N_SPLITS, stride_ob, stride_oh, HEAD_DIM, BLOCK_S)
-
 
 @dataclass(frozen=True)
 class DecodeConfig:

@@ -30,7 +30,7 @@ from qwenlm.kernels.gptq_gemv import gemv_config, triton
 if triton is not None:
     import triton.language as tl
 
-    from qwenlm.kernels.gptq_gemv import _hadd2, _int4_word_fma
+    from qwenlm.kernels.gptq_gemv import _hadd2, _int4_word_fma, _x_lane_pairs
     from qwenlm.kernels.sync import _fence_gpu
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -52,15 +52,7 @@ if triton is not None:
     def _w_dot(qw, s, zlo, zhi, x32, it, rows, ROWS: tl.constexpr, ASM: tl.constexpr):
         """sum over the tile's inputs of x_k * w_kn for each column: [BLOCK_N] fp32 (x32: the fp16 inputs read
         as int32 pairs, regrouped into the lane pairs (i, i + 4) of a packed word)."""
-        r = it * ROWS + rows
-        p0 = tl.load(x32 + r * 4)
-        p1 = tl.load(x32 + r * 4 + 1)
-        p2 = tl.load(x32 + r * 4 + 2)
-        p3 = tl.load(x32 + r * 4 + 3)
-        x04 = (p0 & 0xFFFF) | (p2 << 16)
-        x15 = ((p0 >> 16) & 0xFFFF) | (p2 & -65536)
-        x26 = (p1 & 0xFFFF) | (p3 << 16)
-        x37 = ((p1 >> 16) & 0xFFFF) | (p3 & -65536)
+        x04, x15, x26, x37 = _x_lane_pairs(x32, it * ROWS + rows)
         if ASM:
             h = tl.reduce(_int4_word_fma(qw, x04, x15, x26, x37, zlo, zhi, qw * 0, ASM), 0, _hadd2)
             lo = (h & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)

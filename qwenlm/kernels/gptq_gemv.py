@@ -327,6 +327,17 @@ if triton is not None:
                                          pack=1)
 
     @triton.jit
+    def _x_lane_pairs(x32, r):
+        """The fp16 inputs of packed rows r read as four int32 pairs (x0 x1 | x2 x3 | x4 x5 | x6 x7), regrouped
+        into the lane pairs (i, i + 4) of a packed word: (x0, x4), (x1, x5), (x2, x6), (x3, x7)."""
+        p0 = tl.load(x32 + r * 4)
+        p1 = tl.load(x32 + r * 4 + 1)
+        p2 = tl.load(x32 + r * 4 + 2)
+        p3 = tl.load(x32 + r * 4 + 3)
+        return ((p0 & 0xFFFF) | (p2 << 16), ((p0 >> 16) & 0xFFFF) | (p2 & -65536),
+                (p1 & 0xFFFF) | (p3 << 16), ((p1 >> 16) & 0xFFFF) | (p3 & -65536))
+
+    @triton.jit
     def _gemv_kernel_v4(x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, N, K,
                         GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         SPLIT_K: tl.constexpr, FUSED_REDUCE: tl.constexpr, ASM: tl.constexpr, STAGES: tl.constexpr,
@@ -360,14 +371,7 @@ if triton is not None:
             zhi = ((z << 4) | 0x3400) ^ 0x8000  # -(1/4 + z/256): a mantissa step is 2^-12 there
             zlo = (zlo | (zlo << 16))[None, :]
             zhi = (zhi | (zhi << 16))[None, :]
-            p0 = tl.load(x32 + r * 4)
-            p1 = tl.load(x32 + r * 4 + 1)
-            p2 = tl.load(x32 + r * 4 + 2)
-            p3 = tl.load(x32 + r * 4 + 3)
-            x04 = (p0 & 0xFFFF) | (p2 << 16)
-            x15 = ((p0 >> 16) & 0xFFFF) | (p2 & -65536)
-            x26 = (p1 & 0xFFFF) | (p3 << 16)
-            x37 = ((p1 >> 16) & 0xFFFF) | (p3 & -65536)
+            x04, x15, x26, x37 = _x_lane_pairs(x32, r)
             if ASM:
                 h0 = qw * 0
                 if EARLY:
