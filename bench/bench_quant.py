@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from benchlib import copy_bandwidth, log, save_json, sync
 from qwenlm.config import ModelConfig
-from qwenlm.engine import EngineConfig, LLMEngine, SamplingParams, fused_decode
+from qwenlm.engine import EngineConfig, LLMEngine, SamplingParams, attention as engine_attention, fused_decode
 from qwenlm.kernels import gptq_gemv as G, gptq_matmul as K, sync as ksync
 from qwenlm.model import quant
 from qwenlm.model.qwen import QWenLMHeadModel
@@ -452,7 +452,7 @@ def weights_run(cfg, kind, device, dtype, bw, args, kv="auto"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     model = build_model(cfg, kind.replace("-tinygemm", "").replace("-gateup", "").replace("-unfused", "")
-                        .replace("-fence", ""), device, dtype)
+                        .replace("-fence", "").replace("-twolaunch", ""), device, dtype)
     if kind.endswith("-gateup"):
         fuse_gptq_gate_up(model)
     bs = 16
@@ -704,12 +704,13 @@ def main():
     dec = RESULTS.setdefault("engine_batch1", [])
     for kind in args.kinds.split(","):
         weights, _, kv = kind.partition("+")
-        dtype = torch.bfloat16 if weights.split("-fence")[0] in ("bf16", "int8-otf", "int4-tinygemm") else torch.float16
+        dtype = torch.bfloat16 if weights.split("-fence")[0].split("-twolaunch")[0] in ("bf16", "int8-otf", "int4-tinygemm") else torch.float16
         if device == "cpu":
             dtype = torch.float32
         os.environ["QWENLM_GPTQ_KERNEL"] = "tinygemm" if weights == "int4-tinygemm" else "triton"
         fused_decode.ENABLED = weights != "int4-unfused"  # int4-unfused: the compiled regions
         ksync.PER_THREAD_FENCE = weights.endswith("-fence")  # per-thread fences: see qwenlm.kernels.sync
+        engine_attention.SPLITS_COMBINED_IN_KERNEL = not weights.endswith("-twolaunch")  # attention splits
         section(f"engine_{kind}", lambda: dec.append(
             weights_run(cfg, weights, device, dtype, bw, args, "int8" if kv == "kv8" else "auto")))
         save()
