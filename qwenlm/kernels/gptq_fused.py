@@ -10,8 +10,9 @@ group per thread, half2 unpacking, split-K reduced inside the kernel), with
   blocks take matching halves of up and gate, so the MLP's c_proj reads the activation as it is; or the
   residual add;
 - the epilogue's operands loaded at the start, while the weights stream.
-Launches with programmatic dependent launch (each GEMV loading its first weight tile before waiting for the
-kernel before it) were measured and not kept: 0-10% slower through the engine (docs/benchmarks.md).
+Measured and not kept (docs/benchmarks.md, quantization run 8): programmatic dependent launch (each GEMV
+loading its first weight tile before waiting for the kernel before it), 0-20% slower through the engine, and an
+L2 prefetch of the next GEMV's first weights, 7% slower.
 
 Every intermediate is rounded to the model dtype where the network rounds it (qwenlm/model/qwen.py: RMSNorm,
 the linear's output, apply_rope, q * q_scale, x + out, w1(x) * silu(w2(x))), so the result is the unfused
@@ -206,6 +207,7 @@ def fused_int4_gemv(x: torch.Tensor, layer, *, norm_weight=None, eps: float = 0.
     x = x.reshape(-1)
     assert x.is_contiguous() and x.numel() == K
     out = torch.empty((1, glu or N), device=x.device, dtype=x.dtype)
+    # prologue: 0 fp16 inputs read in place; 1 RMSNorm into an fp16 scratch row; 2 other dtypes converted into it
     pro = 1 if norm_weight is not None else (0 if x.dtype == torch.float16 else 2)
     scratch = torch.empty(K, device=x.device, dtype=torch.float16) if pro else x
     ws, cnt = layer._workspace
