@@ -13,7 +13,8 @@ CUDA graph, so the breaks between regions cost nothing at replay.
 Batch 1 gets its own static-shape compile with gpt-fast's Inductor settings: with
 `coordinate_descent_tuning`, Inductor rewrites an M=1 matmul as a reduction and generates (and tunes)
 a Triton GEMV for it, with the neighbouring pointwise work (bias, residual add, SiLU * up) fused in.
-Larger batches share one dynamic-shape compile whose matmuls stay on cuBLAS.
+Larger batches share one dynamic-shape compile whose matmuls stay on cuBLAS. GPTQ Int4 models decode one
+sequence through fused kernels instead (qwenlm.engine.fused_decode), with the prologue and head compiled.
 
 Prefill (one flat row [1, T] of concatenated chunks, `prefill`) runs the same regions through a third
 compile, dynamic in T alone: eager, each RMSNorm, RoPE and SiLU * up is a chain of fp32 kernels over [T, 4096]

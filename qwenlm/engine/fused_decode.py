@@ -9,8 +9,7 @@
 The compiled regions (qwenlm.engine.compiled_decode) run the same math in about ten kernels per layer, each
 GEMV a separate Triton launch Inductor cannot fuse into; at batch 1 the step is a chain of small dependent
 kernels whose fixed costs add up. Here the norms, RoPE, LogN, SiLU * up and residual adds ride inside the
-GEMVs, and each GEMV is launched with programmatic dependent launch on sm_90+, so its launch and first weight
-loads overlap the kernel before it.
+GEMVs (1.12x the compiled regions at batch 1 on an H100, docs/benchmarks.md quantization run 8).
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ import torch
 
 from qwenlm.engine.fusion import GateUpMLP
 from qwenlm.kernels.gptq_fused import fusable, fused_int4_gemv
+from qwenlm.model.quant import GPTQLinear
 
 # QWENLM_FUSED_INT4=0 keeps Int4 models on the compiled regions (for comparisons).
 ENABLED = os.environ.get("QWENLM_FUSED_INT4", "1") != "0"
@@ -35,7 +35,8 @@ def supports(model) -> bool:
         mlp, attn = block.mlp, block.attn
         if not isinstance(mlp, GateUpMLP):
             return False
-        if not all(hasattr(m, "bits") and fusable(m) for m in (attn.c_attn, attn.c_proj, mlp.gate_up, mlp.c_proj)):
+        linears = (attn.c_attn, attn.c_proj, mlp.gate_up, mlp.c_proj)
+        if not all(isinstance(m, GPTQLinear) and fusable(m) for m in linears):
             return False
         if mlp.ffn_dim % 64:
             return False  # gate_up's column blocks hold matching halves of up and gate
@@ -43,8 +44,8 @@ def supports(model) -> bool:
 
 
 class FusedInt4Blocks:
-    """Callable (ctx, x [1, 1, H], cos [1, 1, 1, r], sin, q_scale [1, 1, 1, 1] or None) -> x after every block, for one
-    sequence, attending through ctx (the engine's PagedAttention)."""
+    """Callable (ctx, x [1, 1, H], cos [1, 1, 1, r], sin, q_scale [1, 1, 1, 1] or None) -> x after every block,
+    for one sequence, attending through ctx (the engine's PagedAttention)."""
 
     def __init__(self, model):
         self.model = model
