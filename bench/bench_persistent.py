@@ -24,8 +24,8 @@ import triton.language as tl
 
 from bench_quant import graph_us, random_gptq
 from benchlib import copy_bandwidth, log
-from qwenlm.kernels.gptq_fused import _w_dot, _w_tile, fused_int4_gemv
-from qwenlm.kernels.gptq_gemv import _hadd2, _int4_word_fma
+from qwenlm.kernels.gptq_fused import fused_int4_gemv
+from qwenlm.kernels.gptq_gemv import _hadd2, _int4_word_fma, _w_dot, _w_tile
 from qwenlm.model import quant
 
 N = K = 4096
@@ -105,9 +105,9 @@ def _chain_kernel(x0_ptr, qw_ptr, qz_ptr, s_ptr, ws_ptr, xs_ptr, bar_ptr, L, N, 
                 tl.store(xs + kb, tl.load(src + kb, cache_modifier=".cg").to(tl.float16))
             tl.debug_barrier()
             x32 = xs.to(tl.pointer_type(tl.int32), bitcast=True)
-            acc = _w_dot(qw, s, zlo, zhi, x32, pid_k, rows, ROWS, True)
+            acc = _w_dot(qw, s, zlo, zhi, x32, pid_k, rows, ROWS, True, False)
             if PREFETCH == 2:  # exactly two K blocks per program (K = 2 * SPLIT_K * BLOCK_K), both held
-                acc += _w_dot(qw2, s2, zlo2, zhi2, x32, pid_k + SPLIT_K, rows, ROWS, True)
+                acc += _w_dot(qw2, s2, zlo2, zhi2, x32, pid_k + SPLIT_K, rows, ROWS, True, False)
         for it in range(pid_k + SPLIT_K * (2 if PREFETCH == 2 else 1), K // BLOCK_K, SPLIT_K):
             t_qw, t_s, t_zlo, t_zhi = _w_tile(qw_ptr + i * qw_stride, qz_ptr + i * qz_stride, s_ptr + i * s_stride,
                                               it, rows, offs_n, n_mask, N, ROWS, SUB)
@@ -115,7 +115,7 @@ def _chain_kernel(x0_ptr, qw_ptr, qz_ptr, s_ptr, ws_ptr, xs_ptr, bar_ptr, L, N, 
                 acc += _dot_f32(t_qw, t_s, t_zlo, t_zhi, src, it, rows, ROWS)
             else:
                 acc += _w_dot(t_qw, t_s, t_zlo, t_zhi, xs.to(tl.pointer_type(tl.int32), bitcast=True), it, rows,
-                              ROWS, True)
+                              ROWS, True, False)
         tl.atomic_add(ws_ptr + (i + 1) * N + offs_n, acc, mask=n_mask, sem="relaxed")
         if PREFETCH:  # the next GEMV's first tile: weights do not depend on this one's result
             j = tl.minimum(i + 1, L - 1)

@@ -31,36 +31,12 @@ from qwenlm.kernels.gptq_gemv import gemv_config, triton
 if triton is not None:
     import triton.language as tl
 
-    from qwenlm.kernels.gptq_gemv import _hadd2, _int4_word_fma, _x_lane_pairs
+    from qwenlm.kernels.gptq_gemv import _w_dot, _w_tile
     from qwenlm.kernels.sync import _fence_gpu
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 if triton is not None:
-
-    @triton.jit
-    def _w_tile(qw_ptr, qz_ptr, s_ptr, it, rows, offs_n, n_mask, N, ROWS: tl.constexpr, SUB: tl.constexpr):
-        """Iteration `it`'s packed words [ROWS, BLOCK_N], 256 x scales and the zero terms as half2 bits."""
-        g = it // SUB
-        qw = tl.load(qw_ptr + (it * ROWS + rows) * N + offs_n[None, :], mask=n_mask[None, :], other=0)
-        s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32) * 256.0
-        z = ((tl.load(qz_ptr + g * (N // 8) + offs_n // 8, mask=n_mask, other=0) >> ((offs_n % 8) * 4)) & 15) + 1
-        zlo = (z | 0x4400) ^ 0x8000  # -(4 + z/256) as fp16 bits (see gptq_gemv._int4_word_fma)
-        zhi = ((z << 4) | 0x3400) ^ 0x8000  # -(1/4 + z/256)
-        return qw, s, (zlo | (zlo << 16))[None, :], (zhi | (zhi << 16))[None, :]
-
-    @triton.jit
-    def _w_dot(qw, s, zlo, zhi, x32, it, rows, ROWS: tl.constexpr, ASM: tl.constexpr):
-        """sum over the tile's inputs of x_k * w_kn for each column: [BLOCK_N] fp32 (x32: the fp16 inputs read
-        as int32 pairs, regrouped into the lane pairs (i, i + 4) of a packed word)."""
-        x04, x15, x26, x37 = _x_lane_pairs(x32, it * ROWS + rows)
-        if ASM:
-            h = tl.reduce(_int4_word_fma(qw, x04, x15, x26, x37, zlo, zhi, qw * 0, ASM), 0, _hadd2)
-            lo = (h & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-            hi = ((h >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-            return s * (lo + hi)
-        h = _int4_word_fma(qw, x04, x15, x26, x37, zlo, zhi, tl.zeros(qw.shape, dtype=tl.float32), ASM)
-        return s * tl.sum(h, axis=0)
 
     @triton.jit
     def _fused_int4_kernel(x_ptr, nw_ptr, xs_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
@@ -104,7 +80,7 @@ if triton is not None:
             acc = tl.zeros([BLOCK_N], dtype=tl.float32)
             for it in tl.range(pid_k, K // BLOCK_K, SPLIT_K, num_stages=STAGES):
                 qw, s, zlo, zhi = _w_tile(qw_ptr, qz_ptr, s_ptr, it, rows, offs_n, n_mask, N, ROWS, SUB)
-                acc += _w_dot(qw, s, zlo, zhi, x32, it, rows, ROWS, ASM)
+                acc += _w_dot(qw, s, zlo, zhi, x32, it, rows, ROWS, ASM, False)
         else:  # this program's inputs, as the network computes them, into an fp16 scratch row
             if PRO == 1:
                 ka = tl.arange(0, K_POW2)
@@ -120,10 +96,10 @@ if triton is not None:
                 tl.store(xs_ptr + kb, v.to(tl.float16))
             tl.debug_barrier()  # the scratch row is written before any thread of this program reads it
             x32 = xs_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
-            acc = _w_dot(qw, s, zlo, zhi, x32, pid_k, rows, ROWS, ASM)
+            acc = _w_dot(qw, s, zlo, zhi, x32, pid_k, rows, ROWS, ASM, False)
             for it in tl.range(pid_k + SPLIT_K, K // BLOCK_K, SPLIT_K, num_stages=STAGES):
                 qw, s, zlo, zhi = _w_tile(qw_ptr, qz_ptr, s_ptr, it, rows, offs_n, n_mask, N, ROWS, SUB)
-                acc += _w_dot(qw, s, zlo, zhi, x32, it, rows, ROWS, ASM)
+                acc += _w_dot(qw, s, zlo, zhi, x32, it, rows, ROWS, ASM, False)
         if HAS_BIAS:
             if pid_k == 0:
                 acc += bias

@@ -41,8 +41,6 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter cannot 
 if triton is not None:
     from qwenlm.kernels.sync import _fence_gpu
 
-if triton is not None:
-
     @triton.jit
     def _int4_word_dot(qw, x04, x15, x26, x37, zz, ASM: tl.constexpr):
         """fp32 sum over the 8 lanes of each Int4 word: sum_l x_l * (q_l - z). x.. / zz: int32 holding two fp16
@@ -338,6 +336,35 @@ if triton is not None:
                 (p1 & 0xFFFF) | (p3 << 16), ((p1 >> 16) & 0xFFFF) | (p3 & -65536))
 
     @triton.jit
+    def _w_tile(qw_ptr, qz_ptr, s_ptr, it, rows, offs_n, n_mask, N, ROWS: tl.constexpr, SUB: tl.constexpr):
+        """Iteration `it`'s packed words [ROWS, BLOCK_N], 256 x scales and the zero terms of `_int4_word_fma` as
+        half2 bits (official layout, groups in order)."""
+        g = it // SUB
+        qw = tl.load(qw_ptr + (it * ROWS + rows) * N + offs_n[None, :], mask=n_mask[None, :], other=0)
+        s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32) * 256.0
+        z = ((tl.load(qz_ptr + g * (N // 8) + offs_n // 8, mask=n_mask, other=0) >> ((offs_n % 8) * 4)) & 15) + 1
+        zlo = (z | 0x4400) ^ 0x8000  # -(4 + z/256) as fp16 bits: exponent of 4, z in the low mantissa
+        zhi = ((z << 4) | 0x3400) ^ 0x8000  # -(1/4 + z/256): a mantissa step is 2^-12 there
+        return qw, s, (zlo | (zlo << 16))[None, :], (zhi | (zhi << 16))[None, :]
+
+    @triton.jit
+    def _w_dot(qw, s, zlo, zhi, x32, it, rows, ROWS: tl.constexpr, ASM: tl.constexpr, EARLY: tl.constexpr):
+        """sum over the tile's inputs of x_k * w_kn for each column: [BLOCK_N] fp32 (x32: the fp16 inputs read
+        as int32 pairs, `_x_lane_pairs`). EARLY: the sums start from an opaque zero that depends on every word of
+        the tile, so ptxas issues all its loads before any arithmetic."""
+        x04, x15, x26, x37 = _x_lane_pairs(x32, it * ROWS + rows)
+        if ASM:
+            h0 = qw * 0
+            if EARLY:
+                h0 += (tl.reduce(qw, 0, _xor) & _opaque_zero())[None, :]
+            h = tl.reduce(_int4_word_fma(qw, x04, x15, x26, x37, zlo, zhi, h0, ASM), 0, _hadd2)
+            lo = (h & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            hi = ((h >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            return s * (lo + hi)
+        h = _int4_word_fma(qw, x04, x15, x26, x37, zlo, zhi, tl.zeros(qw.shape, dtype=tl.float32), ASM)
+        return s * tl.sum(h, axis=0)
+
+    @triton.jit
     def _gemv_kernel_v4(x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, N, K,
                         GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         SPLIT_K: tl.constexpr, FUSED_REDUCE: tl.constexpr, ASM: tl.constexpr, STAGES: tl.constexpr,
@@ -347,10 +374,8 @@ if triton is not None:
         row) and every row, so the thread sums the block's rows in half2 (`_int4_word_fma`, 13 instructions per
         word, then one HADD2 per row) and applies the group's scale once per block: no reduction across threads
         until the end. Iterations go through `tl.range(num_stages=STAGES)` (cp.async into shared memory ahead of
-        use when STAGES > 1). The inputs of a packed row are read as four int32 pairs (x0 x1 | x2 x3 | x4 x5 |
-        x6 x7), regrouped into the lane pairs (i, i + 4). EARLY: the sums start from an opaque zero that depends
-        on every word of the block, so ptxas issues all its loads before any arithmetic (it otherwise spreads
-        them out); RELAXED: the split-K epilogue of `_store_output`."""
+        use when STAGES > 1), each a `_w_tile` and a `_w_dot`. EARLY: every load of a tile issued before its
+        arithmetic (`_w_dot`); RELAXED: the split-K epilogue of `_store_output`."""
         ROWS: tl.constexpr = BLOCK_K // 8  # packed rows per iteration
         SUB: tl.constexpr = GROUP // BLOCK_K  # iterations per group
         pid_n = tl.program_id(0)
@@ -359,30 +384,10 @@ if triton is not None:
         n_mask = offs_n < N
         rows = tl.arange(0, ROWS)[:, None]  # [ROWS, 1]
         x32 = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
-        z_shift = (offs_n % 8) * 4
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for it in tl.range(pid_k, K // BLOCK_K, SPLIT_K, num_stages=STAGES):
-            g = it // SUB
-            r = it * ROWS + rows
-            qw = tl.load(qw_ptr + r * N + offs_n[None, :], mask=n_mask[None, :], other=0)
-            s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32) * 256.0
-            z = ((tl.load(qz_ptr + g * (N // 8) + offs_n // 8, mask=n_mask, other=0) >> z_shift) & 15) + 1
-            zlo = (z | 0x4400) ^ 0x8000  # -(4 + z/256) as fp16 bits: exponent of 4, z in the low mantissa
-            zhi = ((z << 4) | 0x3400) ^ 0x8000  # -(1/4 + z/256): a mantissa step is 2^-12 there
-            zlo = (zlo | (zlo << 16))[None, :]
-            zhi = (zhi | (zhi << 16))[None, :]
-            x04, x15, x26, x37 = _x_lane_pairs(x32, r)
-            if ASM:
-                h0 = qw * 0
-                if EARLY:
-                    h0 += (tl.reduce(qw, 0, _xor) & _opaque_zero())[None, :]
-                h = tl.reduce(_int4_word_fma(qw, x04, x15, x26, x37, zlo, zhi, h0, ASM), 0, _hadd2)
-                lo = (h & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-                hi = ((h >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-                acc += s * (lo + hi)
-            else:
-                h = _int4_word_fma(qw, x04, x15, x26, x37, zlo, zhi, tl.zeros(qw.shape, dtype=tl.float32), ASM)
-                acc += s * tl.sum(h, axis=0)
+            qw, s, zlo, zhi = _w_tile(qw_ptr, qz_ptr, s_ptr, it, rows, offs_n, n_mask, N, ROWS, SUB)
+            acc += _w_dot(qw, s, zlo, zhi, x32, it, rows, ROWS, ASM, EARLY)
         _store_output(acc, b_ptr, out_ptr, ws_ptr, cnt_ptr, offs_n, n_mask, pid_n, pid_k, HAS_BIAS, SPLIT_K,
                       FUSED_REDUCE, BLOCK_N, RELAXED)
 
