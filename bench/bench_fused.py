@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 
 import torch
 
@@ -24,7 +25,7 @@ from benchlib import copy_bandwidth, log
 from qwenlm.config import ModelConfig
 from qwenlm.engine import EngineConfig, LLMEngine, fused_decode
 from qwenlm.kernels import sync
-from qwenlm.kernels.attention import paged_decode_attention
+from qwenlm.kernels.attention import decode_config, paged_decode_attention
 from qwenlm.kernels.gptq_fused import fused_config, fused_int4_gemv
 from qwenlm.model import quant
 
@@ -97,11 +98,13 @@ def per_linear(bw):
 
 
 def attention_combine():
-    """Batch-1 decode attention (fp16 pool, the mma kernel with 16 context splits), 32 layers' pools back to back
-    in a CUDA graph: the splits combined by a second launch, or in the kernel (with / without per-thread fences)."""
+    """Batch-1 decode attention (fp16 pool, the table's mma kernel with 16 context splits), 32 layers' pools back to
+    back in a CUDA graph: the splits combined by a second launch, or in the kernel (with / without per-thread
+    fences), and in the kernel using only as many splits as give each >= min_chunk positions."""
     H, D, bs = 32, HEAD, 16
+    base = decode_config(1, False, torch.float16)
     rows = []
-    for ctx in (272, 1024):
+    for ctx in (16, 80, 144, 272, 528, 1024):
         nblk = ctx // bs + 1
         pools = [(torch.randn(nblk, bs, H, D, device="cuda", dtype=torch.float16),
                   torch.randn(nblk, bs, H, D, device="cuda", dtype=torch.float16)) for _ in range(32)]
@@ -109,12 +112,18 @@ def attention_combine():
         lens = torch.tensor([ctx], device="cuda", dtype=torch.int32)
         q = torch.randn(1, H, D, device="cuda", dtype=torch.float16)
         counters = torch.zeros(H, device="cuda", dtype=torch.int32)
-        for mode in ("second launch", "in kernel, fence", "in kernel, no fence"):
-            sync.PER_THREAD_FENCE = mode != "in kernel, no fence"
+        ref = paged_decode_attention(q, *pools[0], tables, lens, config=replace(base, min_chunk=0)).float()
+        modes = [("second launch", 0), ("in kernel, fence", 0)] + [(f"in kernel, min_chunk {c}", c)
+                                                                  for c in (0, 64, 128, 256, 512)]
+        for mode, chunk in modes:
+            sync.PER_THREAD_FENCE = mode == "in kernel, fence"
             c = None if mode == "second launch" else counters
-            us = graph_us(lambda p: paged_decode_attention(q, p[0], p[1], tables, lens, counters=c), pools)
-            log(f"attention batch 1, context {ctx}: splits combined {mode:20s} {us:6.2f} us per layer")
-            rows.append(dict(context=ctx, mode=mode, us=round(us, 2)))
+            cfg = replace(base, min_chunk=chunk)
+            err = (paged_decode_attention(q, *pools[0], tables, lens, config=cfg, counters=c).float() - ref).abs().max()
+            us = graph_us(lambda p: paged_decode_attention(q, p[0], p[1], tables, lens, config=cfg, counters=c), pools)
+            log(f"attention batch 1, context {ctx:4d}: splits combined {mode:26s} {us:6.2f} us per layer "
+                f"(max diff {err.item():.1e})")
+            rows.append(dict(context=ctx, mode=mode, us=round(us, 2), max_diff=err.item()))
     sync.PER_THREAD_FENCE = FENCE0
     return rows
 
@@ -153,13 +162,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--profile", default="", help="kinds to profile in the engine (int4, int4-unfused, int4-fence)")
     ap.add_argument("--skip-linear", action="store_true")
+    ap.add_argument("--attention-only", action="store_true")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
     bw = copy_bandwidth("cuda")
     log(f"copy bandwidth {bw / 1e9:.0f} GB/s")
     out = {}
-    if not args.skip_linear:
+    if not args.skip_linear and not args.attention_only:
         out["per_linear"] = per_linear(bw)
+    if not args.skip_linear:
         out["attention_combine"] = attention_combine()
     for kind in filter(None, args.profile.split(",")):
         profile_decode(kind)

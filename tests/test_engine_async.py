@@ -107,8 +107,9 @@ def test_async_consumer_leaving_aborts_and_frees_blocks(model):
 
 
 def test_triton_paged_decode_kernels_match_reference_in_interpreter():
-    """Every kernel variant (v1; v2 with several heads per program and context splits), with and without the
-    fused store of the new token's K/V, against store-then-reference: outputs and the pools."""
+    """Every kernel variant (v1; v2 with several heads per program and context splits, combined by a second launch
+    or in the kernel, with all splits or as many as the context needs), with and without the fused store of the
+    new token's K/V, against store-then-reference: outputs and the pools."""
     pytest.importorskip("triton")
     code = textwrap.dedent("""
         import torch
@@ -117,31 +118,37 @@ def test_triton_paged_decode_kernels_match_reference_in_interpreter():
         B, H, D, bs, nb = 4, 4, 16, 4, 48
         configs = [DecodeConfig("v1", block_n=8), DecodeConfig(block_n=8), DecodeConfig(heads=2, splits=3, block_n=4),
                    DecodeConfig(heads=4, splits=8, block_n=2), DecodeConfig("mma", block_n=16),
-                   DecodeConfig("mma", splits=3, block_n=16)]
-        for cfg in configs:
+                   DecodeConfig("mma", splits=3, block_n=16),
+                   # splits used as the context needs (with the in-kernel combination): 1, 2 or 3 of 8 / of 3
+                   DecodeConfig(heads=2, splits=8, block_n=4, min_chunk=16),
+                   DecodeConfig("mma", splits=3, block_n=16, min_chunk=32)]
+        variants = [(cfg, fused, counted) for cfg in configs for fused in (False, True)
+                    for counted in ((False, True) if cfg.splits > 1 else (False,)) if counted or not cfg.min_chunk]
+        for cfg, fused, counted in variants:
             # the tensor-core kernel takes fp16 / bf16 pools: fp16 here, its output rounded to fp16 (~5e-4)
             dt, tol = (torch.float16, 2e-3) if cfg.kernel == "mma" else (torch.float32, 1e-5)
-            for fused in (False, True):
-                kc, vc = torch.randn(nb, bs, H, D, generator=g).to(dt), torch.randn(nb, bs, H, D, generator=g).to(dt)
-                tables = torch.randperm(nb - 1, generator=g)[:40].view(B, 10).int()
-                lens = torch.tensor([1, 7, 40, 0]).int()
-                q = torch.randn(B, H, D, generator=g).to(dt)
-                kn = torch.randn(B, H, D, generator=g).to(dt)
-                vn = torch.randn(B, 3, H, D, generator=g).to(dt)[:, 1]  # strided, a slice of the fused projection
-                pos = (lens - 1).clamp(min=0).long()
-                slots = tables.long()[torch.arange(B), pos // bs] * bs + pos % bs
-                slots[3] = (nb - 1) * bs  # a padding row stores into the scratch block and attends to nothing
-                ref_k, ref_v = kc.clone(), vc.clone()
-                if fused:
-                    ref_k.view(-1, H, D)[slots], ref_v.view(-1, H, D)[slots] = kn, vn
-                out = torch.full_like(q, float("nan"))
-                new = dict(k_new=kn, v_new=vn, slots=slots) if fused else {}
-                paged_decode_attention(q, kc, vc, tables, lens, out=out, config=cfg, **new)
-                ref = paged_decode_attention_ref(q[:3].float(), ref_k.float(), ref_v.float(), tables[:3], lens[:3])
-                err = ((out[:3].float() - ref).norm() / ref.norm()).item()
-                assert err < tol, (cfg, fused, err)
-                assert torch.equal(out[3], torch.zeros_like(out[3])), (cfg, fused)  # zeros, not NaN
-                assert torch.equal(kc, ref_k) and torch.equal(vc, ref_v), (cfg, fused)
+            counters = torch.zeros(B * H // cfg.heads, dtype=torch.int32) if counted else None
+            kc, vc = torch.randn(nb, bs, H, D, generator=g).to(dt), torch.randn(nb, bs, H, D, generator=g).to(dt)
+            tables = torch.randperm(nb - 1, generator=g)[:40].view(B, 10).int()
+            lens = torch.tensor([1, 7, 40, 0]).int()
+            q = torch.randn(B, H, D, generator=g).to(dt)
+            kn = torch.randn(B, H, D, generator=g).to(dt)
+            vn = torch.randn(B, 3, H, D, generator=g).to(dt)[:, 1]  # strided, a slice of the fused projection
+            pos = (lens - 1).clamp(min=0).long()
+            slots = tables.long()[torch.arange(B), pos // bs] * bs + pos % bs
+            slots[3] = (nb - 1) * bs  # a padding row stores into the scratch block and attends to nothing
+            ref_k, ref_v = kc.clone(), vc.clone()
+            if fused:
+                ref_k.view(-1, H, D)[slots], ref_v.view(-1, H, D)[slots] = kn, vn
+            out = torch.full_like(q, float("nan"))
+            new = dict(k_new=kn, v_new=vn, slots=slots) if fused else {}
+            paged_decode_attention(q, kc, vc, tables, lens, out=out, config=cfg, counters=counters, **new)
+            ref = paged_decode_attention_ref(q[:3].float(), ref_k.float(), ref_v.float(), tables[:3], lens[:3])
+            err = ((out[:3].float() - ref).norm() / ref.norm()).item()
+            assert err < tol, (cfg, fused, counted, err)
+            assert not counted or not counters.any(), (cfg, fused)  # left at zero for the next call
+            assert torch.equal(out[3], torch.zeros_like(out[3])), (cfg, fused)  # zeros, not NaN
+            assert torch.equal(kc, ref_k) and torch.equal(vc, ref_v), (cfg, fused)
         print("ok")
     """)
     env = {**os.environ, "TRITON_INTERPRET": "1"}

@@ -82,7 +82,7 @@ if triton is not None:
         """Program (sequence b, head h): the whole context in BLOCK_N-token tiles. FUSED_STORE: as in v2."""
         b = tl.program_id(0)
         h = tl.program_id(1)
-        ctx_len, start, end = _span(ContextLens, b, 0, 1, BLOCK_N, FUSED_STORE, False)
+        ctx_len, start, end, n_used = _span(ContextLens, b, 0, 1, BLOCK_N, FUSED_STORE, False, 0)
         d = tl.arange(0, HEAD_DIM)
         q = tl.load(Q + b * stride_qb + h * stride_qh + d).to(tl.float32) * scale
         q_sum = tl.sum(q, 0)
@@ -122,8 +122,8 @@ if triton is not None:
                                                  acc1, ctx_len, stride_kb, stride_kp, stride_kh, stride_sb,
                                                  stride_sp, stride_sh, stride_knb, stride_knh, stride_vnb,
                                                  stride_vnh, PAGE, KV_INT8)
-        _finish(Out, Out, Out, Out, Out, b, hh, 0, d, m1, l1, acc1, 0, 1, stride_ob, stride_oh, HEAD_DIM, False,
-                False, 1, False, False)
+        _finish(Out, Out, Out, Out, Out, b, hh, 0, d, m1, l1, acc1, 0, 1, n_used, stride_ob, stride_oh, HEAD_DIM,
+                False, False, 1, False, False)
 
     @triton.jit
     def _store_new_and_attend(K, V, KSZ, VSZ, Kin, Vin, Slots, b, hh, sp, d, q, m, l_sum, acc, ctx_len,
@@ -175,8 +175,8 @@ if triton is not None:
                                 stride_ob, stride_oh, stride_bt,
                                 PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                                 HEADS: tl.constexpr, KV_INT8: tl.constexpr, FUSED_STORE: tl.constexpr,
-                                SPLIT: tl.constexpr, FUSED_REDUCE: tl.constexpr, BLOCK_S: tl.constexpr,
-                                ASM: tl.constexpr, FENCE: tl.constexpr):
+                                SPLIT: tl.constexpr, FUSED_REDUCE: tl.constexpr, MIN_CHUNK: tl.constexpr,
+                                BLOCK_S: tl.constexpr, ASM: tl.constexpr, FENCE: tl.constexpr):
         """Program (sequence b, heads hg*HEADS.., split sp). HEADS adjacent heads share a program: a token's rows
         of those heads are one contiguous HEADS*HEAD_DIM run (and, int8, one run of (scale, zero) pairs).
         SPLIT: the context is cut into num_programs(2) ranges whose partial (max, sum, acc) the last split to
@@ -188,7 +188,7 @@ if triton is not None:
         hg = tl.program_id(1)
         sp = tl.program_id(2)
         n_splits = tl.num_programs(2)
-        ctx_len, start, end = _span(ContextLens, b, sp, n_splits, BLOCK_N, FUSED_STORE, SPLIT)
+        ctx_len, start, end, n_used = _span(ContextLens, b, sp, n_splits, BLOCK_N, FUSED_STORE, SPLIT, MIN_CHUNK)
         hh = hg * HEADS + tl.arange(0, HEADS)
         d = tl.arange(0, HEAD_DIM)
         q = tl.load(Q + b * stride_qb + hh[:, None] * stride_qh + d[None, :]).to(tl.float32) * scale  # [HB,D]
@@ -228,7 +228,7 @@ if triton is not None:
                                                   stride_sh, stride_knb, stride_knh, stride_vnb, stride_vnh,
                                                   PAGE, KV_INT8)
         _finish(Out, PartM, PartL, PartAcc, Counters, b, hh, sp, d, m, l_sum, acc, tl.num_programs(1) * HEADS,
-                n_splits, stride_ob, stride_oh, HEAD_DIM, SPLIT, FUSED_REDUCE, BLOCK_S, ASM, FENCE)
+                n_splits, n_used, stride_ob, stride_oh, HEAD_DIM, SPLIT, FUSED_REDUCE, BLOCK_S, ASM, FENCE)
 
     @triton.jit
     def _paged_decode_mma_kernel(Q, K, V, KSZ, VSZ, Kin, Vin, Slots, Out, PartM, PartL, PartAcc, Counters,
@@ -240,6 +240,7 @@ if triton is not None:
                                  PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                                  KV_INT8: tl.constexpr, FUSED_STORE: tl.constexpr, SPLIT: tl.constexpr,
                                  OP: tl.constexpr, Q_LO: tl.constexpr, FUSED_REDUCE: tl.constexpr,
+                                 MIN_CHUNK: tl.constexpr,
                                  BLOCK_S: tl.constexpr, ASM: tl.constexpr, FENCE: tl.constexpr):
         """v2's program (sequence b, head h, split sp) with both products on tensor cores: q.K^T as K[BN,D] @
         Q[D,16] and p.V as P[16,BN] @ V[BN,D], where only column / row 0 of the padded operand is nonzero.
@@ -254,7 +255,7 @@ if triton is not None:
         h = tl.program_id(1)
         sp = tl.program_id(2)
         n_splits = tl.num_programs(2)
-        ctx_len, start, end = _span(ContextLens, b, sp, n_splits, BLOCK_N, FUSED_STORE, SPLIT)
+        ctx_len, start, end, n_used = _span(ContextLens, b, sp, n_splits, BLOCK_N, FUSED_STORE, SPLIT, MIN_CHUNK)
         hh = h + tl.arange(0, 1)
         d = tl.arange(0, HEAD_DIM)
         c = tl.arange(0, 16)
@@ -310,7 +311,7 @@ if triton is not None:
                                                     stride_sh, stride_knb, stride_knh, stride_vnb, stride_vnh,
                                                     PAGE, KV_INT8)
         _finish(Out, PartM, PartL, PartAcc, Counters, b, hh, sp, d, m1, l1, acc_row, tl.num_programs(1), n_splits,
-                stride_ob, stride_oh, HEAD_DIM, SPLIT, FUSED_REDUCE, BLOCK_S, ASM, FENCE)
+                n_used, stride_ob, stride_oh, HEAD_DIM, SPLIT, FUSED_REDUCE, BLOCK_S, ASM, FENCE)
 
 @dataclass(frozen=True)
 class DecodeConfig:
@@ -322,6 +323,7 @@ class DecodeConfig:
     block_n: int = 128
     num_warps: int = 4
     num_stages: int | None = None
+    min_chunk: int = 0  # with in-kernel combination: use only the splits that get >= min_chunk positions each
 
 
 # Chosen per pool dtype and batch size from the H100 kernel sweeps (bench/bench_attention.py, docs/benchmarks.md
@@ -331,12 +333,14 @@ class DecodeConfig:
 # (128 x 640: 455 us, 2.95 TB/s, vs 482 for v2). int8: the uint8 tiles are slower in v2 and mma than in v1
 # from batch 16 on (128 x 640: v1 308 us, v2 380, mma 457), so int8 keeps v2 below 16 and v1 above, with
 # small programs as the batch grows (one warp, 32-token tiles from 64: 128 x 640 in 258 us, 2.77 TB/s, vs 324
-# with 4 warps and 128-token tiles: more programs resident per SM, more loads in flight).
+# with 4 warps and 128-token tiles: more programs resident per SM, more loads in flight). Batch 1 uses a split only
+# per 64 positions of context (min_chunk): at context 16 one program per head, 4.3 us instead of 5.9 for 16 splits
+# mostly empty; 80-272: 0.2 us less; 528 and 1,024 within 0.1 us (bench/bench_fused.py, docs/benchmarks.md).
 _MMA = dict(kernel="mma", block_n=64, num_stages=2)
 DECODE_CONFIGS = {
-    "bf16": [(1, DecodeConfig(splits=16, **_MMA)), (2, DecodeConfig(splits=8, **_MMA)),
+    "bf16": [(1, DecodeConfig(splits=16, min_chunk=64, **_MMA)), (2, DecodeConfig(splits=8, **_MMA)),
              (4, DecodeConfig(splits=4, **_MMA)), (8, DecodeConfig(splits=2, **_MMA)), (16, DecodeConfig(**_MMA))],
-    "int8": [(1, DecodeConfig(splits=16, block_n=64)), (2, DecodeConfig(splits=8, block_n=64)),
+    "int8": [(1, DecodeConfig(splits=16, block_n=64, min_chunk=64)), (2, DecodeConfig(splits=8, block_n=64)),
              (8, DecodeConfig(splits=4, block_n=64)), (16, DecodeConfig("v1", block_n=128, num_warps=2)),
              (32, DecodeConfig("v1", block_n=64, num_warps=1)), (64, DecodeConfig("v1", block_n=32, num_warps=1))],
 }
@@ -348,7 +352,8 @@ def decode_config(batch: int, int8: bool, pool_dtype: torch.dtype = torch.bfloat
     table = DECODE_CONFIGS["int8" if int8 else "bf16"]
     cfg = [c for b, c in table if b <= max(batch, 1)][-1]
     if cfg.kernel == "mma" and not int8 and pool_dtype not in (torch.bfloat16, torch.float16):
-        cfg = DecodeConfig("v2", splits=cfg.splits, block_n=cfg.block_n, num_warps=cfg.num_warps)
+        cfg = DecodeConfig("v2", splits=cfg.splits, block_n=cfg.block_n, num_warps=cfg.num_warps,
+                           min_chunk=cfg.min_chunk)
     return cfg
 
 
@@ -419,7 +424,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, out=
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *sz_strides,
         kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         PAGE=k_cache.shape[1], HEAD_DIM=D, BLOCK_N=block_n, KV_INT8=int8, FUSED_STORE=fused,
-        SPLIT=split, FUSED_REDUCE=fused_reduce, BLOCK_S=triton.next_power_of_2(cfg.splits), ASM=not INTERPRET,
+        SPLIT=split, FUSED_REDUCE=fused_reduce, MIN_CHUNK=cfg.min_chunk if fused_reduce else 0,
+        BLOCK_S=triton.next_power_of_2(cfg.splits), ASM=not INTERPRET,
         FENCE=sync.PER_THREAD_FENCE, num_warps=cfg.num_warps, **kw, **extra)
     if split and not fused_reduce:
         _split_reduce_kernel[(B, H)](part_m, part_l, part_acc, out, out.stride(0), out.stride(1), cfg.splits,
