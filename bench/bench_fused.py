@@ -47,7 +47,14 @@ def gptq_bytes(layer):
     return sum(t.numel() * t.element_size() for t in (layer.qweight, layer.qzeros, layer.scales))
 
 
-def per_linear(bw):
+def sweep_configs(base):
+    """(BLOCK_N = 128 x warps, BLOCK_K, SPLIT_K, warps, stages): smaller K blocks per iteration (a group's rows in
+    1-4 iterations, so less arithmetic waits on the last tile) with deeper pipelines, around the table's setting."""
+    return [base] + [(128 * w, bk, sk, w, st) for bk in (32, 64, 128) for sk in (8, 16) for w in (2, 4)
+                     for st in (2, 4)]
+
+
+def per_linear(bw, sweep=False):
     x = torch.randn(H, device="cuda", dtype=torch.float16)
     xf = torch.randn(FFN, device="cuda", dtype=torch.float16)
     nw = torch.ones(H, device="cuda", dtype=torch.float16)
@@ -69,17 +76,25 @@ def per_linear(bw):
         base = fused_config(n, k)
         configs = [base, (base[0], base[1], base[2] * 2, base[3], base[4]), (base[0], base[1], max(2, base[2] // 2),
                    base[3], base[4]), (256, 128, base[2], 2, 2)]
+        if sweep:
+            configs = sweep_configs(base)
         src = xf if k == FFN else x
         for cfg in dict.fromkeys(configs):
-            for fence in ((True, False) if cfg == base else (True,)):
+            for fence in ((True, False) if cfg == base and not sweep else (FENCE0,)):
                 sync.PER_THREAD_FENCE = fence
-                us = graph_us(lambda l: fused_int4_gemv(src, l, config=cfg, **kw), layers)
+                try:
+                    us = graph_us(lambda l: fused_int4_gemv(src, l, config=cfg, **kw), layers)
+                except Exception as e:  # noqa: BLE001 - a setting that does not build is reported, not fatal
+                    log(f"{name:22s} cfg {cfg}: failed: {type(e).__name__}: {str(e)[:200]}")
+                    continue
                 rows.append(dict(linear=name, MB=round(mb, 1), config=cfg, fence=fence, fused_us=round(us, 2),
                                  plain_us=round(plain, 2), fused_GBs=round(mb * 1e3 / us),
                                  bound_us=round(mb * 1e12 / bw, 2)))
                 log(f"{name:22s} {mb:5.1f} MB cfg {cfg} fence {fence:d}: fused {us:6.2f} us ({mb * 1e3 / us:4.0f} "
                     f"GB/s), plain v4 GEMV {plain:6.2f} us, copy-bandwidth bound {mb * 1e12 / bw:5.2f} us")
             sync.PER_THREAD_FENCE = FENCE0
+        best = min((r for r in rows if r["linear"] == name), key=lambda r: r["fused_us"])
+        log(f"{name:22s} fastest: {best['config']} {best['fused_us']:6.2f} us (table's {base})")
         chains[name] = (layers, kw, src)
     def layer_chain(i):
         for name, (layers, kw, src) in chains.items():
@@ -163,14 +178,15 @@ def main():
     ap.add_argument("--profile", default="", help="kinds to profile in the engine (int4, int4-unfused, int4-fence)")
     ap.add_argument("--skip-linear", action="store_true")
     ap.add_argument("--attention-only", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="per linear: the fused kernel at `sweep_configs` settings")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
     bw = copy_bandwidth("cuda")
     log(f"copy bandwidth {bw / 1e9:.0f} GB/s")
     out = {}
     if not args.skip_linear and not args.attention_only:
-        out["per_linear"] = per_linear(bw)
-    if not args.skip_linear:
+        out["per_linear"] = per_linear(bw, args.sweep)
+    if not args.skip_linear and not args.sweep:
         out["attention_combine"] = attention_combine()
     for kind in filter(None, args.profile.split(",")):
         profile_decode(kind)

@@ -618,8 +618,8 @@ def check_kernels_on_gpu(device):
     err = ((out - want).norm() / want.norm()).item()
     # the in-kernel combination of the context splits (counters) equals the second launch, bit for bit, in 50
     # repeats (a missing fence or a wrong count would show as a difference): batch 1 and 4, bf16 and int8 pools
-    # (all splits used: the table's min_chunk, which uses fewer for short contexts, is checked against the same
-    # reference with a tolerance: its splits cut the context elsewhere, so the sums round differently)
+    # (all splits used; the table's min_chunk, which uses fewer for short contexts, against the same: equal where
+    # its splits cut the context at the same positions, as min_chunk = block_n does, else within rounding)
     combine_diff = min_chunk_diff = 0.0
     for b in (1, 4):
         kb = torch.randn(nb, bs, H, D, device=device, dtype=torch.bfloat16)
