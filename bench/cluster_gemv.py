@@ -6,14 +6,14 @@ atomics, an arrival count and a last-program epilogue -- three dependent L2 roun
 ~2 us of the ~5 us each batch-1 GEMV spends above its bandwidth time on an H100 (docs/benchmarks.md). A cluster's
 CTAs can read each other's shared memory after one cluster barrier; Triton exposes neither clusters nor
 distributed shared memory. The source is compiled at run time by NVRTC through torch (`torch.cuda._compile_kernel`,
-a private torch API: if it is missing the Triton kernels are used), so no CUDA toolkit is needed. It includes no
+a private torch API, present in torch 2.11 and 2.13), so no CUDA toolkit is needed. It includes no
 header: the half2 arithmetic, the conversions and the cluster operations are inline PTX.
 
 One cluster = CL CTAs = one column block of BN columns, CTA `rank` taking the rank-th share of the groups. Inside a
 CTA, BN/4 threads side by side each hold 4 columns (one 16-byte load per packed row) and TG rows of them take
 chunks of RC packed rows in turn (Marlin's unpacking with the zero point folded in, half2 sums per chunk, the scale
-applied once per chunk in fp32 -- the arithmetic of `gptq_gemv._int4_word_fma`). The next chunk's words are loaded
-before the current one is summed. The CTA sums its TG rows through shared memory, the cluster barrier publishes
+applied once per chunk in fp32 -- the arithmetic of `gptq_gemv._int4_word_fma`). Each thread keeps D chunks in
+flight through its own ring of cp.async slots in shared memory. The CTA sums its TG rows through shared memory, the cluster barrier publishes
 each CTA's BN partial sums, and rank r sums columns [r BN/CL, (r+1) BN/CL) over the CL CTAs and writes them.
 """
 
@@ -56,15 +56,16 @@ __device__ __forceinline__ unsigned word_fma(unsigned w, uint4 x, unsigned zlo, 
 
 __device__ __forceinline__ unsigned get(const uint4 &v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; }
 
-struct Chunk { uint4 w[RC]; uint2 s; unsigned z; };
-
-__device__ __forceinline__ void load_chunk(Chunk &c, const uint4 *__restrict__ qw, const unsigned *__restrict__ qz,
-                                           const uint2 *__restrict__ sc, int row, int N, int n0) {
-  const int g = row / 16;
-#pragma unroll
-  for (int r = 0; r < RC; r++) c.w[r] = __ldg(qw + (size_t)(row + r) * (N / 4) + n0 / 4);
-  c.s = __ldg(sc + ((size_t)g * N + n0) / 4);
-  c.z = __ldg(qz + (size_t)g * (N / 8) + n0 / 8);
+// This CTA's inputs into shared memory as lane pairs, one uint4 per packed row:
+// (x0 x1 | x2 x3 | x4 x5 | x6 x7) -> (x0 x4, x1 x5, x2 x6, x3 x7)
+__device__ __forceinline__ void stage_x(uint4 *xs, const unsigned short *x, int row0, int nrows, int tid) {
+  const uint4 *x4 = reinterpret_cast<const uint4 *>(x);
+  for (int i = tid; i < nrows; i += THREADS) {
+    uint4 p = x4[row0 + i];
+    xs[i] = make_uint4((p.x & 0xFFFFu) | (p.z << 16), (p.x >> 16) | (p.z & 0xFFFF0000u),
+                       (p.y & 0xFFFFu) | (p.w << 16), (p.y >> 16) | (p.w & 0xFFFF0000u));
+  }
+  __syncthreads();
 }
 
 __device__ __forceinline__ void finish(const float acc[4], float (*red)[BN], float *part, unsigned short *out,
@@ -100,68 +101,35 @@ __device__ __forceinline__ void finish(const float acc[4], float (*red)[BN], flo
 #endif
 }
 
+__device__ __forceinline__ unsigned smem_u32(const void *p) {
+  unsigned a; asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p)); return a; }
+
+// Chunk c (if < nch) of this thread into ring slot k: RC words, then its group's 4 scales and packed zeros; one
+// commit group either way, so cp.async.wait_group counts slots.
+__device__ __forceinline__ void issue_chunk(uint4 *ring, uint2 *sz, const uint4 *src, const unsigned *qz,
+                                            const uint2 *sc, int k, int c, int nch, int gb, int N, int n0, int tid) {
+  if (c < nch) {
+#pragma unroll
+    for (int r = 0; r < RC; r++)
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::
+                   "r"(smem_u32(&ring[(k * RC + r) * THREADS + tid])), "l"(src + (size_t)(c * RC + r) * (N / 4)));
+    const int g = gb + c * RC / 16;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::
+                 "r"(smem_u32(&sz[(k * 2) * THREADS + tid])), "l"(sc + ((size_t)g * N + n0) / 4));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::
+                 "r"(smem_u32(&sz[(k * 2 + 1) * THREADS + tid])), "l"(qz + (size_t)g * (N / 8) + n0 / 8));
+  }
+  asm volatile("cp.async.commit_group;" ::: "memory");
+}
+
+// Each thread streams its chunks through a private ring of D slots in shared memory (cp.async, 16 bytes a row):
+// D chunks in flight per thread without holding them in registers. (Loading the next chunk into registers instead
+// measured 1-17% slower at every shape, docs/benchmarks.md run 11.)
 extern "C" __global__ void
 #if CL > 1
 __cluster_dims__(CL, 1, 1)
 #endif
 __launch_bounds__(THREADS) gptq_int4_gemv(const unsigned short *__restrict__ x, const uint4 *__restrict__ qw,
-                                          const unsigned *__restrict__ qz, const uint2 *__restrict__ sc,
-                                          unsigned short *__restrict__ out, int N, int K) {
-  __shared__ uint4 xs[GPR * 16];          // this CTA's inputs as lane pairs, one uint4 per packed row
-  __shared__ float red[TG][BN];
-  __shared__ float part[BN];
-  const int tid = threadIdx.x, tc = tid % CT, tg = tid / CT;
-  const int rank = blockIdx.x % CL, nb = blockIdx.x / CL;
-  const int G = K / 128, gb = rank * GPR, ge = min(G, gb + GPR);
-  const int nrows = max(ge - gb, 0) * 16, nch = nrows / RC, row0 = gb * 16;
-  const int n0 = nb * BN + tc * 4;
-  Chunk cur;
-  int c = tg;
-  if (c < nch) load_chunk(cur, qw, qz, sc, row0 + c * RC, N, n0);
-  const uint4 *x4 = reinterpret_cast<const uint4 *>(x);
-  for (int i = tid; i < nrows; i += THREADS) {   // (x0 x1 | x2 x3 | x4 x5 | x6 x7) -> (x0 x4, x1 x5, x2 x6, x3 x7)
-    uint4 p = x4[row0 + i];
-    xs[i] = make_uint4((p.x & 0xFFFFu) | (p.z << 16), (p.x >> 16) | (p.z & 0xFFFF0000u),
-                       (p.y & 0xFFFFu) | (p.w << 16), (p.y >> 16) | (p.w & 0xFFFF0000u));
-  }
-  __syncthreads();
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  while (c < nch) {
-    Chunk nxt;
-    const int cn = c + TG;
-    if (cn < nch) load_chunk(nxt, qw, qz, sc, row0 + cn * RC, N, n0);
-    const float2 s01 = h2f(cur.s.x), s23 = h2f(cur.s.y);
-    const float s[4] = {s01.x, s01.y, s23.x, s23.y};
-#pragma unroll
-    for (int j = 0; j < 4; j++) {
-      unsigned z = ((cur.z >> (((n0 + j) % 8) * 4)) & 15u) + 1u;
-      unsigned zlo = (z | 0x4400u) ^ 0x8000u, zhi = ((z << 4) | 0x3400u) ^ 0x8000u;
-      zlo |= zlo << 16; zhi |= zhi << 16;
-      unsigned h0 = 0, h1 = 0;
-#pragma unroll
-      for (int r = 0; r < RC; r += 2) {
-        h0 = word_fma(get(cur.w[r], j), xs[c * RC + r], zlo, zhi, h0);
-        h1 = word_fma(get(cur.w[r + 1], j), xs[c * RC + r + 1], zlo, zhi, h1);
-      }
-      const float2 a = h2f(h0), b = h2f(h1);
-      acc[j] += 256.f * s[j] * ((a.x + a.y) + (b.x + b.y));
-    }
-    cur = nxt;
-    c = cn;
-  }
-  finish(acc, red, part, out, tid, tc, tg, rank, nb);
-}
-
-__device__ __forceinline__ unsigned smem_u32(const void *p) {
-  unsigned a; asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p)); return a; }
-
-// The same GEMV with each thread streaming its chunks through a private ring of D slots in shared memory
-// (cp.async, 16 bytes a row): D chunks in flight per thread without holding them in registers.
-extern "C" __global__ void
-#if CL > 1
-__cluster_dims__(CL, 1, 1)
-#endif
-__launch_bounds__(THREADS) gptq_int4_gemv_async(const unsigned short *__restrict__ x, const uint4 *__restrict__ qw,
                                                 const unsigned *__restrict__ qz, const uint2 *__restrict__ sc,
                                                 unsigned short *__restrict__ out, int N, int K) {
   extern __shared__ uint4 ring[];          // [D][RC][THREADS] words, then [D][THREADS] (scale, zero) pairs
@@ -176,28 +144,8 @@ __launch_bounds__(THREADS) gptq_int4_gemv_async(const unsigned short *__restrict
   uint2 *sz = reinterpret_cast<uint2 *>(ring + D * RC * THREADS);
   const uint4 *src = qw + (size_t)row0 * (N / 4) + n0 / 4;
 #pragma unroll
-  for (int k = 0; k < D; k++) {
-    const int c = tg + k * TG;
-    if (c < nch) {
-#pragma unroll
-      for (int r = 0; r < RC; r++)
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::
-                     "r"(smem_u32(&ring[(k * RC + r) * THREADS + tid])), "l"(src + (size_t)(c * RC + r) * (N / 4)));
-      const int g = gb + c * RC / 16;
-      asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::
-                   "r"(smem_u32(&sz[(k * 2) * THREADS + tid])), "l"(sc + ((size_t)g * N + n0) / 4));
-      asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::
-                   "r"(smem_u32(&sz[(k * 2 + 1) * THREADS + tid])), "l"(qz + (size_t)g * (N / 8) + n0 / 8));
-    }
-    asm volatile("cp.async.commit_group;" ::: "memory");
-  }
-  const uint4 *x4 = reinterpret_cast<const uint4 *>(x);
-  for (int i = tid; i < nrows; i += THREADS) {
-    uint4 p = x4[row0 + i];
-    xs[i] = make_uint4((p.x & 0xFFFFu) | (p.z << 16), (p.x >> 16) | (p.z & 0xFFFF0000u),
-                       (p.y & 0xFFFFu) | (p.w << 16), (p.y >> 16) | (p.w & 0xFFFF0000u));
-  }
-  __syncthreads();
+  for (int k = 0; k < D; k++) issue_chunk(ring, sz, src, qz, sc, k, tg + k * TG, nch, gb, N, n0, tid);
+  stage_x(xs, x, row0, nrows, tid);
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   for (int i = 0;; i++) {
     const int c = tg + i * TG;
@@ -231,19 +179,7 @@ __launch_bounds__(THREADS) gptq_int4_gemv_async(const unsigned short *__restrict
       const float2 a = h2f(h0[j]), b = h2f(h1[j]);
       acc[j] += 256.f * s[j] * ((a.x + a.y) + (b.x + b.y));
     }
-    const int cn = c + D * TG;
-    if (cn < nch) {
-#pragma unroll
-      for (int r = 0; r < RC; r++)
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::
-                     "r"(smem_u32(&ring[(k * RC + r) * THREADS + tid])), "l"(src + (size_t)(cn * RC + r) * (N / 4)));
-      const int g = gb + cn * RC / 16;
-      asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::
-                   "r"(smem_u32(&sz[(k * 2) * THREADS + tid])), "l"(sc + ((size_t)g * N + n0) / 4));
-      asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::
-                   "r"(smem_u32(&sz[(k * 2 + 1) * THREADS + tid])), "l"(qz + (size_t)g * (N / 8) + n0 / 8));
-    }
-    asm volatile("cp.async.commit_group;" ::: "memory");
+    issue_chunk(ring, sz, src, qz, sc, k, c + D * TG, nch, gb, N, n0, tid);
   }
   finish(acc, red, part, out, tid, tc, tg, rank, nb);
 }
@@ -259,11 +195,9 @@ def available() -> bool:
 @functools.lru_cache(maxsize=None)
 def _kernel(bn: int, cl: int, tg: int, rc: int, depth: int, gpr: int, bf16: bool):
     defines = f"#define BN {bn}\n#define CL {cl}\n#define TG {tg}\n#define RC {rc}\n#define GPR {gpr}\n" \
-              f"#define OUT_BF16 {int(bf16)}\n#define D {max(depth, 1)}\n"
-    kernel = torch.cuda._compile_kernel(defines + SOURCE, "gptq_int4_gemv_async" if depth else "gptq_int4_gemv")
-    smem = _ring_bytes(bn, tg, rc, depth)
-    if smem:
-        kernel.set_shared_memory_config(smem + gpr * 256 + tg * bn * 4 + bn * 4)
+              f"#define OUT_BF16 {int(bf16)}\n#define D {depth}\n"
+    kernel = torch.cuda._compile_kernel(defines + SOURCE, "gptq_int4_gemv")
+    kernel.set_shared_memory_config(_ring_bytes(bn, tg, rc, depth) + gpr * 256 + tg * bn * 4 + bn * 4)
     return kernel
 
 
@@ -275,10 +209,10 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scal
               config: tuple, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """x [1, K] (fp16; other dtypes are converted) @ GPTQ Int4 (group 128, official layout) -> [1, N] in
     out_dtype (x's dtype by default). config: (BN, CL, TG, RC)."""
-    bn, cl, tg, rc = config[:4]
-    depth = config[4] if len(config) > 4 else 0
+    bn, cl, tg, rc, depth = config
     K, N = x.shape[-1], qweight.shape[1]
-    assert K % 128 == 0 and N % bn == 0 and bn % (4 * cl) == 0 and 16 % rc == 0, (K, N, config)
+    assert K % 128 == 0 and N % bn == 0 and bn % (4 * cl) == 0 and 16 % rc == 0 and rc % 2 == 0 and depth > 0, \
+        (K, N, config)
     out_dtype = out_dtype or x.dtype
     x16 = x if x.dtype == torch.float16 else x.half()
     gpr = -(-(K // 128) // cl)
