@@ -108,7 +108,8 @@ def main():
                 log(f"  {cfg}: failed: {type(e).__name__}: {str(e)[:2000]}")
                 continue
             rows.append(dict(linear=name, MB=round(mb, 1), config=cfg, us=round(us, 2), err=err))
-            log(f"  cluster GEMV (BN, CL, TG, RC, D) {cfg}: {us:6.2f} us ({mb * 1e3 / us:4.0f} GB/s), rel err {err:.1e}")
+            log(f"  cluster GEMV (BN, CL, TG, RC, D) {cfg}: {us:6.2f} us ({mb * 1e3 / us:4.0f} GB/s), "
+                f"rel err {err:.1e}")
     save_json(dict(copy_GBs=bw / 1e9, rows=rows), "bench_cluster.json")
 
 

@@ -13,8 +13,9 @@ One cluster = CL CTAs = one column block of BN columns, CTA `rank` taking the ra
 CTA, BN/4 threads side by side each hold 4 columns (one 16-byte load per packed row) and TG rows of them take
 chunks of RC packed rows in turn (Marlin's unpacking with the zero point folded in, half2 sums per chunk, the scale
 applied once per chunk in fp32 -- the arithmetic of `gptq_gemv._int4_word_fma`). Each thread keeps D chunks in
-flight through its own ring of cp.async slots in shared memory. The CTA sums its TG rows through shared memory, the cluster barrier publishes
-each CTA's BN partial sums, and rank r sums columns [r BN/CL, (r+1) BN/CL) over the CL CTAs and writes them.
+flight through its own ring of cp.async slots in shared memory. The CTA sums its TG rows through shared memory, the
+cluster barrier publishes each CTA's BN partial sums, and rank r sums columns [r BN/CL, (r+1) BN/CL) over the CL
+CTAs and writes them.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ __device__ __forceinline__ unsigned word_fma(unsigned w, uint4 x, unsigned zlo, 
   h = hfma2(hfma2(lo_nib(t), c8, zlo), x.z, h);
   return hfma2(hfma2(hi_nib(t), c12, zhi), x.w, h); }
 
-__device__ __forceinline__ unsigned get(const uint4 &v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; }
+__device__ __forceinline__ unsigned get(const uint4 &v, int j) {
+  return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; }
 
 // This CTA's inputs into shared memory as lane pairs, one uint4 per packed row:
 // (x0 x1 | x2 x3 | x4 x5 | x6 x7) -> (x0 x4, x1 x5, x2 x6, x3 x7)
@@ -184,12 +186,6 @@ __launch_bounds__(THREADS) gptq_int4_gemv(const unsigned short *__restrict__ x, 
   finish(acc, red, part, out, tid, tc, tg, rank, nb);
 }
 """
-
-
-def available() -> bool:
-    """NVRTC kernels need a CUDA device of compute capability 9.0+ (clusters) and torch's runtime compiler."""
-    return (torch.cuda.is_available() and hasattr(torch.cuda, "_compile_kernel")
-            and torch.cuda.get_device_capability()[0] >= 9)
 
 
 @functools.lru_cache(maxsize=None)

@@ -60,8 +60,10 @@ if triton is not None:
 
     @triton.jit
     def _write_out(Out, b, hh, d, l_sum, acc, stride_ob, stride_oh):
+        """Heads hh of sequence b from one program's whole softmax state: acc / l_sum."""
         l_sum = tl.where(l_sum > 0, l_sum, 1.0)  # padding rows (ctx_len 0) give zeros, not NaN
-        tl.store(Out + b * stride_ob + hh[:, None] * stride_oh + d[None, :], (acc / l_sum[:, None]).to(Out.dtype.element_ty))
+        tl.store(Out + b * stride_ob + hh[:, None] * stride_oh + d[None, :],
+                 (acc / l_sum[:, None]).to(Out.dtype.element_ty))
 
     @triton.jit
     def _finish(Out, PartM, PartL, PartAcc, Counters, b, hh, sp, d, m, l_sum, acc, n_heads, n_splits, n_used,
