@@ -48,10 +48,10 @@ def gptq_bytes(layer):
 
 
 def sweep_configs(base):
-    """(BLOCK_N = 128 x warps, BLOCK_K, SPLIT_K, warps, stages): smaller K blocks per iteration (a group's rows in
-    1-4 iterations, so less arithmetic waits on the last tile) with deeper pipelines, around the table's setting."""
-    return [base] + [(128 * w, bk, sk, w, st) for bk in (32, 64, 128) for sk in (8, 16) for w in (2, 4)
-                     for st in (2, 4)]
+    """(BLOCK_N = 128 x warps, BLOCK_K, programs per SM, warps, stages) around the default: wider or narrower
+    column blocks, a group's rows in 1 or 2 tiles, 1-3 programs per SM, deeper pipelines."""
+    return [base] + [(128 * w, bk, per_sm, w, st) for bk in (64, 128) for per_sm in (1, 2, 3) for w in (2, 4, 8)
+                     for st in (3, 4) if not (w == 8 and per_sm == 3)]
 
 
 def per_linear(bw, sweep=False):
@@ -74,8 +74,8 @@ def per_linear(bw, sweep=False):
         inp = x if k == H else xf
         plain = graph_us(lambda l: l(inp[None]), layers)
         base = fused_config(n, k)
-        configs = [base, (base[0], base[1], base[2] * 2, base[3], base[4]), (base[0], base[1], max(2, base[2] // 2),
-                   base[3], base[4]), (256, 128, base[2], 2, 2)]
+        configs = [base, (base[0], base[1], 1, base[3], base[4]), (base[0], 128, base[2], base[3], 2),
+                   (256, base[1], base[2], 2, base[4])]
         if sweep:
             configs = sweep_configs(base)
         src = xf if k == FFN else x

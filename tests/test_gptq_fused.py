@@ -78,11 +78,13 @@ with torch.no_grad():
                                                                                  None))[0, 0].float()
     assert (out2 - ref2).abs().max().item() <= 4e-3 and (ref2 - ref).abs().max().item() > 0.05
 
-# single fused GEMVs against the dequantized definition, with several splits: gate_up's up * silu(gate) epilogue
-# (bias included), and the residual add with fp16 inputs read in place or bf16 ones copied to the fp16 row
+# single fused GEMVs against the dequantized definition, with several stream-K grids (BLOCK_N, BLOCK_K, programs):
+# runs of work units that end inside a column block, span several, or complete one on another program's segment;
+# gate_up's up * silu(gate) epilogue (bias included), and the residual add with fp16 inputs read in place or bf16
+# ones copied to the fp16 row
 gate_up, c_proj = model.transformer.h[0].mlp.gate_up, model.transformer.h[0].mlp.c_proj
 x = torch.randn(256).half()
-for config in ((128, 128, 2, 1, 1), (256, 64, 3, 2, 2)):
+for config in ((128, 128, 2, 1, 1), (256, 64, 3, 2, 2), (128, 64, 5, 1, 2), (128, 32, 7, 1, 1)):
     y = (x.float() @ gate_up.dequantized_weight() + gate_up.bias.float()).half().float()
     up, gate = y.split(384)
     want = (up * torch.nn.functional.silu(gate).half().float()).half().float()
@@ -100,6 +102,7 @@ for config in ((128, 128, 2, 1, 1), (256, 64, 3, 2, 2)):
         gptq_gemv.GEMV_CONFIGS[(4, 256, 384)] = (128, 128, 2, 1, 1, 4)
         ref = (act.half().float() @ c_proj.dequantized_weight() + c_proj.bias.float()).to(dtype).float()
         assert (c_proj(act[None]).float() - ref).abs().max().item() <= tol, dtype
+    assert all(not w.any() and not c.any() for w, c in ws), config  # left zeroed for the next call
 print("ok")
 '''
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
