@@ -44,6 +44,16 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if triton is not None:
 
     @triton.jit
+    def _columns(cb, lane, N, FFN, BLOCK_N: tl.constexpr, GLU: tl.constexpr):
+        """Column block cb's output columns, their mask, and (GLU) the features they hold: [up | gate] of width FFN,
+        BLOCK_N/2 of each, the same features."""
+        if GLU:
+            feat = cb * (BLOCK_N // 2) + lane % (BLOCK_N // 2)
+            return tl.where(lane < BLOCK_N // 2, feat, FFN + feat), feat < FFN, feat
+        offs_n = cb * BLOCK_N + lane
+        return offs_n, offs_n < N, offs_n
+
+    @triton.jit
     def _fused_int4_kernel(x_ptr, nw_ptr, xs_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
                            res_ptr, cos_ptr, sin_ptr, qsc_ptr, N, K, FFN, eps, NBLK, P,
                            GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -63,18 +73,19 @@ if triton is not None:
         if PRO == 0:  # fp16 inputs, read where they are
             x32 = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
         else:  # the inputs of this program's K tiles, as the network computes them, into an fp16 scratch row
-            if PRO == 1:
-                ka = tl.arange(0, K_POW2)
-                xa = tl.load(x_ptr + ka, mask=ka < K, other=0.0).to(tl.float32)
-                inv = 1.0 / tl.sqrt(tl.sum(xa * xa, 0) / K + eps)
-            for j in range(0, tl.minimum(end - start, KT)):
-                kb = ((start + j) % KT) * BLOCK_K + tl.arange(0, BLOCK_K)
-                if PRO == 1:  # RMSNorm: normalise in fp32, round, scale by the weight in the model dtype
-                    xn = (tl.load(x_ptr + kb).to(tl.float32) * inv).to(DT).to(tl.float32)
-                    v = (xn * tl.load(nw_ptr + kb).to(tl.float32)).to(DT)
-                else:
-                    v = tl.load(x_ptr + kb)
-                tl.store(xs_ptr + kb, v.to(tl.float16))
+            # the first weight tile streams in while the row is built
+            offs0, mask0, _ = _columns(start // KT, lane, N, FFN, BLOCK_N, GLU)
+            qw0, s0, zlo0, zhi0 = _w_tile(qw_ptr, qz_ptr, s_ptr, start % KT, rows, offs0, mask0, N, ROWS, SUB)
+            ka = tl.arange(0, K_POW2)
+            xa = tl.load(x_ptr + ka, mask=ka < K, other=0.0)
+            if PRO == 1:  # RMSNorm: normalise in fp32, round, scale by the weight in the model dtype
+                xf = xa.to(tl.float32)
+                inv = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / K + eps)
+                nw = tl.load(nw_ptr + ka, mask=ka < K, other=0.0).to(tl.float32)
+                xa = ((xf * inv).to(DT).to(tl.float32) * nw).to(DT)
+            # the K tiles of this program's run, from its first (a run of KT or more covers the row)
+            need = ((ka // BLOCK_K - start % KT + KT) % KT) < tl.minimum(end - start, KT)
+            tl.store(xs_ptr + ka, xa.to(tl.float16), mask=(ka < K) & need)
             tl.debug_barrier()  # the scratch row is written before any thread of this program reads it
             x32 = xs_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
         t = start
@@ -82,14 +93,7 @@ if triton is not None:
             cb = t // KT
             k0 = t - cb * KT
             k1 = tl.minimum(KT, end - cb * KT)
-            if GLU:  # columns [up | gate] of width FFN: a block takes BLOCK_N/2 of each, the same features
-                HALF: tl.constexpr = BLOCK_N // 2
-                feat = cb * HALF + lane % HALF
-                offs_n = tl.where(lane < HALF, feat, FFN + feat)
-                n_mask = feat < FFN
-            else:
-                offs_n = cb * BLOCK_N + lane
-                n_mask = offs_n < N
+            offs_n, n_mask, feat = _columns(cb, lane, N, FFN, BLOCK_N, GLU)
             # The epilogue's operands are loaded now, while the weights stream: only the program completing the
             # column block uses them, but it no longer waits on these loads at the end.
             if HAS_BIAS:
@@ -103,7 +107,12 @@ if triton is not None:
                 if LOGN:
                     qs = tl.load(qsc_ptr + offs_n * 0).to(DT).to(tl.float32)
             acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for it in tl.range(k0, k1, num_stages=STAGES):
+            k_loop = k0
+            if PRO != 0:
+                if t == start:  # the tile loaded before the prologue
+                    acc = _w_dot(qw0, s0, zlo0, zhi0, x32, k0, rows, ROWS, ASM, False)
+                    k_loop = k0 + 1
+            for it in tl.range(k_loop, k1, num_stages=STAGES):
                 qw, s, zlo, zhi = _w_tile(qw_ptr, qz_ptr, s_ptr, it, rows, offs_n, n_mask, N, ROWS, SUB)
                 acc += _w_dot(qw, s, zlo, zhi, x32, it, rows, ROWS, ASM, False)
             if HAS_BIAS:
@@ -125,12 +134,12 @@ if triton is not None:
                 out_n = offs_n
                 keep = n_mask
                 if GLU:  # w1(x) * silu(w2(x)): the up lanes take their gate from the other half of the block
-                    gate = tl.atomic_add(ws_ptr + offs_n + FFN, zero, mask=n_mask & (lane < HALF))
+                    gate = tl.atomic_add(ws_ptr + offs_n + FFN, zero, mask=n_mask & (lane < BLOCK_N // 2))
                     gate = gate.to(DT).to(tl.float32)
                     act = (gate / (1.0 + tl.exp(-gate))).to(DT).to(tl.float32)
                     y = y * act
                     out_n = feat
-                    keep = n_mask & (lane < HALF)
+                    keep = n_mask & (lane < BLOCK_N // 2)
                 if ROPE_N > 0:  # rotate-half RoPE over whole heads: the partner column is in this block
                     first = d < HEAD // 2
                     partner = tl.where(first, offs_n + HEAD // 2, offs_n - HEAD // 2)
