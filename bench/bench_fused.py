@@ -173,17 +173,49 @@ def profile_decode(kind):
     torch.cuda.empty_cache()
 
 
+def ablate(bw):
+    """What each piece of fused work costs: c_attn and gate_up with the prologue (RMSNorm, or a bf16 input
+    converted to the fp16 row), the bias and the RoPE / SiLU epilogues switched on one at a time."""
+    x = torch.randn(H, device="cuda", dtype=torch.float16)
+    nw = torch.ones(H, device="cuda", dtype=torch.float16)
+    cos, sin = torch.rand(HEAD, device="cuda"), torch.rand(HEAD, device="cuda")
+    rope = (cos, sin, torch.ones(1, device="cuda"), 2 * H, H, HEAD)
+    norm = dict(norm_weight=nw, eps=1e-6)
+    cases = {"c_attn": (3 * H, [("fp16 x", False, {}), ("bf16 x", False, "bf16"), ("norm", False, norm),
+                                ("bias", True, {}), ("rope", False, dict(rope=rope)),
+                                ("norm bias rope", True, dict(norm, rope=rope))]),
+             "gate_up": (2 * FFN, [("glu", False, dict(glu=FFN)), ("norm glu", False, dict(norm, glu=FFN))])}
+    rows = []
+    for name, (n, variants) in cases.items():
+        for bias in (False, True):
+            layers = [layer_of(H, n, bias) for _ in range(LAYERS)]
+            mb = gptq_bytes(layers[0]) / 1e6
+            for label, want_bias, kw in variants:
+                if want_bias != bias:
+                    continue
+                src = x.bfloat16() if kw == "bf16" else x
+                kw = {} if kw == "bf16" else kw
+                us = graph_us(lambda l: fused_int4_gemv(src, l, **kw), layers)
+                rows.append(dict(linear=name, work=label, us=round(us, 2), bound_us=round(mb * 1e12 / bw, 2)))
+                log(f"{name:8s} {label:16s} {us:6.2f} us (copy bound {mb * 1e12 / bw:5.2f} us)")
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--profile", default="", help="kinds to profile in the engine (int4, int4-unfused, int4-fence)")
     ap.add_argument("--skip-linear", action="store_true")
     ap.add_argument("--attention-only", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="per linear: the fused kernel at `sweep_configs` settings")
+    ap.add_argument("--ablate", action="store_true", help="c_attn / gate_up with each piece of fused work alone")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
     bw = copy_bandwidth("cuda")
     log(f"copy bandwidth {bw / 1e9:.0f} GB/s")
     out = {}
+    if args.ablate:
+        out["ablate"] = ablate(bw)
+        args.skip_linear = True
     if not args.skip_linear and not args.attention_only:
         out["per_linear"] = per_linear(bw, args.sweep)
     if not args.skip_linear and not args.sweep:

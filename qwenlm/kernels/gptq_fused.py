@@ -54,6 +54,14 @@ if triton is not None:
         return offs_n, offs_n < N, offs_n
 
     @triton.jit
+    def _read_sum(ptr, mask, ASM: tl.constexpr):
+        """A float32 sum of the workspace, read at L2 (an atomic add of zero)."""
+        zero = tl.zeros(ptr.shape, dtype=tl.float32)
+        if ASM:
+            return tl.atomic_add(ptr, zero, mask=mask, sem="relaxed")
+        return tl.atomic_add(ptr, zero, mask=mask)
+
+    @triton.jit
     def _fused_int4_kernel(x_ptr, nw_ptr, xs_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
                            res_ptr, cos_ptr, sin_ptr, qsc_ptr, N, K, FFN, eps, NBLK, P,
                            GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -73,9 +81,13 @@ if triton is not None:
         if PRO == 0:  # fp16 inputs, read where they are
             x32 = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
         else:  # the inputs of this program's K tiles, as the network computes them, into an fp16 scratch row
-            # the first weight tile streams in while the row is built
+            # the first two weight tiles stream in while the row is built (the second only used if the first
+            # segment has it)
             offs0, mask0, _ = _columns(start // KT, lane, N, FFN, BLOCK_N, GLU)
+            first_len = tl.minimum(KT - start % KT, end - start)
             qw0, s0, zlo0, zhi0 = _w_tile(qw_ptr, qz_ptr, s_ptr, start % KT, rows, offs0, mask0, N, ROWS, SUB)
+            qw1, s1, zlo1, zhi1 = _w_tile(qw_ptr, qz_ptr, s_ptr, tl.minimum(start % KT + 1, KT - 1), rows, offs0,
+                                          mask0, N, ROWS, SUB)
             ka = tl.arange(0, K_POW2)
             xa = tl.load(x_ptr + ka, mask=ka < K, other=0.0)
             if PRO == 1:  # RMSNorm: normalise in fp32, round, scale by the weight in the model dtype
@@ -109,9 +121,12 @@ if triton is not None:
             acc = tl.zeros([BLOCK_N], dtype=tl.float32)
             k_loop = k0
             if PRO != 0:
-                if t == start:  # the tile loaded before the prologue
+                if t == start:  # the tiles loaded before the prologue
                     acc = _w_dot(qw0, s0, zlo0, zhi0, x32, k0, rows, ROWS, ASM, False)
                     k_loop = k0 + 1
+                    if first_len > 1:
+                        acc += _w_dot(qw1, s1, zlo1, zhi1, x32, k0 + 1, rows, ROWS, ASM, False)
+                        k_loop = k0 + 2
             for it in tl.range(k_loop, k1, num_stages=STAGES):
                 qw, s, zlo, zhi = _w_tile(qw_ptr, qz_ptr, s_ptr, it, rows, offs_n, n_mask, N, ROWS, SUB)
                 acc += _w_dot(qw, s, zlo, zhi, x32, it, rows, ROWS, ASM, False)
@@ -129,12 +144,14 @@ if triton is not None:
             tl.debug_barrier()
             arrived = tl.atomic_add(cnt_ptr + cb, k1 - k0)  # acq_rel, gpu scope
             if arrived + (k1 - k0) == KT:  # this segment completes the column block
+                # The sums are read with relaxed atomics (the counter's acquire orders them after every partial
+                # sum; relaxed, they need not wait on each other): the linear's output, gate, RoPE partner.
                 zero = tl.zeros([BLOCK_N], dtype=tl.float32)
-                y = tl.atomic_add(ws_ptr + offs_n, zero, mask=n_mask).to(DT).to(tl.float32)  # the linear's output
+                y = _read_sum(ws_ptr + offs_n, n_mask, ASM).to(DT).to(tl.float32)
                 out_n = offs_n
                 keep = n_mask
                 if GLU:  # w1(x) * silu(w2(x)): the up lanes take their gate from the other half of the block
-                    gate = tl.atomic_add(ws_ptr + offs_n + FFN, zero, mask=n_mask & (lane < BLOCK_N // 2))
+                    gate = _read_sum(ws_ptr + offs_n + FFN, n_mask & (lane < BLOCK_N // 2), ASM)
                     gate = gate.to(DT).to(tl.float32)
                     act = (gate / (1.0 + tl.exp(-gate))).to(DT).to(tl.float32)
                     y = y * act
@@ -143,7 +160,7 @@ if triton is not None:
                 if ROPE_N > 0:  # rotate-half RoPE over whole heads: the partner column is in this block
                     first = d < HEAD // 2
                     partner = tl.where(first, offs_n + HEAD // 2, offs_n - HEAD // 2)
-                    pt = tl.atomic_add(ws_ptr + partner, zero, mask=n_mask).to(DT).to(tl.float32)
+                    pt = _read_sum(ws_ptr + partner, n_mask, ASM).to(DT).to(tl.float32)
                     rot = tl.where(first, -pt, pt)
                     roped = (y * cos + rot * sin).to(DT).to(tl.float32)
                     if LOGN:
