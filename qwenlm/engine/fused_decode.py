@@ -49,31 +49,21 @@ class FusedInt4Blocks:
 
     def __init__(self, model):
         self.model = model
-        # The sums of squares of each block's ln_1 and ln_2 inputs [layer, 2], added up by the GEMV writing x (its
-        # residual add) and read by the next, which so skips summing the row in every program. Each is set back to
-        # zero by the GEMV after its reader (ln_1's of layer 0 is unused: the embedding is not written by a GEMV).
-        self.ssq = torch.zeros(len(model.transformer.h), 2, device=model.transformer.ln_f.weight.device,
-                               dtype=torch.float32)
 
     def __call__(self, ctx, x, cos, sin, q_scale) -> torch.Tensor:
         H = x.shape[-1]
         x = x.reshape(H)
         cos, sin = cos.reshape(-1), sin.reshape(-1)
         qs = q_scale.reshape(1) if q_scale is not None else None
-        blocks = self.model.transformer.h
-        for i, block in enumerate(blocks):
+        for block in self.model.transformer.h:
             attn, mlp = block.attn, block.mlp
             proj = attn.num_heads * attn.head_dim
-            ssq1, ssq2 = self.ssq[i, 0:1], self.ssq[i, 1:2]
             qkv = fused_int4_gemv(x, attn.c_attn, norm_weight=block.ln_1.weight, eps=block.ln_1.eps,
-                                  rope=(cos, sin, qs, 2 * proj, proj, attn.head_dim), ssq=ssq1 if i else None)
+                                  rope=(cos, sin, qs, 2 * proj, proj, attn.head_dim))
             q, k, v = qkv.view(1, 1, 3, attn.num_heads, attn.head_dim).unbind(2)
             out = ctx.attend(attn.layer_idx, q, k, v)
-            x = fused_int4_gemv(out.reshape(-1), attn.c_proj, residual=x, ssq_out=ssq2,
-                                ssq_zero=ssq1 if i else None).view(H)
+            x = fused_int4_gemv(out.reshape(-1), attn.c_proj, residual=x).view(H)
             act = fused_int4_gemv(x, mlp.gate_up, norm_weight=block.ln_2.weight, eps=block.ln_2.eps,
-                                  glu=mlp.ffn_dim, ssq=ssq2)
-            last = i == len(blocks) - 1
-            x = fused_int4_gemv(act, mlp.c_proj, residual=x, ssq_out=None if last else self.ssq[i + 1, 0:1],
-                                ssq_zero=ssq2).view(H)
+                                  glu=mlp.ffn_dim)
+            x = fused_int4_gemv(act, mlp.c_proj, residual=x).view(H)
         return x.view(1, 1, H)

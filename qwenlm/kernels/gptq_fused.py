@@ -63,12 +63,12 @@ if triton is not None:
 
     @triton.jit
     def _fused_int4_kernel(x_ptr, nw_ptr, xs_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
-                           res_ptr, cos_ptr, sin_ptr, qsc_ptr, ssq_ptr, ssq_zero_ptr, N, K, FFN, eps, NBLK, P,
+                           res_ptr, cos_ptr, sin_ptr, qsc_ptr, N, K, FFN, eps, NBLK, P,
                            GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PRO: tl.constexpr,
                            K_POW2: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr, ROPE_N: tl.constexpr,
                            Q_N: tl.constexpr, LOGN: tl.constexpr, HEAD: tl.constexpr, ASM: tl.constexpr,
-                           FENCE: tl.constexpr, SSQ_OUT: tl.constexpr, SSQ_ZERO: tl.constexpr):
+                           FENCE: tl.constexpr):
         ROWS: tl.constexpr = BLOCK_K // 8
         SUB: tl.constexpr = GROUP // BLOCK_K
         DT = out_ptr.dtype.element_ty  # the model dtype
@@ -78,9 +78,6 @@ if triton is not None:
         end = (pid + 1) * (NBLK * KT) // P
         lane = tl.arange(0, BLOCK_N)
         rows = tl.arange(0, ROWS)[:, None]
-        if SSQ_ZERO:  # re-arm the sum of squares the previous GEMV read (it has finished)
-            if pid == 0:
-                tl.store(ssq_zero_ptr, 0.0)
         if PRO == 0:  # fp16 inputs, read where they are
             x32 = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
         else:  # the inputs of this program's K tiles, as the network computes them, into an fp16 scratch row
@@ -93,12 +90,9 @@ if triton is not None:
                                           mask0, N, ROWS, SUB)
             ka = tl.arange(0, K_POW2)
             xa = tl.load(x_ptr + ka, mask=ka < K, other=0.0)
-            if PRO == 1 or PRO == 3:  # RMSNorm: normalise in fp32, round, scale by the weight in the model dtype
+            if PRO == 1:  # RMSNorm: normalise in fp32, round, scale by the weight in the model dtype
                 xf = xa.to(tl.float32)
-                if PRO == 1:
-                    inv = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / K + eps)
-                else:  # the sum of squares the kernel writing x added up
-                    inv = 1.0 / tl.sqrt(tl.load(ssq_ptr) / K + eps)
+                inv = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / K + eps)
                 nw = tl.load(nw_ptr + ka, mask=ka < K, other=0.0).to(tl.float32)
                 xa = ((xf * inv).to(DT).to(tl.float32) * nw).to(DT)
             # the K tiles of this program's run, from its first (a run of KT or more covers the row)
@@ -175,9 +169,6 @@ if triton is not None:
                 if RES:
                     y = y + res
                 tl.store(out_ptr + out_n, y.to(DT), mask=keep)
-                if SSQ_OUT:  # this block's share of the next RMSNorm's sum of squares, of x as stored
-                    yr = tl.where(keep, y.to(DT).to(tl.float32), 0.0)
-                    tl.atomic_add(ssq_ptr, tl.sum(yr * yr, 0))
                 tl.debug_barrier()  # every partner read is done before the workspace is re-armed
                 tl.store(ws_ptr + offs_n, zero, mask=n_mask)
                 tl.store(cnt_ptr + cb, 0)
@@ -214,16 +205,12 @@ def _sm_count(device: torch.device) -> int:
 
 
 def fused_int4_gemv(x: torch.Tensor, layer, *, norm_weight=None, eps: float = 0.0, glu: int = 0,
-                    residual=None, rope=None, ssq=None, ssq_out=None, ssq_zero=None,
-                    config: tuple | None = None) -> torch.Tensor:
+                    residual=None, rope=None, config: tuple | None = None) -> torch.Tensor:
     """[K] -> [1, N] in x's dtype through an Int4 GPTQLinear (`fusable`):
-      norm_weight: the input is RMSNorm(x) * norm_weight (eps), else x itself; ssq: float32 [1] holding the sum
-      of squares of x (from the ssq_out of the call that wrote x), else every program sums the row itself;
+      norm_weight: the input is RMSNorm(x) * norm_weight (eps), else x itself;
       glu=F: the layer's outputs are [up | gate] of F each and the result is up * silu(gate), [1, F];
       residual: + residual [N];  rope=(cos [HEAD], sin [HEAD], q_scale or None, rope_n, q_n, head): RoPE on the
-      columns < rope_n in heads of `head`, and the LogN scale on the columns < q_n;
-      ssq_out: float32 [1] at zero, to which the sum of squares of the output is added (with residual);
-      ssq_zero: float32 [1] set to zero as the kernel starts (a sum the previous call has read)."""
+      columns < rope_n in heads of `head`, and the LogN scale on the columns < q_n."""
     K, N = layer.in_features, layer.out_features
     block_n, block_k, per_sm, warps, stages = config or fused_config(N, K)
     while glu and glu % (block_n // 2) and warps > 1:  # gate_up's blocks: whole halves of up and gate
@@ -232,13 +219,11 @@ def fused_int4_gemv(x: torch.Tensor, layer, *, norm_weight=None, eps: float = 0.
     block_k = 1 << (max(8, min(block_k, g)).bit_length() - 1)
     assert block_n == 128 * warps and fusable(layer), "fused_int4_gemv: see fusable() and BLOCK_N = 128 x warps"
     assert not glu or (N == 2 * glu and glu % (block_n // 2) == 0), "glu: N = 2F, F a multiple of 64"
-    assert ssq is None or ssq_out is None, "ssq (read) and ssq_out (written) share the kernel's pointer"
     x = x.reshape(-1)
     assert x.is_contiguous() and x.numel() == K
     out = torch.empty((1, glu or N), device=x.device, dtype=x.dtype)
-    # prologue: 0 fp16 inputs read in place; 1 RMSNorm into an fp16 scratch row (3: with the sum of squares
-    # given); 2 other dtypes converted into it
-    pro = (3 if ssq is not None else 1) if norm_weight is not None else (0 if x.dtype == torch.float16 else 2)
+    # prologue: 0 fp16 inputs read in place; 1 RMSNorm into an fp16 scratch row; 2 other dtypes converted into it
+    pro = 1 if norm_weight is not None else (0 if x.dtype == torch.float16 else 2)
     scratch = torch.empty(K, device=x.device, dtype=torch.float16) if pro else x
     ws, cnt = layer._workspace
     bias = layer._kernel_bias
@@ -249,7 +234,6 @@ def fused_int4_gemv(x: torch.Tensor, layer, *, norm_weight=None, eps: float = 0.
         cos, sin, q_scale, rope_n, q_n, head = rope
         assert rope_n % head == 0 and block_n % head == 0 and cos.numel() == head and not glu
     assert not (glu and residual is not None), "glu and residual: one epilogue or the other"
-    assert ssq_out is None or residual is not None, "ssq_out: the sum of squares of x + residual"
     any_ptr = layer.scales
     nblk = triton.cdiv(glu, block_n // 2) if glu else triton.cdiv(N, block_n)
     programs = min(nblk * (K // block_k), per_sm * _sm_count(x.device))
@@ -257,11 +241,9 @@ def fused_int4_gemv(x: torch.Tensor, layer, *, norm_weight=None, eps: float = 0.
         x, norm_weight if norm_weight is not None else any_ptr, scratch, layer.qweight, layer.qzeros,
         layer.scales, bias if bias is not None else any_ptr, out, ws, cnt,
         residual if residual is not None else any_ptr, cos if cos is not None else any_ptr,
-        sin if sin is not None else any_ptr, q_scale if q_scale is not None else any_ptr,
-        ssq if ssq is not None else (ssq_out if ssq_out is not None else any_ptr),
-        ssq_zero if ssq_zero is not None else any_ptr, N, K, glu, eps, nblk,
+        sin if sin is not None else any_ptr, q_scale if q_scale is not None else any_ptr, N, K, glu, eps, nblk,
         programs, GROUP=g, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
         PRO=pro, K_POW2=triton.next_power_of_2(K), GLU=glu > 0, RES=residual is not None, ROPE_N=rope_n, Q_N=q_n,
-        LOGN=q_scale is not None, HEAD=head, ASM=not INTERPRET, FENCE=sync.PER_THREAD_FENCE,
-        SSQ_OUT=ssq_out is not None, SSQ_ZERO=ssq_zero is not None, num_warps=warps, num_stages=stages)
+        LOGN=q_scale is not None, HEAD=head, ASM=not INTERPRET, FENCE=sync.PER_THREAD_FENCE, num_warps=warps,
+        num_stages=stages)
     return out
