@@ -39,7 +39,15 @@ if triton is not None:
     from qwenlm.kernels.gptq_gemv import _w_dot, _w_tile
     from qwenlm.kernels.sync import _fence_gpu
 
+    try:  # triton >= 3.4
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    except ImportError:  # pragma: no cover - older triton: PDL off
+        gdc_launch_dependents = gdc_wait = None
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Programmatic dependent launch (sm_90+): QWENLM_PDL=1 launches the fused GEMVs so that the next one starts
+# loading its first weight tiles while the current one finishes.
+PDL = (os.environ.get("QWENLM_PDL") == "1" and triton is not None and not INTERPRET and gdc_wait is not None)
 
 if triton is not None:
 
@@ -68,7 +76,7 @@ if triton is not None:
                            BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PRO: tl.constexpr,
                            K_POW2: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr, ROPE_N: tl.constexpr,
                            Q_N: tl.constexpr, LOGN: tl.constexpr, HEAD: tl.constexpr, ASM: tl.constexpr,
-                           FENCE: tl.constexpr):
+                           FENCE: tl.constexpr, PDL: tl.constexpr):
         ROWS: tl.constexpr = BLOCK_K // 8
         SUB: tl.constexpr = GROUP // BLOCK_K
         DT = out_ptr.dtype.element_ty  # the model dtype
@@ -78,16 +86,20 @@ if triton is not None:
         end = (pid + 1) * (NBLK * KT) // P
         lane = tl.arange(0, BLOCK_N)
         rows = tl.arange(0, ROWS)[:, None]
-        if PRO == 0:  # fp16 inputs, read where they are
-            x32 = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
-        else:  # the inputs of this program's K tiles, as the network computes them, into an fp16 scratch row
-            # the first two weight tiles stream in while the row is built (the second only used if the first
-            # segment has it)
+        PEEL: tl.constexpr = PRO != 0 or PDL
+        if PEEL:  # the first two weight tiles stream in while the input row is built / the kernel before ends
+            # (the second only used if the first segment has it)
             offs0, mask0, _ = _columns(start // KT, lane, N, FFN, BLOCK_N, GLU)
             first_len = tl.minimum(KT - start % KT, end - start)
             qw0, s0, zlo0, zhi0 = _w_tile(qw_ptr, qz_ptr, s_ptr, start % KT, rows, offs0, mask0, N, ROWS, SUB)
             qw1, s1, zlo1, zhi1 = _w_tile(qw_ptr, qz_ptr, s_ptr, tl.minimum(start % KT + 1, KT - 1), rows, offs0,
                                           mask0, N, ROWS, SUB)
+        if PDL:  # weights are never written by a kernel; everything else is read after the kernel before is done
+            gdc_wait()
+            gdc_launch_dependents()
+        if PRO == 0:  # fp16 inputs, read where they are
+            x32 = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+        else:  # the inputs of this program's K tiles, as the network computes them, into an fp16 scratch row
             ka = tl.arange(0, K_POW2)
             xa = tl.load(x_ptr + ka, mask=ka < K, other=0.0)
             if PRO == 1:  # RMSNorm: normalise in fp32, round, scale by the weight in the model dtype
@@ -120,8 +132,8 @@ if triton is not None:
                     qs = tl.load(qsc_ptr + offs_n * 0).to(DT).to(tl.float32)
             acc = tl.zeros([BLOCK_N], dtype=tl.float32)
             k_loop = k0
-            if PRO != 0:
-                if t == start:  # the tiles loaded before the prologue
+            if PEEL:
+                if t == start:  # the tiles loaded first
                     acc = _w_dot(qw0, s0, zlo0, zhi0, x32, k0, rows, ROWS, ASM, False)
                     k_loop = k0 + 1
                     if first_len > 1:
@@ -244,6 +256,6 @@ def fused_int4_gemv(x: torch.Tensor, layer, *, norm_weight=None, eps: float = 0.
         sin if sin is not None else any_ptr, q_scale if q_scale is not None else any_ptr, N, K, glu, eps, nblk,
         programs, GROUP=g, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
         PRO=pro, K_POW2=triton.next_power_of_2(K), GLU=glu > 0, RES=residual is not None, ROPE_N=rope_n, Q_N=q_n,
-        LOGN=q_scale is not None, HEAD=head, ASM=not INTERPRET, FENCE=sync.PER_THREAD_FENCE, num_warps=warps,
-        num_stages=stages)
+        LOGN=q_scale is not None, HEAD=head, ASM=not INTERPRET, FENCE=sync.PER_THREAD_FENCE, PDL=PDL,
+        num_warps=warps, num_stages=stages, **({"launch_pdl": True} if PDL else {}))
     return out
