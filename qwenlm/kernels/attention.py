@@ -41,6 +41,7 @@ from qwenlm.kernels.kv_int8 import dequantize_rows
 if triton is not None:
     from qwenlm.kernels.attention_splits import _finish, _span, _split_reduce_kernel
     from qwenlm.kernels.kv_int8 import _quantize_rows
+    from qwenlm.kernels.sync import _pdl_start
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter cannot run inline PTX
 
@@ -176,14 +177,15 @@ if triton is not None:
                                 PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                                 HEADS: tl.constexpr, KV_INT8: tl.constexpr, FUSED_STORE: tl.constexpr,
                                 SPLIT: tl.constexpr, FUSED_REDUCE: tl.constexpr, MIN_CHUNK: tl.constexpr,
-                                BLOCK_S: tl.constexpr, ASM: tl.constexpr, FENCE: tl.constexpr):
+                                BLOCK_S: tl.constexpr, ASM: tl.constexpr, FENCE: tl.constexpr, PDL: tl.constexpr):
         """Program (sequence b, heads hg*HEADS.., split sp). HEADS adjacent heads share a program: a token's rows
         of those heads are one contiguous HEADS*HEAD_DIM run (and, int8, one run of (scale, zero) pairs).
         SPLIT: the context is cut into num_programs(2) ranges whose partial (max, sum, acc) the last split to
         finish (FUSED_REDUCE) or a second kernel combines (flash-decoding). FUSED_STORE: the new token (position
         ctx_len - 1) comes from Kin / Vin, not from the pool; split 0 writes it into slot Slots[b] (quantized for
         int8) and attends to it as stored, so the store launches disappear and no program reads the slot being
-        written."""
+        written. PDL: waits for the kernel before first (`sync._pdl_start`)."""
+        _pdl_start(PDL)
         b = tl.program_id(0)
         hg = tl.program_id(1)
         sp = tl.program_id(2)
@@ -241,7 +243,8 @@ if triton is not None:
                                  KV_INT8: tl.constexpr, FUSED_STORE: tl.constexpr, SPLIT: tl.constexpr,
                                  OP: tl.constexpr, Q_LO: tl.constexpr, FUSED_REDUCE: tl.constexpr,
                                  MIN_CHUNK: tl.constexpr,
-                                 BLOCK_S: tl.constexpr, ASM: tl.constexpr, FENCE: tl.constexpr):
+                                 BLOCK_S: tl.constexpr, ASM: tl.constexpr, FENCE: tl.constexpr,
+                                 PDL: tl.constexpr):
         """v2's program (sequence b, head h, split sp) with both products on tensor cores: q.K^T as K[BN,D] @
         Q[D,16] and p.V as P[16,BN] @ V[BN,D], where only column / row 0 of the padded operand is nonzero.
         Decode attention stays bound by reading K/V; the point is what the tensor-core path does to that read:
@@ -250,7 +253,8 @@ if triton is not None:
         and reductions leave the CUDA cores. Operands (OP) are in the pool dtype; for int8 pools in the query's
         dtype if bf16 or fp16 (both hold every uint8 exactly), else fp16. A query not exact in OP (Q_LO) and
         the weights p are split into a high and a low part (two products), so the result keeps ~16 bits where
-        one bf16 operand would keep 8."""
+        one bf16 operand would keep 8. PDL: as v2."""
+        _pdl_start(PDL)
         b = tl.program_id(0)
         h = tl.program_id(1)
         sp = tl.program_id(2)
@@ -426,7 +430,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, out=
         PAGE=k_cache.shape[1], HEAD_DIM=D, BLOCK_N=block_n, KV_INT8=int8, FUSED_STORE=fused,
         SPLIT=split, FUSED_REDUCE=fused_reduce, MIN_CHUNK=cfg.min_chunk if fused_reduce else 0,
         BLOCK_S=triton.next_power_of_2(cfg.splits), ASM=not INTERPRET,
-        FENCE=sync.PER_THREAD_FENCE, num_warps=cfg.num_warps, **kw, **extra)
+        FENCE=sync.PER_THREAD_FENCE, PDL=sync.PDL, num_warps=cfg.num_warps, **kw, **extra, **sync.pdl_launch())
     if split and not fused_reduce:
         _split_reduce_kernel[(B, H)](part_m, part_l, part_acc, out, out.stride(0), out.stride(1), cfg.splits,
                                      HEAD_DIM=D, BLOCK_S=triton.next_power_of_2(cfg.splits), num_warps=4)

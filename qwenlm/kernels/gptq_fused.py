@@ -37,17 +37,9 @@ if triton is not None:
     import triton.language as tl
 
     from qwenlm.kernels.gptq_gemv import _w_dot, _w_tile
-    from qwenlm.kernels.sync import _fence_gpu
-
-    try:  # triton >= 3.4
-        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-    except ImportError:  # pragma: no cover - older triton: PDL off
-        gdc_launch_dependents = gdc_wait = None
+    from qwenlm.kernels.sync import _fence_gpu, _pdl_start
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# Programmatic dependent launch (sm_90+): QWENLM_PDL=1 launches the fused GEMVs so that the next one starts
-# loading its first weight tiles while the current one finishes.
-PDL = (os.environ.get("QWENLM_PDL") == "1" and triton is not None and not INTERPRET and gdc_wait is not None)
 
 if triton is not None:
 
@@ -94,9 +86,7 @@ if triton is not None:
             qw0, s0, zlo0, zhi0 = _w_tile(qw_ptr, qz_ptr, s_ptr, start % KT, rows, offs0, mask0, N, ROWS, SUB)
             qw1, s1, zlo1, zhi1 = _w_tile(qw_ptr, qz_ptr, s_ptr, tl.minimum(start % KT + 1, KT - 1), rows, offs0,
                                           mask0, N, ROWS, SUB)
-        if PDL:  # weights are never written by a kernel; everything else is read after the kernel before is done
-            gdc_wait()
-            gdc_launch_dependents()
+        _pdl_start(PDL)  # weights are never written by a kernel; everything else is read after this
         if PRO == 0:  # fp16 inputs, read where they are
             x32 = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
         else:  # the inputs of this program's K tiles, as the network computes them, into an fp16 scratch row
@@ -256,6 +246,6 @@ def fused_int4_gemv(x: torch.Tensor, layer, *, norm_weight=None, eps: float = 0.
         sin if sin is not None else any_ptr, q_scale if q_scale is not None else any_ptr, N, K, glu, eps, nblk,
         programs, GROUP=g, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
         PRO=pro, K_POW2=triton.next_power_of_2(K), GLU=glu > 0, RES=residual is not None, ROPE_N=rope_n, Q_N=q_n,
-        LOGN=q_scale is not None, HEAD=head, ASM=not INTERPRET, FENCE=sync.PER_THREAD_FENCE, PDL=PDL,
-        num_warps=warps, num_stages=stages, **({"launch_pdl": True} if PDL else {}))
+        LOGN=q_scale is not None, HEAD=head, ASM=not INTERPRET, FENCE=sync.PER_THREAD_FENCE, PDL=sync.PDL,
+        num_warps=warps, num_stages=stages, **sync.pdl_launch())
     return out

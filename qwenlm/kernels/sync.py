@@ -1,12 +1,32 @@
-"""Memory-ordering helpers shared by the Triton kernels that finish a reduction in the last program to arrive."""
+"""Memory-ordering helpers shared by the Triton kernels that finish a reduction in the last program to arrive, and
+programmatic dependent launch."""
 
 from __future__ import annotations
+
+import os
 
 try:
     import triton
     import triton.language as tl
 except ImportError:  # CPU-only installs
     triton = None
+
+try:  # triton >= 3.4
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - older triton or none: PDL off
+    gdc_launch_dependents = gdc_wait = None
+
+# Programmatic dependent launch (sm_90+), QWENLM_PDL=1: the batch-1 Int4 GEMVs and the decode attention are launched
+# so that each may start while the kernel before it ends. A kernel loads only weights (never written by a kernel)
+# before `gdc_wait`, which returns once the kernel before has finished and its writes are visible, and lets the
+# next one launch right after. The interpreter runs none of it.
+PDL = (os.environ.get("QWENLM_PDL") == "1" and triton is not None and gdc_wait is not None
+       and os.environ.get("TRITON_INTERPRET") != "1")
+
+
+def pdl_launch() -> dict:
+    """The launch option of a kernel taking PDL=PDL."""
+    return {"launch_pdl": True} if PDL else {}
 
 # Whether the last-arriving-program reductions (split-K GEMVs, split decode attention) fence in every thread before
 # the arrival count. Off: the order comes from the CTA barrier plus the count's release by the one thread that
@@ -23,3 +43,11 @@ if triton is not None:
         kernel source: torch.compile re-embeds it in a string literal, where they would be decoded."""
         tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.b32 $0, $1;", "=r,r", [tl.zeros([1], dtype=tl.int32)],
                                   dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
+    def _pdl_start(PDL: tl.constexpr):
+        """With PDL: wait for the kernel before (everything it and earlier ones wrote is visible after this) and let
+        the next kernel launch."""
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
