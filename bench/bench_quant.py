@@ -362,6 +362,7 @@ def save():
 
 
 FENCE0 = ksync.PER_THREAD_FENCE
+PDL0 = ksync.PDL_ENABLED
 
 
 def build_model(cfg, kind, device, dtype):
@@ -514,6 +515,41 @@ def check_fused_int4(cfg, device):
     log(f"fused Int4 step vs model step: max |diff| {errs} (|ref| max {ref.abs().max().item():.3f}, tol {tol:.4f})")
     assert all(e <= tol for e in errs.values()), errs
     RESULTS["fused_int4_check"] = errs
+
+
+def check_pdl_tokens(cfg, device):
+    """Programmatic dependent launch (qwenlm.kernels.sync.pdl) changes when kernels start, never what they read:
+    greedy decoding through the engine's CUDA-graph decode (fused Int4 GEMVs, paged attention) on 2 layers at the
+    real shape, 3 prompts of 96 new tokens, with PDL, without, and without again. Split-K sums land in any order,
+    so two runs may part where two logits tie within fp32 rounding; up to there, the chosen tokens' logprobs
+    must agree as closely with PDL as between the runs without."""
+    model = build_model(dataclasses.replace(cfg, num_hidden_layers=2), "int4", device, torch.float16)
+    prompts = prompts_of(3, 24, cfg.vocab_size, 11)
+    params = SamplingParams(temperature=0, max_tokens=96, ignore_eos=True, logprobs=True)
+    runs = []
+    for on in (True, False, False):
+        ksync.PDL_ENABLED = on
+        engine = LLMEngine(model, None, EngineConfig(num_blocks=64, block_size=16, max_num_seqs=1,
+                                                     cuda_graph_batch_sizes=[1], compile_decode=True))
+        runs.append([o.outputs[0] for o in engine.generate(prompts, params)])
+        del engine
+    ksync.PDL_ENABLED = PDL0
+
+    def agree(a, b):
+        """(tokens equal before the first difference, of all; max |logprob diff| over those)"""
+        same, diff = 0, 0.0
+        for x, y in zip(a, b):
+            n = next((i for i, (s, t) in enumerate(zip(x.token_ids, y.token_ids)) if s != t), len(x.token_ids))
+            same += n
+            diff = max([diff] + [abs(p - q) for p, q in zip(x.logprobs[:n], y.logprobs[:n])])
+        return same, sum(len(x.token_ids) for x in a), diff
+
+    pdl, base = agree(runs[0], runs[1]), agree(runs[1], runs[2])
+    log(f"engine greedy decode, PDL on vs off: {pdl[0]}/{pdl[1]} tokens before a difference, logprobs within "
+        f"{pdl[2]:.2e}; off vs off: {base[0]}/{base[1]}, within {base[2]:.2e} "
+        f"(PDL used: {ksync.pdl(torch.device(device))})")
+    RESULTS["pdl_check"] = dict(on_vs_off=pdl, off_vs_off=base)
+    assert pdl[2] <= max(4 * base[2], 1e-2) and pdl[0] >= min(base[0], 48), (pdl, base)
 
 
 def kv_cache_runs(cfg, device, dtype, bw, args):
@@ -706,6 +742,7 @@ def main():
         section("kernel_checks", check_kernels_on_gpu, device)
         section("act_order", check_act_order)
         section("fused_int4", check_fused_int4, cfg, device)
+        section("pdl_tokens", check_pdl_tokens, cfg, device)
         if args.tune:
             section("gemv_tune", tune_table)
         if not args.skip_linear:

@@ -430,7 +430,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, out=
         PAGE=k_cache.shape[1], HEAD_DIM=D, BLOCK_N=block_n, KV_INT8=int8, FUSED_STORE=fused,
         SPLIT=split, FUSED_REDUCE=fused_reduce, MIN_CHUNK=cfg.min_chunk if fused_reduce else 0,
         BLOCK_S=triton.next_power_of_2(cfg.splits), ASM=not INTERPRET,
-        FENCE=sync.PER_THREAD_FENCE, PDL=sync.PDL, num_warps=cfg.num_warps, **kw, **extra, **sync.pdl_launch())
+        FENCE=sync.PER_THREAD_FENCE, PDL=sync.pdl(q.device), num_warps=cfg.num_warps, **kw, **extra,
+        **sync.pdl_launch(q.device))
     if split and not fused_reduce:
         _split_reduce_kernel[(B, H)](part_m, part_l, part_acc, out, out.stride(0), out.stride(1), cfg.splits,
                                      HEAD_DIM=D, BLOCK_S=triton.next_power_of_2(cfg.splits), num_warps=4)

@@ -6,17 +6,20 @@ whole group per thread, half2 unpacking) on a stream-K grid: a fixed number of p
 equal run of consecutive (column block, K tile) work units, pipelined, and add their partial sums into a float32
 workspace once per column block they touch. v4's grid of a program per (column block, K split) gives each program
 2 tiles at the Qwen-7B shapes, so all of them load, then all compute; here the unpacking overlaps the next
-tiles' loads (6.5% less time per layer, docs/benchmarks.md quantization run 12). Fused in:
+tiles' loads (4% more tok/s through the engine, docs/benchmarks.md quantization run 12). Fused in:
 - RMSNorm on the input (ln_1 / ln_2 before c_attn / gate_up): each program normalises the inputs of its own K
-  tiles into an fp16 scratch row (programs sharing a K tile write the same values there);
+  tiles into an fp16 scratch row (programs sharing a K tile write the same values there), its first two
+  weight tiles already loading;
 - an epilogue run by the program that completes a column block's K tiles: bias; NeoX RoPE on the q and k
   columns (a head's partner column lies in the same block) and the LogN query scale; up * silu(gate) for
   gate_up, whose column blocks take matching halves of up and gate, so the MLP's c_proj reads the activation
-  as it is; or the residual add;
-- the epilogue's operands loaded as a column block starts, while the weights stream.
-Measured and not kept (docs/benchmarks.md, quantization run 8): programmatic dependent launch (each GEMV
-loading its first weight tile before waiting for the kernel before it), 0-20% slower through the engine, and an
-L2 prefetch of the next GEMV's first weights, 7% slower.
+  as it is; or the residual add. The sums are read with relaxed atomics, all at once;
+- the epilogue's operands loaded as a column block starts, while the weights stream;
+- programmatic dependent launch on sm_90+ (`sync.pdl`): the first two weight tiles are loaded before waiting
+  for the kernel before.
+Measured and not kept (docs/benchmarks.md): an L2 prefetch of the next GEMV's first weights, 7% slower (run 8);
+the next RMSNorm's sum of squares added up by the GEMV writing x, ~1 µs less per norm alone, nothing measurable
+through the engine (run 12).
 
 Every intermediate is rounded to the model dtype where the network rounds it (qwenlm/model/qwen.py: RMSNorm,
 the linear's output, apply_rope, q * q_scale, x + out, w1(x) * silu(w2(x))), so the result is the unfused
@@ -246,6 +249,6 @@ def fused_int4_gemv(x: torch.Tensor, layer, *, norm_weight=None, eps: float = 0.
         sin if sin is not None else any_ptr, q_scale if q_scale is not None else any_ptr, N, K, glu, eps, nblk,
         programs, GROUP=g, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
         PRO=pro, K_POW2=triton.next_power_of_2(K), GLU=glu > 0, RES=residual is not None, ROPE_N=rope_n, Q_N=q_n,
-        LOGN=q_scale is not None, HEAD=head, ASM=not INTERPRET, FENCE=sync.PER_THREAD_FENCE, PDL=sync.PDL,
-        num_warps=warps, num_stages=stages, **sync.pdl_launch())
+        LOGN=q_scale is not None, HEAD=head, ASM=not INTERPRET, FENCE=sync.PER_THREAD_FENCE, PDL=sync.pdl(x.device),
+        num_warps=warps, num_stages=stages, **sync.pdl_launch(x.device))
     return out

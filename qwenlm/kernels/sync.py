@@ -3,7 +3,10 @@ programmatic dependent launch."""
 
 from __future__ import annotations
 
+import functools
 import os
+
+import torch
 
 try:
     import triton
@@ -16,24 +19,29 @@ try:  # triton >= 3.4
 except ImportError:  # pragma: no cover - older triton or none: PDL off
     gdc_launch_dependents = gdc_wait = None
 
-# Programmatic dependent launch (sm_90+), QWENLM_PDL=1: the batch-1 Int4 GEMVs and the decode attention are launched
-# so that each may start while the kernel before it ends. A kernel loads only weights (never written by a kernel)
-# before `gdc_wait`, which returns once the kernel before has finished and its writes are visible, and lets the
-# next one launch right after. The interpreter runs none of it.
-PDL = (os.environ.get("QWENLM_PDL") == "1" and triton is not None and gdc_wait is not None
-       and os.environ.get("TRITON_INTERPRET") != "1")
+# Programmatic dependent launch (CUDA sm_90+; QWENLM_PDL=0 turns it off): the batch-1 Int4 GEMVs and the decode
+# attention are launched so that each may start while the kernel before it ends. Such a kernel loads only weights
+# (never written by a kernel) before `gdc_wait`, which returns once the kernel before has finished and its writes
+# are visible, and lets the next one launch right after; a kernel launched after one that never signals starts
+# when that one ends, as without PDL. 1.5% more Int4 tok/s at batch 1 on an H100 (docs/benchmarks.md, run 12).
+PDL_ENABLED = os.environ.get("QWENLM_PDL", "1") != "0"
 
 
-def pdl_launch() -> dict:
-    """The launch option of a kernel taking PDL=PDL."""
-    return {"launch_pdl": True} if PDL else {}
+@functools.lru_cache(maxsize=None)
+def _pdl_capable(device: torch.device) -> bool:
+    return (triton is not None and gdc_wait is not None and device.type == "cuda"
+            and os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.get_device_capability(device)[0] >= 9)
 
-# Whether the last-arriving-program reductions (split-K GEMVs, split decode attention) fence in every thread before
-# the arrival count. Off: the order comes from the CTA barrier plus the count's release by the one thread that
-# performs it (a PTX release is cumulative over what the barrier ordered before it; CUTLASS's split-K semaphore
-# works the same way). Measured on an H100 (docs/benchmarks.md): 0.3-0.6 us less per GEMV and per attention
-# call, with results identical bit for bit over 100 repeats (`bench/bench_quant.py` kernel checks).
-PER_THREAD_FENCE = False
+
+def pdl(device: torch.device) -> bool:
+    """Whether kernels on `device` take PDL=True and launch with `pdl_launch`."""
+    return PDL_ENABLED and _pdl_capable(device)
+
+
+def pdl_launch(device: torch.device) -> dict:
+    """The launch option of a kernel taking PDL=pdl(device)."""
+    return {"launch_pdl": True} if pdl(device) else {}
+
 
 if triton is not None:
 
