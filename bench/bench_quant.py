@@ -707,6 +707,8 @@ def main():
     ap.add_argument("--profile", default="", help='only: GEMV calls for ncu, settings "a,b,c,d,e,f;..."')
     ap.add_argument("--tune", action="store_true", help="settle GEMV settings (tune_table) before the engine runs")
     ap.add_argument("--only-batch1", action="store_true", help="skip the attention-kernel and KV-pool sections")
+    ap.add_argument("--fused-configs", default="", help='only: batch-1 Int4 through the engine with each fused GEMV '
+                    'setting "bn,bk,per_sm,warps,stages;..." as the default (gptq_fused.FUSED_DEFAULT)')
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--skip-linear", action="store_true")
@@ -730,6 +732,15 @@ def main():
         args.encode_len, args.new_tokens, args.prompt_len, args.max_batch, args.num_blocks = 2048, 256, 512, 128, None
     if args.gemv_sweep:
         section("gemv_sweep", gemv_sweep)
+        return
+    if args.fused_configs:
+        from qwenlm.kernels import gptq_fused
+        base = gptq_fused.FUSED_DEFAULT
+        for c in [base] + [tuple(int(v) for v in c.split(",")) for c in args.fused_configs.split(";")]:
+            gptq_fused.FUSED_DEFAULT = c
+            r = weights_run(cfg, "int4", device, torch.float16, bw, args)
+            log(f"fused setting {c}: {r['tok_s']:.1f} tok/s")
+        gptq_fused.FUSED_DEFAULT = base
         return
     if args.profile:
         profile_calls([tuple(int(v) for v in c.split(",")) for c in args.profile.split(";")])
