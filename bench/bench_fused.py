@@ -7,6 +7,8 @@
 2. The four fused GEMVs of a layer chained over 8 layers (no attention); batch-1 decode attention with its
    context splits combined by a second launch or in the kernel.
 3. --profile KIND[,KIND]: kernel times inside the engine's batch-1 decode graph (torch.profiler), per step.
+4. --ablate: c_attn and gate_up with each piece of fused work alone (prologue, bias, RoPE, SiLU epilogue);
+   --sweep: per linear, the fused kernel at `sweep_configs` settings.
 
     python bench/bench_fused.py
     python bench/bench_fused.py --profile int4,int4-unfused

@@ -2,8 +2,9 @@
 
 A chain of L dependent Int4 GEMVs at the attn.c_proj shape (4096 x 4096, group 128), x_{i+1} = W_i x_i, timed
 from a CUDA graph on an H100:
-  separate:    L launches of the fused GEMV kernel (qwenlm.kernels.gptq_fused, fp16 input read in place), as the
-               fused decode path runs them;
+  separate:    L launches of the fused GEMV kernel (qwenlm.kernels.gptq_fused at its default setting, a
+               stream-K grid since quantization run 12; fp16 input read in place), as the fused decode path
+               runs them;
   persistent:  one launch; every program handles the same (column block, K split) of each GEMV in turn, with a
                grid-wide barrier between GEMVs (an arrival counter; all programs are resident), or (dataflow)
                waiting only for the column blocks of the previous GEMV that hold its inputs; and either loads
@@ -148,7 +149,7 @@ def chain_persistent(x0, stacked, ws, xs, bar, L, prefetch, dataflow=False, spin
 def chain_separate(x0, layers):
     x = x0
     for layer in layers:
-        x = fused_int4_gemv(x, layer, config=(BLOCK_N, BLOCK_K, SPLIT_K, WARPS, STAGES)).view(-1)
+        x = fused_int4_gemv(x, layer).view(-1)
     return x
 
 
