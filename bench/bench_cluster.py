@@ -18,11 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
-from bench_quant import graph_us, random_gptq
+from bench_quant import GEMV_SHAPES, graph_us, v4_baseline
 from benchlib import copy_bandwidth, log, save_json
 from cluster_gemv import int4_gemv
-from qwenlm.kernels.gptq_gemv import _xor, gemv
-from qwenlm.kernels.gptq_gemv import _w_dot, _w_tile, gemv_config, gemv_workspace
+from qwenlm.kernels.gptq_gemv import _w_dot, _w_tile, _xor, gemv_config
 
 COPIES = 8
 
@@ -68,7 +67,6 @@ def v4_floors(x, w, out, no_reduce):
                              num_stages=stages)
 
 
-SHAPES = {"c_attn": (4096, 12288), "attn c_proj": (4096, 4096), "gate_up": (4096, 22016), "mlp c_proj": (11008, 4096)}
 # (BN, CL, TG, RC, D)
 CONFIGS = [(256, 4, 4, 4, 4), (256, 8, 4, 4, 4), (256, 8, 4, 8, 2), (256, 8, 8, 4, 2), (256, 8, 2, 8, 4),
            (512, 8, 2, 4, 4), (128, 8, 8, 4, 4), (256, 8, 4, 4, 8), (256, 8, 4, 2, 8), (256, 8, 8, 2, 4),
@@ -79,14 +77,8 @@ def main():
     bw = copy_bandwidth("cuda")
     log(f"copy bandwidth {bw / 1e9:.0f} GB/s")
     rows = []
-    for name, (k, n) in SHAPES.items():
-        ws = [random_gptq(k, n, 4)[:3] for _ in range(COPIES)]
-        mb = sum(t.numel() * t.element_size() for t in ws[0]) / 1e6
-        x = torch.randn(1, k, device="cuda", dtype=torch.float16)
-        wsp = gemv_workspace(n, "cuda")
-        v4 = graph_us(lambda w: gemv(x, *w, 128, 4, workspace=wsp), ws)
-        ref = gemv(x, *ws[0], 128, 4).float()
-        log(f"{name:12s} {mb:5.1f} MB  v4 {v4:6.2f} us ({mb * 1e3 / v4:4.0f} GB/s)  bound {mb * 1e12 / bw:5.2f} us")
+    for name, (k, n) in GEMV_SHAPES.items():
+        ws, mb, x, v4, ref = v4_baseline(name, k, n, bw, COPIES)
         part = torch.empty(16 * n, device="cuda", dtype=torch.float32)
         nr = graph_us(lambda w: v4_floors(x, w, part, True), ws)
         rf = graph_us(lambda w: v4_floors(x, w, part.view(torch.int32), False), ws)

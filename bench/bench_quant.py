@@ -201,6 +201,24 @@ def graph_us(call, copies, reps=20):
     return 1e3 * start.elapsed_time(end) / (reps * len(copies))
 
 
+# The Qwen-7B linears at batch 1: (K, N).
+GEMV_SHAPES = {"c_attn": (4096, 12288), "attn c_proj": (4096, 4096), "gate_up": (4096, 22016),
+               "mlp c_proj": (11008, 4096)}
+
+
+def v4_baseline(name, k, n, bw, copies=8):
+    """One shape's `copies` distinct random Int4 weights (qweight, qzeros, scales), their MB, an fp16 input [1, K],
+    v4's µs per call as the table runs it (graph_us) and its output as float32, the reference; logged."""
+    ws = [random_gptq(k, n, 4)[:3] for _ in range(copies)]
+    mb = sum(t.numel() * t.element_size() for t in ws[0]) / 1e6
+    x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+    wsp = G.gemv_workspace(n, "cuda")
+    v4 = graph_us(lambda w: G.gemv(x, *w, 128, 4, workspace=wsp), ws)
+    ref = G.gemv(x, *ws[0], 128, 4).float()
+    log(f"{name:12s} {mb:5.1f} MB  v4 {v4:6.2f} us ({mb * 1e3 / v4:4.0f} GB/s)  bound {mb * 1e12 / bw:5.2f} us")
+    return ws, mb, x, v4, ref
+
+
 # The batch-1 Int4 settings the table had before `_gemv_kernel_v4` (docs/benchmarks.md runs 3-4), per shape.
 PREVIOUS_INT4 = {(12288, 4096): (256, 128, 8, 4, 3, 2), (4096, 4096): (64, 128, 16, 4, 3, 2, 1),
                  (11008, 4096): (64, 128, 8, 4, 3, 0), (22016, 4096): (256, 128, 4, 4, 3, 2),

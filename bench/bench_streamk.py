@@ -19,12 +19,11 @@ import torch
 import triton
 import triton.language as tl
 
-from bench_quant import graph_us, random_gptq
+from bench_quant import GEMV_SHAPES, graph_us, v4_baseline
 from benchlib import copy_bandwidth, log, save_json
-from qwenlm.kernels.gptq_gemv import _w_dot, _w_tile, _xor, gemv, gemv_workspace
+from qwenlm.kernels.gptq_gemv import _w_dot, _w_tile, _xor
 
 COPIES = 8
-SHAPES = {"c_attn": (4096, 12288), "attn c_proj": (4096, 4096), "gate_up": (4096, 22016), "mlp c_proj": (11008, 4096)}
 # (BLOCK_N, BLOCK_K, num_warps, num_stages, programs per SM)
 CONFIGS = [(512, 128, 4, 2, 1), (512, 128, 4, 3, 1), (512, 64, 4, 3, 1), (512, 64, 4, 4, 1), (256, 128, 2, 3, 1),
            (256, 128, 2, 3, 2), (256, 64, 2, 4, 2), (512, 128, 4, 2, 2), (512, 64, 4, 3, 2), (1024, 128, 8, 2, 1),
@@ -94,14 +93,8 @@ def main():
     n_sm = torch.cuda.get_device_properties(0).multi_processor_count
     log(f"copy bandwidth {bw / 1e9:.0f} GB/s, {n_sm} SMs")
     rows = []
-    for name, (k, n) in SHAPES.items():
-        ws = [random_gptq(k, n, 4)[:3] for _ in range(COPIES)]
-        mb = sum(t.numel() * t.element_size() for t in ws[0]) / 1e6
-        x = torch.randn(1, k, device="cuda", dtype=torch.float16)
-        wsp = gemv_workspace(n, "cuda")
-        v4 = graph_us(lambda w: gemv(x, *w, 128, 4, workspace=wsp), ws)
-        ref = gemv(x, *ws[0], 128, 4).float()
-        log(f"{name:12s} {mb:5.1f} MB  v4 {v4:6.2f} us ({mb * 1e3 / v4:4.0f} GB/s)  bound {mb * 1e12 / bw:5.2f} us")
+    for name, (k, n) in GEMV_SHAPES.items():
+        ws, mb, x, v4, ref = v4_baseline(name, k, n, bw, COPIES)
         rows.append(dict(linear=name, MB=round(mb, 1), v4_us=round(v4, 2), bound_us=round(mb * 1e12 / bw, 2)))
         out = torch.empty(1, n, device="cuda", dtype=torch.float16)
         sk_ws = (torch.zeros(n, device="cuda", dtype=torch.float32),
