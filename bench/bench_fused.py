@@ -208,6 +208,7 @@ def main():
     ap.add_argument("--profile", default="", help="kinds to profile in the engine (int4, int4-unfused, int4-fence)")
     ap.add_argument("--skip-linear", action="store_true")
     ap.add_argument("--attention-only", action="store_true")
+    ap.add_argument("--linear-only", action="store_true", help="per linear and the layer chain, no attention")
     ap.add_argument("--sweep", action="store_true", help="per linear: the fused kernel at `sweep_configs` settings")
     ap.add_argument("--ablate", action="store_true", help="c_attn / gate_up with each piece of fused work alone")
     args = ap.parse_args()
@@ -220,7 +221,7 @@ def main():
         args.skip_linear = True
     if not args.skip_linear and not args.attention_only:
         out["per_linear"] = per_linear(bw, args.sweep)
-    if not args.skip_linear and not args.sweep:
+    if not args.skip_linear and not args.sweep and not args.linear_only:
         out["attention_combine"] = attention_combine()
     for kind in filter(None, args.profile.split(",")):
         profile_decode(kind)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import importlib.util
 import json
 import os
 import time
@@ -727,6 +728,8 @@ def main():
     ap.add_argument("--only-batch1", action="store_true", help="skip the attention-kernel and KV-pool sections")
     ap.add_argument("--fused-configs", default="", help='only: batch-1 Int4 through the engine with each fused GEMV '
                     'setting "bn,bk,per_sm,warps,stages;..." as the default (gptq_fused.FUSED_DEFAULT)')
+    ap.add_argument("--against", default="", help="with --fused-configs: a gptq_fused.py file (say an earlier "
+                    "commit's, from `git show`) whose fused_int4_gemv runs through the engine between runs of ours")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--skip-linear", action="store_true")
@@ -759,6 +762,15 @@ def main():
             r = weights_run(cfg, "int4", device, torch.float16, bw, args)
             log(f"fused setting {c}: {r['tok_s']:.1f} tok/s")
         gptq_fused.FUSED_DEFAULT = base
+        if args.against:  # ours, theirs, ours, theirs: drift shows as a difference between the same kernel's runs
+            spec = importlib.util.spec_from_file_location("fused_against", args.against)
+            theirs = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(theirs)
+            for label, fn in [("this tree", gptq_fused.fused_int4_gemv), (args.against, theirs.fused_int4_gemv)] * 2:
+                fused_decode.fused_int4_gemv = fn
+                log(f"fused kernel of {label}: {weights_run(cfg, 'int4', device, torch.float16, bw, args)['tok_s']:.1f}"
+                    " tok/s")
+            fused_decode.fused_int4_gemv = gptq_fused.fused_int4_gemv
         return
     if args.profile:
         profile_calls([tuple(int(v) for v in c.split(",")) for c in args.profile.split(";")])

@@ -9,12 +9,16 @@ workspace once per column block touched.
 
 Per shape, 8 distinct weights replayed back to back from a CUDA graph (`bench_quant.graph_us`): v4 as the
 table runs it, stream-K at several settings and its loads only, and the copy bound. (Until commit 5497e25 this
-script carried its own copy of the stream-K GEMV; docs/benchmarks.md run 12's table came from that copy.)
+script carried its own copy of the stream-K GEMV; docs/benchmarks.md run 12's table came from that copy.) Next to
+each setting's loads only, the same loads with the units handed out at run time (`_dynamic_loads_only`, chunks
+of 2, 4, 8 units from a ticket counter): whether programs that start late or stream slowly hold the grid back.
 
-    cd bench && PYTHONPATH=..:. python bench_streamk.py
+    cd bench && PYTHONPATH=..:. python bench_streamk.py [--quick]   (--quick: 4 settings around the default)
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 import triton
@@ -31,6 +35,7 @@ COPIES = 8
 CONFIGS = [(512, 128, 1, 4, 2), (512, 128, 1, 4, 3), (512, 64, 1, 4, 3), (512, 64, 1, 4, 4), (256, 128, 1, 2, 3),
            (256, 128, 2, 2, 3), (256, 64, 2, 2, 4), (512, 128, 2, 4, 2), (512, 64, 2, 4, 3), (1024, 128, 1, 8, 2),
            (1024, 64, 1, 8, 3), (256, 128, 3, 2, 2)]
+QUICK = [(512, 64, 2, 4, 3), (512, 64, 4, 4, 3), (512, 64, 3, 4, 3), (512, 128, 2, 4, 2)]  # --quick
 
 
 @triton.jit
@@ -55,6 +60,43 @@ def _streamk_loads_only(qw_ptr, out_ptr, N, K, P, BLOCK_N: tl.constexpr, BLOCK_K
             acc ^= tl.reduce(tl.load(qw_ptr + (it * ROWS + rows) * N + offs_n[None, :]), 0, _xor)
         tl.store(out_ptr + offs_n, acc)
         t = cb * KT + k1
+
+
+@triton.jit
+def _dynamic_loads_only(qw_ptr, out_ptr, tick_ptr, N, K, P, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+    """Loads only, the units handed out at run time: each program takes the next CHUNK units of one column block
+    from a ticket counter (the following ticket requested while the chunk loads) until none are left, so programs
+    that start early or stream faster take more. The last program to finish re-arms the counters."""
+    ROWS: tl.constexpr = BLOCK_K // 8
+    KT = K // BLOCK_K
+    total = (N // BLOCK_N) * KT
+    lane = tl.arange(0, BLOCK_N)
+    rows = tl.arange(0, ROWS)[:, None]
+    acc = tl.zeros([BLOCK_N], dtype=tl.int32)
+    t = tl.atomic_add(tick_ptr, CHUNK)
+    while t < total:
+        nxt = tl.atomic_add(tick_ptr, CHUNK)
+        cb = t // KT
+        offs_n = cb * BLOCK_N + lane
+        k0 = t - cb * KT
+        for it in tl.range(k0, k0 + CHUNK, num_stages=STAGES):
+            acc ^= tl.reduce(tl.load(qw_ptr + (it * ROWS + rows) * N + offs_n[None, :]), 0, _xor)
+        t = nxt
+    tl.store(out_ptr + lane, acc)
+    done = tl.atomic_add(tick_ptr + 1, 1)
+    if done == P - 1:
+        tl.store(tick_ptr, 0)
+        tl.store(tick_ptr + 1, 0)
+
+
+def dynamic_loads_only(w, out, ticks, cfg, chunk):
+    qweight = w[0]
+    K, N = qweight.shape[0] * 8, qweight.shape[1]
+    block_n, block_k, per_sm, warps, stages = cfg
+    P = per_sm * _sm_count(qweight.device)
+    _dynamic_loads_only[(P,)](qweight, out, ticks, N, K, P, CHUNK=chunk, BLOCK_N=block_n, BLOCK_K=block_k,
+                              STAGES=stages, num_warps=warps, num_stages=stages)
 
 
 def layer_of(w, k, n):
@@ -84,7 +126,7 @@ def main():
         layers = [layer_of(w, k, n) for w in ws]
         xv = x.view(-1)
         scratch = torch.empty(n, device="cuda", dtype=torch.int32)
-        for cfg in CONFIGS:
+        for cfg in QUICK if "--quick" in sys.argv else CONFIGS:
             if n % cfg[0]:
                 continue
             try:
@@ -95,7 +137,14 @@ def main():
             except Exception as e:  # noqa: BLE001 - a setting that fails is reported, not fatal
                 log(f"  {cfg}: failed: {type(e).__name__}: {str(e)[:1500]}")
                 continue
-            rows.append(dict(linear=name, config=cfg, us=round(us, 2), loads_only_us=round(lo, 2), err=err))
+            dyn = {}
+            ticks = torch.zeros(2, device="cuda", dtype=torch.int32)
+            for chunk in (2, 4, 8):
+                if (k // cfg[1]) % chunk == 0:
+                    dyn[chunk] = round(graph_us(lambda w: dynamic_loads_only(w, scratch, ticks, cfg, chunk), ws), 2)
+            rows.append(dict(linear=name, config=cfg, us=round(us, 2), loads_only_us=round(lo, 2), err=err,
+                             dynamic_loads_only_us=dyn))
+            log(f"  {cfg}: loads only, units handed out at run time, by chunk: {dyn}")
             log(f"  stream-K (BN, BK, per SM, warps, stages) {cfg}: {us:6.2f} us ({mb * 1e3 / us:4.0f} GB/s), "
                 f"loads only {lo:6.2f} us, rel err {err:.1e}")
     save_json(dict(copy_GBs=bw / 1e9, rows=rows), "bench_streamk.json")
