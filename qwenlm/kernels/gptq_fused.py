@@ -40,7 +40,7 @@ if triton is not None:
     import triton.language as tl
 
     from qwenlm.kernels.gptq_gemv import _w_dot, _w_tile
-    from qwenlm.kernels.sync import _cta_barrier, _fence_gpu, _pdl_start
+    from qwenlm.kernels.sync import _fence_gpu, _pdl_start
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -65,77 +65,6 @@ if triton is not None:
         return tl.atomic_add(ptr, zero, mask=mask)
 
     @triton.jit
-    def _barrier(ASM: tl.constexpr):
-        if ASM:  # inside the pipelined loop (sync._cta_barrier)
-            _cta_barrier()
-        else:
-            tl.debug_barrier()
-
-    @triton.jit
-    def _finish(acc, cb, nk, lane, ws_ptr, cnt_ptr, b_ptr, out_ptr, res_ptr, cos_ptr, sin_ptr, qsc_ptr, N, FFN, KT,
-                HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr,
-                ROPE_N: tl.constexpr, Q_N: tl.constexpr, LOGN: tl.constexpr, HEAD: tl.constexpr, ASM: tl.constexpr,
-                FENCE: tl.constexpr):
-        """A segment's partial sums (nk K tiles of column block cb) into the float32 workspace, kept at zero between
-        calls (gptq_gemv._store_output's relaxed form); the counter adds up K tiles, and the program completing them
-        runs the block's epilogue and re-arms the workspace."""
-        DT = out_ptr.dtype.element_ty  # the model dtype
-        offs_n, n_mask, feat = _columns(cb, lane, N, FFN, BLOCK_N, GLU)
-        if ASM:
-            tl.atomic_add(ws_ptr + offs_n, acc, mask=n_mask, sem="relaxed")
-            if FENCE:
-                _fence_gpu()
-        else:
-            tl.atomic_add(ws_ptr + offs_n, acc, mask=n_mask)
-        _barrier(ASM)
-        arrived = tl.atomic_add(cnt_ptr + cb, nk)  # acq_rel, gpu scope
-        if arrived + nk == KT:
-            # Every operand in one round trip: the sums read with relaxed atomics (the counter's acquire orders
-            # them after every partial sum; relaxed, they need not wait on each other), the bias, the residual,
-            # RoPE's tables. The linear's output, gate and RoPE partner are rounded as the network rounds them.
-            zero = tl.zeros([BLOCK_N], dtype=tl.float32)
-            y = _read_sum(ws_ptr + offs_n, n_mask, ASM)
-            if HAS_BIAS:
-                y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            if RES:
-                res = tl.load(res_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            out_n = offs_n
-            keep = n_mask
-            if GLU:  # w1(x) * silu(w2(x)): the up lanes take their gate from the other half of the block
-                up_lane = n_mask & (lane < BLOCK_N // 2)
-                gate = _read_sum(ws_ptr + offs_n + FFN, up_lane, ASM)
-                if HAS_BIAS:
-                    gate += tl.load(b_ptr + offs_n + FFN, mask=up_lane, other=0.0).to(tl.float32)
-                gate = gate.to(DT).to(tl.float32)
-                y = y.to(DT).to(tl.float32) * (gate / (1.0 + tl.exp(-gate))).to(DT).to(tl.float32)
-                out_n = feat
-                keep = up_lane
-            elif ROPE_N > 0:  # rotate-half RoPE over whole heads: the partner column is in this block
-                d = offs_n % HEAD
-                first = d < HEAD // 2
-                partner = tl.where(first, offs_n + HEAD // 2, offs_n - HEAD // 2)
-                pt = _read_sum(ws_ptr + partner, n_mask, ASM)
-                if HAS_BIAS:
-                    pt += tl.load(b_ptr + partner, mask=n_mask, other=0.0).to(tl.float32)
-                cos = tl.load(cos_ptr + d)
-                sin = tl.load(sin_ptr + d)
-                y = y.to(DT).to(tl.float32)
-                rot = tl.where(first, -pt.to(DT).to(tl.float32), pt.to(DT).to(tl.float32))
-                roped = (y * cos + rot * sin).to(DT).to(tl.float32)
-                if LOGN:
-                    qs = tl.load(qsc_ptr + offs_n * 0).to(DT).to(tl.float32)
-                    roped = tl.where(offs_n < Q_N, (roped * qs).to(DT).to(tl.float32), roped)
-                y = tl.where(offs_n < ROPE_N, roped, y)
-            else:
-                y = y.to(DT).to(tl.float32)
-            if RES:
-                y = y + res
-            tl.store(out_ptr + out_n, y.to(DT), mask=keep)
-            _barrier(ASM)  # every partner read is done before the workspace is re-armed
-            tl.store(ws_ptr + offs_n, zero, mask=n_mask)
-            tl.store(cnt_ptr + cb, 0)
-
-    @triton.jit
     def _fused_int4_kernel(x_ptr, nw_ptr, xs_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
                            res_ptr, cos_ptr, sin_ptr, qsc_ptr, N, K, FFN, eps, NBLK, P,
                            GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -148,19 +77,18 @@ if triton is not None:
         DT = out_ptr.dtype.element_ty  # the model dtype
         pid = tl.program_id(0)
         KT = K // BLOCK_K  # K tiles per column block
-        start = pid * (NBLK * KT) // P  # this program's run of work units u = column block * KT + K tile
+        start = pid * (NBLK * KT) // P  # this program's run of work units t = column block * KT + K tile
         end = (pid + 1) * (NBLK * KT) // P
         lane = tl.arange(0, BLOCK_N)
         rows = tl.arange(0, ROWS)[:, None]
         PEEL: tl.constexpr = PRO != 0 or PDL
-        if PEEL:  # the first two units' weights stream in while the input row is built / the kernel before ends
-            u1 = tl.minimum(start + 1, end - 1)  # (start again if the run has one unit; not used then)
-            c0 = start // KT
-            c1 = u1 // KT
-            offs0, mask0, _ = _columns(c0, lane, N, FFN, BLOCK_N, GLU)
-            offs1, mask1, _ = _columns(c1, lane, N, FFN, BLOCK_N, GLU)
-            qw0, s0, zlo0, zhi0 = _w_tile(qw_ptr, qz_ptr, s_ptr, start - c0 * KT, rows, offs0, mask0, N, ROWS, SUB)
-            qw1, s1, zlo1, zhi1 = _w_tile(qw_ptr, qz_ptr, s_ptr, u1 - c1 * KT, rows, offs1, mask1, N, ROWS, SUB)
+        if PEEL:  # the first two weight tiles stream in while the input row is built / the kernel before ends
+            # (the second only used if the first segment has it)
+            offs0, mask0, _ = _columns(start // KT, lane, N, FFN, BLOCK_N, GLU)
+            first_len = tl.minimum(KT - start % KT, end - start)
+            qw0, s0, zlo0, zhi0 = _w_tile(qw_ptr, qz_ptr, s_ptr, start % KT, rows, offs0, mask0, N, ROWS, SUB)
+            qw1, s1, zlo1, zhi1 = _w_tile(qw_ptr, qz_ptr, s_ptr, tl.minimum(start % KT + 1, KT - 1), rows, offs0,
+                                          mask0, N, ROWS, SUB)
         _pdl_start(PDL)  # weights are never written by a kernel; everything else is read after this
         if PRO == 0:  # fp16 inputs, read where they are
             x32 = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
@@ -177,37 +105,79 @@ if triton is not None:
             tl.store(xs_ptr + ka, xa.to(tl.float16), mask=(ka < K) & need)
             tl.debug_barrier()  # the scratch row is written before any thread of this program reads it
             x32 = xs_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
-        # One pipelined loop over the run's units, across column blocks: a segment's partial sums go out when it
-        # reaches its block's last K tile or the run's end (`_finish`), while the next units' weights are already
-        # loading, so the loads never drain between segments.
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        u0 = start
-        if PEEL:
-            acc = _w_dot(qw0, s0, zlo0, zhi0, x32, start - c0 * KT, rows, ROWS, ASM, False)
-            if start - c0 * KT == KT - 1 or start + 1 == end:
-                _finish(acc, c0, start + 1 - tl.maximum(start, c0 * KT), lane, ws_ptr, cnt_ptr, b_ptr, out_ptr,
-                        res_ptr, cos_ptr, sin_ptr, qsc_ptr, N, FFN, KT, HAS_BIAS, BLOCK_N, GLU, RES, ROPE_N, Q_N,
-                        LOGN, HEAD, ASM, FENCE)
-                acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-            if end - start > 1:
-                acc += _w_dot(qw1, s1, zlo1, zhi1, x32, u1 - c1 * KT, rows, ROWS, ASM, False)
-                if u1 - c1 * KT == KT - 1 or u1 + 1 == end:
-                    _finish(acc, c1, u1 + 1 - tl.maximum(start, c1 * KT), lane, ws_ptr, cnt_ptr, b_ptr, out_ptr,
-                            res_ptr, cos_ptr, sin_ptr, qsc_ptr, N, FFN, KT, HAS_BIAS, BLOCK_N, GLU, RES, ROPE_N,
-                            Q_N, LOGN, HEAD, ASM, FENCE)
-                    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-            u0 = start + 2
-        for u in tl.range(u0, end, num_stages=STAGES):
-            cb = u // KT
-            kt = u - cb * KT
-            offs_n, n_mask, _ = _columns(cb, lane, N, FFN, BLOCK_N, GLU)
-            qw, s, zlo, zhi = _w_tile(qw_ptr, qz_ptr, s_ptr, kt, rows, offs_n, n_mask, N, ROWS, SUB)
-            acc += _w_dot(qw, s, zlo, zhi, x32, kt, rows, ROWS, ASM, False)
-            if kt == KT - 1 or u + 1 == end:
-                _finish(acc, cb, u + 1 - tl.maximum(start, cb * KT), lane, ws_ptr, cnt_ptr, b_ptr, out_ptr,
-                        res_ptr, cos_ptr, sin_ptr, qsc_ptr, N, FFN, KT, HAS_BIAS, BLOCK_N, GLU, RES, ROPE_N, Q_N,
-                        LOGN, HEAD, ASM, FENCE)
-                acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        t = start
+        while t < end:  # one segment per column block the run touches
+            cb = t // KT
+            k0 = t - cb * KT
+            k1 = tl.minimum(KT, end - cb * KT)
+            offs_n, n_mask, feat = _columns(cb, lane, N, FFN, BLOCK_N, GLU)
+            # The epilogue's operands are loaded now, while the weights stream: only the program completing the
+            # column block uses them, but it no longer waits on these loads at the end.
+            if HAS_BIAS:
+                bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            if RES:
+                res = tl.load(res_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            if ROPE_N > 0:
+                d = offs_n % HEAD
+                cos = tl.load(cos_ptr + d)
+                sin = tl.load(sin_ptr + d)
+                if LOGN:
+                    qs = tl.load(qsc_ptr + offs_n * 0).to(DT).to(tl.float32)
+            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+            k_loop = k0
+            if PEEL:
+                if t == start:  # the tiles loaded first
+                    acc = _w_dot(qw0, s0, zlo0, zhi0, x32, k0, rows, ROWS, ASM, False)
+                    k_loop = k0 + 1
+                    if first_len > 1:
+                        acc += _w_dot(qw1, s1, zlo1, zhi1, x32, k0 + 1, rows, ROWS, ASM, False)
+                        k_loop = k0 + 2
+            for it in tl.range(k_loop, k1, num_stages=STAGES):
+                qw, s, zlo, zhi = _w_tile(qw_ptr, qz_ptr, s_ptr, it, rows, offs_n, n_mask, N, ROWS, SUB)
+                acc += _w_dot(qw, s, zlo, zhi, x32, it, rows, ROWS, ASM, False)
+            if HAS_BIAS:
+                if k0 == 0:
+                    acc += bias
+            # Split-K reduction (gptq_gemv._store_output's relaxed form): partial sums into a float32 workspace kept
+            # at zero between calls; the counter adds up K tiles, and the program completing them finishes it.
+            if ASM:
+                tl.atomic_add(ws_ptr + offs_n, acc, mask=n_mask, sem="relaxed")
+                if FENCE:
+                    _fence_gpu()
+            else:
+                tl.atomic_add(ws_ptr + offs_n, acc, mask=n_mask)
+            tl.debug_barrier()
+            arrived = tl.atomic_add(cnt_ptr + cb, k1 - k0)  # acq_rel, gpu scope
+            if arrived + (k1 - k0) == KT:  # this segment completes the column block
+                # The sums are read with relaxed atomics (the counter's acquire orders them after every partial
+                # sum; relaxed, they need not wait on each other): the linear's output, gate, RoPE partner.
+                zero = tl.zeros([BLOCK_N], dtype=tl.float32)
+                y = _read_sum(ws_ptr + offs_n, n_mask, ASM).to(DT).to(tl.float32)
+                out_n = offs_n
+                keep = n_mask
+                if GLU:  # w1(x) * silu(w2(x)): the up lanes take their gate from the other half of the block
+                    gate = _read_sum(ws_ptr + offs_n + FFN, n_mask & (lane < BLOCK_N // 2), ASM)
+                    gate = gate.to(DT).to(tl.float32)
+                    act = (gate / (1.0 + tl.exp(-gate))).to(DT).to(tl.float32)
+                    y = y * act
+                    out_n = feat
+                    keep = n_mask & (lane < BLOCK_N // 2)
+                if ROPE_N > 0:  # rotate-half RoPE over whole heads: the partner column is in this block
+                    first = d < HEAD // 2
+                    partner = tl.where(first, offs_n + HEAD // 2, offs_n - HEAD // 2)
+                    pt = _read_sum(ws_ptr + partner, n_mask, ASM).to(DT).to(tl.float32)
+                    rot = tl.where(first, -pt, pt)
+                    roped = (y * cos + rot * sin).to(DT).to(tl.float32)
+                    if LOGN:
+                        roped = tl.where(offs_n < Q_N, (roped * qs).to(DT).to(tl.float32), roped)
+                    y = tl.where(offs_n < ROPE_N, roped, y)
+                if RES:
+                    y = y + res
+                tl.store(out_ptr + out_n, y.to(DT), mask=keep)
+                tl.debug_barrier()  # every partner read is done before the workspace is re-armed
+                tl.store(ws_ptr + offs_n, zero, mask=n_mask)
+                tl.store(cnt_ptr + cb, 0)
+            t = cb * KT + k1
 
 
 def fusable(layer) -> bool:

@@ -60,13 +60,6 @@ if triton is not None:
                                   dtype=tl.int32, is_pure=False, pack=1)
 
     @triton.jit
-    def _cta_barrier():
-        """bar.sync 0 as inline assembly: the CTA barrier of `tl.debug_barrier`, which Triton's software pipeliner
-        does not accept inside a pipelined loop (it then leaves the loop unpipelined)."""
-        tl.inline_asm_elementwise("bar.sync 0; mov.b32 $0, $1;", "=r,r", [tl.zeros([1], dtype=tl.int32)],
-                                  dtype=tl.int32, is_pure=False, pack=1)
-
-    @triton.jit
     def _pdl_start(PDL: tl.constexpr):
         """With PDL: wait for the kernel before (everything it and earlier ones wrote is visible after this) and let
         the next kernel launch."""
