@@ -19,7 +19,8 @@ tiles' loads (4% more tok/s through the engine, docs/benchmarks.md quantization 
   for the kernel before.
 Measured and not kept (docs/benchmarks.md): an L2 prefetch of the next GEMV's first weights, 7% slower (run 8);
 the next RMSNorm's sum of squares added up by the GEMV writing x, ~1 µs less per norm alone, nothing measurable
-through the engine (run 12).
+through the engine (run 12); one pipelined loop over the run's units across column blocks (commit 20d0dd2), equal
+without PDL and slower with it (run 13).
 
 Every intermediate is rounded to the model dtype where the network rounds it (qwenlm/model/qwen.py: RMSNorm,
 the linear's output, apply_rope, q * q_scale, x + out, w1(x) * silu(w2(x))), so the result is the unfused
