@@ -21,7 +21,8 @@ import triton.language as tl
 from bench_quant import GEMV_SHAPES, graph_us, v4_baseline
 from benchlib import copy_bandwidth, log, save_json
 from cluster_gemv import int4_gemv
-from qwenlm.kernels.gptq_gemv import _w_dot, _w_tile, _xor, gemv_config
+from qwenlm.kernels.gptq_gemv import gemv_config
+from qwenlm.kernels.gptq_int4 import _w_dot, _w_tile, _xor
 
 COPIES = 8
 

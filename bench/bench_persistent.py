@@ -26,7 +26,7 @@ import triton.language as tl
 from bench_quant import graph_us, random_gptq
 from benchlib import copy_bandwidth, log
 from qwenlm.kernels.gptq_fused import fused_int4_gemv
-from qwenlm.kernels.gptq_gemv import _hadd2, _int4_word_fma, _w_dot, _w_tile
+from qwenlm.kernels.gptq_int4 import _hadd2, _int4_word_fma, _w_dot, _w_tile
 from qwenlm.model import quant
 
 N = K = 4096

@@ -121,14 +121,12 @@ GEMV_SHAPES = dict(SHAPES, **{"mlp.gate_up (w1+w2)": (4096, 22016)})
 
 def gemv_sweep(budget_s: float = 290.0):
     """Batch-1 GEMV variants at the Qwen-7B shapes (and w1+w2 concatenated): µs and GB/s per variant against
-    bf16 cuBLAS and the table's current setting. Variants: UNPACK 0/1/2 (gptq_gemv._gemv_kernel), official
-    or tiled qweight (`tile_qweight`), BLOCK_N, SPLIT_K, warps. Prints the best per shape as table entries."""
+    bf16 cuBLAS and the table's current setting. Variants: UNPACK 0/1/2 (gptq_gemv._gemv_kernel),
+    BLOCK_N, SPLIT_K, warps. Prints the best per shape as table entries."""
     torch.manual_seed(0)
     t0 = time.time()
-    grids = {4: [(u, t, bn, sk, w) for u in (2, 1) for t in (False, True) for bn in (64, 128, 256)
-                 for sk in (4, 8, 16) for w in (4, 8)],
-             8: [(u, t, bn, sk, w) for u in (0, 1) for t in (False, True) for bn in (64, 128, 256)
-                 for sk in (4, 8, 16, 32) for w in (4,)]}
+    grids = {4: [(u, bn, sk, w) for u in (2, 1) for bn in (64, 128, 256) for sk in (4, 8, 16) for w in (4, 8)],
+             8: [(u, bn, sk, w) for u in (0, 1) for bn in (64, 128, 256) for sk in (4, 8, 16, 32) for w in (4,)]}
     results, best = [], {}
     for bits in (4, 8):
         for name, (k, n) in GEMV_SHAPES.items():
@@ -143,29 +141,25 @@ def gemv_sweep(budget_s: float = 290.0):
             row = dict(bits=bits, layer=name, K=k, N=n, bf16_us=1e3 * t_bf16, current_cfg=G.gemv_config(bits, n, k),
                        current_us=1e3 * t_cur, current_GBs=nbytes / t_cur / 1e6,
                        bound_us=nbytes / HBM_BYTES_PER_S * 1e6, variants={})
-            tiles = {}
-            for (u, tiled, bn, sk, w) in grids[bits]:
+            for (u, bn, sk, w) in grids[bits]:
                 if time.time() - t0 > budget_s:
                     break
-                if tiled and bn not in tiles:
-                    tiles[bn] = K.tile_qweight(qw, bn)
-                q = tiles[bn] if tiled else qw
                 cfg = (bn, 128, sk, w, 3, u)
                 try:
-                    out = K.gptq_matmul(x, q, qz, s, 128, bits, config=cfg, workspace=ws).float()
+                    out = K.gptq_matmul(x, qw, qz, s, 128, bits, config=cfg, workspace=ws).float()
                     err = ((out - ref).abs().max() / ref.abs().max()).item()
-                    t = bench_ms(lambda: K.gptq_matmul(x, q, qz, s, 128, bits, config=cfg, workspace=ws))
+                    t = bench_ms(lambda: K.gptq_matmul(x, qw, qz, s, 128, bits, config=cfg, workspace=ws))
                 except Exception as e:  # a setting that does not compile is skipped
-                    print(f"  skip {cfg} tiled={tiled}: {type(e).__name__} {str(e)[:200]}", flush=True)
+                    print(f"  skip {cfg}: {type(e).__name__} {str(e)[:200]}", flush=True)
                     continue
-                key = f"u{u}_{'tiled' if tiled else 'official'}"
+                key = f"u{u}"
                 v = row["variants"].get(key)
                 if v is None or t * 1e3 < v["us"]:
                     row["variants"][key] = dict(us=1e3 * t, GBs=nbytes / t / 1e6, cfg=cfg, maxerr=err)
             for key, v in row["variants"].items():
                 b = best.get((bits, n, k))
                 if b is None or v["us"] < b[0]:
-                    best[(bits, n, k)] = (v["us"], v["cfg"], "tiled" in key, v["maxerr"])
+                    best[(bits, n, k)] = (v["us"], v["cfg"], v["maxerr"])
             results.append(row)
             print(f"int{bits} {name} {k}->{n}: bf16 {1e3 * t_bf16:.1f} us | current {row['current_us']:.1f} us "
                   f"({row['current_GBs']:.0f} GB/s) | bound {row['bound_us']:.1f} us  [{time.time() - t0:.0f}s]")
@@ -173,7 +167,7 @@ def gemv_sweep(budget_s: float = 290.0):
                 print(f"    {key:14s} {v['us']:6.1f} us {v['GBs']:6.0f} GB/s  cfg {v['cfg']}  maxerr {v['maxerr']:.1e}")
             RESULTS["gemv_sweep"] = results
             save()
-    print("best per shape (us, config, tiled, maxerr):")
+    print("best per shape (us, config, maxerr):")
     for key, b in best.items():
         print(f"    {key}: {b},")
     return results

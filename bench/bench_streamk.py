@@ -27,7 +27,7 @@ import triton.language as tl
 from bench_quant import GEMV_SHAPES, graph_us, v4_baseline
 from benchlib import copy_bandwidth, log, save_json
 from qwenlm.kernels.gptq_fused import _sm_count, fused_int4_gemv
-from qwenlm.kernels.gptq_gemv import _xor
+from qwenlm.kernels.gptq_int4 import _xor
 from qwenlm.model import quant
 
 COPIES = 8

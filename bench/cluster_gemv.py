@@ -12,7 +12,7 @@ header: the half2 arithmetic, the conversions and the cluster operations are inl
 One cluster = CL CTAs = one column block of BN columns, CTA `rank` taking the rank-th share of the groups. Inside a
 CTA, BN/4 threads side by side each hold 4 columns (one 16-byte load per packed row) and TG rows of them take
 chunks of RC packed rows in turn (Marlin's unpacking with the zero point folded in, half2 sums per chunk, the scale
-applied once per chunk in fp32 -- the arithmetic of `gptq_gemv._int4_word_fma`). Each thread keeps D chunks in
+applied once per chunk in fp32 -- the arithmetic of `gptq_int4._int4_word_fma`). Each thread keeps D chunks in
 flight through its own ring of cp.async slots in shared memory. The CTA sums its TG rows through shared memory, the
 cluster barrier publishes each CTA's BN partial sums, and rank r sums columns [r BN/CL, (r+1) BN/CL) over the CL
 CTAs and writes them.
@@ -46,7 +46,7 @@ __device__ __forceinline__ unsigned short f2out(float v) {
 #endif
   return h; }
 
-// h + sum over the 8 lanes of word w of x_l (q_l - z) / 256 (see gptq_gemv._int4_word_fma)
+// h + sum over the 8 lanes of word w of x_l (q_l - z) / 256 (see gptq_int4._int4_word_fma)
 __device__ __forceinline__ unsigned word_fma(unsigned w, uint4 x, unsigned zlo, unsigned zhi, unsigned h) {
   const unsigned c8 = 0x1C001C00u, c12 = 0x0C000C00u;
   unsigned t = w >> 8;

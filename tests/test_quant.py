@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from qwenlm.kernels.gptq_matmul import tile_qweight, unpack_cols, unpack_rows, untile_qweight
+from qwenlm.kernels.gptq_matmul import unpack_cols, unpack_rows
 from qwenlm.model import quant
 from qwenlm.model.qwen import QWenLMHeadModel
 from qwenlm.testing import TINY
@@ -72,11 +72,8 @@ def test_gptq_linear_forward_equals_dequantize_then_matmul(bits, act_order):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_tiled_layout_round_trips_and_concat_equals_both_outputs():
+def test_concat_equals_both_outputs():
     layer, q, zeros = random_layer(128, 64, 4, 32)
-    tiled = tile_qweight(layer.qweight, 16)
-    assert tiled.shape == (4, 16, 16) and torch.equal(tiled[1], layer.qweight[:, 16:32])  # block 1 = columns 16..31
-    assert torch.equal(untile_qweight(tiled), layer.qweight)
     other, q2, zeros2 = random_layer(128, 32, 4, 32, seed=1)
     both = quant.concat_gptq_linears(layer, other)
     x = torch.randn(3, 128)
@@ -84,10 +81,6 @@ def test_tiled_layout_round_trips_and_concat_equals_both_outputs():
                       oracle_forward(x, q2, zeros2, other.scales, other.g_idx, other.bias)), dim=1)
     torch.testing.assert_close(both(x), want, rtol=1e-5, atol=1e-5)
     assert both.qweight.shape == (16, 96) and both.qzeros.shape == (4, 12)
-    layer.qweight, other.qweight = tile_qweight(layer.qweight, 16), tile_qweight(other.qweight, 16)
-    tiled_both = quant.concat_gptq_linears(layer, other)  # tiled blocks concatenate into the tiled whole
-    assert torch.equal(untile_qweight(tiled_both.qweight), both.qweight)
-    torch.testing.assert_close(tiled_both.dequantized_weight(), both.dequantized_weight())
     with pytest.raises(ValueError, match="bits, group_size, in_features"):
         quant.concat_gptq_linears(layer, random_layer(128, 32, 8, 32)[0])
     act, _, _ = random_layer(128, 32, 4, 32, act_order=True, seed=2)
@@ -180,7 +173,7 @@ def test_triton_kernels_match_reference_in_interpreter():
 import torch
 from qwenlm.model import quant
 from qwenlm.kernels.gptq_gemv import gemv_workspace
-from qwenlm.kernels.gptq_matmul import gptq_matmul, gptq_matmul_reference, tile_qweight
+from qwenlm.kernels.gptq_matmul import gptq_matmul, gptq_matmul_reference
 torch.manual_seed(0)
 for bits in (4, 8):
     K, N, g = 256, 96, 64
@@ -206,15 +199,13 @@ for bits in (4, 8):
             out = gptq_matmul(x, qw, qz, s, g, bits, b, config=cfg, workspace=ws).float()
             assert (out - ref).abs().max().item() < 2e-3 * ref.abs().max().item() + 2e-3, (bits, cfg)
             assert not ws[0].any() and not ws[1].any()
-    # every unpacking (0 shift, 1 mantissa, 2 Int4 half2 math) on the official and the tiled layout; M > 1 too
+    # every unpacking (0 shift, 1 mantissa, 2 Int4 half2 math), with and without prefetching; M > 1 too
     for unpack in ((0, 1, 2) if bits == 4 else (0, 1)):
-        for tile in (None, 32):
-            w = tile_qweight(qw, tile) if tile else qw
-            for cfg in ((32, 64, 1, 4, 1, unpack), (32, 64, 4, 4, 1, unpack), (32, 64, 2, 4, 1, unpack, 1)):
-                out = gptq_matmul(x, w, qz, s, g, bits, b, config=cfg, workspace=ws).float()
-                assert (out - ref).abs().max().item() < 2e-3 * ref.abs().max().item() + 2e-3, (bits, cfg, tile)
+        for cfg in ((32, 64, 1, 4, 1, unpack), (32, 64, 4, 4, 1, unpack), (32, 64, 2, 4, 1, unpack, 1)):
+            out = gptq_matmul(x, qw, qz, s, g, bits, b, config=cfg, workspace=ws).float()
+            assert (out - ref).abs().max().item() < 2e-3 * ref.abs().max().item() + 2e-3, (bits, cfg)
     x5 = torch.randn(5, K).half()
-    out = gptq_matmul(x5, tile_qweight(qw, 32), qz, s, g, bits, b).float()
+    out = gptq_matmul(x5, qw, qz, s, g, bits, b).float()
     ref5 = gptq_matmul_reference(x5, qw, qz, s, gi, bits, b).float()
     assert (out - ref5).abs().max().item() < 2e-3 * ref5.abs().max().item() + 2e-3, bits
 # act-order layer through the kernel path equals the dequantize path

@@ -1,7 +1,7 @@
 """Batch-1 GPTQ Int4 GEMVs with the work around them fused in: the decode step of a quantized block in four
 GEMV launches (plus attention) instead of about ten.
 
-`fused_int4_gemv` runs `_fused_int4_kernel`: the arithmetic of `gptq_gemv._gemv_kernel_v4` (4 columns and a
+`fused_int4_gemv` runs `_fused_int4_kernel`: the arithmetic of `gptq_int4._gemv_kernel_v4` (4 columns and a
 whole group per thread, half2 unpacking) on a stream-K grid: a fixed number of programs (2 per SM) each take an
 equal run of consecutive (column block, K tile) work units, pipelined, and add their partial sums into a float32
 workspace once per column block they touch. v4's grid of a program per (column block, K split) gives each program
@@ -35,12 +35,12 @@ import os
 import torch
 
 from qwenlm.kernels import sync
-from qwenlm.kernels.gptq_gemv import triton
+from qwenlm.kernels.gptq_int4 import triton
 
 if triton is not None:
     import triton.language as tl
 
-    from qwenlm.kernels.gptq_gemv import _w_dot, _w_tile
+    from qwenlm.kernels.gptq_int4 import _w_dot, _w_tile
     from qwenlm.kernels.sync import _fence_gpu, _pdl_start
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -139,7 +139,7 @@ if triton is not None:
             if HAS_BIAS:
                 if k0 == 0:
                     acc += bias
-            # Split-K reduction (gptq_gemv._store_output's relaxed form): partial sums into a float32 workspace kept
+            # Split-K reduction (sync._store_output's relaxed form): partial sums into a float32 workspace kept
             # at zero between calls; the counter adds up K tiles, and the program completing them finishes it.
             if ASM:
                 tl.atomic_add(ws_ptr + offs_n, acc, mask=n_mask, sem="relaxed")
@@ -185,7 +185,7 @@ def fusable(layer) -> bool:
     """Whether a GPTQLinear can run through `fused_int4_gemv`: Int4 on the Triton backend, groups in order,
     official layout, whole power-of-two groups of at most 256, output a multiple of 128, a split-K workspace."""
     g = layer.group_size
-    return (layer.bits == 4 and layer.backend == "triton" and layer.perm is None and layer.qweight.dim() == 2
+    return (layer.bits == 4 and layer.backend == "triton" and layer.perm is None
             and layer._workspace is not None and g & (g - 1) == 0 and g <= 256 and layer.in_features % g == 0
             and layer.out_features % 128 == 0 and layer.in_features % 128 == 0)
 

@@ -8,12 +8,10 @@ and their launch table (H100 measurements, docs/benchmarks.md).
   with cheaper unpacking -- UNPACK 1 leaves each lane in place in a float's mantissa (one LOP3 + FADD per
   weight, no shift), UNPACK 2 (Int4) uses half2 math as Marlin/exllama do (`_int4_word_dot`, ~2.4 instructions
   per weight instead of ~7; products summed in fp16 over the 8 lanes of a word, then fp32) -- optionally
-  prefetching the next K block into registers, and reading either the official qweight or a tiled copy
-  (`tile_qweight`: each program's column block one contiguous run).
-- `_gemv_kernel_v4` (Int4, M == 1; the table's choice at every Qwen-7B shape): 4 columns per thread and every
-  row of a group inside the thread, so the group's rows are summed in half2 in registers (Marlin's unpacking,
-  `_int4_word_fma`: 13 instructions per word, the zero point and a 2^-8 range guard folded into one HFMA2 per
-  lane pair), the scale applied once per group and no cross-thread reduction until the end.
+  prefetching the next K block into registers.
+- `qwenlm.kernels.gptq_int4._gemv_kernel_v4` (Int4, M == 1; the table's choice at every Qwen-7B shape): every
+  row of a group inside the thread, summed in half2 in registers.
+The split-K epilogue they share is `qwenlm.kernels.sync._store_output`.
 The GEMVs use  sum_k x_k * s * (q_kn - z_n) = s * (sum_k x_k q_kn - z_n * sum_k x_k)  per group (or subtract z
 per weight in half2), so the scale is applied once per block instead of once per weight.
 Measured (H100, docs/benchmarks.md run 5): back to back in a CUDA graph the v4 GEMVs take ~5 us plus ~0.39
@@ -39,7 +37,8 @@ except ImportError:  # CPU-only installs: the dequantize path in qwenlm.model.qu
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter cannot run inline PTX
 
 if triton is not None:
-    from qwenlm.kernels.sync import _fence_gpu
+    from qwenlm.kernels.gptq_int4 import _gemv_kernel_v4
+    from qwenlm.kernels.sync import _store_output
 
     @triton.jit
     def _int4_word_dot(qw, x04, x15, x26, x37, zz, ASM: tl.constexpr):
@@ -100,49 +99,6 @@ if triton is not None:
         return lo | (_half_bits(tl.load(xb + i + 4, mask=mask, other=0.0)) << 16)
 
     @triton.jit
-    def _opaque_zero():
-        """[1] int32 zero the compiler cannot see through (%nsmid >> 31), to order work after a dependency."""
-        return tl.inline_asm_elementwise("{ .reg .u32 t; mov.u32 t, %nsmid; shr.u32 t, t, 31; add.u32 $0, t, $1; }",
-                                         "=r,r", [tl.zeros([1], dtype=tl.int32)], dtype=tl.int32, is_pure=True,
-                                         pack=1)
-
-    @triton.jit
-    def _xor(a, b):
-        return a ^ b
-
-    @triton.jit
-    def _store_output(out, b_ptr, out_ptr, ws_ptr, cnt_ptr, offs_n, n_mask, pid_n, pid_k, HAS_BIAS: tl.constexpr,
-                      SPLIT_K: tl.constexpr, FUSED_REDUCE: tl.constexpr, BLOCK_N: tl.constexpr,
-                      RELAXED: tl.constexpr):
-        """The GEMV epilogue shared by the kernels: out [BLOCK_N] float32 partial (or whole) dot products.
-        RELAXED: the partial sums are fire-and-forget reductions (no acquire, no L1 invalidation each), then
-        one gpu-scope fence per thread orders them before the arrival count."""
-        if HAS_BIAS:
-            if pid_k == 0:
-                out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        if SPLIT_K == 1:
-            tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
-        elif FUSED_REDUCE:
-            # Split-K without the zero-fill and cast kernels: partial sums go to a float32 workspace kept at
-            # zero between calls; the last program of each column block (counted by an atomic) writes the
-            # output and re-arms the workspace and its counter. Saves two launches per linear.
-            if RELAXED:
-                tl.atomic_add(ws_ptr + offs_n, out, mask=n_mask, sem="relaxed")
-                _fence_gpu()
-            else:
-                tl.atomic_add(ws_ptr + offs_n, out, mask=n_mask)
-            tl.debug_barrier()  # every thread's partial sums are issued before the count is released
-            arrived = tl.atomic_add(cnt_ptr + pid_n, 1)  # acq_rel, gpu scope
-            if arrived == SPLIT_K - 1:
-                zero = tl.zeros([BLOCK_N], dtype=tl.float32)
-                total = tl.atomic_add(ws_ptr + offs_n, zero, mask=n_mask)  # read where the atomics landed (L2)
-                tl.store(out_ptr + offs_n, total.to(out_ptr.dtype.element_ty), mask=n_mask)
-                tl.store(ws_ptr + offs_n, zero, mask=n_mask)  # every partial has arrived: plain stores re-arm
-                tl.store(cnt_ptr + pid_n, 0)
-        else:
-            tl.atomic_add(out_ptr + offs_n, out, mask=n_mask)
-
-    @triton.jit
     def _gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, N, K, group_size,
                      BITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, FUSED_REDUCE: tl.constexpr):
@@ -199,7 +155,7 @@ if triton is not None:
     def _gemv_kernel_v2(x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, N, K, group_size,
                      BITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, FUSED_REDUCE: tl.constexpr,
-                     UNPACK: tl.constexpr, TILED: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr):
+                     UNPACK: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr):
         PER: tl.constexpr = 32 // BITS
         MASK: tl.constexpr = (1 << BITS) - 1
         ROWS: tl.constexpr = BLOCK_K // PER
@@ -207,16 +163,12 @@ if triton is not None:
         HI_SHIFT: tl.constexpr = 12 if BITS == 4 else 16
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
-        cols = tl.arange(0, BLOCK_N)
-        offs_n = pid_n * BLOCK_N + cols
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
         rows = tl.arange(0, ROWS)
         z_shift = (offs_n % PER) * BITS
-        if TILED:  # [N/BLOCK_N, K/PER, BLOCK_N]: this program's column block is one contiguous run
-            qw_base = qw_ptr + pid_n * (K // PER) * BLOCK_N + cols[None, :]
-        else:
-            qw_base = qw_ptr + offs_n[None, :]
-        row_stride = BLOCK_N if TILED else N
+        qw_base = qw_ptr + offs_n[None, :]
+        row_stride = N
         # Partial sums stay per packed row until the end: no cross-thread reduction inside the loop.
         acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
         STEP: tl.constexpr = BLOCK_K * SPLIT_K
@@ -278,118 +230,6 @@ if triton is not None:
         _store_output(tl.sum(acc, axis=0), b_ptr, out_ptr, ws_ptr, cnt_ptr, offs_n, n_mask, pid_n, pid_k,
                       HAS_BIAS, SPLIT_K, FUSED_REDUCE, BLOCK_N, False)
 
-    @triton.jit
-    def _int4_word_fma(qw, x04, x15, x26, x37, zlo, zhi, h, ASM: tl.constexpr):
-        """h + sum over the 8 lanes of each Int4 word of x_l * (q_l - z) / 256, h a half2 accumulator (int32
-        bits; fp32 when ASM is False, for the interpreter). Marlin's unpacking: w & 0x000F000F | 0x64006400 is
-        the half2 (1024 + q0, 1024 + q4) and w & 0x00F000F0 | 0x64006400 is (1024 + 16 q1, 1024 + 16 q5); one
-        HFMA2 each scales by 2^-8 (2^-12) and subtracts zlo = (4 + z/256) (zhi = (1/4 + z/256)), which leaves
-        (q - z)/256 exactly; w >> 8 gives lanes 2, 6, 3, 7 the same way. 13 instructions per word. The 1/256
-        keeps the fp16 sums far from overflow (|terms| <= |x| * 15/256); the caller multiplies by 256 * s."""
-        if ASM:
-            return tl.inline_asm_elementwise(
-                asm="""{
-                .reg .b32 t, a0, a1, a2, a3, acc, c8, c12;
-                mov.b32 c8, 0x1C001C00;
-                mov.b32 c12, 0x0C000C00;
-                lop3.b32 a0, $1, 0x000F000F, 0x64006400, 0xEA;
-                lop3.b32 a1, $1, 0x00F000F0, 0x64006400, 0xEA;
-                shr.u32 t, $1, 8;
-                lop3.b32 a2, t, 0x000F000F, 0x64006400, 0xEA;
-                lop3.b32 a3, t, 0x00F000F0, 0x64006400, 0xEA;
-                fma.rn.f16x2 a0, a0, c8, $6;
-                fma.rn.f16x2 a1, a1, c12, $7;
-                fma.rn.f16x2 a2, a2, c8, $6;
-                fma.rn.f16x2 a3, a3, c12, $7;
-                fma.rn.f16x2 acc, a0, $2, $8;
-                fma.rn.f16x2 acc, a1, $3, acc;
-                fma.rn.f16x2 acc, a2, $4, acc;
-                fma.rn.f16x2 $0, a3, $5, acc;
-                }""",
-                constraints="=r,r,r,r,r,r,r,r,r",
-                args=[qw, x04, x15, x26, x37, zlo, zhi, h], dtype=tl.int32, is_pure=True, pack=1)
-        else:
-            z = -256.0 * ((zlo & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) + 4.0)
-            for i in tl.static_range(4):
-                xp = x04 if i == 0 else (x15 if i == 1 else (x26 if i == 2 else x37))
-                x_lo = (xp & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-                x_hi = ((xp >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-                h += x_lo * (((qw >> (4 * i)) & 15).to(tl.float32) - z) / 256.0
-                h += x_hi * (((qw >> (4 * i + 16)) & 15).to(tl.float32) - z) / 256.0
-            return h
-
-    @triton.jit
-    def _hadd2(a, b):
-        """Sum of two half2 values held as int32 bits (a reduction's combine step)."""
-        return tl.inline_asm_elementwise("add.rn.f16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.int32, is_pure=True,
-                                         pack=1)
-
-    @triton.jit
-    def _x_lane_pairs(x32, r):
-        """The fp16 inputs of packed rows r read as four int32 pairs (x0 x1 | x2 x3 | x4 x5 | x6 x7), regrouped
-        into the lane pairs (i, i + 4) of a packed word: (x0, x4), (x1, x5), (x2, x6), (x3, x7)."""
-        p0 = tl.load(x32 + r * 4)
-        p1 = tl.load(x32 + r * 4 + 1)
-        p2 = tl.load(x32 + r * 4 + 2)
-        p3 = tl.load(x32 + r * 4 + 3)
-        return ((p0 & 0xFFFF) | (p2 << 16), ((p0 >> 16) & 0xFFFF) | (p2 & -65536),
-                (p1 & 0xFFFF) | (p3 << 16), ((p1 >> 16) & 0xFFFF) | (p3 & -65536))
-
-    @triton.jit
-    def _w_tile(qw_ptr, qz_ptr, s_ptr, it, rows, offs_n, n_mask, N, ROWS: tl.constexpr, SUB: tl.constexpr):
-        """Iteration `it`'s packed words [ROWS, BLOCK_N], 256 x scales and the zero terms of `_int4_word_fma` as
-        half2 bits (official layout, groups in order)."""
-        g = it // SUB
-        qw = tl.load(qw_ptr + (it * ROWS + rows) * N + offs_n[None, :], mask=n_mask[None, :], other=0)
-        s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32) * 256.0
-        z = ((tl.load(qz_ptr + g * (N // 8) + offs_n // 8, mask=n_mask, other=0) >> ((offs_n % 8) * 4)) & 15) + 1
-        zlo = (z | 0x4400) ^ 0x8000  # -(4 + z/256) as fp16 bits: exponent of 4, z in the low mantissa
-        zhi = ((z << 4) | 0x3400) ^ 0x8000  # -(1/4 + z/256): a mantissa step is 2^-12 there
-        return qw, s, (zlo | (zlo << 16))[None, :], (zhi | (zhi << 16))[None, :]
-
-    @triton.jit
-    def _w_dot(qw, s, zlo, zhi, x32, it, rows, ROWS: tl.constexpr, ASM: tl.constexpr, EARLY: tl.constexpr):
-        """sum over the tile's inputs of x_k * w_kn for each column: [BLOCK_N] fp32 (x32: the fp16 inputs read
-        as int32 pairs, `_x_lane_pairs`). EARLY: the sums start from an opaque zero that depends on every word of
-        the tile, so ptxas issues all its loads before any arithmetic."""
-        x04, x15, x26, x37 = _x_lane_pairs(x32, it * ROWS + rows)
-        if ASM:
-            h0 = qw * 0
-            if EARLY:
-                h0 += (tl.reduce(qw, 0, _xor) & _opaque_zero())[None, :]
-            h = tl.reduce(_int4_word_fma(qw, x04, x15, x26, x37, zlo, zhi, h0, ASM), 0, _hadd2)
-            lo = (h & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-            hi = ((h >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-            return s * (lo + hi)
-        h = _int4_word_fma(qw, x04, x15, x26, x37, zlo, zhi, tl.zeros(qw.shape, dtype=tl.float32), ASM)
-        return s * tl.sum(h, axis=0)
-
-    @triton.jit
-    def _gemv_kernel_v4(x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, N, K,
-                        GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        SPLIT_K: tl.constexpr, FUSED_REDUCE: tl.constexpr, ASM: tl.constexpr, STAGES: tl.constexpr,
-                        RELAXED: tl.constexpr, EARLY: tl.constexpr):
-        """Int4 GEMV, BLOCK_K inputs (a group or a part of one) per iteration on a tile [BLOCK_K/8 rows, BLOCK_N]
-        of packed words. With BLOCK_N = 128 x num_warps Triton gives each thread 4 columns (one 16-byte load per
-        row) and every row, so the thread sums the block's rows in half2 (`_int4_word_fma`, 13 instructions per
-        word, then one HADD2 per row) and applies the group's scale once per block: no reduction across threads
-        until the end. Iterations go through `tl.range(num_stages=STAGES)` (cp.async into shared memory ahead of
-        use when STAGES > 1), each a `_w_tile` and a `_w_dot`. EARLY: every load of a tile issued before its
-        arithmetic (`_w_dot`); RELAXED: the split-K epilogue of `_store_output`."""
-        ROWS: tl.constexpr = BLOCK_K // 8  # packed rows per iteration
-        SUB: tl.constexpr = GROUP // BLOCK_K  # iterations per group
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
-        rows = tl.arange(0, ROWS)[:, None]  # [ROWS, 1]
-        x32 = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for it in tl.range(pid_k, K // BLOCK_K, SPLIT_K, num_stages=STAGES):
-            qw, s, zlo, zhi = _w_tile(qw_ptr, qz_ptr, s_ptr, it, rows, offs_n, n_mask, N, ROWS, SUB)
-            acc += _w_dot(qw, s, zlo, zhi, x32, it, rows, ROWS, ASM, EARLY)
-        _store_output(acc, b_ptr, out_ptr, ws_ptr, cnt_ptr, offs_n, n_mask, pid_n, pid_k, HAS_BIAS, SPLIT_K,
-                      FUSED_REDUCE, BLOCK_N, RELAXED)
 
 
 # Launch settings per (bits, N, K) for batch 1, from `bench/bench_quant.py --gemv-sweep` / `--gemv-graph` on an
@@ -411,21 +251,11 @@ GEMV_CONFIGS: dict[tuple[int, int, int], tuple] = {  # (bits, N, K)
     (8, 4096, 11008): (64, 128, 32, 4, 3),
 }
 GEMV_DEFAULT = (128, 128, 8, 4, 3, 0)  # BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages, UNPACK
-# Shapes whose qweight is repacked at load time into the tiled layout (`tile_qweight`), with its tile width.
-# Empty: the tiled layout measured within noise (±5%) of the official one at every shape (docs/benchmarks.md),
-# so the official tensors are kept as stored.
-GEMV_TILES: dict[tuple[int, int, int], int] = {}
 
 
 def gemv_config(bits: int, n: int, k: int) -> tuple:
     cfg = tuple(GEMV_CONFIGS.get((bits, n, k), GEMV_DEFAULT))
     return cfg + (0,) if len(cfg) == 5 else cfg
-
-
-def gemv_tile(bits: int, n: int, k: int) -> int | None:
-    """Tile width of the load-time layout for this shape, or None to keep the official layout."""
-    t = GEMV_TILES.get((bits, n, k))
-    return t if t and n % t == 0 else None
 
 
 def gemv_workspace(n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -439,9 +269,7 @@ def gemv(x: torch.Tensor, qweight, qzeros, scales, group_size: int, bits: int, b
          config: tuple | None = None, workspace: tuple | None = None) -> torch.Tensor:
     """x [1, K] -> [1, N] in x's dtype (see `gptq_matmul`, which checks the arguments)."""
     K = x.shape[1]
-    tiled = qweight.dim() == 3
-    N = qweight.shape[0] * qweight.shape[2] if tiled else qweight.shape[1]
-    tile_n = qweight.shape[2] if tiled else 0
+    N = qweight.shape[1]
     has_bias = bias is not None
     b = bias if has_bias else scales  # any valid pointer; unused when HAS_BIAS is False
     cfg = tuple(config) if config is not None else gemv_config(bits, N, K)
@@ -449,9 +277,7 @@ def gemv(x: torch.Tensor, qweight, qzeros, scales, group_size: int, bits: int, b
     unpack = cfg[5] if len(cfg) > 5 else 0
     prefetch = bool(cfg[6]) if len(cfg) > 6 else False
     flags = cfg[6] if len(cfg) > 6 else 0  # v4: 1 relaxed split-K epilogue, 2 every load first
-    if tiled:
-        block_n = tile_n  # the layout fixes the column block
-    if unpack == 4 and (bits != 4 or K % group_size or tiled or group_size & (group_size - 1)
+    if unpack == 4 and (bits != 4 or K % group_size or group_size & (group_size - 1)
                         or group_size > 256):
         # v4 reads the official layout of whole power-of-two groups of at most 256 (a group's rows sit in
         # one thread's registers); the other kernels do the rest
@@ -477,13 +303,13 @@ def gemv(x: torch.Tensor, qweight, qzeros, scales, group_size: int, bits: int, b
                               FUSED_REDUCE=fused, ASM=not INTERPRET, STAGES=stages,
                               RELAXED=bool(flags & 1) and not INTERPRET, EARLY=bool(flags & 2), num_warps=warps,
                               num_stages=stages)
-    elif unpack == 0 and not tiled and not prefetch:
+    elif unpack == 0 and not prefetch:
         _gemv_kernel[grid](x, qweight, qzeros, scales, b, out, ws, cnt, N, K, group_size, BITS=bits,
                            HAS_BIAS=has_bias, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
                            FUSED_REDUCE=fused, num_warps=warps, num_stages=stages)
     else:
         _gemv_kernel_v2[grid](x, qweight, qzeros, scales, b, out, ws, cnt, N, K, group_size, BITS=bits,
                               HAS_BIAS=has_bias, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
-                              FUSED_REDUCE=fused, UNPACK=unpack, TILED=tiled, ASM=not INTERPRET,
+                              FUSED_REDUCE=fused, UNPACK=unpack, ASM=not INTERPRET,
                               PREFETCH=prefetch, num_warps=warps, num_stages=stages)
     return out if (split_k == 1 or fused) else out.to(x.dtype)

@@ -39,9 +39,8 @@ def unpack_cols(packed: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def gptq_matmul_reference(x, qweight, qzeros, scales, g_idx, bits, bias=None):
-    """Dequantize-then-matmul in fp32: the definition of a GPTQ linear layer. Returns x's dtype.
-    qweight may be official [K*b/32, N] or tiled (`tile_qweight`)."""
-    q = unpack_rows(untile_qweight(qweight), bits).float()  # [K, N]
+    """Dequantize-then-matmul in fp32: the definition of a GPTQ linear layer. Returns x's dtype."""
+    q = unpack_rows(qweight, bits).float()  # [K, N]
     z = unpack_cols(qzeros, bits).float() + 1  # [G, N], stored as zero-1
     g = g_idx.long()
     w = scales.float()[g] * (q - z[g])  # [K, N]
@@ -55,19 +54,14 @@ if triton is not None:
 
     @triton.jit
     def _dequant_kernel(qw_ptr, qz_ptr, s_ptr, w_ptr, N, K, group_size, BITS: tl.constexpr,
-                        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, TILE_N: tl.constexpr):
-        """W_T [K, N] in w's dtype from the packed tensors (prefill: then one cuBLAS matmul).
-        TILE_N > 0: qweight is in the tiled layout [N/TILE_N, K/PER, TILE_N] (`tile_qweight`)."""
+                        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+        """W_T [K, N] in w's dtype from the packed tensors (prefill: then one cuBLAS matmul)."""
         PER: tl.constexpr = 32 // BITS
         MASK: tl.constexpr = (1 << BITS) - 1
         r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = (r < K // PER)[:, None] & (offs_n < N)[None, :]
-        if TILE_N > 0:
-            qw_off = (offs_n // TILE_N * ((K // PER) * TILE_N) + offs_n % TILE_N)[None, :] + r[:, None] * TILE_N
-        else:
-            qw_off = r[:, None] * N + offs_n[None, :]
-        qw = tl.load(qw_ptr + qw_off, mask=mask, other=0)
+        qw = tl.load(qw_ptr + r[:, None] * N + offs_n[None, :], mask=mask, other=0)
         z_shift = ((offs_n % PER) * BITS)[None, :]
         for j in tl.static_range(PER):
             k = r * PER + j
@@ -79,35 +73,15 @@ if triton is not None:
             tl.store(w_ptr + k[:, None] * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
 
 
-def tile_qweight(qweight: torch.Tensor, tile_n: int) -> torch.Tensor:
-    """Official qweight [K*b/32, N] -> tiled [N/tile_n, K*b/32, tile_n]: each block of tile_n output columns
-    becomes one contiguous run (a GEMV program with BLOCK_N = tile_n streams it front to back)."""
-    rows, n = qweight.shape
-    if n % tile_n:
-        raise ValueError(f"cannot tile {n} output columns in blocks of {tile_n}")
-    return qweight.view(rows, n // tile_n, tile_n).permute(1, 0, 2).contiguous()
-
-
-def untile_qweight(qweight: torch.Tensor) -> torch.Tensor:
-    """Inverse of `tile_qweight` (a 2-D official qweight is returned as it is)."""
-    if qweight.dim() == 2:
-        return qweight
-    blocks, rows, tile_n = qweight.shape
-    return qweight.permute(1, 0, 2).reshape(rows, blocks * tile_n)
-
-
 def gptq_matmul(x: torch.Tensor, qweight, qzeros, scales, group_size: int, bits: int, bias=None,
                 config: tuple | None = None, workspace: tuple | None = None) -> torch.Tensor:
     """x [M, K] (fp16/bf16/fp32, contiguous) -> [M, N] in x's dtype. Groups contiguous (g_idx = k // g).
 
-    qweight: official [K*b/32, N], or tiled [N/T, K*b/32, T] (`tile_qweight`; batch 1 then uses BLOCK_N = T).
     workspace (`gemv_workspace(N)`): batch-1 split-K reduces inside the GEMV kernel (one launch, not three)."""
     if triton is None:
         raise RuntimeError("gptq_matmul needs triton; use qwenlm.model.quant's dequantize path instead")
     M, K = x.shape
-    tiled = qweight.dim() == 3
-    N = qweight.shape[0] * qweight.shape[2] if tiled else qweight.shape[1]
-    tile_n = qweight.shape[2] if tiled else 0
+    N = qweight.shape[1]
     if group_size % 32:
         raise ValueError(f"GPTQ group_size {group_size} must be a multiple of 32 for the Triton kernel")
     has_bias = bias is not None
@@ -117,6 +91,5 @@ def gptq_matmul(x: torch.Tensor, qweight, qzeros, scales, group_size: int, bits:
     # matmul at 4 and 16 rows; this path costs 1.15-1.3x at 2048 rows (docs/benchmarks.md).
     w = torch.empty((K, N), device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(K // (32 // bits), 16), triton.cdiv(N, 128))
-    _dequant_kernel[grid](qweight, qzeros, scales, w, N, K, group_size, BITS=bits, BLOCK_R=16, BLOCK_N=128,
-                          TILE_N=tile_n)
+    _dequant_kernel[grid](qweight, qzeros, scales, w, N, K, group_size, BITS=bits, BLOCK_R=16, BLOCK_N=128)
     return torch.addmm(bias, x, w) if has_bias else x @ w

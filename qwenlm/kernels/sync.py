@@ -1,5 +1,5 @@
-"""Memory-ordering helpers shared by the Triton kernels that finish a reduction in the last program to arrive, and
-programmatic dependent launch."""
+"""Memory-ordering helpers shared by the Triton kernels that finish a reduction in the last program to arrive (and
+the batch-1 GEMVs' split-K epilogue built on them, `_store_output`), and programmatic dependent launch."""
 
 from __future__ import annotations
 
@@ -66,3 +66,36 @@ if triton is not None:
         if PDL:
             gdc_wait()
             gdc_launch_dependents()
+
+    @triton.jit
+    def _store_output(out, b_ptr, out_ptr, ws_ptr, cnt_ptr, offs_n, n_mask, pid_n, pid_k, HAS_BIAS: tl.constexpr,
+                      SPLIT_K: tl.constexpr, FUSED_REDUCE: tl.constexpr, BLOCK_N: tl.constexpr,
+                      RELAXED: tl.constexpr):
+        """The epilogue of the batch-1 GEMVs (`gptq_gemv`, `gptq_int4`): out [BLOCK_N] float32 partial (or whole)
+        dot products.
+        RELAXED: the partial sums are fire-and-forget reductions (no acquire, no L1 invalidation each), then
+        one gpu-scope fence per thread orders them before the arrival count."""
+        if HAS_BIAS:
+            if pid_k == 0:
+                out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        if SPLIT_K == 1:
+            tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
+        elif FUSED_REDUCE:
+            # Split-K without the zero-fill and cast kernels: partial sums go to a float32 workspace kept at
+            # zero between calls; the last program of each column block (counted by an atomic) writes the
+            # output and re-arms the workspace and its counter. Saves two launches per linear.
+            if RELAXED:
+                tl.atomic_add(ws_ptr + offs_n, out, mask=n_mask, sem="relaxed")
+                _fence_gpu()
+            else:
+                tl.atomic_add(ws_ptr + offs_n, out, mask=n_mask)
+            tl.debug_barrier()  # every thread's partial sums are issued before the count is released
+            arrived = tl.atomic_add(cnt_ptr + pid_n, 1)  # acq_rel, gpu scope
+            if arrived == SPLIT_K - 1:
+                zero = tl.zeros([BLOCK_N], dtype=tl.float32)
+                total = tl.atomic_add(ws_ptr + offs_n, zero, mask=n_mask)  # read where the atomics landed (L2)
+                tl.store(out_ptr + offs_n, total.to(out_ptr.dtype.element_ty), mask=n_mask)
+                tl.store(ws_ptr + offs_n, zero, mask=n_mask)  # every partial has arrived: plain stores re-arm
+                tl.store(cnt_ptr + pid_n, 0)
+        else:
+            tl.atomic_add(out_ptr + offs_n, out, mask=n_mask)

@@ -80,7 +80,7 @@ class GPTQLinear(nn.Module):
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
         """W_T [K, N]; after an act-order `prepare_kernel` its rows are in the permuted (`self.perm`) order."""
-        return dequantize_weight(kernels.untile_qweight(self.qweight), self.qzeros, self.scales, self.g_idx,
+        return dequantize_weight(self.qweight, self.qzeros, self.scales, self.g_idx,
                                  self.bits, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,9 +126,6 @@ class GPTQLinear(nn.Module):
         elif kernels.triton is not None and self.group_size % 32 == 0:
             self.backend = "triton"
             self._workspace = gptq_gemv.gemv_workspace(self.out_features, self.qweight.device)
-            tile = gptq_gemv.gemv_tile(self.bits, self.out_features, self.in_features)
-            if tile and self.qweight.dim() == 2:  # load-time layout for the GEMV; replaces, not beside
-                self.qweight = kernels.tile_qweight(self.qweight, tile)
 
 
 @torch.no_grad()
@@ -143,10 +140,8 @@ def concat_gptq_linears(a: GPTQLinear, b: GPTQLinear) -> GPTQLinear:
         raise ValueError(f"cannot concatenate GPTQ layers with (bits, group_size, in_features) "
                          f"{(a.bits, a.group_size, a.in_features)} and {(b.bits, b.group_size, b.in_features)}")
     if not torch.equal(a.g_idx, b.g_idx) or a.backend != b.backend or (a.perm is None) != (b.perm is None) or (
-            a.perm is not None and not torch.equal(a.perm, b.perm)) or a.qweight.dim() != b.qweight.dim():
+            a.perm is not None and not torch.equal(a.perm, b.perm)):
         raise ValueError("cannot concatenate GPTQ layers with different g_idx, input order or kernel state")
-    if a.qweight.dim() == 3 and a.qweight.shape[2] != b.qweight.shape[2]:
-        raise ValueError("cannot concatenate GPTQ layers tiled with different widths")
     has_bias = a.bias is not None or b.bias is not None
     out = GPTQLinear(a.in_features, a.out_features + b.out_features, a.bits, a.group_size, bias=False,
                      device="meta", dtype=a.scales.dtype)
@@ -155,8 +150,7 @@ def concat_gptq_linears(a: GPTQLinear, b: GPTQLinear) -> GPTQLinear:
         return m.bias if m.bias is not None else torch.zeros(m.out_features, dtype=a.scales.dtype,
                                                              device=a.scales.device)
 
-    # A tiled qweight [N/T, rows, T] is a list of column blocks: concatenating the blocks tiles the whole.
-    out.qweight = torch.cat((a.qweight, b.qweight), dim=0 if a.qweight.dim() == 3 else 1)
+    out.qweight = torch.cat((a.qweight, b.qweight), dim=1)
     out.qzeros = torch.cat((a.qzeros, b.qzeros), dim=1)  # packed along N; N of each is a multiple of 32/bits
     out.scales = torch.cat((a.scales, b.scales), dim=1)
     out.g_idx = a.g_idx.clone()
