@@ -443,6 +443,14 @@ def greedy(n):
     return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
 
 
+decode_attention = engine_attention.paged_decode_attention
+
+
+def _no_attention(q, k_cache, v_cache, *args, v_new=None, **kwargs):
+    """Stands in for batch-1 decode attention in the `-noattn` kinds: one small copy kernel, no cache traffic."""
+    return v_new.clone() if v_new is not None else torch.zeros_like(q)
+
+
 def run_timed(engine, prompts, params):
     """Run to completion: (wall s, decode-step s, decode tokens)."""
     for p in prompts:
@@ -793,9 +801,14 @@ def main():
         fused_decode.ENABLED = weights != "int4-unfused"  # int4-unfused: the compiled regions
         ksync.PER_THREAD_FENCE = weights.endswith("-fence")  # per-thread fences: see qwenlm.kernels.sync
         engine_attention.SPLITS_COMBINED_IN_KERNEL = not weights.endswith("-twolaunch")  # attention splits
+        # -noattn: batch-1 decode attention replaced by a copy of the new token's v (wrong tokens, right speed):
+        # how much of a step the attention and its kernel boundaries take
+        engine_attention.paged_decode_attention = _no_attention if weights.endswith("-noattn") else decode_attention
+        weights = weights.removesuffix("-noattn")
         section(f"engine_{kind}", lambda: dec.append(
             weights_run(cfg, weights, device, dtype, bw, args, "int8" if kv == "kv8" else "auto")))
         save()
+    engine_attention.paged_decode_attention = decode_attention
     os.environ["QWENLM_GPTQ_KERNEL"] = "triton"
     gc.collect()
     if device == "cuda" and not args.only_batch1:
