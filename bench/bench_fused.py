@@ -203,15 +203,42 @@ def ablate(bw):
     return rows
 
 
+def ncu_calls():
+    """--ncu: each fused GEMV of a layer (with its fused work) twice, then each shape's loads-only floor
+    (`bench_streamk._streamk_loads_only`), for Nsight Compute to read the kernels' counters:
+
+        ncu --kernel-name regex:"_fused_int4|_streamk_loads" --section SpeedOfLight --section WarpStateStats \
+            python bench_fused.py --ncu
+    """
+    from bench_streamk import loads_only
+    x = torch.randn(H, device="cuda", dtype=torch.float16)
+    xf = torch.randn(FFN, device="cuda", dtype=torch.float16)
+    nw = torch.ones(H, device="cuda", dtype=torch.float16)
+    rope = (torch.rand(HEAD, device="cuda"), torch.rand(HEAD, device="cuda"), torch.ones(1, device="cuda"), 2 * H,
+            H, HEAD)
+    cases = [(H, 3 * H, True, x, dict(norm_weight=nw, eps=1e-6, rope=rope)), (H, H, False, x, dict(residual=x)),
+             (H, 2 * FFN, False, x, dict(norm_weight=nw, eps=1e-6, glu=FFN)), (FFN, H, False, xf, dict(residual=x))]
+    for k, n, bias, src, kw in cases:
+        layer = layer_of(k, n, bias)
+        for _ in range(2):
+            fused_int4_gemv(src, layer, **kw)
+        scratch = torch.empty(n, device="cuda", dtype=torch.int32)
+        loads_only((layer.qweight,), scratch, fused_config(n, k))
+    torch.cuda.synchronize()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--profile", default="", help="kinds to profile in the engine (int4, int4-unfused, int4-fence)")
     ap.add_argument("--skip-linear", action="store_true")
     ap.add_argument("--attention-only", action="store_true")
     ap.add_argument("--linear-only", action="store_true", help="per linear and the layer chain, no attention")
+    ap.add_argument("--ncu", action="store_true", help="only: a few fused GEMV calls for Nsight Compute (ncu_calls)")
     ap.add_argument("--sweep", action="store_true", help="per linear: the fused kernel at `sweep_configs` settings")
     ap.add_argument("--ablate", action="store_true", help="c_attn / gate_up with each piece of fused work alone")
     args = ap.parse_args()
+    if args.ncu:
+        return ncu_calls()
     print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
     bw = copy_bandwidth("cuda")
     log(f"copy bandwidth {bw / 1e9:.0f} GB/s")
