@@ -41,7 +41,7 @@ from qwenlm.kernels.kv_int8 import dequantize_rows
 if triton is not None:
     from qwenlm.kernels.attention_splits import _finish, _span, _split_reduce_kernel
     from qwenlm.kernels.kv_int8 import _quantize_rows
-    from qwenlm.kernels.sync import _pdl_start, gdc_launch_dependents, gdc_wait
+    from qwenlm.kernels.sync import _pdl_start
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter cannot run inline PTX
 
@@ -244,7 +244,7 @@ if triton is not None:
                                  OP: tl.constexpr, Q_LO: tl.constexpr, FUSED_REDUCE: tl.constexpr,
                                  MIN_CHUNK: tl.constexpr,
                                  BLOCK_S: tl.constexpr, ASM: tl.constexpr, FENCE: tl.constexpr,
-                                 PDL: tl.constexpr, LATE: tl.constexpr = False):
+                                 PDL: tl.constexpr):
         """v2's program (sequence b, head h, split sp) with both products on tensor cores: q.K^T as K[BN,D] @
         Q[D,16] and p.V as P[16,BN] @ V[BN,D], where only column / row 0 of the padded operand is nonzero.
         Decode attention stays bound by reading K/V; the point is what the tensor-core path does to that read:
@@ -254,11 +254,7 @@ if triton is not None:
         dtype if bf16 or fp16 (both hold every uint8 exactly), else fp16. A query not exact in OP (Q_LO) and
         the weights p are split into a high and a low part (two products), so the result keeps ~16 bits where
         one bf16 operand would keep 8. PDL: as v2."""
-        if LATE:
-            if PDL:
-                gdc_wait()
-        else:
-            _pdl_start(PDL)
+        _pdl_start(PDL)
         b = tl.program_id(0)
         h = tl.program_id(1)
         sp = tl.program_id(2)
@@ -309,9 +305,6 @@ if triton is not None:
             if KV_INT8:
                 acc -= tl.where(c[:, None] == 0, corr, 0.0)
             m = m_new
-        if LATE:
-            if PDL:
-                gdc_launch_dependents()
         acc_row = tl.sum(acc, 0)[None, :]  # [1,D]
         m1 = m + tl.zeros([1], tl.float32)
         l1 = l_sum + tl.zeros([1], tl.float32)
@@ -323,9 +316,6 @@ if triton is not None:
                                                     PAGE, KV_INT8)
         _finish(Out, PartM, PartL, PartAcc, Counters, b, hh, sp, d, m1, l1, acc_row, tl.num_programs(1), n_splits,
                 n_used, stride_ob, stride_oh, HEAD_DIM, SPLIT, FUSED_REDUCE, BLOCK_S, ASM, FENCE)
-
-MMA_LATE = False
-
 
 @dataclass(frozen=True)
 class DecodeConfig:
@@ -431,8 +421,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, out=
             op_dtype = q.dtype if q.dtype in (torch.bfloat16, torch.float16) else torch.float16
         assert op_dtype in (torch.bfloat16, torch.float16), f"mma: int8, bf16 or fp16 pools, not {op_dtype}"
         kernel = _paged_decode_mma_kernel
-        kw = dict(OP=tl.bfloat16 if op_dtype == torch.bfloat16 else tl.float16, Q_LO=q.dtype != op_dtype,
-                  LATE=MMA_LATE)
+        kw = dict(OP=tl.bfloat16 if op_dtype == torch.bfloat16 else tl.float16, Q_LO=q.dtype != op_dtype)
     kernel[(B, H // cfg.heads, cfg.splits)](
         q, k_cache, v_cache, *kszv, kn, vn, slots if fused else context_lens, out, part_m, part_l, part_acc,
         counters if fused_reduce else context_lens, block_tables, context_lens, 1.0 / math.sqrt(D),

@@ -16,11 +16,13 @@ tiles' loads (4% more tok/s through the engine, docs/benchmarks.md quantization 
   as it is; or the residual add. The sums are read with relaxed atomics, all at once;
 - the epilogue's operands loaded as a column block starts, while the weights stream;
 - programmatic dependent launch on sm_90+ (`sync.pdl`): the first two weight tiles are loaded before waiting
-  for the kernel before.
+  for the kernel before, and the next kernel may launch once they are summed (not at the start: 5% more tok/s
+  through the engine, docs/benchmarks.md run 13).
 Measured and not kept (docs/benchmarks.md): an L2 prefetch of the next GEMV's first weights, 7% slower (run 8);
 the next RMSNorm's sum of squares added up by the GEMV writing x, ~1 µs less per norm alone, nothing measurable
 through the engine (run 12); one pipelined loop over the run's units across column blocks (commit 20d0dd2), equal
-without PDL and slower with it (run 13).
+without PDL and slower with it, and the first tiles prefetched into L2 instead of held in registers (commit
+a66778d, PREF): fewer registers, slower with PDL (run 13).
 
 Every intermediate is rounded to the model dtype where the network rounds it (qwenlm/model/qwen.py: RMSNorm,
 the linear's output, apply_rope, q * q_scale, x + out, w1(x) * silu(w2(x))), so the result is the unfused
@@ -41,7 +43,7 @@ if triton is not None:
     import triton.language as tl
 
     from qwenlm.kernels.gptq_int4 import _w_dot, _w_tile
-    from qwenlm.kernels.sync import _fence_gpu, _pdl_start, gdc_launch_dependents, gdc_wait
+    from qwenlm.kernels.sync import _fence_gpu, gdc_launch_dependents, gdc_wait
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -66,24 +68,13 @@ if triton is not None:
         return tl.atomic_add(ptr, zero, mask=mask)
 
     @triton.jit
-    def _prefetch_l2(qw_ptr, t, KT, N, FFN, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, GLU: tl.constexpr):
-        """Work unit t's packed words into L2 (prefetch.global.L2, one per 128-byte line): no registers held."""
-        cb = t // KT
-        offs, mask, _ = _columns(cb, tl.arange(0, BLOCK_N // 32) * 32, N, FFN, BLOCK_N, GLU)
-        ptrs = qw_ptr + ((t - cb * KT) * ROWS + tl.arange(0, ROWS)[:, None]) * N + offs[None, :]
-        ptrs = tl.where(mask[None, :], ptrs, qw_ptr)
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.b32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                                  is_pure=False, pack=1)
-
-    @triton.jit
     def _fused_int4_kernel(x_ptr, nw_ptr, xs_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
                            res_ptr, cos_ptr, sin_ptr, qsc_ptr, N, K, FFN, eps, NBLK, P,
                            GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PRO: tl.constexpr,
                            K_POW2: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr, ROPE_N: tl.constexpr,
                            Q_N: tl.constexpr, LOGN: tl.constexpr, HEAD: tl.constexpr, ASM: tl.constexpr,
-                           FENCE: tl.constexpr, PDL: tl.constexpr, RS: tl.constexpr, PREF: tl.constexpr,
-                           LATE: tl.constexpr):
+                           FENCE: tl.constexpr, PDL: tl.constexpr):
         ROWS: tl.constexpr = BLOCK_K // 8
         SUB: tl.constexpr = GROUP // BLOCK_K
         DT = out_ptr.dtype.element_ty  # the model dtype
@@ -92,15 +83,8 @@ if triton is not None:
         start = pid * (NBLK * KT) // P  # this program's run of work units t = column block * KT + K tile
         end = (pid + 1) * (NBLK * KT) // P
         lane = tl.arange(0, BLOCK_N)
-        if RS > 1:  # a tile's rows split over RS threads, each summing its share until the segment ends
-            rows = tl.reshape(tl.arange(0, ROWS), [RS, ROWS // RS])[:, :, None]
-        else:
-            rows = tl.arange(0, ROWS)[:, None]
-        PEEL: tl.constexpr = (PRO != 0 or PDL) and PREF == 0
-        if PREF > 0 and ASM:  # the first PREF units' weights into L2 while the kernel before ends / the row is built
-            for u in tl.static_range(PREF):
-                if start + u < end:
-                    _prefetch_l2(qw_ptr, start + u, KT, N, FFN, BLOCK_N, ROWS, GLU)
+        rows = tl.arange(0, ROWS)[:, None]
+        PEEL: tl.constexpr = PRO != 0 or PDL
         if PEEL:  # the first two weight tiles stream in while the input row is built / the kernel before ends
             # (the second only used if the first segment has it)
             offs0, mask0, _ = _columns(start // KT, lane, N, FFN, BLOCK_N, GLU)
@@ -108,11 +92,8 @@ if triton is not None:
             qw0, s0, zlo0, zhi0 = _w_tile(qw_ptr, qz_ptr, s_ptr, start % KT, rows, offs0, mask0, N, ROWS, SUB)
             qw1, s1, zlo1, zhi1 = _w_tile(qw_ptr, qz_ptr, s_ptr, tl.minimum(start % KT + 1, KT - 1), rows, offs0,
                                           mask0, N, ROWS, SUB)
-        if LATE > 0:  # wait here; the next kernel launches once every program reaches its last segment
-            if PDL:
-                gdc_wait()
-        else:
-            _pdl_start(PDL)  # weights are never written by a kernel; everything else is read after this
+        if PDL:  # weights are never written by a kernel; everything else is read after this
+            gdc_wait()
         if PRO == 0:  # fp16 inputs, read where they are
             x32 = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
         else:  # the inputs of this program's K tiles, as the network computes them, into an fp16 scratch row
@@ -146,7 +127,7 @@ if triton is not None:
                 sin = tl.load(sin_ptr + d)
                 if LOGN:
                     qs = tl.load(qsc_ptr + offs_n * 0).to(DT).to(tl.float32)
-            acc = tl.zeros([RS, BLOCK_N] if RS > 1 else [BLOCK_N], dtype=tl.float32)
+            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
             k_loop = k0
             if PEEL:
                 if t == start:  # the tiles loaded first
@@ -155,22 +136,11 @@ if triton is not None:
                     if first_len > 1:
                         acc += _w_dot(qw1, s1, zlo1, zhi1, x32, k0 + 1, rows, ROWS, ASM, False)
                         k_loop = k0 + 2
-                    if LATE == 3:
-                        if PDL:
-                            gdc_launch_dependents()
-            if LATE == 2:
-                if PDL:
-                    if cb * KT + k1 >= end:
+                    if PDL:  # only now the next kernel may launch (5% more tok/s than at the start: run 13)
                         gdc_launch_dependents()
             for it in tl.range(k_loop, k1, num_stages=STAGES):
                 qw, s, zlo, zhi = _w_tile(qw_ptr, qz_ptr, s_ptr, it, rows, offs_n, n_mask, N, ROWS, SUB)
                 acc += _w_dot(qw, s, zlo, zhi, x32, it, rows, ROWS, ASM, False)
-            if LATE == 1:
-                if PDL:
-                    if cb * KT + k1 >= end:
-                        gdc_launch_dependents()
-            if RS > 1:
-                acc = tl.sum(acc, 0)
             if HAS_BIAS:
                 if k0 == 0:
                     acc += bias
@@ -253,15 +223,12 @@ def fused_int4_gemv(x: torch.Tensor, layer, *, norm_weight=None, eps: float = 0.
       residual: + residual [N];  rope=(cos [HEAD], sin [HEAD], q_scale or None, rope_n, q_n, head): RoPE on the
       columns < rope_n in heads of `head`, and the LogN scale on the columns < q_n."""
     K, N = layer.in_features, layer.out_features
-    block_n, block_k, per_sm, warps, stages, *rest = config or fused_config(N, K)
-    rs = rest[0] if rest else 1  # threads sharing a column's rows (BLOCK_N = 128 x warps / rs)
-    pref = rest[1] if len(rest) > 1 else 0  # units prefetched into L2 instead of loaded into registers first
-    late = rest[2] if len(rest) > 2 else 0  # the next kernel launches as this one's programs finish their loads
+    block_n, block_k, per_sm, warps, stages = config or fused_config(N, K)
     while glu and glu % (block_n // 2) and warps > 1:  # gate_up's blocks: whole halves of up and gate
         block_n, warps = block_n // 2, warps // 2
     g = layer.group_size
     block_k = 1 << (max(8, min(block_k, g)).bit_length() - 1)
-    assert block_n * rs == 128 * warps and fusable(layer), "fused_int4_gemv: see fusable(); BLOCK_N = 128 x warps / rs"
+    assert block_n == 128 * warps and fusable(layer), "fused_int4_gemv: see fusable() and BLOCK_N = 128 x warps"
     assert not glu or (N == 2 * glu and glu % (block_n // 2) == 0), "glu: N = 2F, F a multiple of 64"
     x = x.reshape(-1)
     assert x.is_contiguous() and x.numel() == K
@@ -289,5 +256,5 @@ def fused_int4_gemv(x: torch.Tensor, layer, *, norm_weight=None, eps: float = 0.
         programs, GROUP=g, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
         PRO=pro, K_POW2=triton.next_power_of_2(K), GLU=glu > 0, RES=residual is not None, ROPE_N=rope_n, Q_N=q_n,
         LOGN=q_scale is not None, HEAD=head, ASM=not INTERPRET, FENCE=sync.PER_THREAD_FENCE, PDL=sync.pdl(x.device),
-        RS=rs, PREF=pref, LATE=late, num_warps=warps, num_stages=stages, **sync.pdl_launch(x.device))
+        num_warps=warps, num_stages=stages, **sync.pdl_launch(x.device))
     return out

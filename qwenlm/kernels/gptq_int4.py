@@ -91,10 +91,7 @@ if triton is not None:
         """Iteration `it`'s packed words [ROWS, BLOCK_N], 256 x scales and the zero terms of `_int4_word_fma` as
         half2 bits (official layout, groups in order)."""
         g = it // SUB
-        if len(rows.shape) == 3:  # [RS, ROWS / RS, 1]: the rows split over RS threads
-            qw = tl.load(qw_ptr + (it * ROWS + rows) * N + offs_n[None, None, :], mask=n_mask[None, None, :], other=0)
-        else:
-            qw = tl.load(qw_ptr + (it * ROWS + rows) * N + offs_n[None, :], mask=n_mask[None, :], other=0)
+        qw = tl.load(qw_ptr + (it * ROWS + rows) * N + offs_n[None, :], mask=n_mask[None, :], other=0)
         s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32) * 256.0
         z = ((tl.load(qz_ptr + g * (N // 8) + offs_n // 8, mask=n_mask, other=0) >> ((offs_n % 8) * 4)) & 15) + 1
         zlo = (z | 0x4400) ^ 0x8000  # -(4 + z/256) as fp16 bits: exponent of 4, z in the low mantissa
@@ -111,12 +108,12 @@ if triton is not None:
             h0 = qw * 0
             if EARLY:
                 h0 += (tl.reduce(qw, 0, _xor) & _opaque_zero())[None, :]
-            h = tl.reduce(_int4_word_fma(qw, x04, x15, x26, x37, zlo, zhi, h0, ASM), len(qw.shape) - 2, _hadd2)
+            h = tl.reduce(_int4_word_fma(qw, x04, x15, x26, x37, zlo, zhi, h0, ASM), 0, _hadd2)
             lo = (h & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
             hi = ((h >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
             return s * (lo + hi)
         h = _int4_word_fma(qw, x04, x15, x26, x37, zlo, zhi, tl.zeros(qw.shape, dtype=tl.float32), ASM)
-        return s * tl.sum(h, axis=len(qw.shape) - 2)
+        return s * tl.sum(h, axis=0)
 
     @triton.jit
     def _gemv_kernel_v4(x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, N, K,

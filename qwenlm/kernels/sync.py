@@ -29,8 +29,10 @@ PER_THREAD_FENCE = False
 # Programmatic dependent launch (CUDA sm_90+; QWENLM_PDL=0 turns it off): the batch-1 Int4 GEMVs and the decode
 # attention are launched so that each may start while the kernel before it ends. Such a kernel loads only weights
 # (never written by a kernel) before `gdc_wait`, which returns once the kernel before has finished and its writes
-# are visible, and lets the next one launch right after; a kernel launched after one that never signals starts
-# when that one ends, as without PDL. 1.5% more Int4 tok/s at batch 1 on an H100 (docs/benchmarks.md, run 12).
+# are visible, and then lets the next one launch (the attention at once, a fused GEMV once its first two weight
+# tiles are summed, which measured 5% faster than at once: run 13); a kernel launched after one that never signals
+# starts when that one ends, as without PDL. 1.5% more Int4 tok/s at batch 1 on an H100 (docs/benchmarks.md, run 12)
+# and with the later signal ~7% (run 13).
 PDL_ENABLED = os.environ.get("QWENLM_PDL", "1") != "0"
 
 
