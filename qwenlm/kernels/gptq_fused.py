@@ -197,7 +197,7 @@ def fusable(layer) -> bool:
 
 # Launch settings per (N, K) for the fused kernel: (BLOCK_N, BLOCK_K, programs per SM, num_warps, num_stages);
 # missing shapes take FUSED_DEFAULT, the fastest setting at every Qwen-7B shape in `bench/bench_streamk.py` on an
-# H100 (docs/benchmarks.md, quantization run 12).
+# H100 (docs/benchmarks.md, quantization run 12), and again through the engine with the later launch signal (run 13).
 FUSED_CONFIGS: dict[tuple[int, int], tuple] = {}
 FUSED_DEFAULT = (512, 64, 2, 4, 3)
 
