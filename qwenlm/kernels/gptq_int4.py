@@ -76,28 +76,13 @@ if triton is not None:
                                          pack=1)
 
     @triton.jit
-    def _low_halves(a, b):
-        """(a's low fp16, b's low fp16) as one int32: a single PRMT."""
-        return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x5410;", "=r,r,r", [a, b], dtype=tl.int32,
-                                         is_pure=True, pack=1)
-
-    @triton.jit
-    def _high_halves(a, b):
-        """(a's high fp16, b's high fp16) as one int32: a single PRMT."""
-        return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7632;", "=r,r,r", [a, b], dtype=tl.int32,
-                                         is_pure=True, pack=1)
-
-    @triton.jit
-    def _x_lane_pairs(x32, r, ASM: tl.constexpr):
+    def _x_lane_pairs(x32, r):
         """The fp16 inputs of packed rows r read as four int32 pairs (x0 x1 | x2 x3 | x4 x5 | x6 x7), regrouped
-        into the lane pairs (i, i + 4) of a packed word: (x0, x4), (x1, x5), (x2, x6), (x3, x7). ASM: one byte
-        permute per pair (the shifts and masks took two instructions each)."""
+        into the lane pairs (i, i + 4) of a packed word: (x0, x4), (x1, x5), (x2, x6), (x3, x7)."""
         p0 = tl.load(x32 + r * 4)
         p1 = tl.load(x32 + r * 4 + 1)
         p2 = tl.load(x32 + r * 4 + 2)
         p3 = tl.load(x32 + r * 4 + 3)
-        if ASM:
-            return _low_halves(p0, p2), _high_halves(p0, p2), _low_halves(p1, p3), _high_halves(p1, p3)
         return ((p0 & 0xFFFF) | (p2 << 16), ((p0 >> 16) & 0xFFFF) | (p2 & -65536),
                 (p1 & 0xFFFF) | (p3 << 16), ((p1 >> 16) & 0xFFFF) | (p3 & -65536))
 
@@ -118,7 +103,7 @@ if triton is not None:
         """sum over the tile's inputs of x_k * w_kn for each column: [BLOCK_N] fp32 (x32: the fp16 inputs read
         as int32 pairs, `_x_lane_pairs`). EARLY: the sums start from an opaque zero that depends on every word of
         the tile, so ptxas issues all its loads before any arithmetic."""
-        x04, x15, x26, x37 = _x_lane_pairs(x32, it * ROWS + rows, ASM)
+        x04, x15, x26, x37 = _x_lane_pairs(x32, it * ROWS + rows)
         if ASM:
             h0 = qw * 0
             if EARLY:
