@@ -108,13 +108,11 @@ def test_async_consumer_leaving_aborts_and_frees_blocks(model):
 
 def test_triton_paged_decode_kernels_match_reference_in_interpreter():
     """Every kernel variant (v1; v2 with several heads per program and context splits, combined by a second launch
-    or in the kernel, with all splits or as many as the context needs; mma with and without its first K/V tile
-    read ahead, EARLY_KV), with and without the fused store of the new token's K/V, against store-then-reference:
-    outputs and the pools."""
+    or in the kernel, with all splits or as many as the context needs), with and without the fused store of the
+    new token's K/V, against store-then-reference: outputs and the pools."""
     pytest.importorskip("triton")
     code = textwrap.dedent("""
         import torch
-        from qwenlm.kernels import attention
         from qwenlm.kernels.attention import DecodeConfig, paged_decode_attention, paged_decode_attention_ref
         g = torch.Generator().manual_seed(0)
         B, H, D, bs, nb = 4, 4, 16, 4, 48
@@ -124,11 +122,9 @@ def test_triton_paged_decode_kernels_match_reference_in_interpreter():
                    # splits used as the context needs (with the in-kernel combination): 1, 2 or 3 of 8 / of 3
                    DecodeConfig(heads=2, splits=8, block_n=4, min_chunk=16),
                    DecodeConfig("mma", splits=3, block_n=16, min_chunk=32)]
-        variants = [(cfg, fused, counted, early) for cfg in configs for fused in (False, True)
-                    for counted in ((False, True) if cfg.splits > 1 else (False,)) if counted or not cfg.min_chunk
-                    for early in ((0, B) if cfg.kernel == "mma" else (0,))]
-        for cfg, fused, counted, early in variants:
-            attention.EARLY_KV_MAX_BATCH = early  # B: this batch reads its first K/V tile ahead
+        variants = [(cfg, fused, counted) for cfg in configs for fused in (False, True)
+                    for counted in ((False, True) if cfg.splits > 1 else (False,)) if counted or not cfg.min_chunk]
+        for cfg, fused, counted in variants:
             # the tensor-core kernel takes fp16 / bf16 pools: fp16 here, its output rounded to fp16 (~5e-4)
             dt, tol = (torch.float16, 2e-3) if cfg.kernel == "mma" else (torch.float32, 1e-5)
             counters = torch.zeros(B * H // cfg.heads, dtype=torch.int32) if counted else None
@@ -149,7 +145,7 @@ def test_triton_paged_decode_kernels_match_reference_in_interpreter():
             paged_decode_attention(q, kc, vc, tables, lens, out=out, config=cfg, counters=counters, **new)
             ref = paged_decode_attention_ref(q[:3].float(), ref_k.float(), ref_v.float(), tables[:3], lens[:3])
             err = ((out[:3].float() - ref).norm() / ref.norm()).item()
-            assert err < tol, (cfg, fused, counted, early, err)
+            assert err < tol, (cfg, fused, counted, err)
             assert not counted or not counters.any(), (cfg, fused)  # left at zero for the next call
             assert torch.equal(out[3], torch.zeros_like(out[3])), (cfg, fused)  # zeros, not NaN
             assert torch.equal(kc, ref_k) and torch.equal(vc, ref_v), (cfg, fused)

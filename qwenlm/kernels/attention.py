@@ -233,51 +233,6 @@ if triton is not None:
                 n_splits, n_used, stride_ob, stride_oh, HEAD_DIM, SPLIT, FUSED_REDUCE, BLOCK_S, ASM, FENCE)
 
     @triton.jit
-    def _mma_tile(K, V, BlockTables, b, h, s0, end, d, stride_bt, stride_kb, stride_kp, stride_kh, stride_sb,
-                  stride_sp, stride_sh, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
-        """The pool's K and V rows [BN,D] of positions s0.. (< end) of head h, as stored; their mask; their int8
-        scale / zero offsets."""
-        n = s0 + tl.arange(0, BLOCK_N)
-        valid = n < end
-        blk = tl.load(BlockTables + b * stride_bt + n // PAGE, mask=valid, other=0).to(tl.int64)
-        off = (blk * stride_kb + (n % PAGE) * stride_kp + h * stride_kh)[:, None] + d[None, :]  # [BN,D]
-        k = tl.load(K + off, mask=valid[:, None], other=0)
-        v = tl.load(V + off, mask=valid[:, None], other=0)
-        return k, v, valid, blk * stride_sb + (n % PAGE) * stride_sp + h * stride_sh
-
-    @triton.jit
-    def _mma_step(k, v, valid, sz, KSZ, VSZ, q_mat, q_mat_lo, q_sum, scale, c, m, l_sum, acc, OP: tl.constexpr,
-                  Q_LO: tl.constexpr, KV_INT8: tl.constexpr):
-        """One online-softmax step of `_paged_decode_mma_kernel` over a tile of K/V rows (`_mma_tile`)."""
-        k = k.to(OP)
-        sc = tl.dot(k, q_mat)  # [BN,16] fp32, column 0 = k . q
-        if Q_LO:
-            sc += tl.dot(k, q_mat_lo)
-        s = tl.sum(sc, 1)
-        if KV_INT8:
-            k_scale = tl.load(KSZ + sz, mask=valid, other=0.0)
-            k_zero = tl.load(KSZ + sz + 1, mask=valid, other=0.0)
-            s = k_scale * (s - k_zero * q_sum)  # q . scale*(k - zero)
-        s = tl.where(valid, s * scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 0))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(s - m_new)
-        l_sum = l_sum * alpha + tl.sum(p, 0)
-        v = v.to(OP)
-        if KV_INT8:
-            pv = p * tl.load(VSZ + sz, mask=valid, other=0.0)  # p * scale
-            corr = tl.sum(pv * tl.load(VSZ + sz + 1, mask=valid, other=0.0), 0)  # sum p * scale * zero
-        else:
-            pv = p
-        pv_hi = pv.to(OP)
-        p_hi = tl.where(c[:, None] == 0, pv_hi[None, :], 0.0).to(OP)  # [16,BN]
-        p_lo = tl.where(c[:, None] == 0, (pv - pv_hi.to(tl.float32)).to(OP)[None, :], 0.0).to(OP)
-        acc = acc * alpha + tl.dot(p_hi, v) + tl.dot(p_lo, v)
-        if KV_INT8:
-            acc -= tl.where(c[:, None] == 0, corr, 0.0)
-        return m_new, l_sum, acc
-
-    @triton.jit
     def _paged_decode_mma_kernel(Q, K, V, KSZ, VSZ, Kin, Vin, Slots, Out, PartM, PartL, PartAcc, Counters,
                                  BlockTables, ContextLens, scale,
                                  stride_qb, stride_qh, stride_kb, stride_kp, stride_kh,
@@ -289,7 +244,7 @@ if triton is not None:
                                  OP: tl.constexpr, Q_LO: tl.constexpr, FUSED_REDUCE: tl.constexpr,
                                  MIN_CHUNK: tl.constexpr,
                                  BLOCK_S: tl.constexpr, ASM: tl.constexpr, FENCE: tl.constexpr,
-                                 PDL: tl.constexpr, EARLY_KV: tl.constexpr = False):
+                                 PDL: tl.constexpr):
         """v2's program (sequence b, head h, split sp) with both products on tensor cores: q.K^T as K[BN,D] @
         Q[D,16] and p.V as P[16,BN] @ V[BN,D], where only column / row 0 of the padded operand is nonzero.
         Decode attention stays bound by reading K/V; the point is what the tensor-core path does to that read:
@@ -298,9 +253,8 @@ if triton is not None:
         and reductions leave the CUDA cores. Operands (OP) are in the pool dtype; for int8 pools in the query's
         dtype if bf16 or fp16 (both hold every uint8 exactly), else fp16. A query not exact in OP (Q_LO) and
         the weights p are split into a high and a low part (two products), so the result keeps ~16 bits where
-        one bf16 operand would keep 8. PDL: as v2; EARLY_KV (small batches, with PDL): the first tile's K/V rows
-        are read before waiting for the kernel before. They are earlier steps' rows, final before this kernel
-        launches: the kernel before writes only the query and the new row."""
+        one bf16 operand would keep 8. PDL: as v2."""
+        _pdl_start(PDL)
         b = tl.program_id(0)
         h = tl.program_id(1)
         sp = tl.program_id(2)
@@ -309,29 +263,48 @@ if triton is not None:
         hh = h + tl.arange(0, 1)
         d = tl.arange(0, HEAD_DIM)
         c = tl.arange(0, 16)
-        if EARLY_KV:
-            k, v, valid, ksz = _mma_tile(K, V, BlockTables, b, h, start, end, d, stride_bt, stride_kb, stride_kp,
-                                         stride_kh, stride_sb, stride_sp, stride_sh, PAGE, BLOCK_N)
-        _pdl_start(PDL)
         qf = tl.load(Q + b * stride_qb + h * stride_qh + d).to(tl.float32)  # [D], unscaled
         q_hi = qf.to(OP)
         q_mat = tl.where(c[None, :] == 0, q_hi[:, None], 0.0).to(OP)  # [D,16]
-        q_mat_lo = tl.where(c[None, :] == 0, (qf - q_hi.to(tl.float32)).to(OP)[:, None], 0.0).to(OP)
+        if Q_LO:
+            q_mat_lo = tl.where(c[None, :] == 0, (qf - q_hi.to(tl.float32)).to(OP)[:, None], 0.0).to(OP)
         q_sum = tl.sum(qf, 0)
         m = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), 0)
         l_sum = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)
         acc = tl.zeros([16, HEAD_DIM], tl.float32)  # row 0 is the output; the others stay 0
-        first = start
-        if EARLY_KV:
-            if start < end:
-                m, l_sum, acc = _mma_step(k, v, valid, ksz, KSZ, VSZ, q_mat, q_mat_lo, q_sum, scale, c, m, l_sum,
-                                          acc, OP, Q_LO, KV_INT8)
-            first = start + BLOCK_N
-        for s0 in range(first, end, BLOCK_N):
-            k, v, valid, ksz = _mma_tile(K, V, BlockTables, b, h, s0, end, d, stride_bt, stride_kb, stride_kp,
-                                         stride_kh, stride_sb, stride_sp, stride_sh, PAGE, BLOCK_N)
-            m, l_sum, acc = _mma_step(k, v, valid, ksz, KSZ, VSZ, q_mat, q_mat_lo, q_sum, scale, c, m, l_sum, acc,
-                                      OP, Q_LO, KV_INT8)
+        for s0 in range(start, end, BLOCK_N):
+            n = s0 + tl.arange(0, BLOCK_N)
+            valid = n < end
+            blk = tl.load(BlockTables + b * stride_bt + n // PAGE, mask=valid, other=0).to(tl.int64)
+            off = (blk * stride_kb + (n % PAGE) * stride_kp + h * stride_kh)[:, None] + d[None, :]  # [BN,D]
+            k = tl.load(K + off, mask=valid[:, None], other=0).to(OP)
+            sc = tl.dot(k, q_mat)  # [BN,16] fp32, column 0 = k . q
+            if Q_LO:
+                sc += tl.dot(k, q_mat_lo)
+            s = tl.sum(sc, 1)
+            if KV_INT8:
+                sz = blk * stride_sb + (n % PAGE) * stride_sp + h * stride_sh
+                k_scale = tl.load(KSZ + sz, mask=valid, other=0.0)
+                k_zero = tl.load(KSZ + sz + 1, mask=valid, other=0.0)
+                s = k_scale * (s - k_zero * q_sum)  # q . scale*(k - zero)
+            s = tl.where(valid, s * scale, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 0))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(s - m_new)
+            l_sum = l_sum * alpha + tl.sum(p, 0)
+            v = tl.load(V + off, mask=valid[:, None], other=0).to(OP)
+            if KV_INT8:
+                pv = p * tl.load(VSZ + sz, mask=valid, other=0.0)  # p * scale
+                corr = tl.sum(pv * tl.load(VSZ + sz + 1, mask=valid, other=0.0), 0)  # sum p * scale * zero
+            else:
+                pv = p
+            pv_hi = pv.to(OP)
+            p_hi = tl.where(c[:, None] == 0, pv_hi[None, :], 0.0).to(OP)  # [16,BN]
+            p_lo = tl.where(c[:, None] == 0, (pv - pv_hi.to(tl.float32)).to(OP)[None, :], 0.0).to(OP)
+            acc = acc * alpha + tl.dot(p_hi, v) + tl.dot(p_lo, v)
+            if KV_INT8:
+                acc -= tl.where(c[:, None] == 0, corr, 0.0)
+            m = m_new
         acc_row = tl.sum(acc, 0)[None, :]  # [1,D]
         m1 = m + tl.zeros([1], tl.float32)
         l1 = l_sum + tl.zeros([1], tl.float32)
@@ -343,12 +316,6 @@ if triton is not None:
                                                     PAGE, KV_INT8)
         _finish(Out, PartM, PartL, PartAcc, Counters, b, hh, sp, d, m1, l1, acc_row, tl.num_programs(1), n_splits,
                 n_used, stride_ob, stride_oh, HEAD_DIM, SPLIT, FUSED_REDUCE, BLOCK_S, ASM, FENCE)
-
-# The mma kernel reads its first K/V tile before waiting for the kernel before (EARLY_KV; with PDL) at batches up to
-# this: those registers, held across the wait, would cost occupancy where many programs run.
-EARLY_KV = True
-EARLY_KV_MAX_BATCH = 1
-
 
 @dataclass(frozen=True)
 class DecodeConfig:
@@ -454,8 +421,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, out=
             op_dtype = q.dtype if q.dtype in (torch.bfloat16, torch.float16) else torch.float16
         assert op_dtype in (torch.bfloat16, torch.float16), f"mma: int8, bf16 or fp16 pools, not {op_dtype}"
         kernel = _paged_decode_mma_kernel
-        kw = dict(OP=tl.bfloat16 if op_dtype == torch.bfloat16 else tl.float16, Q_LO=q.dtype != op_dtype,
-                  EARLY_KV=EARLY_KV and B <= EARLY_KV_MAX_BATCH)
+        kw = dict(OP=tl.bfloat16 if op_dtype == torch.bfloat16 else tl.float16, Q_LO=q.dtype != op_dtype)
     kernel[(B, H // cfg.heads, cfg.splits)](
         q, k_cache, v_cache, *kszv, kn, vn, slots if fused else context_lens, out, part_m, part_l, part_acc,
         counters if fused_reduce else context_lens, block_tables, context_lens, 1.0 / math.sqrt(D),
