@@ -451,6 +451,11 @@ def _no_attention(q, k_cache, v_cache, *args, v_new=None, **kwargs):
     return v_new.clone() if v_new is not None else torch.zeros_like(q)
 
 
+def _no_attention_kernel(q, k_cache, v_cache, *args, v_new=None, **kwargs):
+    """The `-nokernel` kinds: no kernel at all in attention's place (c_proj reads the new token's v as it lies)."""
+    return v_new if v_new is not None else torch.zeros_like(q)
+
+
 def run_timed(engine, prompts, params):
     """Run to completion: (wall s, decode-step s, decode tokens)."""
     for p in prompts:
@@ -801,10 +806,11 @@ def main():
         fused_decode.ENABLED = weights != "int4-unfused"  # int4-unfused: the compiled regions
         ksync.PER_THREAD_FENCE = weights.endswith("-fence")  # per-thread fences: see qwenlm.kernels.sync
         engine_attention.SPLITS_COMBINED_IN_KERNEL = not weights.endswith("-twolaunch")  # attention splits
-        # -noattn: batch-1 decode attention replaced by a copy of the new token's v (wrong tokens, right speed):
-        # how much of a step the attention and its kernel boundaries take
-        engine_attention.paged_decode_attention = _no_attention if weights.endswith("-noattn") else decode_attention
-        weights = weights.removesuffix("-noattn")
+        # -noattn: batch-1 decode attention replaced by a copy of the new token's v (wrong tokens, right speed);
+        # -nokernel: by nothing (c_proj reads v itself): how much of a step the attention and its boundaries take
+        stub = {"-noattn": _no_attention, "-nokernel": _no_attention_kernel}.get(weights[weights.rfind("-"):])
+        engine_attention.paged_decode_attention = stub or decode_attention
+        weights = weights.removesuffix("-noattn").removesuffix("-nokernel")
         section(f"engine_{kind}", lambda: dec.append(
             weights_run(cfg, weights, device, dtype, bw, args, "int8" if kv == "kv8" else "auto")))
         save()
