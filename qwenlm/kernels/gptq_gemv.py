@@ -139,12 +139,12 @@ if triton is not None:
                       HAS_BIAS, SPLIT_K, FUSED_REDUCE, BLOCK_N, False)
 
     @triton.jit
-    def _load_block(qw_base, row_stride, s_ptr, qz_ptr, kb, rows, offs_n, n_mask, N, K, group_size,
-                    PER: tl.constexpr):
+    def _load_block(qw_ptr, s_ptr, qz_ptr, kb, rows, offs_n, n_mask, N, K, group_size, PER: tl.constexpr):
         """The packed words [ROWS, BLOCK_N], scales and packed zeros [BLOCK_N] of the K block at kb (masked
         off past K)."""
         r = kb // PER + rows
-        qw = tl.load(qw_base + r[:, None] * row_stride, mask=(r < K // PER)[:, None] & n_mask[None, :], other=0)
+        qw = tl.load(qw_ptr + r[:, None] * N + offs_n[None, :], mask=(r < K // PER)[:, None] & n_mask[None, :],
+                     other=0)
         g = kb // group_size
         m = n_mask & ((offs_n * 0 + kb) < K)  # a whole tensor: the interpreter refuses a scalar mask here
         s = tl.load(s_ptr + g * N + offs_n, mask=m, other=0.0)
@@ -167,23 +167,21 @@ if triton is not None:
         n_mask = offs_n < N
         rows = tl.arange(0, ROWS)
         z_shift = (offs_n % PER) * BITS
-        qw_base = qw_ptr + offs_n[None, :]
-        row_stride = N
         # Partial sums stay per packed row until the end: no cross-thread reduction inside the loop.
         acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
         STEP: tl.constexpr = BLOCK_K * SPLIT_K
         if PREFETCH:  # the next block's loads are issued before this block's arithmetic (registers, 2 deep)
-            qw_n, s_n, z_n = _load_block(qw_base, row_stride, s_ptr, qz_ptr, pid_k * BLOCK_K, rows, offs_n, n_mask,
+            qw_n, s_n, z_n = _load_block(qw_ptr, s_ptr, qz_ptr, pid_k * BLOCK_K, rows, offs_n, n_mask,
                                          N, K, group_size, PER)
         for kb in range(pid_k * BLOCK_K, K, STEP):
             r = kb // PER + rows  # packed rows of this block
             r_mask = r < K // PER
             if PREFETCH:
                 qw, s, zw = qw_n, s_n, z_n
-                qw_n, s_n, z_n = _load_block(qw_base, row_stride, s_ptr, qz_ptr, kb + STEP, rows, offs_n, n_mask,
+                qw_n, s_n, z_n = _load_block(qw_ptr, s_ptr, qz_ptr, kb + STEP, rows, offs_n, n_mask,
                                              N, K, group_size, PER)
             else:
-                qw, s, zw = _load_block(qw_base, row_stride, s_ptr, qz_ptr, kb, rows, offs_n, n_mask,
+                qw, s, zw = _load_block(qw_ptr, s_ptr, qz_ptr, kb, rows, offs_n, n_mask,
                                         N, K, group_size, PER)  # [ROWS, BLOCK_N], each word read once
             s = s.to(tl.float32)
             z = (zw >> z_shift) & MASK
