@@ -74,7 +74,7 @@ if triton is not None:
                            BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PRO: tl.constexpr,
                            K_POW2: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr, ROPE_N: tl.constexpr,
                            Q_N: tl.constexpr, LOGN: tl.constexpr, HEAD: tl.constexpr, ASM: tl.constexpr,
-                           FENCE: tl.constexpr, PDL: tl.constexpr, TRIG: tl.constexpr = 1):
+                           FENCE: tl.constexpr, PDL: tl.constexpr):
         ROWS: tl.constexpr = BLOCK_K // 8
         SUB: tl.constexpr = GROUP // BLOCK_K
         DT = out_ptr.dtype.element_ty  # the model dtype
@@ -94,8 +94,6 @@ if triton is not None:
                                           mask0, N, ROWS, SUB)
         if PDL:  # weights are never written by a kernel; everything else is read after this
             gdc_wait()
-            if TRIG == 0:
-                gdc_launch_dependents()
         if PRO == 0:  # fp16 inputs, read where they are
             x32 = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
         else:  # the inputs of this program's K tiles, as the network computes them, into an fp16 scratch row
@@ -138,17 +136,11 @@ if triton is not None:
                     if first_len > 1:
                         acc += _w_dot(qw1, s1, zlo1, zhi1, x32, k0 + 1, rows, ROWS, ASM, False)
                         k_loop = k0 + 2
-                    if PDL and TRIG == 1:  # only now the next kernel may launch (5% more tok/s than at the start: run 13)
+                    if PDL:  # only now the next kernel may launch (5% more tok/s than at the start: run 13)
                         gdc_launch_dependents()
-            if PDL and TRIG == 2:
-                if cb * KT + k1 >= end:
-                    gdc_launch_dependents()
             for it in tl.range(k_loop, k1, num_stages=STAGES):
                 qw, s, zlo, zhi = _w_tile(qw_ptr, qz_ptr, s_ptr, it, rows, offs_n, n_mask, N, ROWS, SUB)
                 acc += _w_dot(qw, s, zlo, zhi, x32, it, rows, ROWS, ASM, False)
-            if PDL and TRIG == 3:
-                if cb * KT + k1 >= end:
-                    gdc_launch_dependents()
             if HAS_BIAS:
                 if k0 == 0:
                     acc += bias
@@ -208,7 +200,6 @@ def fusable(layer) -> bool:
 # H100 (docs/benchmarks.md, quantization run 12), and again through the engine with the later launch signal (run 13).
 FUSED_CONFIGS: dict[tuple[int, int], tuple] = {}
 FUSED_DEFAULT = (512, 64, 2, 4, 3)
-TRIGGER = {"attn": 1, "gate_up": 1, "proj": 1}
 
 
 def fused_config(n: int, k: int) -> tuple:
@@ -265,6 +256,5 @@ def fused_int4_gemv(x: torch.Tensor, layer, *, norm_weight=None, eps: float = 0.
         programs, GROUP=g, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
         PRO=pro, K_POW2=triton.next_power_of_2(K), GLU=glu > 0, RES=residual is not None, ROPE_N=rope_n, Q_N=q_n,
         LOGN=q_scale is not None, HEAD=head, ASM=not INTERPRET, FENCE=sync.PER_THREAD_FENCE, PDL=sync.pdl(x.device),
-        TRIG=TRIGGER["attn" if rope is not None else ("gate_up" if glu else "proj")],
         num_warps=warps, num_stages=stages, **sync.pdl_launch(x.device))
     return out
