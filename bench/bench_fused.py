@@ -145,6 +145,39 @@ def attention_combine():
     return rows
 
 
+def attention_settings(settings: str):
+    """Batch-1 decode attention at each setting "kernel,splits,block_n,min_chunk,stages,warps" (min_chunk > 0: splits
+    combined in the kernel from min_chunk positions each; splits 1: one program per head), 32 layers' fp16 pools
+    back to back in a CUDA graph, against the table's setting; every output checked against splits 1."""
+    H, D, bs = 32, HEAD, 16
+    base = decode_config(1, False, torch.float16)
+    cfgs = [("table", base)]
+    for c in filter(None, settings.split(";")):
+        kern, splits, block_n, chunk, stages, warps = c.split(",")
+        cfgs.append((c, replace(base, kernel=kern, splits=int(splits), block_n=int(block_n), min_chunk=int(chunk),
+                                num_stages=int(stages), num_warps=int(warps))))
+    rows = []
+    for ctx in (16, 80, 144, 272, 528, 1024):
+        nblk = ctx // bs + 1
+        pools = [(torch.randn(nblk, bs, H, D, device="cuda", dtype=torch.float16),
+                  torch.randn(nblk, bs, H, D, device="cuda", dtype=torch.float16)) for _ in range(32)]
+        tables = torch.arange(nblk, device="cuda", dtype=torch.int32)[None]
+        lens = torch.tensor([ctx], device="cuda", dtype=torch.int32)
+        q = torch.randn(1, H, D, device="cuda", dtype=torch.float16)
+        counters = torch.zeros(H, device="cuda", dtype=torch.int32)
+        ref = paged_decode_attention(q, *pools[0], tables, lens, config=replace(base, splits=1, min_chunk=0)).float()
+        line = []
+        for label, cfg in cfgs:
+            c = counters if cfg.splits > 1 else None
+            err = (paged_decode_attention(q, *pools[0], tables, lens, config=cfg, counters=c).float() - ref).abs().max()
+            us = graph_us(lambda p: paged_decode_attention(q, p[0], p[1], tables, lens, config=cfg, counters=c), pools)
+            line.append(f"{label} {us:5.2f}")
+            rows.append(dict(context=ctx, setting=label, us=round(us, 2), max_diff=err.item()))
+            assert err.item() < 2e-2, (label, ctx, err.item())
+        log(f"attention batch 1, context {ctx:4d}, us per layer: " + " | ".join(line))
+    return rows
+
+
 def profile_decode(kind):
     """Kernel times inside the batch-1 decode graph of the engine (kind: int4 | int4-unfused | int4-fence)."""
     fused_decode.ENABLED = kind != "int4-unfused"
@@ -235,6 +268,8 @@ def main():
     ap.add_argument("--linear-only", action="store_true", help="per linear and the layer chain, no attention")
     ap.add_argument("--ncu", action="store_true", help="only: a few fused GEMV calls for Nsight Compute (ncu_calls)")
     ap.add_argument("--sweep", action="store_true", help="per linear: the fused kernel at `sweep_configs` settings")
+    ap.add_argument("--attention", default="", help='only: decode attention settings '
+                    '"kernel,splits,block_n,min_chunk,stages,warps;..." against the table (attention_settings)')
     ap.add_argument("--ablate", action="store_true", help="c_attn / gate_up with each piece of fused work alone")
     args = ap.parse_args()
     if args.ncu:
@@ -243,6 +278,9 @@ def main():
     bw = copy_bandwidth("cuda")
     log(f"copy bandwidth {bw / 1e9:.0f} GB/s")
     out = {}
+    if args.attention:
+        out["attention_settings"] = attention_settings(args.attention)
+        args.skip_linear = True
     if args.ablate:
         out["ablate"] = ablate(bw)
         args.skip_linear = True

@@ -466,7 +466,10 @@ def run_timed(engine, prompts, params):
     while engine.has_unfinished():
         ts = time.perf_counter()
         outs = engine.step()  # ends with a host read of the sampled ids: the GPU is done
-        if not engine.scheduler.last_was_prefill:
+        # Decode steps are those whose tokens this step() processed (engine.last_step_was_prefill). The step()
+        # that processes the prefill also launches the first decode step (overlapped steps, engine.py), so the
+        # scheduler's flag (the kind of the step last scheduled) would count the prefill's time as decode time.
+        if not engine.last_step_was_prefill:
             decode_s += time.perf_counter() - ts
             decode_tokens += len(outs)
     return time.perf_counter() - t0, decode_s, decode_tokens
