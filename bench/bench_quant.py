@@ -546,45 +546,6 @@ def check_fused_int4(cfg, device):
     RESULTS["fused_int4_check"] = errs
 
 
-def agree(a, b):
-    """Two runs' completions: (tokens equal before the first difference, of all; max |logprob diff| over those)."""
-    same, diff = 0, 0.0
-    for x, y in zip(a, b):
-        n = next((i for i, (s, t) in enumerate(zip(x.token_ids, y.token_ids)) if s != t), len(x.token_ids))
-        same += n
-        diff = max([diff] + [abs(p - q) for p, q in zip(x.logprobs[:n], y.logprobs[:n])])
-    return same, sum(len(x.token_ids) for x in a), diff
-
-
-def check_short_graph(cfg, device):
-    """The batch-1 decode graph for short contexts (attention with one program per head, kernels.attention
-    SHORT_CONTEXT) and the graph for longer ones: greedy decoding through the engine on 2 layers at the real
-    shape, 2 prompts of 24 tokens and 200 new (crossing SHORT_CONTEXT), with both graphs, then with the short
-    one turned off (SHORT_CONTEXT -1), then off again; the first must agree with the second as closely as the
-    second with the third (attention sums land in another order)."""
-    from qwenlm.engine import runner as engine_runner
-    from qwenlm.kernels import attention as attention_kernels
-    model = build_model(dataclasses.replace(cfg, num_hidden_layers=2), "int4", device, torch.float16)
-    prompts = prompts_of(2, 24, cfg.vocab_size, 12)
-    params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True, logprobs=True)
-    short0 = attention_kernels.SHORT_CONTEXT
-    runs, graphs = [], []
-    for short in (short0, -1, -1):
-        attention_kernels.SHORT_CONTEXT = engine_runner.SHORT_CONTEXT = short
-        engine = LLMEngine(model, None, EngineConfig(num_blocks=64, block_size=16, max_num_seqs=1,
-                                                     cuda_graph_batch_sizes=[1], compile_decode=True))
-        graphs.append(len(engine.runner.short_graphs))
-        runs.append([o.outputs[0] for o in engine.generate(prompts, params)])
-        del engine
-    attention_kernels.SHORT_CONTEXT = engine_runner.SHORT_CONTEXT = short0
-    both, base = agree(runs[0], runs[1]), agree(runs[1], runs[2])
-    log(f"engine greedy decode, short-context graph on ({graphs[0]} captured) vs off ({graphs[1]}): {both[0]}/{both[1]} "
-        f"tokens before a difference, logprobs within {both[2]:.2e}; off vs off: {base[0]}/{base[1]}, within "
-        f"{base[2]:.2e}")
-    assert graphs == [1, 0, 0] and both[2] < 5e-3 and both[0] >= min(base[0], both[1]) * 0.5, (graphs, both, base)
-    RESULTS["short_graph_check"] = dict(on_vs_off=both, off_vs_off=base)
-
-
 def check_pdl_tokens(cfg, device):
     """Programmatic dependent launch (qwenlm.kernels.sync.pdl) changes when kernels start, never what they read:
     greedy decoding through the engine's CUDA-graph decode (fused Int4 GEMVs, paged attention) on 2 layers at the
@@ -602,6 +563,15 @@ def check_pdl_tokens(cfg, device):
         runs.append([o.outputs[0] for o in engine.generate(prompts, params)])
         del engine
     ksync.PDL_ENABLED = PDL0
+
+    def agree(a, b):
+        """(tokens equal before the first difference, of all; max |logprob diff| over those)"""
+        same, diff = 0, 0.0
+        for x, y in zip(a, b):
+            n = next((i for i, (s, t) in enumerate(zip(x.token_ids, y.token_ids)) if s != t), len(x.token_ids))
+            same += n
+            diff = max([diff] + [abs(p - q) for p, q in zip(x.logprobs[:n], y.logprobs[:n])])
+        return same, sum(len(x.token_ids) for x in a), diff
 
     pdl, base = agree(runs[0], runs[1]), agree(runs[1], runs[2])
     log(f"engine greedy decode, PDL on vs off: {pdl[0]}/{pdl[1]} tokens before a difference, logprobs within "
@@ -824,7 +794,6 @@ def main():
         section("act_order", check_act_order)
         section("fused_int4", check_fused_int4, cfg, device)
         section("pdl_tokens", check_pdl_tokens, cfg, device)
-        section("short_graph", check_short_graph, cfg, device)
         if args.tune:
             section("gemv_tune", tune_table)
         if not args.skip_linear:

@@ -171,35 +171,6 @@ def test_decode_config_table_covers_every_batch():
         assert fp32.kernel == ("v2" if cfg.kernel == "mma" else cfg.kernel) and fp32.splits == cfg.splits
 
 
-def test_batch1_short_contexts_take_one_program_per_head():
-    """decode_config's context: a batch of 1 with a bf16 / fp16 pool within SHORT_CONTEXT positions takes
-    BATCH1_SHORT; longer or unknown contexts, larger batches and int8 pools keep the table. PagedAttention picks by
-    the context bound set_decode gives it (the known max context, or the runner's graph bucket)."""
-    from qwenlm.engine.attention import PagedAttention
-    from qwenlm.kernels.attention import BATCH1_SHORT, SHORT_CONTEXT, decode_config
-    table = decode_config(1, False)
-    assert BATCH1_SHORT.splits == 1 and BATCH1_SHORT != table
-    assert decode_config(1, False, torch.float16, SHORT_CONTEXT) == BATCH1_SHORT
-    assert decode_config(1, False, torch.bfloat16, 1) == BATCH1_SHORT
-    assert decode_config(1, False, torch.float16, SHORT_CONTEXT + 1) == table
-    assert decode_config(2, False, torch.float16, 16) == decode_config(2, False)
-    assert decode_config(1, True, torch.uint8, 16) == decode_config(1, True)
-    fp32 = decode_config(1, False, torch.float32, 16)  # fp32 pools: v2 in place of mma, still one split
-    assert fp32.kernel == "v2" and fp32.splits == 1
-    ctx = PagedAttention.allocate((1, 4, 16, 2, 8), torch.float16, "auto", "cpu")
-    q = torch.zeros(1, 2, 8, dtype=torch.float16)
-    lens = torch.tensor([100], dtype=torch.int32)
-    ctx.set_decode(None, None, lens, 100)
-    assert ctx._decode_config(q) == BATCH1_SHORT
-    ctx.set_decode(None, None, lens, 0)  # graph capture for every context
-    assert ctx._decode_config(q) == table
-    ctx.set_decode(None, None, lens, 0, SHORT_CONTEXT)  # the runner's short-context graph
-    assert ctx._decode_config(q) == BATCH1_SHORT
-    ctx.set_decode(None, None, lens, SHORT_CONTEXT + 1)
-    assert ctx._decode_config(q) == table
-    assert ctx._decode_config(torch.zeros(2, 2, 8, dtype=torch.float16)) == decode_config(2, False)
-
-
 def test_torch_paged_reference_matches_dense_attention():
     g = torch.Generator().manual_seed(1)
     from qwenlm.kernels.attention import paged_decode_attention_ref

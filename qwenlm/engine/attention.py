@@ -22,8 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from qwenlm.kernels.attention import (DecodeConfig, decode_config, paged_decode_attention,
-                                     paged_decode_attention_ref, triton)
+from qwenlm.kernels.attention import paged_decode_attention, paged_decode_attention_ref, triton
 from qwenlm.kernels.kv_int8 import dequantize_rows, quantize_store_kv
 
 KV_CACHE_DTYPES = ("auto", "int8")
@@ -65,7 +64,6 @@ class PagedAttention:
         self.block_tables: torch.Tensor | None = None  # decode: [B, W] int32
         self.context_lens: torch.Tensor | None = None  # decode: [B] int32
         self.max_context_len = 0  # decode, torch backend: host-side bound of the gather
-        self.context_bound: int | None = None  # decode: see set_decode
         self._counters: torch.Tensor | None = None  # the decode kernels' split counters (`_split_counters`)
 
     @classmethod
@@ -85,18 +83,10 @@ class PagedAttention:
     def set_prefill(self, slot_mapping, seqs: list[PrefillSeq]) -> None:
         self.is_prefill, self.slot_mapping, self.prefill_seqs = True, slot_mapping, seqs
 
-    def set_decode(self, slot_mapping, block_tables, context_lens, max_context_len: int,
-                   context_bound: int | None = None) -> None:
-        """context_bound: the longest context these decode calls may see, which picks the Triton kernel's setting
-        (`decode_config`); None: unknown (CUDA-graph capture for every context). Defaults to max_context_len
-        when that is known (> 0)."""
+    def set_decode(self, slot_mapping, block_tables, context_lens, max_context_len: int) -> None:
         self.is_prefill = False
         self.slot_mapping, self.block_tables, self.context_lens = slot_mapping, block_tables, context_lens
         self.max_context_len = max_context_len
-        self.context_bound = context_bound if context_bound is not None else (max_context_len or None)
-
-    def _decode_config(self, q: torch.Tensor) -> DecodeConfig:
-        return decode_config(q.shape[0], self.int8, self.k_cache.dtype, self.context_bound)
 
     def _split_counters(self, q: torch.Tensor) -> torch.Tensor | None:
         """Zeroed int32 arrival counters (one per sequence and head) with which the decode kernel's last context
@@ -120,7 +110,7 @@ class PagedAttention:
             # the kernel stores the new K/V itself (no separate store launches)
             out = paged_decode_attention(q[:, 0], k_cache, v_cache, self.block_tables, self.context_lens,
                                          k_new=k[:, 0], v_new=v[:, 0], slots=self.slot_mapping,
-                                         counters=self._split_counters(q), config=self._decode_config(q[:, 0]))
+                                         counters=self._split_counters(q))
             return out[:, None]
         if self.slot_mapping is not None:
             k_cache.view(-1, H, D).index_copy_(0, self.slot_mapping, k.reshape(-1, H, D))
@@ -128,7 +118,7 @@ class PagedAttention:
         if not self.is_prefill:
             if self.backend == "triton":
                 out = paged_decode_attention(q[:, 0], k_cache, v_cache, self.block_tables, self.context_lens,
-                                             counters=self._split_counters(q), config=self._decode_config(q[:, 0]))
+                                             counters=self._split_counters(q))
             else:
                 out = paged_decode_attention_ref(q[:, 0], k_cache, v_cache, self.block_tables,
                                                  self.context_lens, self.max_context_len)
@@ -177,8 +167,7 @@ class PagedAttention:
             if use_triton:  # quantizes and stores the new K/V itself
                 new = {} if self.slot_mapping is None else dict(k_new=k[:, 0], v_new=v[:, 0], slots=self.slot_mapping)
                 out = paged_decode_attention(q[:, 0], kc, vc, self.block_tables, self.context_lens, k_sz=ks, v_sz=vs,
-                                             counters=self._split_counters(q), config=self._decode_config(q[:, 0]),
-                                             **new)
+                                             counters=self._split_counters(q), **new)
             else:
                 quantize_store_kv(k, v, kc, vc, ks, vs, self.slot_mapping, use_triton)
                 out = paged_decode_attention_ref(q[:, 0], kc, vc, self.block_tables, self.context_lens,

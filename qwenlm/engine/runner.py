@@ -21,7 +21,6 @@ from qwenlm.engine.config import EngineConfig
 from qwenlm.engine.sampler import SamplingBatch, sample
 from qwenlm.engine.scheduler import ScheduledBatch
 from qwenlm.engine.sequence import Sequence
-from qwenlm.kernels.attention import SHORT_CONTEXT, decode_config
 from qwenlm.sampling import SamplingParams
 
 MAX_NTK_ALPHAS = 32  # rows of the RoPE table; alpha 2**32 - 1 is far past any context length
@@ -65,7 +64,6 @@ class ModelRunner:
         self.k_cache, self.v_cache = self.ctx.k_cache, self.ctx.v_cache  # uint8 for kv_cache_dtype="int8"
         self.scratch_slot = self.num_blocks * self.block_size
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.short_graphs: dict[int, torch.cuda.CUDAGraph] = {}  # batch 1, contexts <= SHORT_CONTEXT
         if self.device.type == "cuda":  # pinned staging of the decode inputs, two sets used in turn
             rows = max(config.graph_batch_sizes() + [config.max_num_seqs])
             self._host_flat = [torch.zeros(5 * rows, dtype=torch.int64).pin_memory() for _ in range(2)]
@@ -271,10 +269,7 @@ class ModelRunner:
             st["flat"][:, :graph_bs].copy_(flat.view(5, graph_bs))
             self._feed_pending(st["ids"], seqs, prev)
             st["tables"][:graph_bs, :tables.shape[1]].copy_(tables)
-            graph = self.graphs[graph_bs]
-            if graph_bs in self.short_graphs and max(len(s) for s in seqs) <= SHORT_CONTEXT:
-                graph = self.short_graphs[graph_bs]
-            graph.replay()  # context lens and RoPE rows are converted inside the graph
+            self.graphs[graph_bs].replay()  # context lens and RoPE rows are converted inside the graph
             return st["logits"][:B]
         flat, tables = self._decode_inputs(seqs, B)
         ids, pos, slots, lens, alphas = flat.view(5, B)
@@ -306,28 +301,18 @@ class ModelRunner:
         pool = None
         with torch.inference_mode():
             for bs in reversed(sizes):
-                # Batch 1 also gets a graph for contexts up to SHORT_CONTEXT where the attention kernel's setting
-                # differs there (`decode_config`): a launch grid is fixed once captured.
-                bounds = [None] + ([SHORT_CONTEXT] if bs == 1 and self._short_differs() else [])
-                for bound in bounds:
-                    self.ctx.set_decode(st["slots"][:bs], st["tables"][:bs], st["lens"][:bs], 0, bound)
+                self.ctx.set_decode(st["slots"][:bs], st["tables"][:bs], st["lens"][:bs], 0)
 
-                    def forward(bs=bs):
-                        st["lens"][:bs].copy_(st["flat"][3, :bs])
-                        inv = self._inv_table[st["alphas"][:bs]][:, None, :]
-                        st["logits"][:bs] = self._decode_forward(st["ids"][:bs, None], st["pos"][:bs, None], inv,
-                                                                 use_logn)
+                def forward(bs=bs):
+                    st["lens"][:bs].copy_(st["flat"][3, :bs])
+                    inv = self._inv_table[st["alphas"][:bs]][:, None, :]
+                    st["logits"][:bs] = self._decode_forward(st["ids"][:bs, None], st["pos"][:bs, None], inv, use_logn)
 
-                    forward()  # compile kernels and settle the allocator before capture
-                    torch.cuda.synchronize()
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool):
-                        forward()
-                    pool = graph.pool()
-                    (self.graphs if bound is None else self.short_graphs)[bs] = graph
+                forward()  # compile kernels and settle the allocator before capture
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool):
+                    forward()
+                pool = graph.pool()
+                self.graphs[bs] = graph
         torch.cuda.synchronize()
-
-    def _short_differs(self) -> bool:
-        """Whether batch-1 decode attention runs another kernel setting at contexts up to SHORT_CONTEXT."""
-        int8 = self.ctx.int8
-        return decode_config(1, int8, self.k_cache.dtype, SHORT_CONTEXT) != decode_config(1, int8, self.k_cache.dtype)

@@ -339,12 +339,10 @@ class DecodeConfig:
 # small programs as the batch grows (one warp, 32-token tiles from 64: 128 x 640 in 258 us, 2.77 TB/s, vs 324
 # with 4 warps and 128-token tiles: more programs resident per SM, more loads in flight). Batch 1 uses a split only
 # per 64 positions of context (min_chunk): at context 16 one program per head, 4.3 us instead of 5.9 for 16 splits
-# mostly empty; 80-272: 0.2 us less; 528 and 1,024 within 0.1 us (bench/bench_fused.py, docs/benchmarks.md). With 3
-# stages instead of 2: 7.3 / 7.6 / 9.0 µs at 144 / 272 / 528 positions against 8.2 / 8.8 / 9.7 (run 14).
+# mostly empty; 80-272: 0.2 us less; 528 and 1,024 within 0.1 us (bench/bench_fused.py, docs/benchmarks.md).
 _MMA = dict(kernel="mma", block_n=64, num_stages=2)
 DECODE_CONFIGS = {
-    "bf16": [(1, DecodeConfig(splits=16, min_chunk=64, **{**_MMA, "num_stages": 3})),
-             (2, DecodeConfig(splits=8, **_MMA)),
+    "bf16": [(1, DecodeConfig(splits=16, min_chunk=64, **_MMA)), (2, DecodeConfig(splits=8, **_MMA)),
              (4, DecodeConfig(splits=4, **_MMA)), (8, DecodeConfig(splits=2, **_MMA)), (16, DecodeConfig(**_MMA))],
     "int8": [(1, DecodeConfig(splits=16, block_n=64, min_chunk=64)), (2, DecodeConfig(splits=8, block_n=64)),
              (8, DecodeConfig(splits=4, block_n=64)), (16, DecodeConfig("v1", block_n=128, num_warps=2)),
@@ -352,25 +350,11 @@ DECODE_CONFIGS = {
 }
 
 
-# Batch 1, bf16 / fp16 pools, contexts up to SHORT_CONTEXT positions: one program per head reading the whole context
-# (no splits, no partials). A launch grid is fixed once captured in a CUDA graph, and the table's 16 splits leave
-# most of their 512 programs empty at short contexts: 32 layers back to back on an H100, µs per layer at 16 / 80 /
-# 144 / 272 positions: one program per head 3.0 / 5.0 / 7.1 / 10.7, the table 5.2 / 7.9 / 8.2 / 8.8
-# (bench/bench_fused.py --attention, docs/benchmarks.md run 14). The runner captures a second batch-1 decode graph
-# for these contexts (`ModelRunner._capture_graphs`).
-SHORT_CONTEXT = 160
-BATCH1_SHORT = DecodeConfig(splits=1, **_MMA)
-
-
-def decode_config(batch: int, int8: bool, pool_dtype: torch.dtype = torch.bfloat16,
-                  context: int | None = None) -> DecodeConfig:
+def decode_config(batch: int, int8: bool, pool_dtype: torch.dtype = torch.bfloat16) -> DecodeConfig:
     """The table's config for this batch; fp32 pools (fp32 models: tests, CPU-built checks) take v2 where the
-    table says mma (tensor cores take 16-bit operands). context: the longest context the call may see (None:
-    unknown); a batch of 1 within SHORT_CONTEXT takes BATCH1_SHORT (bf16 / fp16 pools)."""
+    table says mma (tensor cores take 16-bit operands)."""
     table = DECODE_CONFIGS["int8" if int8 else "bf16"]
     cfg = [c for b, c in table if b <= max(batch, 1)][-1]
-    if batch <= 1 and not int8 and context is not None and context <= SHORT_CONTEXT:
-        cfg = BATCH1_SHORT
     if cfg.kernel == "mma" and not int8 and pool_dtype not in (torch.bfloat16, torch.float16):
         cfg = DecodeConfig("v2", splits=cfg.splits, block_n=cfg.block_n, num_warps=cfg.num_warps,
                            min_chunk=cfg.min_chunk)
