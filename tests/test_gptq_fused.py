@@ -108,3 +108,58 @@ print("ok")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                    reason="triton has no build for this platform (a [test] dependency on Linux, where this runs)")
+def test_fused_qkv_attention_matches_two_launches_in_interpreter():
+    """c_attn and the paged attention in one launch (qwenlm.kernels.gptq_fused_attention, here as its two phases)
+    give what the fused GEMV followed by the decode attention kernel gives: the attention output, the new K/V in
+    the pool, the counters and workspaces left at zero; contexts of 1 (the new token only), 7 and 70 positions
+    (two context splits combined)."""
+    code = r'''
+import torch
+from qwenlm.engine.attention import PagedAttention
+from qwenlm.kernels import gptq_fused
+from qwenlm.kernels.attention import paged_decode_attention
+from qwenlm.kernels.gptq_fused_attention import fused_qkv_attention
+from qwenlm.model import quant
+
+torch.manual_seed(0)
+H, D, K, page, nb = 2, 128, 256, 16, 8
+layer = quant.GPTQLinear(K, 3 * H * D, bits=4, group_size=128, bias=True)
+layer.qweight = quant.pack_rows(torch.randint(0, 16, (K, 3 * H * D)), 4)
+layer.qzeros = quant.pack_cols(torch.randint(0, 15, (K // 128, 3 * H * D)), 4)
+layer.scales = (torch.rand(K // 128, 3 * H * D) * 0.01 + 0.005).half()
+layer.bias = (torch.randn(3 * H * D) * 0.1).half()
+layer.prepare_kernel("triton")
+norm_w = (torch.rand(K) + 0.5).half()
+cos, sin = torch.rand(D).half(), torch.rand(D).half()
+rope = (cos, sin, torch.tensor([1.25]).half(), 2 * H * D, H * D, D)
+x = torch.randn(K).half()
+for ctx_len in (1, 7, 70):
+    ctx = PagedAttention.allocate((1, nb, page, H, D), torch.float16, "auto", "cpu", backend="triton")
+    ctx.k_cache.normal_(), ctx.v_cache.normal_()
+    table = torch.randperm(nb)[None].int()
+    pos = ctx_len - 1
+    slots = table[0, pos // page].long()[None] * page + pos % page
+    ctx.set_decode(slots, table, torch.tensor([ctx_len]).int(), ctx_len)
+    kc0, vc0 = ctx.k_cache.clone(), ctx.v_cache.clone()
+    ops = ctx.fused_decode_operands(0)
+    got = fused_qkv_attention(x, layer, ops, norm_weight=norm_w, eps=1e-6, rope=rope)
+    kc1, vc1 = ctx.k_cache.clone(), ctx.v_cache.clone()
+    ctx.k_cache.copy_(kc0), ctx.v_cache.copy_(vc0)
+    qkv = gptq_fused.fused_int4_gemv(x, layer, norm_weight=norm_w, eps=1e-6, rope=rope).view(3, H, D)
+    counters = torch.zeros(H, dtype=torch.int32)
+    want = paged_decode_attention(qkv[0][None], ctx.k_cache[0], ctx.v_cache[0], table, torch.tensor([ctx_len]).int(),
+                                  k_new=qkv[1][None], v_new=qkv[2][None], slots=slots, counters=counters)
+    assert got.shape == (1, H, D) and got.dtype == torch.float16
+    err = (got.float() - want.float()).abs().max().item()
+    assert err <= 1e-3 * want.float().abs().max().item(), (ctx_len, err)
+    assert torch.equal(kc1, ctx.k_cache) and torch.equal(vc1, ctx.v_cache), ctx_len  # the new K/V, stored
+    assert not ops["counters"].any() and not layer._workspace[0].any() and not layer._workspace[1].any()
+print("ok")
+'''
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
