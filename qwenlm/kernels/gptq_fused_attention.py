@@ -31,9 +31,6 @@ if triton is not None:
 
 ATTN_BLOCK = 64  # positions per attention tile; one context split per ATTN_BLOCK cached positions
 ATTN_SPLITS = 16  # at most
-KERNEL_STAGES = 1
-BACKOFF_NS = 0
-LAST = {}
 
 if triton is not None:
 
@@ -48,7 +45,7 @@ if triton is not None:
             ROPE_N: tl.constexpr, Q_N: tl.constexpr, LOGN: tl.constexpr, HEAD: tl.constexpr, ASM: tl.constexpr,
             FENCE: tl.constexpr, PDL: tl.constexpr,
             PAGE: tl.constexpr, HEADS: tl.constexpr, A_BLOCK: tl.constexpr, SPLITS: tl.constexpr,
-            BLOCK_S: tl.constexpr, OP: tl.constexpr, PHASE: tl.constexpr, BACKOFF: tl.constexpr):
+            BLOCK_S: tl.constexpr, OP: tl.constexpr, PHASE: tl.constexpr):
         """PHASE 3: the GEMV, the wait, the attention; 1: the GEMV alone; 2: the attention alone (after 1)."""
         if PHASE != 2:
             _fused_int4_kernel(x_ptr, nw_ptr, xs_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
@@ -67,14 +64,6 @@ if triton is not None:
             if PHASE == 3:  # wait for every program's (all are resident: `_resident`)
                 seen = tl.load(Sync, volatile=True)
                 while seen < P:
-                    if BACKOFF == 100:
-                        tl.inline_asm_elementwise("nanosleep.u32 100; mov.b32 $0, $1;", "=r,r",
-                                                  [tl.zeros([1], dtype=tl.int32)], dtype=tl.int32, is_pure=False,
-                                                  pack=1)
-                    if BACKOFF == 500:
-                        tl.inline_asm_elementwise("nanosleep.u32 500; mov.b32 $0, $1;", "=r,r",
-                                                  [tl.zeros([1], dtype=tl.int32)], dtype=tl.int32, is_pure=False,
-                                                  pack=1)
                     seen = tl.load(Sync, volatile=True)
                 _fence_gpu()  # the epilogues' q | k | v are read after the count
             _, _, _, n_used = _span(ContextLens, 0, 0, SPLITS, A_BLOCK, True, True, A_BLOCK)
@@ -136,19 +125,18 @@ def fused_qkv_attention(x: torch.Tensor, layer, attention: dict, *, norm_weight,
                     BLOCK_S=triton.next_power_of_2(ATTN_SPLITS), OP=tl.bfloat16 if kc.dtype == torch.bfloat16
                     else tl.float16)
     # num_stages 1: the attention's one tile per split gains nothing from a pipeline (the GEMV's loop sets its own)
-    meta = {**meta, "num_stages": KERNEL_STAGES or meta["num_stages"]}
+    meta = {**meta, "num_stages": 1}
     programs = args[-1]
     if x.is_cuda and not gptq_fused.INTERPRET:
-        kernel = _fused_qkv_attention_kernel.warmup(*args, *att, **meta, **att_meta, PHASE=3, BACKOFF=BACKOFF_NS, grid=grid)
+        kernel = _fused_qkv_attention_kernel.warmup(*args, *att, **meta, **att_meta, PHASE=3, grid=grid)
         kernel._init_handles()
         sms = gptq_fused._sm_count(x.device)
         fit = _resident(kernel.n_regs, kernel.metadata.shared, meta["num_warps"],
                         *_device_limits(x.device)) * sms
-        LAST.update(spills=kernel.n_spills, n_regs=kernel.n_regs, shared=kernel.metadata.shared, fit=fit, programs=programs)
         if fit >= 1:
             programs = min(programs, fit)
-            _fused_qkv_attention_kernel[(programs,)](*args[:-1], programs, *att, **meta, **att_meta, PHASE=3, BACKOFF=BACKOFF_NS)
+            _fused_qkv_attention_kernel[(programs,)](*args[:-1], programs, *att, **meta, **att_meta, PHASE=3)
             return out
     for phase in (1, 2):  # the interpreter, or a grid the GPU cannot hold at once
-        _fused_qkv_attention_kernel[(programs,)](*args[:-1], programs, *att, **meta, **att_meta, PHASE=phase, BACKOFF=0)
+        _fused_qkv_attention_kernel[(programs,)](*args[:-1], programs, *att, **meta, **att_meta, PHASE=phase)
     return out
