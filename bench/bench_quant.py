@@ -546,39 +546,6 @@ def check_fused_int4(cfg, device):
     RESULTS["fused_int4_check"] = errs
 
 
-def agree(a, b):
-    """Two runs' completions: (tokens equal before the first difference, of all; max |logprob diff| over those)."""
-    same, diff = 0, 0.0
-    for x, y in zip(a, b):
-        n = next((i for i, (s, t) in enumerate(zip(x.token_ids, y.token_ids)) if s != t), len(x.token_ids))
-        same += n
-        diff = max([diff] + [abs(p - q) for p, q in zip(x.logprobs[:n], y.logprobs[:n])])
-    return same, sum(len(x.token_ids) for x in a), diff
-
-
-def check_fused_attention(cfg, device):
-    """c_attn and the attention in one launch (qwenlm.kernels.gptq_fused_attention) against two launches: greedy
-    decoding through the engine's CUDA-graph decode on 2 layers at the real shape, 2 prompts of 24 tokens and 200
-    new (1 to 4 context splits), fused, then not, then not again; the first must agree with the second as closely
-    as the second with the third."""
-    model = build_model(dataclasses.replace(cfg, num_hidden_layers=2), "int4", device, torch.float16)
-    prompts = prompts_of(2, 24, cfg.vocab_size, 12)
-    params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True, logprobs=True)
-    runs = []
-    for on in (True, False, False):
-        fused_decode.FUSED_ATTENTION = on
-        engine = LLMEngine(model, None, EngineConfig(num_blocks=64, block_size=16, max_num_seqs=1,
-                                                     cuda_graph_batch_sizes=[1], compile_decode=True))
-        runs.append([o.outputs[0] for o in engine.generate(prompts, params)])
-        del engine
-    fused_decode.FUSED_ATTENTION = True
-    both, base = agree(runs[0], runs[1]), agree(runs[1], runs[2])
-    log(f"engine greedy decode, c_attn + attention in one launch vs two: {both[0]}/{both[1]} tokens before a "
-        f"difference, logprobs within {both[2]:.2e}; two vs two: {base[0]}/{base[1]}, within {base[2]:.2e}")
-    RESULTS["fused_attention_check"] = dict(one_vs_two=both, two_vs_two=base)
-    assert both[2] <= max(4 * base[2], 2e-3) and both[0] >= min(base[0], both[1] // 2), (both, base)
-
-
 def check_pdl_tokens(cfg, device):
     """Programmatic dependent launch (qwenlm.kernels.sync.pdl) changes when kernels start, never what they read:
     greedy decoding through the engine's CUDA-graph decode (fused Int4 GEMVs, paged attention) on 2 layers at the
@@ -596,6 +563,15 @@ def check_pdl_tokens(cfg, device):
         runs.append([o.outputs[0] for o in engine.generate(prompts, params)])
         del engine
     ksync.PDL_ENABLED = PDL0
+
+    def agree(a, b):
+        """(tokens equal before the first difference, of all; max |logprob diff| over those)"""
+        same, diff = 0, 0.0
+        for x, y in zip(a, b):
+            n = next((i for i, (s, t) in enumerate(zip(x.token_ids, y.token_ids)) if s != t), len(x.token_ids))
+            same += n
+            diff = max([diff] + [abs(p - q) for p, q in zip(x.logprobs[:n], y.logprobs[:n])])
+        return same, sum(len(x.token_ids) for x in a), diff
 
     pdl, base = agree(runs[0], runs[1]), agree(runs[1], runs[2])
     log(f"engine greedy decode, PDL on vs off: {pdl[0]}/{pdl[1]} tokens before a difference, logprobs within "
@@ -818,7 +794,6 @@ def main():
         section("act_order", check_act_order)
         section("fused_int4", check_fused_int4, cfg, device)
         section("pdl_tokens", check_pdl_tokens, cfg, device)
-        section("fused_attention", check_fused_attention, cfg, device)
         if args.tune:
             section("gemv_tune", tune_table)
         if not args.skip_linear:
@@ -838,14 +813,11 @@ def main():
         # -nokernel: by nothing (c_proj reads v itself): how much of a step the attention and its boundaries take
         stub = {"-noattn": _no_attention, "-nokernel": _no_attention_kernel}.get(weights[weights.rfind("-"):])
         engine_attention.paged_decode_attention = stub or decode_attention
-        # -sepattn (and the stubs): batch-1 Int4 attention as its own launch, not inside c_attn's
-        fused_decode.FUSED_ATTENTION = not (stub or weights.endswith("-sepattn"))
-        weights = weights.removesuffix("-noattn").removesuffix("-nokernel").removesuffix("-sepattn")
+        weights = weights.removesuffix("-noattn").removesuffix("-nokernel")
         section(f"engine_{kind}", lambda: dec.append(
             weights_run(cfg, weights, device, dtype, bw, args, "int8" if kv == "kv8" else "auto")))
         save()
     engine_attention.paged_decode_attention = decode_attention
-    fused_decode.FUSED_ATTENTION = True
     os.environ["QWENLM_GPTQ_KERNEL"] = "triton"
     gc.collect()
     if device == "cuda" and not args.only_batch1:

@@ -101,22 +101,6 @@ class PagedAttention:
             self._counters = torch.zeros(n, dtype=torch.int32, device=q.device)
         return self._counters
 
-    def fused_decode_operands(self, layer: int) -> dict | None:
-        """What `qwenlm.kernels.gptq_fused_attention.fused_qkv_attention` needs to attend layer `layer` of a
-        batch-1 decode step inside the c_attn launch (this layer's pools, block table, context length, slot and
-        split counters); None where it does not apply: prefill, an int8 or fp32 pool, the torch backend, no new
-        slot, more than one sequence, or splits combined by a second launch."""
-        k_cache = self.k_cache[layer]
-        if (self.is_prefill or self.int8 or self.backend != "triton" or self.slot_mapping is None
-                or self.block_tables is None or self.block_tables.shape[0] != 1
-                or k_cache.dtype not in (torch.float16, torch.bfloat16)):
-            return None
-        counters = self._split_counters(k_cache[:1, :1])  # shaped [1, 1, heads, head_dim]: one per head
-        if counters is None:
-            return None
-        return dict(k_cache=k_cache, v_cache=self.v_cache[layer], block_tables=self.block_tables,
-                    context_lens=self.context_lens, slots=self.slot_mapping, counters=counters)
-
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         B, T, H, D = q.shape
         if self.int8:

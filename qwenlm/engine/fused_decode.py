@@ -20,13 +20,10 @@ import torch
 
 from qwenlm.engine.fusion import GateUpMLP
 from qwenlm.kernels.gptq_fused import fusable, fused_int4_gemv
-from qwenlm.kernels.gptq_fused_attention import fused_qkv_attention
 from qwenlm.model.quant import GPTQLinear
 
 # QWENLM_FUSED_INT4=0 keeps Int4 models on the compiled regions (for comparisons).
 ENABLED = os.environ.get("QWENLM_FUSED_INT4", "1") != "0"
-# QWENLM_FUSED_ATTENTION=0: the attention as its own launch after c_attn's (1 and 2 above), for comparisons.
-FUSED_ATTENTION = os.environ.get("QWENLM_FUSED_ATTENTION", "1") != "0"
 
 
 def supports(model) -> bool:
@@ -61,16 +58,10 @@ class FusedInt4Blocks:
         for block in self.model.transformer.h:
             attn, mlp = block.attn, block.mlp
             proj = attn.num_heads * attn.head_dim
-            rope = (cos, sin, qs, 2 * proj, proj, attn.head_dim)
-            operands = getattr(ctx, "fused_decode_operands", None)
-            operands = operands(attn.layer_idx) if (operands is not None and FUSED_ATTENTION) else None
-            if operands is not None:  # 1 and 2 in one launch
-                out = fused_qkv_attention(x, attn.c_attn, operands, norm_weight=block.ln_1.weight,
-                                          eps=block.ln_1.eps, rope=rope)
-            else:
-                qkv = fused_int4_gemv(x, attn.c_attn, norm_weight=block.ln_1.weight, eps=block.ln_1.eps, rope=rope)
-                q, k, v = qkv.view(1, 1, 3, attn.num_heads, attn.head_dim).unbind(2)
-                out = ctx.attend(attn.layer_idx, q, k, v)
+            qkv = fused_int4_gemv(x, attn.c_attn, norm_weight=block.ln_1.weight, eps=block.ln_1.eps,
+                                  rope=(cos, sin, qs, 2 * proj, proj, attn.head_dim))
+            q, k, v = qkv.view(1, 1, 3, attn.num_heads, attn.head_dim).unbind(2)
+            out = ctx.attend(attn.layer_idx, q, k, v)
             x = fused_int4_gemv(out.reshape(-1), attn.c_proj, residual=x).view(H)
             act = fused_int4_gemv(x, mlp.gate_up, norm_weight=block.ln_2.weight, eps=block.ln_2.eps,
                                   glu=mlp.ffn_dim)

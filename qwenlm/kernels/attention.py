@@ -122,27 +122,22 @@ if triton is not None:
             m1, l1, acc1 = _store_new_and_attend(K, V, KSZ, VSZ, Kin, Vin, Slots, b, hh, 0, d, q[None, :], m1, l1,
                                                  acc1, ctx_len, stride_kb, stride_kp, stride_kh, stride_sb,
                                                  stride_sp, stride_sh, stride_knb, stride_knh, stride_vnb,
-                                                 stride_vnh, PAGE, KV_INT8, False)
-        _finish(Out, Out, Out, Out, Out, b, hh, 0, 0, d, m1, l1, acc1, 0, 1, n_used, stride_ob, stride_oh, HEAD_DIM,
+                                                 stride_vnh, PAGE, KV_INT8)
+        _finish(Out, Out, Out, Out, Out, b, hh, 0, d, m1, l1, acc1, 0, 1, n_used, stride_ob, stride_oh, HEAD_DIM,
                 False, False, 1, False, False)
 
     @triton.jit
     def _store_new_and_attend(K, V, KSZ, VSZ, Kin, Vin, Slots, b, hh, sp, d, q, m, l_sum, acc, ctx_len,
                               stride_kb, stride_kp, stride_kh, stride_sb, stride_sp, stride_sh,
                               stride_knb, stride_knh, stride_vnb, stride_vnh, PAGE: tl.constexpr,
-                              KV_INT8: tl.constexpr, CG: tl.constexpr):
+                              KV_INT8: tl.constexpr):
         """The fused store: the new token's K/V rows of heads hh (from Kin / Vin) go into slot Slots[b], quantized
         for int8, by split 0 only; then one online-softmax step over that row as stored. q: the scaled query
-        [HB, D] fp32; (m, l_sum, acc) [HB], [HB], [HB, D]: the running softmax state, returned updated. CG: Kin /
-        Vin were written by other programs of this kernel (read at L2)."""
+        [HB, D] fp32; (m, l_sum, acc) [HB], [HB], [HB, D]: the running softmax state, returned updated."""
         slot = tl.load(Slots + b).to(tl.int64)
         dst = (slot // PAGE) * stride_kb + (slot % PAGE) * stride_kp + hh[:, None] * stride_kh + d[None, :]
-        if CG:
-            kn = tl.load(Kin + b * stride_knb + hh[:, None] * stride_knh + d[None, :], cache_modifier=".cg")
-            vn = tl.load(Vin + b * stride_vnb + hh[:, None] * stride_vnh + d[None, :], cache_modifier=".cg")
-        else:
-            kn = tl.load(Kin + b * stride_knb + hh[:, None] * stride_knh + d[None, :])
-            vn = tl.load(Vin + b * stride_vnb + hh[:, None] * stride_vnh + d[None, :])
+        kn = tl.load(Kin + b * stride_knb + hh[:, None] * stride_knh + d[None, :])
+        vn = tl.load(Vin + b * stride_vnb + hh[:, None] * stride_vnh + d[None, :])
         first_h = (hh * 0 + sp) == 0  # split 0 stores (masks as tensors: the interpreter wants them)
         first = first_h[:, None] & (d[None, :] >= 0)
         if KV_INT8:
@@ -233,34 +228,42 @@ if triton is not None:
             m, l_sum, acc = _store_new_and_attend(K, V, KSZ, VSZ, Kin, Vin, Slots, b, hh, sp, d, q, m, l_sum, acc,
                                                   ctx_len, stride_kb, stride_kp, stride_kh, stride_sb, stride_sp,
                                                   stride_sh, stride_knb, stride_knh, stride_vnb, stride_vnh,
-                                                  PAGE, KV_INT8, False)
-        _finish(Out, PartM, PartL, PartAcc, Counters, b, hh, sp, b * tl.num_programs(1) + hg, d, m, l_sum, acc,
-                tl.num_programs(1) * HEADS,
+                                                  PAGE, KV_INT8)
+        _finish(Out, PartM, PartL, PartAcc, Counters, b, hh, sp, d, m, l_sum, acc, tl.num_programs(1) * HEADS,
                 n_splits, n_used, stride_ob, stride_oh, HEAD_DIM, SPLIT, FUSED_REDUCE, BLOCK_S, ASM, FENCE)
 
     @triton.jit
-    def _mma_attend(b, h, sp, n_splits, n_heads, grp, Q, K, V, KSZ, VSZ, Kin, Vin, Slots, Out, PartM, PartL,
-                    PartAcc, Counters, BlockTables, ContextLens, scale,
-                    stride_qb, stride_qh, stride_kb, stride_kp, stride_kh,
-                    stride_sb, stride_sp, stride_sh,
-                    stride_knb, stride_knh, stride_vnb, stride_vnh,
-                    stride_ob, stride_oh, stride_bt,
-                    PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                    KV_INT8: tl.constexpr, FUSED_STORE: tl.constexpr, SPLIT: tl.constexpr,
-                    OP: tl.constexpr, Q_LO: tl.constexpr, FUSED_REDUCE: tl.constexpr,
-                    MIN_CHUNK: tl.constexpr,
-                    BLOCK_S: tl.constexpr, ASM: tl.constexpr, FENCE: tl.constexpr, CG: tl.constexpr):
-        """Program (sequence b, head h, split sp of n_splits) of `_paged_decode_mma_kernel`, callable from another
-        kernel: n_heads heads in all, the split count Counters[grp]; CG: Q, Kin and Vin were written by other
-        programs of the calling kernel (read at L2)."""
+    def _paged_decode_mma_kernel(Q, K, V, KSZ, VSZ, Kin, Vin, Slots, Out, PartM, PartL, PartAcc, Counters,
+                                 BlockTables, ContextLens, scale,
+                                 stride_qb, stride_qh, stride_kb, stride_kp, stride_kh,
+                                 stride_sb, stride_sp, stride_sh,
+                                 stride_knb, stride_knh, stride_vnb, stride_vnh,
+                                 stride_ob, stride_oh, stride_bt,
+                                 PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                                 KV_INT8: tl.constexpr, FUSED_STORE: tl.constexpr, SPLIT: tl.constexpr,
+                                 OP: tl.constexpr, Q_LO: tl.constexpr, FUSED_REDUCE: tl.constexpr,
+                                 MIN_CHUNK: tl.constexpr,
+                                 BLOCK_S: tl.constexpr, ASM: tl.constexpr, FENCE: tl.constexpr,
+                                 PDL: tl.constexpr):
+        """v2's program (sequence b, head h, split sp) with both products on tensor cores: q.K^T as K[BN,D] @
+        Q[D,16] and p.V as P[16,BN] @ V[BN,D], where only column / row 0 of the padded operand is nonzero.
+        Decode attention stays bound by reading K/V; the point is what the tensor-core path does to that read:
+        Triton stages tl.dot operands through shared memory with asynchronous copies (num_stages deep), so
+        many more bytes are in flight per SM than with v1/v2's register tiles, and the per-element products
+        and reductions leave the CUDA cores. Operands (OP) are in the pool dtype; for int8 pools in the query's
+        dtype if bf16 or fp16 (both hold every uint8 exactly), else fp16. A query not exact in OP (Q_LO) and
+        the weights p are split into a high and a low part (two products), so the result keeps ~16 bits where
+        one bf16 operand would keep 8. PDL: as v2."""
+        _pdl_start(PDL)
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        sp = tl.program_id(2)
+        n_splits = tl.num_programs(2)
         ctx_len, start, end, n_used = _span(ContextLens, b, sp, n_splits, BLOCK_N, FUSED_STORE, SPLIT, MIN_CHUNK)
         hh = h + tl.arange(0, 1)
         d = tl.arange(0, HEAD_DIM)
         c = tl.arange(0, 16)
-        if CG:  # written by other programs of this kernel: read at L2
-            qf = tl.load(Q + b * stride_qb + h * stride_qh + d, cache_modifier=".cg").to(tl.float32)  # unscaled
-        else:
-            qf = tl.load(Q + b * stride_qb + h * stride_qh + d).to(tl.float32)  # [D], unscaled
+        qf = tl.load(Q + b * stride_qb + h * stride_qh + d).to(tl.float32)  # [D], unscaled
         q_hi = qf.to(OP)
         q_mat = tl.where(c[None, :] == 0, q_hi[:, None], 0.0).to(OP)  # [D,16]
         if Q_LO:
@@ -310,43 +313,9 @@ if triton is not None:
                                                     (qf * scale)[None, :], m1, l1, acc_row, ctx_len,
                                                     stride_kb, stride_kp, stride_kh, stride_sb, stride_sp,
                                                     stride_sh, stride_knb, stride_knh, stride_vnb, stride_vnh,
-                                                    PAGE, KV_INT8, CG)
-        _finish(Out, PartM, PartL, PartAcc, Counters, b, hh, sp, grp, d, m1, l1, acc_row, n_heads, n_splits,
+                                                    PAGE, KV_INT8)
+        _finish(Out, PartM, PartL, PartAcc, Counters, b, hh, sp, d, m1, l1, acc_row, tl.num_programs(1), n_splits,
                 n_used, stride_ob, stride_oh, HEAD_DIM, SPLIT, FUSED_REDUCE, BLOCK_S, ASM, FENCE)
-
-
-    @triton.jit
-    def _paged_decode_mma_kernel(Q, K, V, KSZ, VSZ, Kin, Vin, Slots, Out, PartM, PartL, PartAcc, Counters,
-                                 BlockTables, ContextLens, scale,
-                                 stride_qb, stride_qh, stride_kb, stride_kp, stride_kh,
-                                 stride_sb, stride_sp, stride_sh,
-                                 stride_knb, stride_knh, stride_vnb, stride_vnh,
-                                 stride_ob, stride_oh, stride_bt,
-                                 PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                                 KV_INT8: tl.constexpr, FUSED_STORE: tl.constexpr, SPLIT: tl.constexpr,
-                                 OP: tl.constexpr, Q_LO: tl.constexpr, FUSED_REDUCE: tl.constexpr,
-                                 MIN_CHUNK: tl.constexpr,
-                                 BLOCK_S: tl.constexpr, ASM: tl.constexpr, FENCE: tl.constexpr,
-                                 PDL: tl.constexpr):
-        """v2's program (sequence b, head h, split sp) with both products on tensor cores: q.K^T as K[BN,D] @
-        Q[D,16] and p.V as P[16,BN] @ V[BN,D], where only column / row 0 of the padded operand is nonzero.
-        Decode attention stays bound by reading K/V; the point is what the tensor-core path does to that read:
-        Triton stages tl.dot operands through shared memory with asynchronous copies (num_stages deep), so
-        many more bytes are in flight per SM than with v1/v2's register tiles, and the per-element products
-        and reductions leave the CUDA cores. Operands (OP) are in the pool dtype; for int8 pools in the query's
-        dtype if bf16 or fp16 (both hold every uint8 exactly), else fp16. A query not exact in OP (Q_LO) and
-        the weights p are split into a high and a low part (two products), so the result keeps ~16 bits where
-        one bf16 operand would keep 8. PDL: as v2."""
-        _pdl_start(PDL)
-        b = tl.program_id(0)
-        h = tl.program_id(1)
-        _mma_attend(b, h, tl.program_id(2), tl.num_programs(2), tl.num_programs(1), b * tl.num_programs(1) + h,
-                    Q, K, V, KSZ, VSZ, Kin, Vin, Slots, Out, PartM, PartL, PartAcc, Counters, BlockTables, ContextLens,
-                    scale, stride_qb, stride_qh, stride_kb, stride_kp, stride_kh, stride_sb, stride_sp, stride_sh,
-                    stride_knb, stride_knh, stride_vnb, stride_vnh, stride_ob, stride_oh, stride_bt,
-                    PAGE, HEAD_DIM, BLOCK_N, KV_INT8, FUSED_STORE, SPLIT, OP, Q_LO, FUSED_REDUCE, MIN_CHUNK, BLOCK_S,
-                    ASM, FENCE, False)
-
 
 @dataclass(frozen=True)
 class DecodeConfig:

@@ -66,12 +66,12 @@ if triton is not None:
                  (acc / l_sum[:, None]).to(Out.dtype.element_ty))
 
     @triton.jit
-    def _finish(Out, PartM, PartL, PartAcc, Counters, b, hh, sp, grp, d, m, l_sum, acc, n_heads, n_splits, n_used,
+    def _finish(Out, PartM, PartL, PartAcc, Counters, b, hh, sp, d, m, l_sum, acc, n_heads, n_splits, n_used,
                 stride_ob, stride_oh, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr, FUSED_REDUCE: tl.constexpr,
                 BLOCK_S: tl.constexpr, ASM: tl.constexpr, FENCE: tl.constexpr):
         """Write heads hh of sequence b: acc / l_sum, or with SPLIT the partial (m, l_sum, acc) of split sp.
-        FUSED_REDUCE: the last split of (b, program's heads) to finish, counted in Counters[grp] (kept at zero
-        between calls), combines the partials itself: no second launch. n_used < n_splits (`_span`'s MIN_CHUNK, with
+        FUSED_REDUCE: the last split of (b, program's heads) to finish, counted in Counters (kept at zero between
+        calls), combines the partials itself: no second launch. n_used < n_splits (`_span`'s MIN_CHUNK, with
         FUSED_REDUCE only): splits from n_used on write nothing, and a single split used writes the output."""
         if SPLIT:
             if n_used == 1:
@@ -86,6 +86,7 @@ if triton is not None:
                     if ASM and FENCE:
                         _fence_gpu()  # this thread's partials are visible GPU-wide before the count
                     tl.debug_barrier()
+                    grp = b * tl.num_programs(1) + tl.program_id(1)
                     arrived = tl.atomic_add(Counters + grp, 1)  # acq_rel, gpu scope
                     if arrived == n_used - 1:
                         _combine_splits(PartM, PartL, PartAcc, Out, b, hh, d, n_heads, n_splits, n_used, stride_ob,

@@ -215,17 +215,9 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def fused_int4_gemv(x: torch.Tensor, layer, **kw) -> torch.Tensor:
-    """[K] -> [1, N] in x's dtype through an Int4 GPTQLinear (`fusable`); keywords as `launch_args`."""
-    grid, args, meta, out = launch_args(x, layer, **kw)
-    _fused_int4_kernel[grid](*args, **meta)
-    return out
-
-
-def launch_args(x: torch.Tensor, layer, *, norm_weight=None, eps: float = 0.0, glu: int = 0, residual=None,
-                rope=None, config: tuple | None = None) -> tuple:
-    """(grid, arguments, launch keywords, output) of `_fused_int4_kernel` for [K] -> [1, N] in x's dtype through an
-    Int4 GPTQLinear (`fusable`); the programs are the last argument:
+def fused_int4_gemv(x: torch.Tensor, layer, *, norm_weight=None, eps: float = 0.0, glu: int = 0,
+                    residual=None, rope=None, config: tuple | None = None) -> torch.Tensor:
+    """[K] -> [1, N] in x's dtype through an Int4 GPTQLinear (`fusable`):
       norm_weight: the input is RMSNorm(x) * norm_weight (eps), else x itself;
       glu=F: the layer's outputs are [up | gate] of F each and the result is up * silu(gate), [1, F];
       residual: + residual [N];  rope=(cos [HEAD], sin [HEAD], q_scale or None, rope_n, q_n, head): RoPE on the
@@ -256,14 +248,13 @@ def launch_args(x: torch.Tensor, layer, *, norm_weight=None, eps: float = 0.0, g
     any_ptr = layer.scales
     nblk = triton.cdiv(glu, block_n // 2) if glu else triton.cdiv(N, block_n)
     programs = min(nblk * (K // block_k), per_sm * _sm_count(x.device))
-    args = (
+    _fused_int4_kernel[(programs,)](
         x, norm_weight if norm_weight is not None else any_ptr, scratch, layer.qweight, layer.qzeros,
         layer.scales, bias if bias is not None else any_ptr, out, ws, cnt,
         residual if residual is not None else any_ptr, cos if cos is not None else any_ptr,
         sin if sin is not None else any_ptr, q_scale if q_scale is not None else any_ptr, N, K, glu, eps, nblk,
-        programs)
-    meta = dict(GROUP=g, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
-                PRO=pro, K_POW2=triton.next_power_of_2(K), GLU=glu > 0, RES=residual is not None, ROPE_N=rope_n,
-                Q_N=q_n, LOGN=q_scale is not None, HEAD=head, ASM=not INTERPRET, FENCE=sync.PER_THREAD_FENCE,
-                PDL=sync.pdl(x.device), num_warps=warps, num_stages=stages, **sync.pdl_launch(x.device))
-    return (programs,), args, meta, out
+        programs, GROUP=g, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
+        PRO=pro, K_POW2=triton.next_power_of_2(K), GLU=glu > 0, RES=residual is not None, ROPE_N=rope_n, Q_N=q_n,
+        LOGN=q_scale is not None, HEAD=head, ASM=not INTERPRET, FENCE=sync.PER_THREAD_FENCE, PDL=sync.pdl(x.device),
+        num_warps=warps, num_stages=stages, **sync.pdl_launch(x.device))
+    return out
