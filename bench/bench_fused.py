@@ -9,6 +9,8 @@
 3. --profile KIND[,KIND]: kernel times inside the engine's batch-1 decode graph (torch.profiler), per step.
 4. --ablate: c_attn and gate_up with each piece of fused work alone (prologue, bias, RoPE, SiLU epilogue);
    --sweep: per linear, the fused kernel at `sweep_configs` settings.
+5. --attention "kernel,splits,block_n,min_chunk,stages,warps;...": batch-1 decode attention at those settings
+   against the table's, contexts 16 to 1,024 (`attention_settings`).
 
     python bench/bench_fused.py
     python bench/bench_fused.py --profile int4,int4-unfused
