@@ -116,6 +116,18 @@ def per_linear(bw, sweep=False):
     return rows
 
 
+def attention_inputs(ctx: int, H: int, D: int, bs: int):
+    """Batch-1 decode attention inputs at `ctx` positions: 32 layers' fp16 pools (pages of bs), the block table,
+    context length, query and zeroed split counters."""
+    nblk = ctx // bs + 1
+    pools = [(torch.randn(nblk, bs, H, D, device="cuda", dtype=torch.float16),
+              torch.randn(nblk, bs, H, D, device="cuda", dtype=torch.float16)) for _ in range(32)]
+    tables = torch.arange(nblk, device="cuda", dtype=torch.int32)[None]
+    lens = torch.tensor([ctx], device="cuda", dtype=torch.int32)
+    q = torch.randn(1, H, D, device="cuda", dtype=torch.float16)
+    return pools, tables, lens, q, torch.zeros(H, device="cuda", dtype=torch.int32)
+
+
 def attention_combine():
     """Batch-1 decode attention (fp16 pool, the table's mma kernel with 16 context splits), 32 layers' pools back to
     back in a CUDA graph: the splits combined by a second launch, or in the kernel (with / without per-thread
@@ -124,13 +136,7 @@ def attention_combine():
     base = decode_config(1, False, torch.float16)
     rows = []
     for ctx in (16, 80, 144, 272, 528, 1024):
-        nblk = ctx // bs + 1
-        pools = [(torch.randn(nblk, bs, H, D, device="cuda", dtype=torch.float16),
-                  torch.randn(nblk, bs, H, D, device="cuda", dtype=torch.float16)) for _ in range(32)]
-        tables = torch.arange(nblk, device="cuda", dtype=torch.int32)[None]
-        lens = torch.tensor([ctx], device="cuda", dtype=torch.int32)
-        q = torch.randn(1, H, D, device="cuda", dtype=torch.float16)
-        counters = torch.zeros(H, device="cuda", dtype=torch.int32)
+        pools, tables, lens, q, counters = attention_inputs(ctx, H, D, bs)
         ref = paged_decode_attention(q, *pools[0], tables, lens, config=replace(base, min_chunk=0)).float()
         modes = [("second launch", 0), ("in kernel, fence", 0)] + [(f"in kernel, min_chunk {c}", c)
                                                                   for c in (0, 64, 128, 256, 512)]
@@ -160,13 +166,7 @@ def attention_settings(settings: str):
                                 num_stages=int(stages), num_warps=int(warps))))
     rows = []
     for ctx in (16, 80, 144, 272, 528, 1024):
-        nblk = ctx // bs + 1
-        pools = [(torch.randn(nblk, bs, H, D, device="cuda", dtype=torch.float16),
-                  torch.randn(nblk, bs, H, D, device="cuda", dtype=torch.float16)) for _ in range(32)]
-        tables = torch.arange(nblk, device="cuda", dtype=torch.int32)[None]
-        lens = torch.tensor([ctx], device="cuda", dtype=torch.int32)
-        q = torch.randn(1, H, D, device="cuda", dtype=torch.float16)
-        counters = torch.zeros(H, device="cuda", dtype=torch.int32)
+        pools, tables, lens, q, counters = attention_inputs(ctx, H, D, bs)
         ref = paged_decode_attention(q, *pools[0], tables, lens, config=replace(base, splits=1, min_chunk=0)).float()
         line = []
         for label, cfg in cfgs:
