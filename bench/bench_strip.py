@@ -1,0 +1,133 @@
+"""A batch-1 Int4 GEMV with no split-K (an experiment for the batch-1 Int4 path; the product is unchanged): one warp
+per strip of 4 output columns over the whole input, the packed words repacked at load time so that each warp's
+loads are contiguous 512-byte runs and each thread holds one whole quantization group.
+
+Layout (`repack`): logical packed row r = b * 512 + t * 16 + j (block b of 512 rows = 4,096 inputs, thread t, its
+row j) of columns 4s..4s+3 is stored at [s, b, j, t, 0:4], so load j of a warp reads 32 threads x 16 bytes in a
+row, and thread t's 16 rows are group b * 32 + t. Each thread sums its group in half2 (`_int4_word_fma`, as
+v4), scales it once, and the warp adds its 32 threads' sums with shuffles: no atomics, no arrival count, no
+program finishing another's work. Many small programs (N / 4, one warp each) keep many warps per SM. Scales, zeros
+and x stay in the official layout.
+
+Per shape, 8 distinct weights replayed back to back from a CUDA graph, against the fused stream-K kernel
+(`gptq_fused.fused_int4_gemv`, fp16 input, no fused work) and the copy bound; outputs checked against the
+dequantized weights.
+
+    cd bench && PYTHONPATH=..:. python bench_strip.py
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from bench_quant import GEMV_SHAPES, graph_us, v4_baseline
+from bench_streamk import layer_of
+from benchlib import copy_bandwidth, log, save_json
+from qwenlm.kernels.gptq_fused import fused_int4_gemv
+from qwenlm.kernels.gptq_int4 import _hadd2, _int4_word_fma
+
+COPIES = 8
+
+
+def repack(qweight: torch.Tensor) -> torch.Tensor:
+    """[K/8, N] official packed words -> [N/4, blocks, 16, 32, 4] (see the module docstring); rows padded to whole
+    blocks with zeros (never read: the kernel masks them)."""
+    R, N = qweight.shape
+    nb = -(-R // 512)
+    pad = torch.zeros(nb * 512, N, dtype=qweight.dtype, device=qweight.device)
+    pad[:R] = qweight
+    return pad.view(nb, 32, 16, N // 4, 4).permute(3, 0, 2, 1, 4).contiguous()
+
+
+@triton.jit
+def _strip(x32, qw_ptr, qz_ptr, s_ptr, s, N, R, G, NB: tl.constexpr, ASM: tl.constexpr):
+    """Output columns 4s..4s+3 over the whole input: [4] float32."""
+    t = tl.arange(0, 32)[:, None, None]
+    j = tl.arange(0, 16)[None, :, None]
+    c = tl.arange(0, 4)[None, None, :]
+    acc = tl.zeros([4], dtype=tl.float32)
+    for b in tl.static_range(NB):
+        r = b * 512 + t * 16 + j  # [32, 16, 1] logical packed rows
+        ok = r < R
+        qw = tl.load(qw_ptr + ((s * NB + b) * 16 + j) * 128 + t * 4 + c, mask=ok, other=0)  # [32, 16, 4]
+        xq = tl.load(x32 + r * 4 + c, mask=ok, other=0)  # [32, 16, 4]: the row's 8 inputs as 4 int32 pairs
+        p0 = tl.sum(tl.where(c == 0, xq, 0), 2, keep_dims=True)
+        p1 = tl.sum(tl.where(c == 1, xq, 0), 2, keep_dims=True)
+        p2 = tl.sum(tl.where(c == 2, xq, 0), 2, keep_dims=True)
+        p3 = tl.sum(tl.where(c == 3, xq, 0), 2, keep_dims=True)
+        x04 = (p0 & 0xFFFF) | (p2 << 16)
+        x15 = ((p0 >> 16) & 0xFFFF) | (p2 & -65536)
+        x26 = (p1 & 0xFFFF) | (p3 << 16)
+        x37 = ((p1 >> 16) & 0xFFFF) | (p3 & -65536)
+        g = b * 32 + tl.arange(0, 32)[:, None]  # [32, 1] this thread's group
+        col = s * 4 + tl.arange(0, 4)[None, :]  # [1, 4]
+        gok = g < G
+        sc = tl.load(s_ptr + g * N + col, mask=gok, other=0.0).to(tl.float32) * 256.0  # [32, 4]
+        z = ((tl.load(qz_ptr + g * (N // 8) + col // 8, mask=gok, other=0) >> ((col % 8) * 4)) & 15) + 1
+        zlo = (z | 0x4400) ^ 0x8000
+        zhi = ((z << 4) | 0x3400) ^ 0x8000
+        zlo = (zlo | (zlo << 16))[:, None, :]
+        zhi = (zhi | (zhi << 16))[:, None, :]
+        if ASM:
+            h = tl.reduce(_int4_word_fma(qw, x04, x15, x26, x37, zlo, zhi, qw * 0, True), 1, _hadd2)  # [32, 4]
+            lo = (h & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            hi = ((h >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            acc += tl.sum(sc * (lo + hi), 0)
+        else:  # the interpreter: fp32 sums
+            h = tl.sum(_int4_word_fma(qw, x04, x15, x26, x37, zlo, zhi, tl.zeros(qw.shape, tl.float32), False), 1)
+            acc += tl.sum(sc * h, 0)
+    return acc
+
+
+@triton.jit
+def _strip_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, N, K, P, NB: tl.constexpr, STAGES: tl.constexpr,
+                       ASM: tl.constexpr):
+    """P programs (one warp each) take strips pid, pid + P, ... (P = N / 4: one strip each), pipelined."""
+    x32 = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+    for s in tl.range(tl.program_id(0), N // 4, P, num_stages=STAGES):
+        acc = _strip(x32, qw_ptr, qz_ptr, s_ptr, s, N, K // 8, K // 128, NB, ASM)
+        tl.store(out_ptr + s * 4 + tl.arange(0, 4), acc.to(out_ptr.dtype.element_ty))
+
+
+def strip_gemv(x, qw_r, qzeros, scales, out, per_sm=0, stages=1):
+    """per_sm 0: a program per strip; else per_sm programs per SM looping over strips."""
+    N = out.numel()
+    K = x.numel()
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+    P = N // 4 if per_sm == 0 else min(N // 4, per_sm * sms)
+    _strip_gemv_kernel[(P,)](x, qw_r, qzeros, scales, out, N, K, P, NB=qw_r.shape[1], STAGES=stages,
+                             ASM=x.is_cuda, num_warps=1, num_stages=stages)
+    return out
+
+
+SETTINGS = [(0, 1), (8, 2), (12, 2), (16, 2), (8, 3), (12, 3), (24, 2)]  # (programs per SM, stages)
+
+
+def main():
+    bw = copy_bandwidth("cuda")
+    log(f"copy bandwidth {bw / 1e9:.0f} GB/s")
+    rows = []
+    for name, (k, n) in GEMV_SHAPES.items():
+        ws, mb, x, v4, ref = v4_baseline(name, k, n, bw, COPIES)
+        xv = x.view(-1)
+        layers = [layer_of(w, k, n) for w in ws]
+        fused = graph_us(lambda l: fused_int4_gemv(xv, l), layers)
+        packed = [(repack(w[0]), w[1], w[2]) for w in ws]
+        out = torch.empty(n, device="cuda", dtype=torch.float16)
+        log(f"{name:12s} {mb:5.1f} MB: fused stream-K {fused:6.2f} us, copy bound {mb * 1e12 / bw:5.2f} us")
+        for per_sm, stages in SETTINGS:
+            got = strip_gemv(xv, *packed[0], out, per_sm, stages).float()
+            err = ((got - ref.view(-1)).abs().max() / ref.abs().max()).item()
+            us = graph_us(lambda p: strip_gemv(xv, *p, out, per_sm, stages), packed)
+            log(f"  strip, {per_sm or 'a program per strip'} per SM, {stages} stages: {us:6.2f} us "
+                f"({mb * 1e3 / us:5.0f} GB/s, rel err {err:.1e})")
+            rows.append(dict(linear=name, MB=round(mb, 1), per_sm=per_sm, stages=stages, strip_us=round(us, 2),
+                             fused_us=round(fused, 2), err=err, bound_us=round(mb * 1e12 / bw, 2)))
+        del packed
+    save_json(dict(copy_GBs=bw / 1e9, rows=rows), "bench_strip.json")
+
+
+if __name__ == "__main__":
+    main()
