@@ -1,13 +1,13 @@
-"""A batch-1 Int4 GEMV with no split-K (an experiment for the batch-1 Int4 path; the product is unchanged): one warp
-per strip of 4 output columns over the whole input, the packed words repacked at load time so that each warp's
-loads are contiguous 512-byte runs and each thread holds one whole quantization group.
+"""A batch-1 Int4 GEMV with no split-K (an experiment for the batch-1 Int4 path; the product is unchanged): a program
+per strip of 4 output columns over the whole input, the packed words repacked at load time so that a program's
+loads are contiguous runs and each thread holds rows of a single quantization group.
 
-Layout (`repack`): logical packed row r = b * 512 + t * 16 + j (block b of 512 rows = 4,096 inputs, thread t, its
-row j) of columns 4s..4s+3 is stored at [s, b, j, t, 0:4], so load j of a warp reads 32 threads x 16 bytes in a
-row, and thread t's 16 rows are group b * 32 + t. Each thread sums its group in half2 (`_int4_word_fma`, as
-v4), scales it once, and the warp adds its 32 threads' sums with shuffles: no atomics, no arrival count, no
-program finishing another's work. Many small programs (N / 4, one warp each) keep many warps per SM. Scales, zeros
-and x stay in the official layout.
+Layout (`repack(qweight, rpt, threads)`): logical packed row r = b * threads * rpt + t * rpt + j (block b, thread
+t, its row j) of columns 4s..4s+3 is stored at [s, b, j, t, 0:4], so load j of a program reads its threads' 16
+bytes each in a row, and thread t's rpt rows lie in one group (16 rows). Each thread sums its rows in half2
+(`_int4_word_fma`, as v4), scales the sum once, and the program adds its threads' sums: no atomics, no arrival
+count, no program finishing another's work. Many small programs (N / 4) keep many warps per SM. Scales, zeros and
+x stay in the official layout.
 
 Per shape, 8 distinct weights replayed back to back from a CUDA graph, against the fused stream-K kernel
 (`gptq_fused.fused_int4_gemv`, fp16 input, no fused work) and the copy bound; outputs checked against the
@@ -31,27 +31,31 @@ from qwenlm.kernels.gptq_int4 import _hadd2, _int4_word_fma
 COPIES = 8
 
 
-def repack(qweight: torch.Tensor) -> torch.Tensor:
-    """[K/8, N] official packed words -> [N/4, blocks, 16, 32, 4] (see the module docstring); rows padded to whole
-    blocks with zeros (never read: the kernel masks them)."""
+def repack(qweight: torch.Tensor, rpt: int = 16, threads: int = 32) -> torch.Tensor:
+    """[K/8, N] official packed words -> [N/4, blocks, rpt, threads, 4]: logical row b * threads * rpt + t * rpt + j
+    at [s, b, j, t] (see the module docstring); rows padded to whole blocks with zeros (never read: the kernel
+    masks them)."""
     R, N = qweight.shape
-    nb = -(-R // 512)
-    pad = torch.zeros(nb * 512, N, dtype=qweight.dtype, device=qweight.device)
+    rows = rpt * threads
+    nb = -(-R // rows)
+    pad = torch.zeros(nb * rows, N, dtype=qweight.dtype, device=qweight.device)
     pad[:R] = qweight
-    return pad.view(nb, 32, 16, N // 4, 4).permute(3, 0, 2, 1, 4).contiguous()
+    return pad.view(nb, threads, rpt, N // 4, 4).permute(3, 0, 2, 1, 4).contiguous()
 
 
 @triton.jit
-def _strip(x32, qw_ptr, qz_ptr, s_ptr, s, N, R, G, NB: tl.constexpr, ASM: tl.constexpr):
-    """Output columns 4s..4s+3 over the whole input: [4] float32."""
-    t = tl.arange(0, 32)[:, None, None]
-    j = tl.arange(0, 16)[None, :, None]
+def _strip(x32, qw_ptr, qz_ptr, s_ptr, s, N, R, G, NB: tl.constexpr, ASM: tl.constexpr, RPT: tl.constexpr,
+           T: tl.constexpr):
+    """Output columns 4s..4s+3 over the whole input: [4] float32. T threads of RPT rows each per block; a group
+    (16 rows) spans 16 / RPT threads."""
+    t = tl.arange(0, T)[:, None, None]
+    j = tl.arange(0, RPT)[None, :, None]
     c = tl.arange(0, 4)[None, None, :]
     acc = tl.zeros([4], dtype=tl.float32)
     for b in tl.static_range(NB):
-        r = b * 512 + t * 16 + j  # [32, 16, 1] logical packed rows
+        r = b * (T * RPT) + t * RPT + j  # [T, RPT, 1] logical packed rows
         ok = r < R
-        qw = tl.load(qw_ptr + ((s * NB + b) * 16 + j) * 128 + t * 4 + c, mask=ok, other=0)  # [32, 16, 4]
+        qw = tl.load(qw_ptr + ((s * NB + b) * RPT + j) * (T * 4) + t * 4 + c, mask=ok, other=0)  # [T, RPT, 4]
         xq = tl.load(x32 + r * 4 + c, mask=ok, other=0)  # [32, 16, 4]: the row's 8 inputs as 4 int32 pairs
         p0 = tl.sum(tl.where(c == 0, xq, 0), 2, keep_dims=True)
         p1 = tl.sum(tl.where(c == 1, xq, 0), 2, keep_dims=True)
@@ -61,7 +65,7 @@ def _strip(x32, qw_ptr, qz_ptr, s_ptr, s, N, R, G, NB: tl.constexpr, ASM: tl.con
         x15 = ((p0 >> 16) & 0xFFFF) | (p2 & -65536)
         x26 = (p1 & 0xFFFF) | (p3 << 16)
         x37 = ((p1 >> 16) & 0xFFFF) | (p3 & -65536)
-        g = b * 32 + tl.arange(0, 32)[:, None]  # [32, 1] this thread's group
+        g = (b * (T * RPT) + tl.arange(0, T)[:, None] * RPT) // 16  # [T, 1] this thread's group
         col = s * 4 + tl.arange(0, 4)[None, :]  # [1, 4]
         gok = g < G
         sc = tl.load(s_ptr + g * N + col, mask=gok, other=0.0).to(tl.float32) * 256.0  # [32, 4]
@@ -83,26 +87,30 @@ def _strip(x32, qw_ptr, qz_ptr, s_ptr, s, N, R, G, NB: tl.constexpr, ASM: tl.con
 
 @triton.jit
 def _strip_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, N, K, P, NB: tl.constexpr, STAGES: tl.constexpr,
-                       ASM: tl.constexpr):
-    """P programs (one warp each) take strips pid, pid + P, ... (P = N / 4: one strip each), pipelined."""
+                       ASM: tl.constexpr, RPT: tl.constexpr, T: tl.constexpr):
+    """P programs take strips pid, pid + P, ... (P = N / 4: one strip each), pipelined."""
     x32 = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
     for s in tl.range(tl.program_id(0), N // 4, P, num_stages=STAGES):
-        acc = _strip(x32, qw_ptr, qz_ptr, s_ptr, s, N, K // 8, K // 128, NB, ASM)
+        acc = _strip(x32, qw_ptr, qz_ptr, s_ptr, s, N, K // 8, K // 128, NB, ASM, RPT, T)
         tl.store(out_ptr + s * 4 + tl.arange(0, 4), acc.to(out_ptr.dtype.element_ty))
 
 
 def strip_gemv(x, qw_r, qzeros, scales, out, per_sm=0, stages=1):
-    """per_sm 0: a program per strip; else per_sm programs per SM looping over strips."""
+    """qw_r from repack(..., rpt, threads); per_sm 0: a program per strip; else per_sm programs per SM looping over
+    strips."""
+    rpt, threads = qw_r.shape[2], qw_r.shape[3]
     N = out.numel()
     K = x.numel()
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
     P = N // 4 if per_sm == 0 else min(N // 4, per_sm * sms)
     _strip_gemv_kernel[(P,)](x, qw_r, qzeros, scales, out, N, K, P, NB=qw_r.shape[1], STAGES=stages,
-                             ASM=x.is_cuda, num_warps=1, num_stages=stages)
+                             ASM=x.is_cuda, RPT=rpt, T=threads, num_warps=threads // 32, num_stages=stages)
     return out
 
 
-SETTINGS = [(0, 1), (8, 2), (12, 2), (16, 2), (8, 3), (12, 3), (24, 2)]  # (programs per SM, stages)
+# (rows per thread, threads per program, programs per SM (0: one per strip), stages)
+SETTINGS = [(16, 32, 0, 1), (8, 64, 0, 1), (4, 128, 0, 1), (8, 32, 0, 1), (4, 64, 0, 1), (16, 32, 8, 2),
+            (2, 128, 0, 1), (2, 256, 0, 1), (4, 256, 0, 1), (8, 128, 0, 1), (1, 256, 0, 1)]
 
 
 def main():
@@ -114,18 +122,19 @@ def main():
         xv = x.view(-1)
         layers = [layer_of(w, k, n) for w in ws]
         fused = graph_us(lambda l: fused_int4_gemv(xv, l), layers)
-        packed = [(repack(w[0]), w[1], w[2]) for w in ws]
         out = torch.empty(n, device="cuda", dtype=torch.float16)
         log(f"{name:12s} {mb:5.1f} MB: fused stream-K {fused:6.2f} us, copy bound {mb * 1e12 / bw:5.2f} us")
-        for per_sm, stages in SETTINGS:
+        for rpt, threads, per_sm, stages in SETTINGS:
+            packed = [(repack(w[0], rpt, threads), w[1], w[2]) for w in ws]
             got = strip_gemv(xv, *packed[0], out, per_sm, stages).float()
             err = ((got - ref.view(-1)).abs().max() / ref.abs().max()).item()
             us = graph_us(lambda p: strip_gemv(xv, *p, out, per_sm, stages), packed)
-            log(f"  strip, {per_sm or 'a program per strip'} per SM, {stages} stages: {us:6.2f} us "
-                f"({mb * 1e3 / us:5.0f} GB/s, rel err {err:.1e})")
-            rows.append(dict(linear=name, MB=round(mb, 1), per_sm=per_sm, stages=stages, strip_us=round(us, 2),
-                             fused_us=round(fused, 2), err=err, bound_us=round(mb * 1e12 / bw, 2)))
-        del packed
+            log(f"  strip, {rpt} rows x {threads} threads, {per_sm or 'a program per strip'} per SM, {stages} "
+                f"stages: {us:6.2f} us ({mb * 1e3 / us:5.0f} GB/s, rel err {err:.1e})")
+            rows.append(dict(linear=name, MB=round(mb, 1), rows_per_thread=rpt, threads=threads, per_sm=per_sm,
+                             stages=stages, strip_us=round(us, 2), fused_us=round(fused, 2), err=err,
+                             bound_us=round(mb * 1e12 / bw, 2)))
+            del packed
     save_json(dict(copy_GBs=bw / 1e9, rows=rows), "bench_strip.json")
 
 
