@@ -546,34 +546,41 @@ def check_fused_int4(cfg, device):
     RESULTS["fused_int4_check"] = errs
 
 
-def check_pdl_tokens(cfg, device):
-    """Programmatic dependent launch (qwenlm.kernels.sync.pdl) changes when kernels start, never what they read:
-    greedy decoding through the engine's CUDA-graph decode (fused Int4 GEMVs, paged attention) on 2 layers at the
-    real shape, 3 prompts of 96 new tokens, with PDL, without, and without again. Split-K sums land in any order,
-    so two runs may part where two logits tie within fp32 rounding; up to there, the chosen tokens' logprobs
-    must agree as closely with PDL as between the runs without."""
-    model = build_model(dataclasses.replace(cfg, num_hidden_layers=2), "int4", device, torch.float16)
+def agree_tokens(cfg, variants, use, n_new=96, device="cuda"):
+    """Greedy decoding through the engine (CUDA graphs, 3 prompts of 24 tokens, n_new new) with each variant put in
+    place by use(variant), the first variant again last: per variant against the first, (tokens equal before the
+    first difference, of all; max |logprob diff| over those), the last entry the first against itself."""
+    model = build_model(cfg, "int4", device, torch.float16)
     prompts = prompts_of(3, 24, cfg.vocab_size, 11)
-    params = SamplingParams(temperature=0, max_tokens=96, ignore_eos=True, logprobs=True)
+    params = SamplingParams(temperature=0, max_tokens=n_new, ignore_eos=True, logprobs=True)
     runs = []
-    for on in (True, False, False):
-        ksync.PDL_ENABLED = on
+    for v in list(variants) + [variants[0]]:
+        use(v)
         engine = LLMEngine(model, None, EngineConfig(num_blocks=64, block_size=16, max_num_seqs=1,
                                                      cuda_graph_batch_sizes=[1], compile_decode=True))
         runs.append([o.outputs[0] for o in engine.generate(prompts, params)])
         del engine
-    ksync.PDL_ENABLED = PDL0
-
-    def agree(a, b):
-        """(tokens equal before the first difference, of all; max |logprob diff| over those)"""
+    use(variants[0])
+    result = []
+    for r in runs[1:]:
         same, diff = 0, 0.0
-        for x, y in zip(a, b):
-            n = next((i for i, (s, t) in enumerate(zip(x.token_ids, y.token_ids)) if s != t), len(x.token_ids))
+        for x, y in zip(runs[0], r):
+            n = next((i for i, (a, b) in enumerate(zip(x.token_ids, y.token_ids)) if a != b), len(x.token_ids))
             same += n
             diff = max([diff] + [abs(p - q) for p, q in zip(x.logprobs[:n], y.logprobs[:n])])
-        return same, sum(len(x.token_ids) for x in a), diff
+        result.append((same, sum(len(x.token_ids) for x in runs[0]), diff))
+    return result
 
-    pdl, base = agree(runs[0], runs[1]), agree(runs[1], runs[2])
+
+def check_pdl_tokens(cfg, device):
+    """Programmatic dependent launch (qwenlm.kernels.sync.pdl) changes when kernels start, never what they read:
+    greedy decoding through the engine's CUDA-graph decode (fused Int4 GEMVs, paged attention) on 2 layers at the
+    real shape, 3 prompts of 96 new tokens, without PDL, with it, and without again. Split-K sums land in any order,
+    so two runs may part where two logits tie within fp32 rounding; up to there, the chosen tokens' logprobs
+    must agree as closely with PDL as between the runs without."""
+    pdl, base = agree_tokens(dataclasses.replace(cfg, num_hidden_layers=2), [False, True],
+                             lambda on: setattr(ksync, "PDL_ENABLED", on), device=device)
+    ksync.PDL_ENABLED = PDL0
     log(f"engine greedy decode, PDL on vs off: {pdl[0]}/{pdl[1]} tokens before a difference, logprobs within "
         f"{pdl[2]:.2e}; off vs off: {base[0]}/{base[1]}, within {base[2]:.2e} "
         f"(PDL used: {ksync.pdl(torch.device(device))})")

@@ -25,8 +25,10 @@ import triton.language as tl
 from bench_quant import GEMV_SHAPES, graph_us, v4_baseline
 from bench_streamk import layer_of
 from benchlib import copy_bandwidth, log, save_json
+from qwenlm.kernels import sync
 from qwenlm.kernels.gptq_fused import fused_int4_gemv
 from qwenlm.kernels.gptq_int4 import _hadd2, _int4_word_fma
+from qwenlm.kernels.sync import gdc_launch_dependents, gdc_wait
 
 COPIES = 8
 
@@ -113,6 +115,92 @@ SETTINGS = [(16, 32, 0, 1), (8, 64, 0, 1), (4, 128, 0, 1), (8, 32, 0, 1), (4, 64
             (2, 128, 0, 1), (2, 256, 0, 1), (4, 256, 0, 1), (8, 128, 0, 1), (1, 256, 0, 1)]
 
 
+@triton.jit
+def _strip_residual_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, res_ptr, out_ptr, N, K, NB: tl.constexpr,
+                           RPT: tl.constexpr, T: tl.constexpr, PDL: tl.constexpr):
+    """out = (x @ W + bias) rounded to the model dtype, + residual: attn c_proj as the fused decode runs it, a program
+    per 4-column strip. With PDL the program loads its strip's words before waiting for the kernel before (only
+    weights), then lets the next kernel launch."""
+    s = tl.program_id(0)
+    R = K // 8
+    G = K // 128
+    t = tl.arange(0, T)[:, None, None]
+    j = tl.arange(0, RPT)[None, :, None]
+    c = tl.arange(0, 4)[None, None, :]
+    r = t * RPT + j
+    qw = tl.load(qw_ptr + (s * NB * RPT + j) * (T * 4) + t * 4 + c, mask=r < R, other=0)  # block 0
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    x32 = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+    acc = tl.zeros([4], dtype=tl.float32)
+    for b in tl.static_range(NB):
+        r = b * (T * RPT) + t * RPT + j
+        ok = r < R
+        if b > 0:
+            qw = tl.load(qw_ptr + ((s * NB + b) * RPT + j) * (T * 4) + t * 4 + c, mask=ok, other=0)
+        xq = tl.load(x32 + r * 4 + c, mask=ok, other=0)
+        p0 = tl.sum(tl.where(c == 0, xq, 0), 2, keep_dims=True)
+        p1 = tl.sum(tl.where(c == 1, xq, 0), 2, keep_dims=True)
+        p2 = tl.sum(tl.where(c == 2, xq, 0), 2, keep_dims=True)
+        p3 = tl.sum(tl.where(c == 3, xq, 0), 2, keep_dims=True)
+        g = (b * (T * RPT) + tl.arange(0, T)[:, None] * RPT) // 16
+        col = s * 4 + tl.arange(0, 4)[None, :]
+        gok = g < G
+        sc = tl.load(s_ptr + g * N + col, mask=gok, other=0.0).to(tl.float32) * 256.0
+        z = ((tl.load(qz_ptr + g * (N // 8) + col // 8, mask=gok, other=0) >> ((col % 8) * 4)) & 15) + 1
+        zlo = (z | 0x4400) ^ 0x8000
+        zhi = ((z << 4) | 0x3400) ^ 0x8000
+        h = tl.reduce(_int4_word_fma(qw, (p0 & 0xFFFF) | (p2 << 16), ((p0 >> 16) & 0xFFFF) | (p2 & -65536),
+                                     (p1 & 0xFFFF) | (p3 << 16), ((p1 >> 16) & 0xFFFF) | (p3 & -65536),
+                                     (zlo | (zlo << 16))[:, None, :], (zhi | (zhi << 16))[:, None, :], qw * 0, True),
+                      1, _hadd2)
+        lo = (h & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        hi = ((h >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        acc += tl.sum(sc * (lo + hi), 0)
+    n = s * 4 + tl.arange(0, 4)
+    DT = out_ptr.dtype.element_ty
+    y = (acc + tl.load(b_ptr + n).to(tl.float32)).to(DT).to(tl.float32) + tl.load(res_ptr + n).to(tl.float32)
+    tl.store(out_ptr + n, y.to(DT))
+
+
+def engine_ab(rpt=4, threads=128):
+    """Batch-1 Int4 through the engine, attn c_proj by the fused stream-K kernel or by `_strip_residual_kernel`,
+    alternating in one process; the greedy tokens of the two compared on 2 layers first."""
+    import argparse
+    import dataclasses
+
+    from bench_quant import agree_tokens, weights_run
+    from qwenlm.config import ModelConfig
+    from qwenlm.engine import fused_decode
+    original = fused_decode.fused_int4_gemv
+
+    def with_strips(x, layer, residual=None, **kw):
+        if residual is None or layer.in_features != layer.out_features:  # not attn c_proj
+            return original(x, layer, residual=residual, **kw)
+        qw = getattr(layer, "_strip_qw", None)
+        if qw is None:
+            qw = layer._strip_qw = repack(layer.qweight, rpt, threads)
+        out = torch.empty((1, layer.out_features), device=x.device, dtype=x.dtype)
+        bias = layer._kernel_bias if layer._kernel_bias is not None else torch.zeros_like(residual)
+        _strip_residual_kernel[(layer.out_features // 4,)](
+            x.reshape(-1), qw, layer.qzeros, layer.scales, bias, residual, out, layer.out_features, layer.in_features,
+            NB=qw.shape[1], RPT=rpt, T=threads, PDL=sync.pdl(x.device), num_warps=threads // 32, num_stages=1,
+            **sync.pdl_launch(x.device))
+        return out
+
+    cfg = ModelConfig()
+    small = dataclasses.replace(cfg, num_hidden_layers=2)
+    print(agree_tokens(small, [original, with_strips], lambda f: setattr(fused_decode, "fused_int4_gemv", f)),
+          flush=True)
+    args = argparse.Namespace(encode_len=2048, new_tokens=256, compile=True)
+    bw = copy_bandwidth("cuda")
+    for label, fn in [("stream-K", original), ("strips", with_strips)] * 2:
+        fused_decode.fused_int4_gemv = fn
+        log(f"attn c_proj by {label}: {weights_run(cfg, 'int4', 'cuda', torch.float16, bw, args)['tok_s']:.1f} tok/s")
+    fused_decode.fused_int4_gemv = original
+
+
 def main():
     bw = copy_bandwidth("cuda")
     log(f"copy bandwidth {bw / 1e9:.0f} GB/s")
@@ -139,4 +227,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+    engine_ab() if "--engine" in sys.argv else main()
