@@ -24,32 +24,13 @@ import triton
 import triton.language as tl
 
 from bench_quant import GEMV_SHAPES, graph_us
+from bench_streamk import _run_loads
 from benchlib import copy_bandwidth, log, save_json
 from qwenlm.kernels.gptq_fused import FUSED_DEFAULT, _sm_count
 from qwenlm.kernels.gptq_int4 import _xor
 from qwenlm.kernels.sync import gdc_launch_dependents, gdc_wait
 
 LAYERS = 8
-
-
-@triton.jit
-def _run_loads(qw_ptr, N, K, pid, P, acc, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
-    """Program pid's run of (column block, K tile) units of one GEMV, loaded and xor-folded into acc."""
-    ROWS: tl.constexpr = BLOCK_K // 8
-    KT = K // BLOCK_K
-    start = pid * ((N // BLOCK_N) * KT) // P
-    end = (pid + 1) * ((N // BLOCK_N) * KT) // P
-    lane = tl.arange(0, BLOCK_N)
-    rows = tl.arange(0, ROWS)[:, None]
-    t = start
-    while t < end:
-        cb = t // KT
-        k1 = tl.minimum(KT, end - cb * KT)
-        offs_n = cb * BLOCK_N + lane
-        for it in tl.range(t - cb * KT, k1, num_stages=STAGES):
-            acc ^= tl.reduce(tl.load(qw_ptr + (it * ROWS + rows) * N + offs_n[None, :]), 0, _xor)
-        t = cb * KT + k1
-    return acc
 
 
 @triton.jit

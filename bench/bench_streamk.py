@@ -39,12 +39,10 @@ QUICK = [(512, 64, 2, 4, 3), (512, 64, 4, 4, 3), (512, 64, 3, 4, 3), (512, 128, 
 
 
 @triton.jit
-def _streamk_loads_only(qw_ptr, out_ptr, N, K, P, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        STAGES: tl.constexpr):
-    """The fused kernel's grid and runs of (column block, K tile) units, loading the packed words only; each
-    program stores the xor of its last segment (no atomics, no count)."""
+def _run_loads(qw_ptr, N, K, pid, P, acc, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+    """Program pid's run of (column block, K tile) units of one GEMV on the fused kernel's grid, loaded and
+    xor-folded into acc (the packed words only)."""
     ROWS: tl.constexpr = BLOCK_K // 8
-    pid = tl.program_id(0)
     KT = K // BLOCK_K
     start = pid * ((N // BLOCK_N) * KT) // P
     end = (pid + 1) * ((N // BLOCK_N) * KT) // P
@@ -55,11 +53,20 @@ def _streamk_loads_only(qw_ptr, out_ptr, N, K, P, BLOCK_N: tl.constexpr, BLOCK_K
         cb = t // KT
         k1 = tl.minimum(KT, end - cb * KT)
         offs_n = cb * BLOCK_N + lane
-        acc = tl.zeros([BLOCK_N], dtype=tl.int32)
         for it in tl.range(t - cb * KT, k1, num_stages=STAGES):
             acc ^= tl.reduce(tl.load(qw_ptr + (it * ROWS + rows) * N + offs_n[None, :]), 0, _xor)
-        tl.store(out_ptr + offs_n, acc)
         t = cb * KT + k1
+    return acc
+
+
+@triton.jit
+def _streamk_loads_only(qw_ptr, out_ptr, N, K, P, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        STAGES: tl.constexpr):
+    """The fused kernel's grid and runs of (column block, K tile) units, loading the packed words only; each
+    program stores the xor of its run once (no atomics, no count)."""
+    acc = _run_loads(qw_ptr, N, K, tl.program_id(0), P, tl.zeros([BLOCK_N], dtype=tl.int32), BLOCK_N, BLOCK_K,
+                     STAGES)
+    tl.store(out_ptr + (tl.program_id(0) % (N // BLOCK_N)) * BLOCK_N + tl.arange(0, BLOCK_N), acc)
 
 
 @triton.jit
