@@ -114,6 +114,18 @@ def layer_of(w, k, n):
     return layer
 
 
+def fused_baselines(bw, copies=COPIES):
+    """Per Qwen-7B linear: (name, K, N, the `copies` weights, their MB, the fp16 input [K], the reference output,
+    the product's fused kernel µs at its own setting), v4 and the copy bound logged (`v4_baseline`)."""
+    for name, (k, n) in GEMV_SHAPES.items():
+        ws, mb, x, _, ref = v4_baseline(name, k, n, bw, copies)
+        xv = x.view(-1)
+        layers = [layer_of(w, k, n) for w in ws]
+        fused = graph_us(lambda l: fused_int4_gemv(xv, l), layers)
+        log(f"{name:12s} {mb:5.1f} MB: product fused kernel {fused:6.2f} us, copy bound {mb * 1e12 / bw:5.2f} us")
+        yield name, k, n, ws, mb, xv, ref, fused
+
+
 def loads_only(w, out, cfg):
     qweight = w[0]
     K, N = qweight.shape[0] * 8, qweight.shape[1]

@@ -22,11 +22,10 @@ import torch
 import triton
 import triton.language as tl
 
-from bench_quant import GEMV_SHAPES, graph_us, v4_baseline
-from bench_streamk import layer_of
+from bench_quant import graph_us
+from bench_streamk import fused_baselines
 from benchlib import copy_bandwidth, log, save_json
 from qwenlm.kernels import sync
-from qwenlm.kernels.gptq_fused import fused_int4_gemv
 from qwenlm.kernels.gptq_int4 import _hadd2, _int4_word_fma
 from qwenlm.kernels.sync import gdc_launch_dependents, gdc_wait
 
@@ -205,13 +204,8 @@ def main():
     bw = copy_bandwidth("cuda")
     log(f"copy bandwidth {bw / 1e9:.0f} GB/s")
     rows = []
-    for name, (k, n) in GEMV_SHAPES.items():
-        ws, mb, x, v4, ref = v4_baseline(name, k, n, bw, COPIES)
-        xv = x.view(-1)
-        layers = [layer_of(w, k, n) for w in ws]
-        fused = graph_us(lambda l: fused_int4_gemv(xv, l), layers)
+    for name, k, n, ws, mb, xv, ref, fused in fused_baselines(bw, COPIES):
         out = torch.empty(n, device="cuda", dtype=torch.float16)
-        log(f"{name:12s} {mb:5.1f} MB: fused stream-K {fused:6.2f} us, copy bound {mb * 1e12 / bw:5.2f} us")
         for rpt, threads, per_sm, stages in SETTINGS:
             packed = [(repack(w[0], rpt, threads), w[1], w[2]) for w in ws]
             got = strip_gemv(xv, *packed[0], out, per_sm, stages).float()

@@ -22,10 +22,10 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from bench_quant import GEMV_SHAPES, graph_us, v4_baseline
-from bench_streamk import layer_of
+from bench_quant import graph_us
+from bench_streamk import fused_baselines
 from benchlib import copy_bandwidth, log, save_json
-from qwenlm.kernels.gptq_fused import _sm_count, fused_int4_gemv
+from qwenlm.kernels.gptq_fused import _sm_count
 from qwenlm.kernels.gptq_int4 import _w_dot
 
 COPIES = 8
@@ -82,12 +82,7 @@ def main():
     bw = copy_bandwidth("cuda")
     log(f"copy bandwidth {bw / 1e9:.0f} GB/s")
     rows = []
-    for name, (k, n) in GEMV_SHAPES.items():
-        ws_, mb, x, v4, ref = v4_baseline(name, k, n, bw, COPIES)
-        xv = x.view(-1)
-        layers = [layer_of(w, k, n) for w in ws_]
-        fused = graph_us(lambda l: fused_int4_gemv(xv, l), layers)
-        log(f"{name:12s} {mb:5.1f} MB: product fused kernel {fused:6.2f} us, copy bound {mb * 1e12 / bw:5.2f} us")
+    for name, k, n, ws_, mb, xv, ref, fused in fused_baselines(bw, COPIES):
         acc = torch.zeros(n, device="cuda", dtype=torch.float32)
         for setting in SETTINGS:
             block_n, block_k = setting[:2]
