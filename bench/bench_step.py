@@ -66,17 +66,21 @@ def step_times(engine, n: int):
     return walls, before
 
 
-def timeline(graph, layers: int):
-    """Kernels of one replay from the profiler, in start order: [(name, start µs, duration µs)]."""
+def cuda_events(prof) -> list:
+    """The GPU kernels and copies a profiler saw, in start order: [(name, start µs, duration µs)]."""
+    return sorted(((e.name, e.time_range.start, e.time_range.end - e.time_range.start) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA), key=lambda e: e[1])
+
+
+def timeline(graph):
+    """Kernels of one replay from the profiler, in start order, starts from the first: [(name, start µs, µs)]."""
     from torch.profiler import ProfilerActivity, profile
     graph.replay()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         graph.replay()
         torch.cuda.synchronize()
-    ks = [(e.name, e.time_range.start, e.time_range.end - e.time_range.start) for e in prof.events()
-          if e.device_type == torch.autograd.DeviceType.CUDA]
-    ks.sort(key=lambda k: k[1])
+    ks = cuda_events(prof)
     t0 = ks[0][1] if ks else 0
     return [(n, s - t0, d) for n, s, d in ks]
 
@@ -95,8 +99,7 @@ def between_replays(engine, graph_seq: list, steps: int = 6):
         torch.cuda.synchronize()
     while engine.has_unfinished():
         engine.step()
-    ev = sorted(((e.name, e.time_range.start, e.time_range.end - e.time_range.start) for e in prof.events()
-                 if e.device_type == torch.autograd.DeviceType.CUDA), key=lambda e: e[1])
+    ev = cuda_events(prof)
     names = [n for n, _, _ in ev]
     L = len(graph_seq)
     starts, i = [], 0
@@ -116,20 +119,21 @@ def between_replays(engine, graph_seq: list, steps: int = 6):
 
 
 def per_layer(ks, layers: int):
-    """Group the timeline into layers by the kernel that starts each (the most frequent name, layers times)."""
+    """Group the timeline into layers: a layer starts at every per-th kernel named like the first kernel whose count
+    is a multiple of `layers` (per of them to a layer). Returns the layers' first indices (and len(ks)) and, per
+    slot j of a layer, the start-to-next-start times and durations of its kernels over all layers."""
     counts = collections.Counter(n for n, _, _ in ks)
-    period = [n for n, c in counts.items() if c % layers == 0]
-    first = next(n for n, _, _ in ks if n in period)
+    first = next(n for n, _, _ in ks if counts[n] % layers == 0)
     starts = [i for i, (n, _, _) in enumerate(ks) if n == first]
     per = counts[first] // layers  # kernels named `first` per layer
     bounds = starts[::per] + [len(ks)]
+    size = bounds[1] - bounds[0]  # kernels per layer
     rows = collections.defaultdict(lambda: ([], []))  # slot -> (start-to-next-start, duration)
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        block = ks[a:b]
-        for j, (n, s, d) in enumerate(block[:-1] if b != len(ks) else block):
-            nxt = block[j + 1][1] if j + 1 < len(block) else None
-            if nxt is not None:
-                rows[j][0].append(nxt - s)
+    for a in bounds[:-1]:
+        for j in range(size):
+            _, s, d = ks[a + j]
+            if a + j + 1 < len(ks):
+                rows[j][0].append(ks[a + j + 1][1] - s)
             rows[j][1].append(d)
     return bounds, rows
 
@@ -155,7 +159,7 @@ def main():
     g_rates = [graph_rate(graph) for _ in range(3)]
     bound = bw / streamed_bytes(model)
     layers = cfg.num_hidden_layers
-    ks = timeline(graph, layers)
+    ks = timeline(graph)
     span = ks[-1][1] + ks[-1][2]
     busy, end = 0.0, 0.0
     for _, s, d in ks:  # union of kernel intervals
