@@ -179,7 +179,8 @@ def main():
     print(f"\none replay under the profiler: {len(ks)} kernels, span {span:.1f} µs, kernels busy {busy:.1f} µs")
     print(f"layers start at kernel {bounds[0]}, {(bounds[-2] - bounds[0]) / layers:.0f} kernels per layer")
     mid = ks[bounds[1]:bounds[2]] if len(bounds) > 3 else []
-    print("\n| slot in layer (layer 1) | kernel | start to next start µs (median over layers) | duration µs (median) |")
+    print("\n| slot in layer (layer 1) | kernel | start to next start µs (median over layers) | "
+          "duration µs (median) |")
     print("| --- | --- | --- | --- |")
     for j, (n, _, _) in enumerate(mid):
         nx, du = rows[j]
@@ -187,7 +188,8 @@ def main():
               f"{statistics.median(du):.2f} |")
     lay = [ks[b][1] for b in bounds[:-1]]
     periods = [b - a for a, b in zip(lay[:-1], lay[1:])]
-    print(f"\nlayer period µs: median {statistics.median(periods):.2f}, min {min(periods):.2f}, max {max(periods):.2f}")
+    print(f"\nlayer period µs: median {statistics.median(periods):.2f}, min {min(periods):.2f}, "
+          f"max {max(periods):.2f}")
     print(f"before the first layer: {lay[0]:.1f} µs ({bounds[0]} kernels); from the last layer's start to the end: "
           f"{span - lay[-1]:.1f} µs")
     print("\nkernels before the layers and after the last layer's start:")

@@ -45,44 +45,59 @@ def repack(qweight: torch.Tensor, rpt: int = 16, threads: int = 32) -> torch.Ten
 
 
 @triton.jit
-def _strip(x32, qw_ptr, qz_ptr, s_ptr, s, N, R, G, NB: tl.constexpr, ASM: tl.constexpr, RPT: tl.constexpr,
-           T: tl.constexpr):
-    """Output columns 4s..4s+3 over the whole input: [4] float32. T threads of RPT rows each per block; a group
-    (16 rows) spans 16 / RPT threads."""
+def _strip_words(qw_ptr, s, b, R, NB: tl.constexpr, RPT: tl.constexpr, T: tl.constexpr):
+    """Block b's packed words of strip s: [T, RPT, 4] (rows past R masked to 0)."""
     t = tl.arange(0, T)[:, None, None]
     j = tl.arange(0, RPT)[None, :, None]
     c = tl.arange(0, 4)[None, None, :]
+    r = b * (T * RPT) + t * RPT + j
+    return tl.load(qw_ptr + ((s * NB + b) * RPT + j) * (T * 4) + t * 4 + c, mask=r < R, other=0)
+
+
+@triton.jit
+def _strip_block(x32, qw, qz_ptr, s_ptr, s, b, N, R, G, ASM: tl.constexpr, RPT: tl.constexpr, T: tl.constexpr):
+    """Block b's share of output columns 4s..4s+3 from its words qw [T, RPT, 4]: [4] float32. T threads of RPT
+    rows each per block; a group (16 rows) spans 16 / RPT threads."""
+    t = tl.arange(0, T)[:, None, None]
+    j = tl.arange(0, RPT)[None, :, None]
+    c = tl.arange(0, 4)[None, None, :]
+    r = b * (T * RPT) + t * RPT + j  # [T, RPT, 1] logical packed rows
+    xq = tl.load(x32 + r * 4 + c, mask=r < R, other=0)  # [T, RPT, 4]: the row's 8 inputs as 4 int32 pairs
+    p0 = tl.sum(tl.where(c == 0, xq, 0), 2, keep_dims=True)
+    p1 = tl.sum(tl.where(c == 1, xq, 0), 2, keep_dims=True)
+    p2 = tl.sum(tl.where(c == 2, xq, 0), 2, keep_dims=True)
+    p3 = tl.sum(tl.where(c == 3, xq, 0), 2, keep_dims=True)
+    x04 = (p0 & 0xFFFF) | (p2 << 16)
+    x15 = ((p0 >> 16) & 0xFFFF) | (p2 & -65536)
+    x26 = (p1 & 0xFFFF) | (p3 << 16)
+    x37 = ((p1 >> 16) & 0xFFFF) | (p3 & -65536)
+    g = (b * (T * RPT) + tl.arange(0, T)[:, None] * RPT) // 16  # [T, 1] this thread's group
+    col = s * 4 + tl.arange(0, 4)[None, :]  # [1, 4]
+    gok = g < G
+    sc = tl.load(s_ptr + g * N + col, mask=gok, other=0.0).to(tl.float32) * 256.0  # [T, 4]
+    z = ((tl.load(qz_ptr + g * (N // 8) + col // 8, mask=gok, other=0) >> ((col % 8) * 4)) & 15) + 1
+    zlo = (z | 0x4400) ^ 0x8000
+    zhi = ((z << 4) | 0x3400) ^ 0x8000
+    zlo = (zlo | (zlo << 16))[:, None, :]
+    zhi = (zhi | (zhi << 16))[:, None, :]
+    if ASM:
+        h = tl.reduce(_int4_word_fma(qw, x04, x15, x26, x37, zlo, zhi, qw * 0, True), 1, _hadd2)  # [T, 4]
+        lo = (h & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        hi = ((h >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        return tl.sum(sc * (lo + hi), 0)
+    # the interpreter: fp32 sums
+    h = tl.sum(_int4_word_fma(qw, x04, x15, x26, x37, zlo, zhi, tl.zeros(qw.shape, tl.float32), False), 1)
+    return tl.sum(sc * h, 0)
+
+
+@triton.jit
+def _strip(x32, qw_ptr, qz_ptr, s_ptr, s, N, R, G, NB: tl.constexpr, ASM: tl.constexpr, RPT: tl.constexpr,
+           T: tl.constexpr):
+    """Output columns 4s..4s+3 over the whole input: [4] float32."""
     acc = tl.zeros([4], dtype=tl.float32)
     for b in tl.static_range(NB):
-        r = b * (T * RPT) + t * RPT + j  # [T, RPT, 1] logical packed rows
-        ok = r < R
-        qw = tl.load(qw_ptr + ((s * NB + b) * RPT + j) * (T * 4) + t * 4 + c, mask=ok, other=0)  # [T, RPT, 4]
-        xq = tl.load(x32 + r * 4 + c, mask=ok, other=0)  # [32, 16, 4]: the row's 8 inputs as 4 int32 pairs
-        p0 = tl.sum(tl.where(c == 0, xq, 0), 2, keep_dims=True)
-        p1 = tl.sum(tl.where(c == 1, xq, 0), 2, keep_dims=True)
-        p2 = tl.sum(tl.where(c == 2, xq, 0), 2, keep_dims=True)
-        p3 = tl.sum(tl.where(c == 3, xq, 0), 2, keep_dims=True)
-        x04 = (p0 & 0xFFFF) | (p2 << 16)
-        x15 = ((p0 >> 16) & 0xFFFF) | (p2 & -65536)
-        x26 = (p1 & 0xFFFF) | (p3 << 16)
-        x37 = ((p1 >> 16) & 0xFFFF) | (p3 & -65536)
-        g = (b * (T * RPT) + tl.arange(0, T)[:, None] * RPT) // 16  # [T, 1] this thread's group
-        col = s * 4 + tl.arange(0, 4)[None, :]  # [1, 4]
-        gok = g < G
-        sc = tl.load(s_ptr + g * N + col, mask=gok, other=0.0).to(tl.float32) * 256.0  # [32, 4]
-        z = ((tl.load(qz_ptr + g * (N // 8) + col // 8, mask=gok, other=0) >> ((col % 8) * 4)) & 15) + 1
-        zlo = (z | 0x4400) ^ 0x8000
-        zhi = ((z << 4) | 0x3400) ^ 0x8000
-        zlo = (zlo | (zlo << 16))[:, None, :]
-        zhi = (zhi | (zhi << 16))[:, None, :]
-        if ASM:
-            h = tl.reduce(_int4_word_fma(qw, x04, x15, x26, x37, zlo, zhi, qw * 0, True), 1, _hadd2)  # [32, 4]
-            lo = (h & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-            hi = ((h >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-            acc += tl.sum(sc * (lo + hi), 0)
-        else:  # the interpreter: fp32 sums
-            h = tl.sum(_int4_word_fma(qw, x04, x15, x26, x37, zlo, zhi, tl.zeros(qw.shape, tl.float32), False), 1)
-            acc += tl.sum(sc * h, 0)
+        acc += _strip_block(x32, _strip_words(qw_ptr, s, b, R, NB, RPT, T), qz_ptr, s_ptr, s, b, N, R, G, ASM, RPT,
+                            T)
     return acc
 
 
@@ -118,45 +133,19 @@ SETTINGS = [(16, 32, 0, 1), (8, 64, 0, 1), (4, 128, 0, 1), (8, 32, 0, 1), (4, 64
 def _strip_residual_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, res_ptr, out_ptr, N, K, NB: tl.constexpr,
                            RPT: tl.constexpr, T: tl.constexpr, PDL: tl.constexpr):
     """out = (x @ W + bias) rounded to the model dtype, + residual: attn c_proj as the fused decode runs it, a program
-    per 4-column strip. With PDL the program loads its strip's words before waiting for the kernel before (only
-    weights), then lets the next kernel launch."""
+    per 4-column strip. With PDL the program loads its strip's first block of words before waiting for the kernel
+    before (only weights), then lets the next kernel launch."""
     s = tl.program_id(0)
     R = K // 8
-    G = K // 128
-    t = tl.arange(0, T)[:, None, None]
-    j = tl.arange(0, RPT)[None, :, None]
-    c = tl.arange(0, 4)[None, None, :]
-    r = t * RPT + j
-    qw = tl.load(qw_ptr + (s * NB * RPT + j) * (T * 4) + t * 4 + c, mask=r < R, other=0)  # block 0
+    qw = _strip_words(qw_ptr, s, 0, R, NB, RPT, T)
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
     x32 = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
-    acc = tl.zeros([4], dtype=tl.float32)
-    for b in tl.static_range(NB):
-        r = b * (T * RPT) + t * RPT + j
-        ok = r < R
-        if b > 0:
-            qw = tl.load(qw_ptr + ((s * NB + b) * RPT + j) * (T * 4) + t * 4 + c, mask=ok, other=0)
-        xq = tl.load(x32 + r * 4 + c, mask=ok, other=0)
-        p0 = tl.sum(tl.where(c == 0, xq, 0), 2, keep_dims=True)
-        p1 = tl.sum(tl.where(c == 1, xq, 0), 2, keep_dims=True)
-        p2 = tl.sum(tl.where(c == 2, xq, 0), 2, keep_dims=True)
-        p3 = tl.sum(tl.where(c == 3, xq, 0), 2, keep_dims=True)
-        g = (b * (T * RPT) + tl.arange(0, T)[:, None] * RPT) // 16
-        col = s * 4 + tl.arange(0, 4)[None, :]
-        gok = g < G
-        sc = tl.load(s_ptr + g * N + col, mask=gok, other=0.0).to(tl.float32) * 256.0
-        z = ((tl.load(qz_ptr + g * (N // 8) + col // 8, mask=gok, other=0) >> ((col % 8) * 4)) & 15) + 1
-        zlo = (z | 0x4400) ^ 0x8000
-        zhi = ((z << 4) | 0x3400) ^ 0x8000
-        h = tl.reduce(_int4_word_fma(qw, (p0 & 0xFFFF) | (p2 << 16), ((p0 >> 16) & 0xFFFF) | (p2 & -65536),
-                                     (p1 & 0xFFFF) | (p3 << 16), ((p1 >> 16) & 0xFFFF) | (p3 & -65536),
-                                     (zlo | (zlo << 16))[:, None, :], (zhi | (zhi << 16))[:, None, :], qw * 0, True),
-                      1, _hadd2)
-        lo = (h & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        hi = ((h >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        acc += tl.sum(sc * (lo + hi), 0)
+    acc = _strip_block(x32, qw, qz_ptr, s_ptr, s, 0, N, R, K // 128, True, RPT, T)
+    for b in tl.static_range(1, NB):
+        acc += _strip_block(x32, _strip_words(qw_ptr, s, b, R, NB, RPT, T), qz_ptr, s_ptr, s, b, N, R, K // 128, True,
+                            RPT, T)
     n = s * 4 + tl.arange(0, 4)
     DT = out_ptr.dtype.element_ty
     y = (acc + tl.load(b_ptr + n).to(tl.float32)).to(DT).to(tl.float32) + tl.load(res_ptr + n).to(tl.float32)
