@@ -24,7 +24,6 @@ from qwenlm.model.quant import GPTQLinear
 
 # QWENLM_FUSED_INT4=0 keeps Int4 models on the compiled regions (for comparisons).
 ENABLED = os.environ.get("QWENLM_FUSED_INT4", "1") != "0"
-ATTEND_IN_PROJ = os.environ.get("QWENLM_ATTEND_IN_PROJ", "1") != "0"
 
 
 def supports(model) -> bool:
@@ -61,14 +60,9 @@ class FusedInt4Blocks:
             proj = attn.num_heads * attn.head_dim
             qkv = fused_int4_gemv(x, attn.c_attn, norm_weight=block.ln_1.weight, eps=block.ln_1.eps,
                                   rope=(cos, sin, qs, 2 * proj, proj, attn.head_dim))
-            pool = ctx.decode_pool(attn.layer_idx, qkv.dtype) if ATTEND_IN_PROJ and hasattr(ctx, "decode_pool") \
-                else None
-            if pool is not None:  # the attention runs inside c_proj's launch, a program per (head, column block)
-                x = fused_int4_gemv(qkv, attn.c_proj, residual=x, attention=pool).view(H)
-            else:
-                q, k, v = qkv.view(1, 1, 3, attn.num_heads, attn.head_dim).unbind(2)
-                out = ctx.attend(attn.layer_idx, q, k, v)
-                x = fused_int4_gemv(out.reshape(-1), attn.c_proj, residual=x).view(H)
+            q, k, v = qkv.view(1, 1, 3, attn.num_heads, attn.head_dim).unbind(2)
+            out = ctx.attend(attn.layer_idx, q, k, v)
+            x = fused_int4_gemv(out.reshape(-1), attn.c_proj, residual=x).view(H)
             act = fused_int4_gemv(x, mlp.gate_up, norm_weight=block.ln_2.weight, eps=block.ln_2.eps,
                                   glu=mlp.ffn_dim)
             x = fused_int4_gemv(act, mlp.c_proj, residual=x).view(H)

@@ -32,7 +32,6 @@ sequence up to the order of fp32 sums.
 from __future__ import annotations
 
 import functools
-import math
 import os
 
 import torch
@@ -43,8 +42,6 @@ from qwenlm.kernels.gptq_int4 import triton
 if triton is not None:
     import triton.language as tl
 
-    from qwenlm.kernels.attention import _head_softmax
-    from qwenlm.kernels.attention_splits import _write_out
     from qwenlm.kernels.gptq_int4 import _w_dot, _w_tile
     from qwenlm.kernels.sync import _fence_gpu, gdc_launch_dependents, gdc_wait
 
@@ -72,13 +69,12 @@ if triton is not None:
 
     @triton.jit
     def _fused_int4_kernel(x_ptr, nw_ptr, xs_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
-                           res_ptr, cos_ptr, sin_ptr, qsc_ptr, kc_ptr, vc_ptr, bt_ptr, cl_ptr, sl_ptr,
-                           stride_kb, stride_kp, stride_kh, att_scale, N, K, FFN, eps, NBLK, P,
+                           res_ptr, cos_ptr, sin_ptr, qsc_ptr, N, K, FFN, eps, NBLK, P,
                            GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PRO: tl.constexpr,
                            K_POW2: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr, ROPE_N: tl.constexpr,
                            Q_N: tl.constexpr, LOGN: tl.constexpr, HEAD: tl.constexpr, ASM: tl.constexpr,
-                           FENCE: tl.constexpr, PDL: tl.constexpr, PAGE: tl.constexpr, ATT_N: tl.constexpr):
+                           FENCE: tl.constexpr, PDL: tl.constexpr):
         ROWS: tl.constexpr = BLOCK_K // 8
         SUB: tl.constexpr = GROUP // BLOCK_K
         DT = out_ptr.dtype.element_ty  # the model dtype
@@ -100,19 +96,6 @@ if triton is not None:
             gdc_wait()
         if PRO == 0:  # fp16 inputs, read where they are
             x32 = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
-        elif PRO == 3:  # attention: this program's K tiles are head h's inputs; x is the [q | k | v] row
-            h = (start % KT) // (HEAD // BLOCK_K)
-            hh, d, m1, l1, acc1, n_used = _head_softmax(
-                x_ptr, kc_ptr, vc_ptr, kc_ptr, vc_ptr, x_ptr + K, x_ptr + 2 * K, sl_ptr, bt_ptr, cl_ptr,
-                att_scale, 0, h, 0, HEAD, stride_kb, stride_kp, stride_kh, 0, 0, 0, 0, HEAD, 0, HEAD, 0, PAGE,
-                HEAD, ATT_N, False, True)
-            # Head h's output into this program's own row of the scratch, at the head's input offsets. Every
-            # program of the head stored the same new K/V row into the pool (the same values; no program reads
-            # that slot here: each attends to the new row from x).
-            row = xs_ptr + pid * HEAD - h * HEAD
-            _write_out(row, 0, hh, d, l1, acc1, 0, HEAD)
-            tl.debug_barrier()  # the row is written before any thread of this program reads it
-            x32 = row.to(tl.pointer_type(tl.int32), bitcast=True)
         else:  # the inputs of this program's K tiles, as the network computes them, into an fp16 scratch row
             ka = tl.arange(0, K_POW2)
             xa = tl.load(x_ptr + ka, mask=ka < K, other=0.0)
@@ -219,10 +202,6 @@ FUSED_CONFIGS: dict[tuple[int, int], tuple] = {}
 FUSED_DEFAULT = (512, 64, 2, 4, 3)
 
 
-# Context positions per tile of the attention prologue (attention=).
-ATT_N = 32
-
-
 def fused_config(n: int, k: int) -> tuple:
     return FUSED_CONFIGS.get((n, k), FUSED_DEFAULT)
 
@@ -237,15 +216,12 @@ def _sm_count(device: torch.device) -> int:
 
 
 def fused_int4_gemv(x: torch.Tensor, layer, *, norm_weight=None, eps: float = 0.0, glu: int = 0,
-                    residual=None, rope=None, attention=None, config: tuple | None = None) -> torch.Tensor:
+                    residual=None, rope=None, config: tuple | None = None) -> torch.Tensor:
     """[K] -> [1, N] in x's dtype through an Int4 GPTQLinear (`fusable`):
       norm_weight: the input is RMSNorm(x) * norm_weight (eps), else x itself;
       glu=F: the layer's outputs are [up | gate] of F each and the result is up * silu(gate), [1, F];
       residual: + residual [N];  rope=(cos [HEAD], sin [HEAD], q_scale or None, rope_n, q_n, head): RoPE on the
-      columns < rope_n in heads of `head`, and the LogN scale on the columns < q_n;
-      attention=(k_cache, v_cache, block_tables, context_lens, slots): x is one sequence's [q | k | v] row (3K)
-      and the input is its decode attention over that paged pool (`paged_decode_attention`'s contract, the new
-      K/V stored at slots[0]): one program per (head, column block), each attending for its own head."""
+      columns < rope_n in heads of `head`, and the LogN scale on the columns < q_n."""
     K, N = layer.in_features, layer.out_features
     block_n, block_k, per_sm, warps, stages = config or fused_config(N, K)
     while glu and glu % (block_n // 2) and warps > 1:  # gate_up's blocks: whole halves of up and gate
@@ -255,41 +231,30 @@ def fused_int4_gemv(x: torch.Tensor, layer, *, norm_weight=None, eps: float = 0.
     assert block_n == 128 * warps and fusable(layer), "fused_int4_gemv: see fusable() and BLOCK_N = 128 x warps"
     assert not glu or (N == 2 * glu and glu % (block_n // 2) == 0), "glu: N = 2F, F a multiple of 64"
     x = x.reshape(-1)
-    assert x.is_contiguous() and x.numel() == (3 * K if attention is not None else K)
+    assert x.is_contiguous() and x.numel() == K
     out = torch.empty((1, glu or N), device=x.device, dtype=x.dtype)
     # prologue: 0 fp16 inputs read in place; 1 RMSNorm into an fp16 scratch row; 2 other dtypes converted into it
     pro = 1 if norm_weight is not None else (0 if x.dtype == torch.float16 else 2)
-    nblk = triton.cdiv(glu, block_n // 2) if glu else triton.cdiv(N, block_n)
-    programs = min(nblk * (K // block_k), per_sm * _sm_count(x.device))
-    pool = (x,) * 5
-    strides = (0, 0, 0)
-    page = 1
-    head = 128
-    if attention is not None:
-        pool = attention
-        k_cache = pool[0]
-        page, head = k_cache.shape[1], k_cache.shape[3]
-        strides = k_cache.stride()[:3]
-        assert x.dtype == torch.float16 and k_cache.dtype == x.dtype and k_cache.stride() == pool[1].stride()
-        assert k_cache.stride(3) == 1 and head % block_k == 0 and not glu and norm_weight is None
-        pro, programs = 3, nblk * (K // head)  # a program per (column block, head): the head's K tiles
-    scratch = torch.empty(programs * head if pro == 3 else K, device=x.device, dtype=torch.float16) if pro else x
+    scratch = torch.empty(K, device=x.device, dtype=torch.float16) if pro else x
     ws, cnt = layer._workspace
     bias = layer._kernel_bias
     cos = sin = q_scale = None
     rope_n = q_n = 0
+    head = 128
     if rope is not None:
         cos, sin, q_scale, rope_n, q_n, head = rope
         assert rope_n % head == 0 and block_n % head == 0 and cos.numel() == head and not glu
     assert not (glu and residual is not None), "glu and residual: one epilogue or the other"
     any_ptr = layer.scales
+    nblk = triton.cdiv(glu, block_n // 2) if glu else triton.cdiv(N, block_n)
+    programs = min(nblk * (K // block_k), per_sm * _sm_count(x.device))
     _fused_int4_kernel[(programs,)](
         x, norm_weight if norm_weight is not None else any_ptr, scratch, layer.qweight, layer.qzeros,
         layer.scales, bias if bias is not None else any_ptr, out, ws, cnt,
         residual if residual is not None else any_ptr, cos if cos is not None else any_ptr,
-        sin if sin is not None else any_ptr, q_scale if q_scale is not None else any_ptr, *pool, *strides,
-        1.0 / math.sqrt(head), N, K, glu, eps, nblk, programs, GROUP=g, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
+        sin if sin is not None else any_ptr, q_scale if q_scale is not None else any_ptr, N, K, glu, eps, nblk,
+        programs, GROUP=g, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
         PRO=pro, K_POW2=triton.next_power_of_2(K), GLU=glu > 0, RES=residual is not None, ROPE_N=rope_n, Q_N=q_n,
         LOGN=q_scale is not None, HEAD=head, ASM=not INTERPRET, FENCE=sync.PER_THREAD_FENCE, PDL=sync.pdl(x.device),
-        PAGE=page, ATT_N=ATT_N, num_warps=warps, num_stages=stages, **sync.pdl_launch(x.device))
+        num_warps=warps, num_stages=stages, **sync.pdl_launch(x.device))
     return out
