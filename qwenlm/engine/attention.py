@@ -101,7 +101,9 @@ class PagedAttention:
             self._counters = torch.zeros(n, dtype=torch.int32, device=q.device)
         return self._counters
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               prefetch: tuple | None = None) -> torch.Tensor:
+        """prefetch: (tensor, nbytes, mode) of `paged_decode_attention`, for a decode step on the Triton backend."""
         B, T, H, D = q.shape
         if self.int8:
             return self._attend_int8(layer, q, k, v)
@@ -110,7 +112,7 @@ class PagedAttention:
             # the kernel stores the new K/V itself (no separate store launches)
             out = paged_decode_attention(q[:, 0], k_cache, v_cache, self.block_tables, self.context_lens,
                                          k_new=k[:, 0], v_new=v[:, 0], slots=self.slot_mapping,
-                                         counters=self._split_counters(q))
+                                         counters=self._split_counters(q), prefetch=prefetch)
             return out[:, None]
         if self.slot_mapping is not None:
             k_cache.view(-1, H, D).index_copy_(0, self.slot_mapping, k.reshape(-1, H, D))

@@ -41,7 +41,7 @@ from qwenlm.kernels.kv_int8 import dequantize_rows
 if triton is not None:
     from qwenlm.kernels.attention_splits import _finish, _span, _split_reduce_kernel
     from qwenlm.kernels.kv_int8 import _quantize_rows
-    from qwenlm.kernels.sync import _pdl_start
+    from qwenlm.kernels.sync import _pdl_start, _prefetch_l2
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter cannot run inline PTX
 
@@ -233,18 +233,24 @@ if triton is not None:
                 n_splits, n_used, stride_ob, stride_oh, HEAD_DIM, SPLIT, FUSED_REDUCE, BLOCK_S, ASM, FENCE)
 
     @triton.jit
+    def _prefetch_share(PF, pf_bytes, PF_THREADS: tl.constexpr):
+        """This program's share of pf_bytes from PF into L2 (`sync._prefetch_l2`), programs in grid order."""
+        idx = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
+        _prefetch_l2(PF + idx.to(tl.int64) * pf_bytes, pf_bytes, PF_THREADS)
+
+    @triton.jit
     def _paged_decode_mma_kernel(Q, K, V, KSZ, VSZ, Kin, Vin, Slots, Out, PartM, PartL, PartAcc, Counters,
                                  BlockTables, ContextLens, scale,
                                  stride_qb, stride_qh, stride_kb, stride_kp, stride_kh,
                                  stride_sb, stride_sp, stride_sh,
                                  stride_knb, stride_knh, stride_vnb, stride_vnh,
-                                 stride_ob, stride_oh, stride_bt,
+                                 stride_ob, stride_oh, stride_bt, PF, pf_bytes,
                                  PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                                  KV_INT8: tl.constexpr, FUSED_STORE: tl.constexpr, SPLIT: tl.constexpr,
                                  OP: tl.constexpr, Q_LO: tl.constexpr, FUSED_REDUCE: tl.constexpr,
                                  MIN_CHUNK: tl.constexpr,
                                  BLOCK_S: tl.constexpr, ASM: tl.constexpr, FENCE: tl.constexpr,
-                                 PDL: tl.constexpr):
+                                 PDL: tl.constexpr, PREFETCH: tl.constexpr, PF_THREADS: tl.constexpr):
         """v2's program (sequence b, head h, split sp) with both products on tensor cores: q.K^T as K[BN,D] @
         Q[D,16] and p.V as P[16,BN] @ V[BN,D], where only column / row 0 of the padded operand is nonzero.
         Decode attention stays bound by reading K/V; the point is what the tensor-core path does to that read:
@@ -253,8 +259,13 @@ if triton is not None:
         and reductions leave the CUDA cores. Operands (OP) are in the pool dtype; for int8 pools in the query's
         dtype if bf16 or fp16 (both hold every uint8 exactly), else fp16. A query not exact in OP (Q_LO) and
         the weights p are split into a high and a low part (two products), so the result keeps ~16 bits where
-        one bf16 operand would keep 8. PDL: as v2."""
+        one bf16 operand would keep 8. PDL: as v2. PREFETCH (1 before the wait, 2 after it): each program also
+        sends its share of pf_bytes from PF (another kernel's weights) into L2."""
+        if PREFETCH == 1:
+            _prefetch_share(PF, pf_bytes, PF_THREADS)
         _pdl_start(PDL)
+        if PREFETCH == 2:
+            _prefetch_share(PF, pf_bytes, PF_THREADS)
         b = tl.program_id(0)
         h = tl.program_id(1)
         sp = tl.program_id(2)
@@ -363,7 +374,8 @@ def decode_config(batch: int, int8: bool, pool_dtype: torch.dtype = torch.bfloat
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, out=None, block_n: int | None = None,
                            k_sz=None, v_sz=None, k_new=None, v_new=None, slots=None,
-                           config: DecodeConfig | None = None, counters: torch.Tensor | None = None):
+                           config: DecodeConfig | None = None, counters: torch.Tensor | None = None,
+                           prefetch: tuple | None = None):
     """Triton paged decode attention (same contract as the reference); safe inside a CUDA graph.
 
     k_sz / v_sz given: int8 pools (uint8 rows, float32 (scale, zero) per token and head).
@@ -373,6 +385,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, out=
     one batch bucket always runs one kernel shape); block_n overrides its block_n.
     counters: int32 zeros, at least B * heads / config.heads (`split_counters`): with context splits, the last
     split of each program group combines the partials, instead of a second launch. The kernel leaves them zero.
+    prefetch=(tensor, nbytes, mode): the mma kernel on sm_90+ also sends the first nbytes of tensor (the next
+    kernel's weights) into L2, shared out over its programs; mode 1 before waiting for the kernel before, 2 after.
     """
     if triton is None:
         raise RuntimeError("paged_decode_attention needs triton; use paged_decode_attention_ref")
@@ -422,6 +436,14 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, out=
         assert op_dtype in (torch.bfloat16, torch.float16), f"mma: int8, bf16 or fp16 pools, not {op_dtype}"
         kernel = _paged_decode_mma_kernel
         kw = dict(OP=tl.bfloat16 if op_dtype == torch.bfloat16 else tl.float16, Q_LO=q.dtype != op_dtype)
+        pf, pf_bytes, mode = q, 0, 0
+        if prefetch is not None and prefetch[1] > 0 and sync.pdl(q.device):  # sm_90+, not the interpreter
+            programs = B * (H // cfg.heads) * cfg.splits
+            share = prefetch[1] // programs // (16 * cfg.num_warps * 32) * (16 * cfg.num_warps * 32)
+            pf = prefetch[0].view(torch.int8)
+            assert pf.data_ptr() % 16 == 0 and share * programs <= pf.numel()
+            pf_bytes, mode = share, (prefetch[2] if share else 0)
+        kw.update(PF=pf, pf_bytes=pf_bytes, PREFETCH=mode, PF_THREADS=cfg.num_warps * 32)
     kernel[(B, H // cfg.heads, cfg.splits)](
         q, k_cache, v_cache, *kszv, kn, vn, slots if fused else context_lens, out, part_m, part_l, part_acc,
         counters if fused_reduce else context_lens, block_tables, context_lens, 1.0 / math.sqrt(D),

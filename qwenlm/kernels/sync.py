@@ -62,6 +62,17 @@ if triton is not None:
                                   dtype=tl.int32, is_pure=False, pack=1)
 
     @triton.jit
+    def _prefetch_l2(base, nbytes, THREADS: tl.constexpr):
+        """Bytes [base, base + nbytes) (base an int8 pointer, 16-byte aligned; nbytes a multiple of 16 * THREADS)
+        into L2 without waiting: one bulk prefetch (cp.async.bulk.prefetch.L2, sm_90) of nbytes / THREADS per
+        thread."""
+        part = nbytes // THREADS
+        ptrs = base + tl.arange(0, THREADS) * part
+        tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2; mov.b32 $0, 0;", "=r,l,r",
+                                  [ptrs, part + tl.zeros([THREADS], dtype=tl.int32)], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+
+    @triton.jit
     def _pdl_start(PDL: tl.constexpr):
         """With PDL: wait for the kernel before (everything it and earlier ones wrote is visible after this) and let
         the next kernel launch."""
