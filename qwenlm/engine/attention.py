@@ -103,7 +103,7 @@ class PagedAttention:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                prefetch: tuple | None = None) -> torch.Tensor:
-        """prefetch: (tensor, nbytes, mode) of `paged_decode_attention`, for a decode step on the Triton backend."""
+        """prefetch: (tensor, nbytes) of `paged_decode_attention`, for a decode step on a Triton bf16 or fp16 pool."""
         B, T, H, D = q.shape
         if self.int8:
             return self._attend_int8(layer, q, k, v)

@@ -18,15 +18,16 @@ import os
 
 import torch
 
+from qwenlm.engine.attention import PagedAttention
 from qwenlm.engine.fusion import GateUpMLP
 from qwenlm.kernels.gptq_fused import fusable, fused_int4_gemv
 from qwenlm.model.quant import GPTQLinear
 
 # QWENLM_FUSED_INT4=0 keeps Int4 models on the compiled regions (for comparisons).
 ENABLED = os.environ.get("QWENLM_FUSED_INT4", "1") != "0"
-PREFETCH_MB = int(os.environ.get("QWENLM_ATTN_PREFETCH_MB", "0"))
-PREFETCH_MODE = 1
-PROJ_PREFETCH_MB = int(os.environ.get("QWENLM_PROJ_PREFETCH_MB", "0"))
+# MiB of gate_up's weights the decode attention sends into L2 (`paged_decode_attention(prefetch=)`): 0.5% more
+# tok/s at 16 (docs/benchmarks.md, run 15).
+PREFETCH_MB = 16
 
 
 def supports(model) -> bool:
@@ -64,10 +65,11 @@ class FusedInt4Blocks:
             qkv = fused_int4_gemv(x, attn.c_attn, norm_weight=block.ln_1.weight, eps=block.ln_1.eps,
                                   rope=(cos, sin, qs, 2 * proj, proj, attn.head_dim))
             q, k, v = qkv.view(1, 1, 3, attn.num_heads, attn.head_dim).unbind(2)
-            pf = (mlp.gate_up.qweight, PREFETCH_MB << 20, PREFETCH_MODE) if PREFETCH_MB else None
-            out = ctx.attend(attn.layer_idx, q, k, v, prefetch=pf) if pf else ctx.attend(attn.layer_idx, q, k, v)
-            pf2 = (mlp.gate_up.qweight, PROJ_PREFETCH_MB << 20) if PROJ_PREFETCH_MB else None
-            x = fused_int4_gemv(out.reshape(-1), attn.c_proj, residual=x, prefetch=pf2).view(H)
+            if PREFETCH_MB and isinstance(ctx, PagedAttention):
+                out = ctx.attend(attn.layer_idx, q, k, v, prefetch=(mlp.gate_up.qweight, PREFETCH_MB << 20))
+            else:
+                out = ctx.attend(attn.layer_idx, q, k, v)
+            x = fused_int4_gemv(out.reshape(-1), attn.c_proj, residual=x).view(H)
             act = fused_int4_gemv(x, mlp.gate_up, norm_weight=block.ln_2.weight, eps=block.ln_2.eps,
                                   glu=mlp.ffn_dim)
             x = fused_int4_gemv(act, mlp.c_proj, residual=x).view(H)

@@ -233,12 +233,6 @@ if triton is not None:
                 n_splits, n_used, stride_ob, stride_oh, HEAD_DIM, SPLIT, FUSED_REDUCE, BLOCK_S, ASM, FENCE)
 
     @triton.jit
-    def _prefetch_share(PF, pf_bytes, PF_THREADS: tl.constexpr):
-        """This program's share of pf_bytes from PF into L2 (`sync._prefetch_l2`), programs in grid order."""
-        idx = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
-        _prefetch_l2(PF + idx.to(tl.int64) * pf_bytes, pf_bytes, PF_THREADS)
-
-    @triton.jit
     def _paged_decode_mma_kernel(Q, K, V, KSZ, VSZ, Kin, Vin, Slots, Out, PartM, PartL, PartAcc, Counters,
                                  BlockTables, ContextLens, scale,
                                  stride_qb, stride_qh, stride_kb, stride_kp, stride_kh,
@@ -259,13 +253,12 @@ if triton is not None:
         and reductions leave the CUDA cores. Operands (OP) are in the pool dtype; for int8 pools in the query's
         dtype if bf16 or fp16 (both hold every uint8 exactly), else fp16. A query not exact in OP (Q_LO) and
         the weights p are split into a high and a low part (two products), so the result keeps ~16 bits where
-        one bf16 operand would keep 8. PDL: as v2. PREFETCH (1 before the wait, 2 after it): each program also
+        one bf16 operand would keep 8. PDL: as v2. PREFETCH: before waiting for the kernel before, each program
         sends its share of pf_bytes from PF (another kernel's weights) into L2."""
-        if PREFETCH == 1:
-            _prefetch_share(PF, pf_bytes, PF_THREADS)
+        if PREFETCH:
+            idx = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
+            _prefetch_l2(PF + idx.to(tl.int64) * pf_bytes, pf_bytes, PF_THREADS)
         _pdl_start(PDL)
-        if PREFETCH == 2:
-            _prefetch_share(PF, pf_bytes, PF_THREADS)
         b = tl.program_id(0)
         h = tl.program_id(1)
         sp = tl.program_id(2)
@@ -385,8 +378,10 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, out=
     one batch bucket always runs one kernel shape); block_n overrides its block_n.
     counters: int32 zeros, at least B * heads / config.heads (`split_counters`): with context splits, the last
     split of each program group combines the partials, instead of a second launch. The kernel leaves them zero.
-    prefetch=(tensor, nbytes, mode): the mma kernel on sm_90+ also sends the first nbytes of tensor (the next
-    kernel's weights) into L2, shared out over its programs; mode 1 before waiting for the kernel before, 2 after.
+    prefetch=(tensor, nbytes): the mma kernel on sm_90+ also sends the first nbytes of tensor (a later kernel's
+    weights) into L2, shared out over its programs, before they wait for the kernel before (with PDL that one is
+    still running; most of the programs then read little or nothing at batch 1). 0.5% more Int4 tok/s at batch 1
+    with gate_up's first 16 MiB (docs/benchmarks.md, run 15).
     """
     if triton is None:
         raise RuntimeError("paged_decode_attention needs triton; use paged_decode_attention_ref")
@@ -436,14 +431,13 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, out=
         assert op_dtype in (torch.bfloat16, torch.float16), f"mma: int8, bf16 or fp16 pools, not {op_dtype}"
         kernel = _paged_decode_mma_kernel
         kw = dict(OP=tl.bfloat16 if op_dtype == torch.bfloat16 else tl.float16, Q_LO=q.dtype != op_dtype)
-        pf, pf_bytes, mode = q, 0, 0
-        if prefetch is not None and prefetch[1] > 0 and sync.pdl(q.device):  # sm_90+, not the interpreter
-            programs = B * (H // cfg.heads) * cfg.splits
-            share = prefetch[1] // programs // (16 * cfg.num_warps * 32) * (16 * cfg.num_warps * 32)
-            pf = prefetch[0].view(torch.int8)
-            assert pf.data_ptr() % 16 == 0 and share * programs <= pf.numel()
-            pf_bytes, mode = share, (prefetch[2] if share else 0)
-        kw.update(PF=pf, pf_bytes=pf_bytes, PREFETCH=mode, PF_THREADS=cfg.num_warps * 32)
+        pf, pf_bytes = q, 0
+        if prefetch is not None and sync.pdl(q.device):  # bulk prefetch: sm_90+, not the interpreter
+            pf = prefetch[0].reshape(-1).view(torch.int8)
+            unit = 16 * cfg.num_warps * 32  # 16-byte pieces, one per thread
+            pf_bytes = min(prefetch[1], pf.numel()) // (B * (H // cfg.heads) * cfg.splits) // unit * unit
+            assert pf.data_ptr() % 16 == 0
+        kw.update(PF=pf, pf_bytes=pf_bytes, PREFETCH=pf_bytes > 0, PF_THREADS=cfg.num_warps * 32)
     kernel[(B, H // cfg.heads, cfg.splits)](
         q, k_cache, v_cache, *kszv, kn, vn, slots if fused else context_lens, out, part_m, part_l, part_acc,
         counters if fused_reduce else context_lens, block_tables, context_lens, 1.0 / math.sqrt(D),

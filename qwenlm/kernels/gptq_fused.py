@@ -43,7 +43,7 @@ if triton is not None:
     import triton.language as tl
 
     from qwenlm.kernels.gptq_int4 import _w_dot, _w_tile
-    from qwenlm.kernels.sync import _fence_gpu, _prefetch_l2, gdc_launch_dependents, gdc_wait
+    from qwenlm.kernels.sync import _fence_gpu, gdc_launch_dependents, gdc_wait
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -69,12 +69,12 @@ if triton is not None:
 
     @triton.jit
     def _fused_int4_kernel(x_ptr, nw_ptr, xs_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
-                           res_ptr, cos_ptr, sin_ptr, qsc_ptr, pf_ptr, pf_bytes, N, K, FFN, eps, NBLK, P,
+                           res_ptr, cos_ptr, sin_ptr, qsc_ptr, N, K, FFN, eps, NBLK, P,
                            GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PRO: tl.constexpr,
                            K_POW2: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr, ROPE_N: tl.constexpr,
                            Q_N: tl.constexpr, LOGN: tl.constexpr, HEAD: tl.constexpr, ASM: tl.constexpr,
-                           FENCE: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
+                           FENCE: tl.constexpr, PDL: tl.constexpr):
         ROWS: tl.constexpr = BLOCK_K // 8
         SUB: tl.constexpr = GROUP // BLOCK_K
         DT = out_ptr.dtype.element_ty  # the model dtype
@@ -92,8 +92,6 @@ if triton is not None:
             qw0, s0, zlo0, zhi0 = _w_tile(qw_ptr, qz_ptr, s_ptr, start % KT, rows, offs0, mask0, N, ROWS, SUB)
             qw1, s1, zlo1, zhi1 = _w_tile(qw_ptr, qz_ptr, s_ptr, tl.minimum(start % KT + 1, KT - 1), rows, offs0,
                                           mask0, N, ROWS, SUB)
-        if PREFETCH:  # another kernel's weights into L2 while this one waits
-            _prefetch_l2(pf_ptr + pid.to(tl.int64) * pf_bytes, pf_bytes, 128)
         if PDL:  # weights are never written by a kernel; everything else is read after this
             gdc_wait()
         if PRO == 0:  # fp16 inputs, read where they are
@@ -202,7 +200,6 @@ def fusable(layer) -> bool:
 # H100 (docs/benchmarks.md, quantization run 12), and again through the engine with the later launch signal (run 13).
 FUSED_CONFIGS: dict[tuple[int, int], tuple] = {}
 FUSED_DEFAULT = (512, 64, 2, 4, 3)
-MAXNREG = 0
 
 
 def fused_config(n: int, k: int) -> tuple:
@@ -219,7 +216,7 @@ def _sm_count(device: torch.device) -> int:
 
 
 def fused_int4_gemv(x: torch.Tensor, layer, *, norm_weight=None, eps: float = 0.0, glu: int = 0,
-                    residual=None, rope=None, prefetch=None, config: tuple | None = None) -> torch.Tensor:
+                    residual=None, rope=None, config: tuple | None = None) -> torch.Tensor:
     """[K] -> [1, N] in x's dtype through an Int4 GPTQLinear (`fusable`):
       norm_weight: the input is RMSNorm(x) * norm_weight (eps), else x itself;
       glu=F: the layer's outputs are [up | gate] of F each and the result is up * silu(gate), [1, F];
@@ -248,22 +245,16 @@ def fused_int4_gemv(x: torch.Tensor, layer, *, norm_weight=None, eps: float = 0.
         cos, sin, q_scale, rope_n, q_n, head = rope
         assert rope_n % head == 0 and block_n % head == 0 and cos.numel() == head and not glu
     assert not (glu and residual is not None), "glu and residual: one epilogue or the other"
+    any_ptr = layer.scales
     nblk = triton.cdiv(glu, block_n // 2) if glu else triton.cdiv(N, block_n)
     programs = min(nblk * (K // block_k), per_sm * _sm_count(x.device))
-    any_ptr = layer.scales
-    pf, pf_bytes = any_ptr, 0
-    if prefetch is not None and prefetch[1] > 0 and sync.pdl(x.device):  # sm_90+, not the interpreter
-        pf_bytes = prefetch[1] // programs // (16 * 128) * (16 * 128)
-        pf = prefetch[0].view(torch.int8)
-        assert pf.data_ptr() % 16 == 0 and pf_bytes * programs <= pf.numel()
     _fused_int4_kernel[(programs,)](
         x, norm_weight if norm_weight is not None else any_ptr, scratch, layer.qweight, layer.qzeros,
         layer.scales, bias if bias is not None else any_ptr, out, ws, cnt,
         residual if residual is not None else any_ptr, cos if cos is not None else any_ptr,
-        sin if sin is not None else any_ptr, q_scale if q_scale is not None else any_ptr, pf, pf_bytes, N, K, glu,
-        eps, nblk, programs, GROUP=g, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
+        sin if sin is not None else any_ptr, q_scale if q_scale is not None else any_ptr, N, K, glu, eps, nblk,
+        programs, GROUP=g, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
         PRO=pro, K_POW2=triton.next_power_of_2(K), GLU=glu > 0, RES=residual is not None, ROPE_N=rope_n, Q_N=q_n,
         LOGN=q_scale is not None, HEAD=head, ASM=not INTERPRET, FENCE=sync.PER_THREAD_FENCE, PDL=sync.pdl(x.device),
-        PREFETCH=pf_bytes > 0, num_warps=warps, num_stages=stages, **sync.pdl_launch(x.device),
-        **({"maxnreg": MAXNREG} if MAXNREG else {}))
+        num_warps=warps, num_stages=stages, **sync.pdl_launch(x.device))
     return out
