@@ -10,6 +10,7 @@ before they wait for c_attn.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import torch
@@ -51,27 +52,52 @@ def kernel_resources():
     return out
 
 
+SHAPES = {"c_attn": (12288, 4096), "c_proj": (4096, 4096), "gate_up": (22016, 4096), "mlp_c_proj": (4096, 11008)}
+ATTN_BATCH1 = attention.DECODE_CONFIGS["bf16"][0]
+
+
+def apply(run: dict) -> None:
+    """A setting of --settings: gate_up's MiB prefetched by the attention; register limits per kernel."""
+    fused_decode.PREFETCH_MB = int(run.get("mib", 16))
+    gptq_fused.FUSED_CONFIGS.clear()
+    for name, nk in SHAPES.items():
+        if int(run.get(name, 0)):
+            gptq_fused.FUSED_CONFIGS[nk] = gptq_fused.FUSED_DEFAULT + (int(run[name]),)
+    b, cfg = ATTN_BATCH1
+    attention.DECODE_CONFIGS["bf16"][0] = (b, dataclasses.replace(
+        cfg, maxnreg=int(run.get("attention", 0)), splits=int(run.get("splits", cfg.splits)),
+        num_stages=int(run.get("attn_stages", cfg.num_stages)), block_n=int(run.get("attn_block", cfg.block_n)),
+        min_chunk=int(run.get("min_chunk", cfg.min_chunk))))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--mib", default="0,16,32", help="MiB of gate_up prefetched, one run each per repeat")
+    ap.add_argument("--settings", default="", help='instead of --mib: "mib=16,c_attn=R,c_proj=R,gate_up=R,'
+                    'mlp_c_proj=R,attention=R,splits=S,attn_stages=S,attn_block=B,min_chunk=C;...": per run the '
+                    'prefetch, register limits (0: none) per kernel, the batch-1 attention\'s settings')
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
     model = build_model(ModelConfig(), "int4", "cuda", torch.float16)
-    amounts = [int(v) for v in args.mib.split(",")]
-    mib0 = fused_decode.PREFETCH_MB
+    if args.settings:
+        runs = [dict(kv.split("=") for kv in v.split(",")) for v in args.settings.split(";")]
+    else:
+        runs = [dict(mib=v) for v in args.mib.split(",")]
+    mib0, attn0 = fused_decode.PREFETCH_MB, attention.DECODE_CONFIGS["bf16"][0]
     rows, first = [], None
     for _ in range(args.repeats):
-        for mib in amounts:
-            fused_decode.PREFETCH_MB = mib
+        for run in runs:
+            apply(run)
             t = time.time()
             tps, toks = decode_rate(model, args.prompt, args.new_tokens)
             first = first or toks
-            rows.append(dict(mib=mib, tok_s=tps, same_tokens=toks == first))
-            log(f"gate_up's first {mib:3d} MiB prefetched by the attention: {tps:6.1f} tok/s, tokens as the first "
-                f"run's: {toks == first}  ({time.time() - t:.0f} s)")
+            rows.append(dict(setting=run, tok_s=tps, same_tokens=toks == first))
+            log(f"{run}: {tps:6.1f} tok/s, tokens as the first run's: {toks == first}  ({time.time() - t:.0f} s)")
     fused_decode.PREFETCH_MB = mib0
+    attention.DECODE_CONFIGS["bf16"][0] = attn0
+    gptq_fused.FUSED_CONFIGS.clear()
     save_json(dict(prompt=args.prompt, rows=rows, kernels=kernel_resources()), "bench_attn_prefetch.json")
 
 
