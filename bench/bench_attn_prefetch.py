@@ -2,9 +2,10 @@
 (`paged_decode_attention(prefetch=)`, fused_decode.PREFETCH_MB), several amounts alternating in one process, each
 request's greedy tokens compared with the first amount's; then the registers and shared memory of the step's
 Triton kernels. At batch 1 most of the attention's programs read little or nothing, and the prefetch is issued
-before they wait for c_attn.
+before they wait for c_attn. --settings also varies the batch-1 attention's launch (splits, tile, stages, min_chunk).
 
     PYTHONPATH=.:bench python bench/bench_attn_prefetch.py --mib 0,16,32
+    PYTHONPATH=.:bench python bench/bench_attn_prefetch.py --settings "mib=16;mib=16,attn_block=32,min_chunk=32"
 """
 
 from __future__ import annotations
@@ -52,20 +53,15 @@ def kernel_resources():
     return out
 
 
-SHAPES = {"c_attn": (12288, 4096), "c_proj": (4096, 4096), "gate_up": (22016, 4096), "mlp_c_proj": (4096, 11008)}
 ATTN_BATCH1 = attention.DECODE_CONFIGS["bf16"][0]
 
 
 def apply(run: dict) -> None:
-    """A setting of --settings: gate_up's MiB prefetched by the attention; register limits per kernel."""
+    """A setting of --settings: gate_up's MiB prefetched by the attention, the batch-1 attention's settings."""
     fused_decode.PREFETCH_MB = int(run.get("mib", 16))
-    gptq_fused.FUSED_CONFIGS.clear()
-    for name, nk in SHAPES.items():
-        if int(run.get(name, 0)):
-            gptq_fused.FUSED_CONFIGS[nk] = gptq_fused.FUSED_DEFAULT + (int(run[name]),)
     b, cfg = ATTN_BATCH1
     attention.DECODE_CONFIGS["bf16"][0] = (b, dataclasses.replace(
-        cfg, maxnreg=int(run.get("attention", 0)), splits=int(run.get("splits", cfg.splits)),
+        cfg, splits=int(run.get("splits", cfg.splits)),
         num_stages=int(run.get("attn_stages", cfg.num_stages)), block_n=int(run.get("attn_block", cfg.block_n)),
         min_chunk=int(run.get("min_chunk", cfg.min_chunk))))
 
@@ -73,9 +69,8 @@ def apply(run: dict) -> None:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--mib", default="0,16,32", help="MiB of gate_up prefetched, one run each per repeat")
-    ap.add_argument("--settings", default="", help='instead of --mib: "mib=16,c_attn=R,c_proj=R,gate_up=R,'
-                    'mlp_c_proj=R,attention=R,splits=S,attn_stages=S,attn_block=B,min_chunk=C;...": per run the '
-                    'prefetch, register limits (0: none) per kernel, the batch-1 attention\'s settings')
+    ap.add_argument("--settings", default="", help='instead of --mib: "mib=16,splits=S,attn_stages=S,'
+                    'attn_block=B,min_chunk=C;...": per run the prefetch and the batch-1 attention\'s settings')
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=2)
@@ -97,7 +92,6 @@ def main():
             log(f"{run}: {tps:6.1f} tok/s, tokens as the first run's: {toks == first}  ({time.time() - t:.0f} s)")
     fused_decode.PREFETCH_MB = mib0
     attention.DECODE_CONFIGS["bf16"][0] = attn0
-    gptq_fused.FUSED_CONFIGS.clear()
     save_json(dict(prompt=args.prompt, rows=rows, kernels=kernel_resources()), "bench_attn_prefetch.json")
 
 

@@ -332,7 +332,6 @@ class DecodeConfig:
     num_warps: int = 4
     num_stages: int | None = None
     min_chunk: int = 0  # with in-kernel combination: use only the splits that get >= min_chunk positions each
-    maxnreg: int = 0  # a register limit per thread (0: the compiler's choice)
 
 
 # Chosen per pool dtype and batch size from the H100 kernel sweeps (bench/bench_attention.py, docs/benchmarks.md
@@ -402,8 +401,6 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, out=
     sz_strides = k_sz.stride()[:3] if int8 else (0, 0, 0)
     kszv = (k_sz, v_sz) if int8 else (k_cache, v_cache)
     extra = {} if cfg.num_stages is None else {"num_stages": cfg.num_stages}
-    if cfg.maxnreg:
-        extra["maxnreg"] = cfg.maxnreg
     kn, vn = (k_new, v_new) if fused else (q, q)
     if cfg.kernel == "v1":
         _paged_decode_kernel[(B, H)](

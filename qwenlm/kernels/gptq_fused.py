@@ -223,7 +223,7 @@ def fused_int4_gemv(x: torch.Tensor, layer, *, norm_weight=None, eps: float = 0.
       residual: + residual [N];  rope=(cos [HEAD], sin [HEAD], q_scale or None, rope_n, q_n, head): RoPE on the
       columns < rope_n in heads of `head`, and the LogN scale on the columns < q_n."""
     K, N = layer.in_features, layer.out_features
-    block_n, block_k, per_sm, warps, stages, *maxnreg = config or fused_config(N, K)
+    block_n, block_k, per_sm, warps, stages = config or fused_config(N, K)
     while glu and glu % (block_n // 2) and warps > 1:  # gate_up's blocks: whole halves of up and gate
         block_n, warps = block_n // 2, warps // 2
     g = layer.group_size
@@ -256,5 +256,5 @@ def fused_int4_gemv(x: torch.Tensor, layer, *, norm_weight=None, eps: float = 0.
         programs, GROUP=g, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
         PRO=pro, K_POW2=triton.next_power_of_2(K), GLU=glu > 0, RES=residual is not None, ROPE_N=rope_n, Q_N=q_n,
         LOGN=q_scale is not None, HEAD=head, ASM=not INTERPRET, FENCE=sync.PER_THREAD_FENCE, PDL=sync.pdl(x.device),
-        num_warps=warps, num_stages=stages, **sync.pdl_launch(x.device), **({"maxnreg": maxnreg[0]} if maxnreg else {}))
+        num_warps=warps, num_stages=stages, **sync.pdl_launch(x.device))
     return out
