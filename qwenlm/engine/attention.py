@@ -101,15 +101,6 @@ class PagedAttention:
             self._counters = torch.zeros(n, dtype=torch.int32, device=q.device)
         return self._counters
 
-    def decode_pool(self, layer: int, dtype: torch.dtype) -> tuple | None:
-        """(k_cache, v_cache, block_tables, context_lens, slots) of a Triton decode step that stores its new K/V,
-        for a kernel that attends itself (`gptq_fused.fused_int4_gemv(attention=)`); None where `attend` must run
-        (prefill, int8 or other-dtype pools, the torch backend)."""
-        ok = (not self.is_prefill and self.backend == "triton" and not self.int8 and self.slot_mapping is not None
-              and self.k_cache.dtype == dtype)
-        return (self.k_cache[layer], self.v_cache[layer], self.block_tables, self.context_lens,
-                self.slot_mapping) if ok else None
-
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                prefetch: tuple | None = None) -> torch.Tensor:
         """prefetch: (tensor, nbytes) of `paged_decode_attention`, for a decode step on a Triton bf16 or fp16 pool."""

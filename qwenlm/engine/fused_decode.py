@@ -20,7 +20,7 @@ import torch
 
 from qwenlm.engine.attention import PagedAttention
 from qwenlm.engine.fusion import GateUpMLP
-from qwenlm.kernels.gptq_fused import attention_fits, fusable, fused_int4_gemv
+from qwenlm.kernels.gptq_fused import fusable, fused_int4_gemv
 from qwenlm.model.quant import GPTQLinear
 
 # QWENLM_FUSED_INT4=0 keeps Int4 models on the compiled regions (for comparisons).
@@ -28,7 +28,6 @@ ENABLED = os.environ.get("QWENLM_FUSED_INT4", "1") != "0"
 # MiB of gate_up's weights the decode attention sends into L2 (`paged_decode_attention(prefetch=)`): 0.5% more
 # tok/s at 16 (docs/benchmarks.md, run 15).
 PREFETCH_MB = 16
-ATTEND_IN_PROJ = os.environ.get("QWENLM_ATTEND_IN_PROJ", "1") != "0"
 
 
 def supports(model) -> bool:
@@ -65,19 +64,12 @@ class FusedInt4Blocks:
             proj = attn.num_heads * attn.head_dim
             qkv = fused_int4_gemv(x, attn.c_attn, norm_weight=block.ln_1.weight, eps=block.ln_1.eps,
                                   rope=(cos, sin, qs, 2 * proj, proj, attn.head_dim))
-            pool = None
-            if ATTEND_IN_PROJ and isinstance(ctx, PagedAttention) and attention_fits(attn.c_proj, attn.num_heads,
-                                                                                     qkv.device):
-                pool = ctx.decode_pool(attn.layer_idx, qkv.dtype)
-            if pool is not None:  # the attention runs inside c_proj's launch, a program per (head, column block)
-                x = fused_int4_gemv(qkv, attn.c_proj, residual=x, attention=pool).view(H)
+            q, k, v = qkv.view(1, 1, 3, attn.num_heads, attn.head_dim).unbind(2)
+            if PREFETCH_MB and isinstance(ctx, PagedAttention):
+                out = ctx.attend(attn.layer_idx, q, k, v, prefetch=(mlp.gate_up.qweight, PREFETCH_MB << 20))
             else:
-                q, k, v = qkv.view(1, 1, 3, attn.num_heads, attn.head_dim).unbind(2)
-                if PREFETCH_MB and isinstance(ctx, PagedAttention):
-                    out = ctx.attend(attn.layer_idx, q, k, v, prefetch=(mlp.gate_up.qweight, PREFETCH_MB << 20))
-                else:
-                    out = ctx.attend(attn.layer_idx, q, k, v)
-                x = fused_int4_gemv(out.reshape(-1), attn.c_proj, residual=x).view(H)
+                out = ctx.attend(attn.layer_idx, q, k, v)
+            x = fused_int4_gemv(out.reshape(-1), attn.c_proj, residual=x).view(H)
             act = fused_int4_gemv(x, mlp.gate_up, norm_weight=block.ln_2.weight, eps=block.ln_2.eps,
                                   glu=mlp.ffn_dim)
             x = fused_int4_gemv(act, mlp.c_proj, residual=x).view(H)

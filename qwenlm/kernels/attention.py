@@ -83,23 +83,7 @@ if triton is not None:
         """Program (sequence b, head h): the whole context in BLOCK_N-token tiles. FUSED_STORE: as in v2."""
         b = tl.program_id(0)
         h = tl.program_id(1)
-        hh, d, m1, l1, acc1, n_used = _head_softmax(
-            Q, K, V, KSZ, VSZ, Kin, Vin, Slots, BlockTables, ContextLens, scale, b, h, 0, 1, stride_qb, stride_qh,
-            stride_kb, stride_kp, stride_kh, stride_sb, stride_sp, stride_sh, stride_knb, stride_knh, stride_vnb,
-            stride_vnh, stride_bt, PAGE, HEAD_DIM, BLOCK_N, KV_INT8, FUSED_STORE, False)
-        _finish(Out, Out, Out, Out, Out, b, hh, 0, d, m1, l1, acc1, 0, 1, n_used, stride_ob, stride_oh, HEAD_DIM,
-                False, False, 1, False, False)
-
-    @triton.jit
-    def _head_softmax(Q, K, V, KSZ, VSZ, Kin, Vin, Slots, BlockTables, ContextLens, scale, b, h, sp, n_splits,
-                      stride_qb, stride_qh, stride_kb, stride_kp, stride_kh, stride_sb, stride_sp, stride_sh,
-                      stride_knb, stride_knh, stride_vnb, stride_vnh, stride_bt,
-                      PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, KV_INT8: tl.constexpr,
-                      FUSED_STORE: tl.constexpr, SPLIT: tl.constexpr):
-        """v1's softmax over the context of (sequence b, head h), or with SPLIT over split sp of n_splits
-        (`_span`), the stored new row included with FUSED_STORE (split 0 stores and attends to it):
-        (hh [1], d [D], m [1], l_sum [1], acc [1, D], splits used) for `_finish`; the output is acc / l_sum."""
-        ctx_len, start, end, n_used = _span(ContextLens, b, sp, n_splits, BLOCK_N, FUSED_STORE, SPLIT, 0)
+        ctx_len, start, end, n_used = _span(ContextLens, b, 0, 1, BLOCK_N, FUSED_STORE, False, 0)
         d = tl.arange(0, HEAD_DIM)
         q = tl.load(Q + b * stride_qb + h * stride_qh + d).to(tl.float32) * scale
         q_sum = tl.sum(q, 0)
@@ -135,11 +119,12 @@ if triton is not None:
         hh = h + tl.arange(0, 1)
         m1, l1, acc1 = m + tl.zeros([1], tl.float32), l_sum + tl.zeros([1], tl.float32), acc[None, :]
         if FUSED_STORE:
-            m1, l1, acc1 = _store_new_and_attend(K, V, KSZ, VSZ, Kin, Vin, Slots, b, hh, sp, d, q[None, :], m1,
-                                                 l1, acc1, ctx_len, stride_kb, stride_kp, stride_kh, stride_sb,
+            m1, l1, acc1 = _store_new_and_attend(K, V, KSZ, VSZ, Kin, Vin, Slots, b, hh, 0, d, q[None, :], m1, l1,
+                                                 acc1, ctx_len, stride_kb, stride_kp, stride_kh, stride_sb,
                                                  stride_sp, stride_sh, stride_knb, stride_knh, stride_vnb,
                                                  stride_vnh, PAGE, KV_INT8)
-        return hh, d, m1, l1, acc1, n_used
+        _finish(Out, Out, Out, Out, Out, b, hh, 0, d, m1, l1, acc1, 0, 1, n_used, stride_ob, stride_oh, HEAD_DIM,
+                False, False, 1, False, False)
 
     @triton.jit
     def _store_new_and_attend(K, V, KSZ, VSZ, Kin, Vin, Slots, b, hh, sp, d, q, m, l_sum, acc, ctx_len,

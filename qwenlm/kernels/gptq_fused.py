@@ -32,7 +32,6 @@ sequence up to the order of fp32 sums.
 from __future__ import annotations
 
 import functools
-import math
 import os
 
 import torch
@@ -43,8 +42,6 @@ from qwenlm.kernels.gptq_int4 import triton
 if triton is not None:
     import triton.language as tl
 
-    from qwenlm.kernels.attention import _head_softmax
-    from qwenlm.kernels.attention_splits import _combine_splits
     from qwenlm.kernels.gptq_int4 import _w_dot, _w_tile
     from qwenlm.kernels.sync import _fence_gpu, gdc_launch_dependents, gdc_wait
 
@@ -72,15 +69,12 @@ if triton is not None:
 
     @triton.jit
     def _fused_int4_kernel(x_ptr, nw_ptr, xs_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
-                           res_ptr, cos_ptr, sin_ptr, qsc_ptr, kc_ptr, vc_ptr, bt_ptr, cl_ptr, sl_ptr, part_ptr,
-                           sync_ptr,
-                           stride_kb, stride_kp, stride_kh, att_scale, N, K, FFN, eps, NBLK, P,
+                           res_ptr, cos_ptr, sin_ptr, qsc_ptr, N, K, FFN, eps, NBLK, P,
                            GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PRO: tl.constexpr,
                            K_POW2: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr, ROPE_N: tl.constexpr,
                            Q_N: tl.constexpr, LOGN: tl.constexpr, HEAD: tl.constexpr, ASM: tl.constexpr,
-                           FENCE: tl.constexpr, PDL: tl.constexpr, PAGE: tl.constexpr, ATT_N: tl.constexpr,
-                           EXCHANGE: tl.constexpr, SPLITS_POW2: tl.constexpr):
+                           FENCE: tl.constexpr, PDL: tl.constexpr):
         ROWS: tl.constexpr = BLOCK_K // 8
         SUB: tl.constexpr = GROUP // BLOCK_K
         DT = out_ptr.dtype.element_ty  # the model dtype
@@ -102,45 +96,6 @@ if triton is not None:
             gdc_wait()
         if PRO == 0:  # fp16 inputs, read where they are
             x32 = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
-        elif PRO == 3:  # attention: this program's K tiles are head h's inputs; x is the [q | k | v] row
-            HEADS = K // HEAD
-            HS = HEADS * NBLK
-            h = (start % KT) // (HEAD // BLOCK_K)
-            j = start // KT  # this program's column block, and its split of head h's context (NBLK splits)
-            hh = h + tl.arange(0, 1)
-            d = tl.arange(0, HEAD)
-            j0 = j if EXCHANGE else 0  # in the interpreter (programs one after another) each does every split
-            j1 = j + 1 if EXCHANGE else NBLK
-            for jj in range(j0, j1):  # split jj's softmax state into the partials [m | l | acc]
-                _hh, _d, m1, l1, acc1, _used = _head_softmax(
-                    x_ptr, kc_ptr, vc_ptr, kc_ptr, vc_ptr, x_ptr + K, x_ptr + 2 * K, sl_ptr, bt_ptr, cl_ptr,
-                    att_scale, 0, h, jj, NBLK, 0, HEAD, stride_kb, stride_kp, stride_kh, 0, 0, 0, 0, HEAD, 0, HEAD,
-                    0, PAGE, HEAD, ATT_N, False, True, True)
-                part = hh * NBLK + jj
-                tl.store(part_ptr + part, m1)
-                tl.store(part_ptr + HS + part, l1)
-                tl.store(part_ptr + 2 * HS + part[:, None] * HEAD + d[None, :], acc1)
-            if EXCHANGE:  # the head's NBLK programs wait for each other (all resident: `attention_fits`)
-                if FENCE:
-                    _fence_gpu()
-                tl.debug_barrier()
-                tl.atomic_add(sync_ptr + h, 1)  # acq_rel, gpu scope
-                seen = tl.load(sync_ptr + h, volatile=True)
-                while seen < NBLK:
-                    seen = tl.load(sync_ptr + h, volatile=True)
-                _fence_gpu()  # the other programs' partials are read after the count
-            else:
-                tl.debug_barrier()
-            # Head h's output into this program's own row of the scratch, at the head's input offsets.
-            row = xs_ptr + pid * HEAD - h * HEAD
-            _combine_splits(part_ptr, part_ptr + HS, part_ptr + 2 * HS, row, 0, hh, d, HEADS, NBLK, NBLK, 0, HEAD,
-                            HEAD, SPLITS_POW2)
-            tl.debug_barrier()  # the row is written before any thread of this program reads it
-            if EXCHANGE:  # the last of the head's programs past the wait re-arms its counts
-                if tl.atomic_add(sync_ptr + HEADS + h, 1) == NBLK - 1:
-                    tl.store(sync_ptr + h, 0)
-                    tl.store(sync_ptr + HEADS + h, 0)
-            x32 = row.to(tl.pointer_type(tl.int32), bitcast=True)
         else:  # the inputs of this program's K tiles, as the network computes them, into an fp16 scratch row
             ka = tl.arange(0, K_POW2)
             xa = tl.load(x_ptr + ka, mask=ka < K, other=0.0)
@@ -247,31 +202,6 @@ FUSED_CONFIGS: dict[tuple[int, int], tuple] = {}
 FUSED_DEFAULT = (512, 64, 2, 4, 3)
 
 
-# Context positions per tile of the attention prologue (attention=).
-ATT_N = 32
-
-
-_ATTENTION_BUFFERS: dict = {}
-
-
-def _attention_buffers(device, heads: int, splits: int, head: int):
-    """The attention prologue's float32 partials [m | l | acc] of (head, split) and its int32 counts (2 per head,
-    kept at zero between calls), one pair per device and shape: the layers run one after another. Made on the first
-    call, which the engine runs before capturing its CUDA graphs."""
-    key = (device, heads, splits, head)
-    if key not in _ATTENTION_BUFFERS:
-        _ATTENTION_BUFFERS[key] = (torch.empty(heads * splits * (2 + head), device=device, dtype=torch.float32),
-                                   torch.zeros(2 * heads, device=device, dtype=torch.int32))
-    return _ATTENTION_BUFFERS[key]
-
-
-def attention_fits(layer, heads: int, device: torch.device) -> bool:
-    """Whether `fused_int4_gemv(attention=)` can run for this c_proj on this device: its programs, one per (head,
-    column block), wait for the other programs of their head, so all must be resident at once (2 per SM)."""
-    programs = -(-layer.out_features // fused_config(layer.out_features, layer.in_features)[0]) * heads
-    return INTERPRET or device.type != "cuda" or programs <= 2 * _sm_count(device)
-
-
 def fused_config(n: int, k: int) -> tuple:
     return FUSED_CONFIGS.get((n, k), FUSED_DEFAULT)
 
@@ -286,15 +216,12 @@ def _sm_count(device: torch.device) -> int:
 
 
 def fused_int4_gemv(x: torch.Tensor, layer, *, norm_weight=None, eps: float = 0.0, glu: int = 0,
-                    residual=None, rope=None, attention=None, config: tuple | None = None) -> torch.Tensor:
+                    residual=None, rope=None, config: tuple | None = None) -> torch.Tensor:
     """[K] -> [1, N] in x's dtype through an Int4 GPTQLinear (`fusable`):
       norm_weight: the input is RMSNorm(x) * norm_weight (eps), else x itself;
       glu=F: the layer's outputs are [up | gate] of F each and the result is up * silu(gate), [1, F];
       residual: + residual [N];  rope=(cos [HEAD], sin [HEAD], q_scale or None, rope_n, q_n, head): RoPE on the
-      columns < rope_n in heads of `head`, and the LogN scale on the columns < q_n;
-      attention=(k_cache, v_cache, block_tables, context_lens, slots): x is one sequence's [q | k | v] row (3K)
-      and the input is its decode attention over that paged pool (`paged_decode_attention`'s contract, the new
-      K/V stored at slots[0]): one program per (head, column block), each attending for its own head."""
+      columns < rope_n in heads of `head`, and the LogN scale on the columns < q_n."""
     K, N = layer.in_features, layer.out_features
     block_n, block_k, per_sm, warps, stages = config or fused_config(N, K)
     while glu and glu % (block_n // 2) and warps > 1:  # gate_up's blocks: whole halves of up and gate
@@ -304,47 +231,30 @@ def fused_int4_gemv(x: torch.Tensor, layer, *, norm_weight=None, eps: float = 0.
     assert block_n == 128 * warps and fusable(layer), "fused_int4_gemv: see fusable() and BLOCK_N = 128 x warps"
     assert not glu or (N == 2 * glu and glu % (block_n // 2) == 0), "glu: N = 2F, F a multiple of 64"
     x = x.reshape(-1)
-    assert x.is_contiguous() and x.numel() == (3 * K if attention is not None else K)
+    assert x.is_contiguous() and x.numel() == K
     out = torch.empty((1, glu or N), device=x.device, dtype=x.dtype)
     # prologue: 0 fp16 inputs read in place; 1 RMSNorm into an fp16 scratch row; 2 other dtypes converted into it
     pro = 1 if norm_weight is not None else (0 if x.dtype == torch.float16 else 2)
+    scratch = torch.empty(K, device=x.device, dtype=torch.float16) if pro else x
     ws, cnt = layer._workspace
-    nblk = triton.cdiv(glu, block_n // 2) if glu else triton.cdiv(N, block_n)
-    programs = min(nblk * (K // block_k), per_sm * _sm_count(x.device))
-    pool = (x,) * 5
-    part, sync_buf = ws, cnt
-    strides = (0, 0, 0)
-    page = 1
-    head = 128
-    exchange = False
-    if attention is not None:
-        pool = attention
-        k_cache = pool[0]
-        page, head = k_cache.shape[1], k_cache.shape[3]
-        strides = k_cache.stride()[:3]
-        assert x.dtype == torch.float16 and k_cache.dtype == x.dtype and k_cache.stride() == pool[1].stride()
-        assert k_cache.stride(3) == 1 and head % block_k == 0 and not glu and norm_weight is None
-        pro, programs = 3, nblk * (K // head)  # a program per (column block, head): the head's K tiles
-        part, sync_buf = _attention_buffers(x.device, K // head, nblk, head)
-        exchange = not INTERPRET
-        assert not exchange or programs <= 2 * _sm_count(x.device), "attention=: see attention_fits()"
-    scratch = torch.empty(programs * head if pro == 3 else K, device=x.device, dtype=torch.float16) if pro else x
     bias = layer._kernel_bias
     cos = sin = q_scale = None
     rope_n = q_n = 0
+    head = 128
     if rope is not None:
         cos, sin, q_scale, rope_n, q_n, head = rope
         assert rope_n % head == 0 and block_n % head == 0 and cos.numel() == head and not glu
     assert not (glu and residual is not None), "glu and residual: one epilogue or the other"
     any_ptr = layer.scales
+    nblk = triton.cdiv(glu, block_n // 2) if glu else triton.cdiv(N, block_n)
+    programs = min(nblk * (K // block_k), per_sm * _sm_count(x.device))
     _fused_int4_kernel[(programs,)](
         x, norm_weight if norm_weight is not None else any_ptr, scratch, layer.qweight, layer.qzeros,
         layer.scales, bias if bias is not None else any_ptr, out, ws, cnt,
         residual if residual is not None else any_ptr, cos if cos is not None else any_ptr,
-        sin if sin is not None else any_ptr, q_scale if q_scale is not None else any_ptr, *pool, part, sync_buf,
-        *strides, 1.0 / math.sqrt(head), N, K, glu, eps, nblk, programs, GROUP=g, HAS_BIAS=bias is not None,
-        BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
+        sin if sin is not None else any_ptr, q_scale if q_scale is not None else any_ptr, N, K, glu, eps, nblk,
+        programs, GROUP=g, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
         PRO=pro, K_POW2=triton.next_power_of_2(K), GLU=glu > 0, RES=residual is not None, ROPE_N=rope_n, Q_N=q_n,
         LOGN=q_scale is not None, HEAD=head, ASM=not INTERPRET, FENCE=sync.PER_THREAD_FENCE, PDL=sync.pdl(x.device),
-        PAGE=page, ATT_N=ATT_N, EXCHANGE=exchange, SPLITS_POW2=triton.next_power_of_2(nblk), num_warps=warps, num_stages=stages, **sync.pdl_launch(x.device))
+        num_warps=warps, num_stages=stages, **sync.pdl_launch(x.device))
     return out
