@@ -1,7 +1,7 @@
 """Batch-1 decode of GPTQ Int4 blocks in five launches per layer (qwenlm.kernels.gptq_fused):
 
   1. ln_1 -> c_attn (+ bias) -> RoPE on q and k -> LogN on q        [q | k | v]
-  2. attention (ctx.attend: stores K/V into the paged pool and attends)
+  2. attention (ctx.attend: stores K/V into the paged pool and attends; sends gate_up's first weights into L2)
   3. x + c_proj(attn)
   4. ln_2 -> gate_up                                                 [up | gate]
   5. x + c_proj(up * silu(gate))
