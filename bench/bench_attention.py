@@ -20,7 +20,8 @@ import time
 
 import torch
 
-from qwenlm.kernels.attention import DECODE_CONFIGS, DecodeConfig, paged_decode_attention
+from qwenlm.kernels.attention import paged_decode_attention
+from qwenlm.kernels.attention_config import DECODE_CONFIGS, DecodeConfig
 
 H, D, PAGE = 32, 128, 16
 SHAPES = [(1, 640), (1, 2048), (4, 640), (16, 640), (128, 160), (128, 640), (128, 2048)]

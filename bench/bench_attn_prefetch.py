@@ -20,7 +20,7 @@ from bench_quant import build_model, greedy, prompts_of, run_timed
 from benchlib import log, save_json
 from qwenlm.config import ModelConfig
 from qwenlm.engine import EngineConfig, LLMEngine, fused_decode
-from qwenlm.kernels import attention, gptq_fused
+from qwenlm.kernels import attention, attention_config, gptq_fused
 
 
 def decode_rate(model, prompt_len, new_tokens, seed=2):
@@ -53,14 +53,14 @@ def kernel_resources():
     return out
 
 
-ATTN_BATCH1 = attention.DECODE_CONFIGS["bf16"][0]
+ATTN_BATCH1 = attention_config.DECODE_CONFIGS["bf16"][0]
 
 
 def apply(run: dict) -> None:
     """A setting of --settings: gate_up's MiB prefetched by the attention, the batch-1 attention's settings."""
     fused_decode.PREFETCH_MB = int(run.get("mib", 16))
     b, cfg = ATTN_BATCH1
-    attention.DECODE_CONFIGS["bf16"][0] = (b, dataclasses.replace(
+    attention_config.DECODE_CONFIGS["bf16"][0] = (b, dataclasses.replace(
         cfg, splits=int(run.get("splits", cfg.splits)),
         num_stages=int(run.get("attn_stages", cfg.num_stages)), block_n=int(run.get("attn_block", cfg.block_n)),
         min_chunk=int(run.get("min_chunk", cfg.min_chunk))))
@@ -80,7 +80,7 @@ def main():
         runs = [dict(kv.split("=") for kv in v.split(",")) for v in args.settings.split(";")]
     else:
         runs = [dict(mib=v) for v in args.mib.split(",")]
-    mib0, attn0 = fused_decode.PREFETCH_MB, attention.DECODE_CONFIGS["bf16"][0]
+    mib0, attn0 = fused_decode.PREFETCH_MB, attention_config.DECODE_CONFIGS["bf16"][0]
     rows, first = [], None
     for _ in range(args.repeats):
         for run in runs:
@@ -91,7 +91,7 @@ def main():
             rows.append(dict(setting=run, tok_s=tps, same_tokens=toks == first))
             log(f"{run}: {tps:6.1f} tok/s, tokens as the first run's: {toks == first}  ({time.time() - t:.0f} s)")
     fused_decode.PREFETCH_MB = mib0
-    attention.DECODE_CONFIGS["bf16"][0] = attn0
+    attention_config.DECODE_CONFIGS["bf16"][0] = attn0
     save_json(dict(prompt=args.prompt, rows=rows, kernels=kernel_resources()), "bench_attn_prefetch.json")
 
 

@@ -525,7 +525,7 @@ def main():
         bench_qwenlm(model, cfg, dev, bw, args, compile_decode=None, tag="qwenlm int8 KV", full=False,
                      kv_cache_dtype="int8")
     if args.attention_before:  # the same engine with the v1 attention kernel at every batch
-        from qwenlm.kernels import attention as attention_kernels
+        from qwenlm.kernels import attention_config as attention_kernels
         tables = attention_kernels.DECODE_CONFIGS
         v1 = attention_kernels.DecodeConfig("v1")
         attention_kernels.DECODE_CONFIGS = {"bf16": [(1, v1)], "int8": [(1, v1)]}

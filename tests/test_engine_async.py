@@ -159,7 +159,7 @@ def test_triton_paged_decode_kernels_match_reference_in_interpreter():
 
 
 def test_decode_config_table_covers_every_batch():
-    from qwenlm.kernels.attention import DECODE_CONFIGS, DecodeConfig, decode_config
+    from qwenlm.kernels.attention_config import DECODE_CONFIGS, DecodeConfig, decode_config
     for int8 in (False, True):
         for batch in range(1, 257):
             cfg = decode_config(batch, int8)
