@@ -80,7 +80,7 @@ def main():
         runs = [dict(kv.split("=") for kv in v.split(",")) for v in args.settings.split(";")]
     else:
         runs = [dict(mib=v) for v in args.mib.split(",")]
-    mib0, attn0 = fused_decode.PREFETCH_MB, attention_config.DECODE_CONFIGS["bf16"][0]
+    mib0 = fused_decode.PREFETCH_MB
     rows, first = [], None
     for _ in range(args.repeats):
         for run in runs:
@@ -91,7 +91,7 @@ def main():
             rows.append(dict(setting=run, tok_s=tps, same_tokens=toks == first))
             log(f"{run}: {tps:6.1f} tok/s, tokens as the first run's: {toks == first}  ({time.time() - t:.0f} s)")
     fused_decode.PREFETCH_MB = mib0
-    attention_config.DECODE_CONFIGS["bf16"][0] = attn0
+    attention_config.DECODE_CONFIGS["bf16"][0] = ATTN_BATCH1
     save_json(dict(prompt=args.prompt, rows=rows, kernels=kernel_resources()), "bench_attn_prefetch.json")
 
 
