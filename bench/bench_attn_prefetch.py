@@ -54,11 +54,16 @@ def kernel_resources():
 
 
 ATTN_BATCH1 = attention_config.DECODE_CONFIGS["bf16"][0]
+X_PAIRS = gptq_fused.X_PAIRS
+FUSED_DEFAULT = gptq_fused.FUSED_DEFAULT
 
 
 def apply(run: dict) -> None:
-    """A setting of --settings: gate_up's MiB prefetched by the attention, the batch-1 attention's settings."""
+    """A setting of --settings: gate_up's MiB prefetched by the attention, the batch-1 attention's settings, how the
+    fused GEMVs get their inputs' lane pairs (`gptq_fused.X_PAIRS`)."""
     fused_decode.PREFETCH_MB = int(run.get("mib", 16))
+    gptq_fused.X_PAIRS = int(run.get("xpairs", X_PAIRS))
+    gptq_fused.FUSED_DEFAULT = tuple(map(int, run["fused"].split("/"))) if "fused" in run else FUSED_DEFAULT
     b, cfg = ATTN_BATCH1
     attention_config.DECODE_CONFIGS["bf16"][0] = (b, dataclasses.replace(
         cfg, splits=int(run.get("splits", cfg.splits)),
@@ -70,7 +75,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--mib", default="0,16,32", help="MiB of gate_up prefetched, one run each per repeat")
     ap.add_argument("--settings", default="", help='instead of --mib: "mib=16,splits=S,attn_stages=S,'
-                    'attn_block=B,min_chunk=C;...": per run the prefetch and the batch-1 attention\'s settings')
+                    'attn_block=B,min_chunk=C,xpairs=X,fused=BN/BK/PER_SM/WARPS/STAGES;...": per run the prefetch, '
+                    'the batch-1 attention\'s settings, the fused GEMVs\' input pairs and launch')
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=2)
@@ -91,6 +97,8 @@ def main():
             rows.append(dict(setting=run, tok_s=tps, same_tokens=toks == first))
             log(f"{run}: {tps:6.1f} tok/s, tokens as the first run's: {toks == first}  ({time.time() - t:.0f} s)")
     fused_decode.PREFETCH_MB = mib0
+    gptq_fused.X_PAIRS = X_PAIRS
+    gptq_fused.FUSED_DEFAULT = FUSED_DEFAULT
     attention_config.DECODE_CONFIGS["bf16"][0] = ATTN_BATCH1
     save_json(dict(prompt=args.prompt, rows=rows, kernels=kernel_resources()), "bench_attn_prefetch.json")
 

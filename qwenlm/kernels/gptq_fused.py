@@ -42,7 +42,7 @@ from qwenlm.kernels.gptq_int4 import triton
 if triton is not None:
     import triton.language as tl
 
-    from qwenlm.kernels.gptq_int4 import _w_dot, _w_tile
+    from qwenlm.kernels.gptq_int4 import _w_dot, _w_tile, pair_order
     from qwenlm.kernels.sync import _fence_gpu, gdc_launch_dependents, gdc_wait
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -74,7 +74,7 @@ if triton is not None:
                            BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PRO: tl.constexpr,
                            K_POW2: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr, ROPE_N: tl.constexpr,
                            Q_N: tl.constexpr, LOGN: tl.constexpr, HEAD: tl.constexpr, ASM: tl.constexpr,
-                           FENCE: tl.constexpr, PDL: tl.constexpr):
+                           FENCE: tl.constexpr, PDL: tl.constexpr, XP: tl.constexpr):
         ROWS: tl.constexpr = BLOCK_K // 8
         SUB: tl.constexpr = GROUP // BLOCK_K
         DT = out_ptr.dtype.element_ty  # the model dtype
@@ -85,6 +85,8 @@ if triton is not None:
         lane = tl.arange(0, BLOCK_N)
         rows = tl.arange(0, ROWS)[:, None]
         PEEL: tl.constexpr = PRO != 0 or PDL
+        # XP 2: the scratch row is written in lane-pair order (only with a prologue; inputs read in place use PRMT)
+        XPK: tl.constexpr = XP if PRO != 0 or XP != 2 else 1
         if PEEL:  # the first two weight tiles stream in while the input row is built / the kernel before ends
             # (the second only used if the first segment has it)
             offs0, mask0, _ = _columns(start // KT, lane, N, FFN, BLOCK_N, GLU)
@@ -106,7 +108,7 @@ if triton is not None:
                 xa = ((xf * inv).to(DT).to(tl.float32) * nw).to(DT)
             # the K tiles of this program's run, from its first (a run of KT or more covers the row)
             need = ((ka // BLOCK_K - start % KT + KT) % KT) < tl.minimum(end - start, KT)
-            tl.store(xs_ptr + ka, xa.to(tl.float16), mask=(ka < K) & need)
+            tl.store(xs_ptr + (pair_order(ka) if XP == 2 else ka), xa.to(tl.float16), mask=(ka < K) & need)
             tl.debug_barrier()  # the scratch row is written before any thread of this program reads it
             x32 = xs_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
         t = start
@@ -131,16 +133,16 @@ if triton is not None:
             k_loop = k0
             if PEEL:
                 if t == start:  # the tiles loaded first
-                    acc = _w_dot(qw0, s0, zlo0, zhi0, x32, k0, rows, ROWS, ASM, False)
+                    acc = _w_dot(qw0, s0, zlo0, zhi0, x32, k0, rows, ROWS, ASM, False, XPK)
                     k_loop = k0 + 1
                     if first_len > 1:
-                        acc += _w_dot(qw1, s1, zlo1, zhi1, x32, k0 + 1, rows, ROWS, ASM, False)
+                        acc += _w_dot(qw1, s1, zlo1, zhi1, x32, k0 + 1, rows, ROWS, ASM, False, XPK)
                         k_loop = k0 + 2
                     if PDL:  # only now the next kernel may launch (5% more tok/s than at the start: run 13)
                         gdc_launch_dependents()
             for it in tl.range(k_loop, k1, num_stages=STAGES):
                 qw, s, zlo, zhi = _w_tile(qw_ptr, qz_ptr, s_ptr, it, rows, offs_n, n_mask, N, ROWS, SUB)
-                acc += _w_dot(qw, s, zlo, zhi, x32, it, rows, ROWS, ASM, False)
+                acc += _w_dot(qw, s, zlo, zhi, x32, it, rows, ROWS, ASM, False, XPK)
             if HAS_BIAS:
                 if k0 == 0:
                     acc += bias
@@ -199,6 +201,9 @@ def fusable(layer) -> bool:
 # missing shapes take FUSED_DEFAULT, the fastest setting at every Qwen-7B shape in `bench/bench_streamk.py` on an
 # H100 (docs/benchmarks.md, quantization run 12), and again through the engine with the later launch signal (run 13).
 FUSED_CONFIGS: dict[tuple[int, int], tuple] = {}
+# How the kernel gets the inputs' lane pairs (`gptq_int4._x_lane_pairs`): 2 the prologue writes its scratch row in
+# pair order, inputs read in place are regrouped by PRMT; 1 PRMT everywhere; 0 shifts and masks.
+X_PAIRS = 2
 FUSED_DEFAULT = (512, 64, 2, 4, 3)
 
 
@@ -256,5 +261,6 @@ def fused_int4_gemv(x: torch.Tensor, layer, *, norm_weight=None, eps: float = 0.
         programs, GROUP=g, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
         PRO=pro, K_POW2=triton.next_power_of_2(K), GLU=glu > 0, RES=residual is not None, ROPE_N=rope_n, Q_N=q_n,
         LOGN=q_scale is not None, HEAD=head, ASM=not INTERPRET, FENCE=sync.PER_THREAD_FENCE, PDL=sync.pdl(x.device),
+        XP=X_PAIRS,
         num_warps=warps, num_stages=stages, **sync.pdl_launch(x.device))
     return out

@@ -76,15 +76,39 @@ if triton is not None:
                                          pack=1)
 
     @triton.jit
-    def _x_lane_pairs(x32, r):
-        """The fp16 inputs of packed rows r read as four int32 pairs (x0 x1 | x2 x3 | x4 x5 | x6 x7), regrouped
-        into the lane pairs (i, i + 4) of a packed word: (x0, x4), (x1, x5), (x2, x6), (x3, x7)."""
+    def _lo_halves(a, b):
+        """(low half of a, low half of b) in one PRMT."""
+        return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x5410;", "=r,r,r", [a, b], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+
+    @triton.jit
+    def _hi_halves(a, b):
+        """(high half of a, high half of b) in one PRMT."""
+        return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7632;", "=r,r,r", [a, b], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+
+    @triton.jit
+    def _x_lane_pairs(x32, r, XP: tl.constexpr = 0):
+        """The fp16 inputs of packed rows r as the lane pairs (i, i + 4) of a packed word: (x0, x4), (x1, x5),
+        (x2, x6), (x3, x7), each as int32 bits. XP 0: read in order as four int32 pairs (x0 x1 | x2 x3 | x4 x5 |
+        x6 x7) and regrouped by shifts and masks; 1: the same with one PRMT per pair; 2: stored already in pair
+        order (`pair_order`), read as they are, no regrouping."""
         p0 = tl.load(x32 + r * 4)
         p1 = tl.load(x32 + r * 4 + 1)
         p2 = tl.load(x32 + r * 4 + 2)
         p3 = tl.load(x32 + r * 4 + 3)
+        if XP == 2:
+            return p0, p1, p2, p3
+        if XP == 1:
+            return _lo_halves(p0, p2), _hi_halves(p0, p2), _lo_halves(p1, p3), _hi_halves(p1, p3)
         return ((p0 & 0xFFFF) | (p2 << 16), ((p0 >> 16) & 0xFFFF) | (p2 & -65536),
                 (p1 & 0xFFFF) | (p3 << 16), ((p1 >> 16) & 0xFFFF) | (p3 & -65536))
+
+    @triton.jit
+    def pair_order(k):
+        """Where input k is stored so that `_x_lane_pairs(XP=2)` reads lane pairs directly: within each run of 8,
+        (x0, x4, x1, x5, x2, x6, x3, x7)."""
+        return (k & -8) | ((k & 3) << 1) | ((k >> 2) & 1)
 
     @triton.jit
     def _w_tile(qw_ptr, qz_ptr, s_ptr, it, rows, offs_n, n_mask, N, ROWS: tl.constexpr, SUB: tl.constexpr):
@@ -99,11 +123,13 @@ if triton is not None:
         return qw, s, (zlo | (zlo << 16))[None, :], (zhi | (zhi << 16))[None, :]
 
     @triton.jit
-    def _w_dot(qw, s, zlo, zhi, x32, it, rows, ROWS: tl.constexpr, ASM: tl.constexpr, EARLY: tl.constexpr):
+    def _w_dot(qw, s, zlo, zhi, x32, it, rows, ROWS: tl.constexpr, ASM: tl.constexpr, EARLY: tl.constexpr,
+               XP: tl.constexpr = 0):
         """sum over the tile's inputs of x_k * w_kn for each column: [BLOCK_N] fp32 (x32: the fp16 inputs read
         as int32 pairs, `_x_lane_pairs`). EARLY: the sums start from an opaque zero that depends on every word of
-        the tile, so ptxas issues all its loads before any arithmetic."""
-        x04, x15, x26, x37 = _x_lane_pairs(x32, it * ROWS + rows)
+        the tile, so ptxas issues all its loads before any arithmetic. XP: how the inputs are stored and regrouped
+        (`_x_lane_pairs`)."""
+        x04, x15, x26, x37 = _x_lane_pairs(x32, it * ROWS + rows, XP if ASM or XP == 2 else 0)
         if ASM:
             h0 = qw * 0
             if EARLY:
