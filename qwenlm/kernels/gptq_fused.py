@@ -42,7 +42,7 @@ from qwenlm.kernels.gptq_int4 import triton
 if triton is not None:
     import triton.language as tl
 
-    from qwenlm.kernels.gptq_int4 import _w_dot, _w_tile, pair_order
+    from qwenlm.kernels.gptq_int4 import _w_dot, _w_tile
     from qwenlm.kernels.sync import _fence_gpu, gdc_launch_dependents, gdc_wait
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -108,7 +108,10 @@ if triton is not None:
                 xa = ((xf * inv).to(DT).to(tl.float32) * nw).to(DT)
             # the K tiles of this program's run, from its first (a run of KT or more covers the row)
             need = ((ka // BLOCK_K - start % KT + KT) % KT) < tl.minimum(end - start, KT)
-            tl.store(xs_ptr + (pair_order(ka) if XP == 2 else ka), xa.to(tl.float16), mask=(ka < K) & need)
+            xh = xa.to(tl.float16)
+            if XP == 2:  # lane-pair order within each run of 8 (`_x_lane_pairs`), a permutation in registers
+                xh = tl.reshape(tl.permute(tl.reshape(xh, [K_POW2 // 8, 2, 4]), (0, 2, 1)), [K_POW2])
+            tl.store(xs_ptr + ka, xh, mask=(ka < K) & need)
             tl.debug_barrier()  # the scratch row is written before any thread of this program reads it
             x32 = xs_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
         t = start

@@ -92,7 +92,7 @@ if triton is not None:
         """The fp16 inputs of packed rows r as the lane pairs (i, i + 4) of a packed word: (x0, x4), (x1, x5),
         (x2, x6), (x3, x7), each as int32 bits. XP 0: read in order as four int32 pairs (x0 x1 | x2 x3 | x4 x5 |
         x6 x7) and regrouped by shifts and masks; 1: the same with one PRMT per pair; 2: stored already in pair
-        order (`pair_order`), read as they are, no regrouping."""
+        order (within each run of 8: x0 x4 x1 x5 x2 x6 x3 x7), read as they are."""
         p0 = tl.load(x32 + r * 4)
         p1 = tl.load(x32 + r * 4 + 1)
         p2 = tl.load(x32 + r * 4 + 2)
@@ -103,12 +103,6 @@ if triton is not None:
             return _lo_halves(p0, p2), _hi_halves(p0, p2), _lo_halves(p1, p3), _hi_halves(p1, p3)
         return ((p0 & 0xFFFF) | (p2 << 16), ((p0 >> 16) & 0xFFFF) | (p2 & -65536),
                 (p1 & 0xFFFF) | (p3 << 16), ((p1 >> 16) & 0xFFFF) | (p3 & -65536))
-
-    @triton.jit
-    def pair_order(k):
-        """Where input k is stored so that `_x_lane_pairs(XP=2)` reads lane pairs directly: within each run of 8,
-        (x0, x4, x1, x5, x2, x6, x3, x7)."""
-        return (k & -8) | ((k & 3) << 1) | ((k >> 2) & 1)
 
     @triton.jit
     def _w_tile(qw_ptr, qz_ptr, s_ptr, it, rows, offs_n, n_mask, N, ROWS: tl.constexpr, SUB: tl.constexpr):
