@@ -1,0 +1,87 @@
+"""Batch-1 Int4 GEMV on the tensor cores (bench/mma_gemv.py, CUDA) against the product's fused Triton GEMV
+(qwenlm.kernels.gptq_fused, fp16 input read in place, no fused work), an experiment: the product path is
+unchanged.
+
+Per Qwen-7B shape, µs per call replayed from a CUDA graph two ways:
+- DRAM: 8 distinct weights back to back (more than L2), as the decode graph runs its linears;
+- L2: one weight 8 times (it stays in L2): the kernel's arithmetic and issue rate, which bound the fused decode's
+  GEMVs after their waits (docs/benchmarks.md, quantization run 16).
+Checks the tensor-core result against the v4 GEMV (dequantize-equivalent) first.
+
+    cd bench && PYTHONPATH=..:. python bench_mma.py [--configs "4,2,2,8;..."]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from bench_fused import layer_of
+from bench_quant import GEMV_SHAPES, graph_us
+from benchlib import copy_bandwidth, log, save_json
+from mma_gemv import mma_gemv, repack_fragments
+from qwenlm.kernels import gptq_gemv as G
+from qwenlm.kernels.gptq_fused import fused_int4_gemv
+
+COPIES = 8
+# (WARPS, CB, DEPTH, SPLIT) per run; SPLIT None: about 4 CTAs per SM
+CONFIGS = "4,2,2,0;4,1,2,0;4,4,2,0;4,2,3,0;4,2,4,0;8,1,2,0;4,2,2,-2"
+
+
+def split_for(n, k, warps, cb, per_sm):
+    ctas_n = n // (16 * cb * warps)
+    groups = k // 128
+    want = max(1, (per_sm * torch.cuda.get_device_properties(0).multi_processor_count) // ctas_n)
+    return min(groups, want)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--configs", default=CONFIGS, help='"WARPS,CB,DEPTH,SPLIT;..." (SPLIT 0: ~4 CTAs per SM, '
+                    '-P: ~P per SM)')
+    args = ap.parse_args()
+    bw = copy_bandwidth("cuda")
+    log(f"{torch.cuda.get_device_name()} copy bandwidth {bw / 1e9:.0f} GB/s")
+    rows = []
+    for name, (k, n) in GEMV_SHAPES.items():
+        layers = [layer_of(k, n) for _ in range(COPIES)]
+        ws = [(l.qweight, l.qzeros, l.scales) for l in layers]
+        mb = sum(t.numel() * t.element_size() for t in ws[0]) / 1e6
+        x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+        ref = G.gemv(x, *ws[0], 128, 4).float().reshape(-1)
+        fused_dram = graph_us(lambda l: fused_int4_gemv(x, l), layers)
+        fused_l2 = graph_us(lambda l: fused_int4_gemv(x, l), [layers[0]] * COPIES)
+        got_fused = fused_int4_gemv(x, layers[0]).float().reshape(-1)
+        err_f = ((got_fused - ref).abs().max() / ref.abs().max()).item()
+        log(f"{name:12s} {mb:5.1f} MB  bound {mb * 1e12 / bw:5.2f} us | fused Triton: DRAM {fused_dram:6.2f} us, "
+            f"L2 {fused_l2:6.2f} us, rel err {err_f:.1e}")
+        rows.append(dict(linear=name, MB=round(mb, 1), kernel="fused", dram_us=fused_dram, l2_us=fused_l2,
+                         err=err_f))
+        frags = [(repack_fragments(l.qweight), l.qzeros, l.scales) for l in layers]
+        out = torch.zeros(n, device="cuda", dtype=torch.float32)
+        for cfg in [tuple(map(int, c.split(","))) for c in args.configs.split(";")]:
+            warps, cb, depth, split = cfg
+            if n % (16 * cb * warps):
+                continue
+            if split <= 0:
+                split = split_for(n, k, warps, cb, -split or 4)
+            c = (warps, cb, depth, split)
+            try:
+                out.zero_()
+                mma_gemv(x, *frags[0], out, c)
+                err = ((out - ref).abs().max() / ref.abs().max()).item()
+                dram = graph_us(lambda f: mma_gemv(x, *f, out, c), frags)
+                l2 = graph_us(lambda f: mma_gemv(x, *f, out, c), [frags[0]] * COPIES)
+            except Exception as e:  # noqa: BLE001 - a setting that fails is reported, not fatal
+                log(f"  mma {c}: failed: {type(e).__name__}: {str(e)[:3000]}")
+                continue
+            log(f"  mma (WARPS, CB, DEPTH, SPLIT) {c}: DRAM {dram:6.2f} us ({mb * 1e3 / dram:4.0f} GB/s), "
+                f"L2 {l2:6.2f} us, rel err {err:.1e}")
+            rows.append(dict(linear=name, MB=round(mb, 1), kernel="mma", config=c, dram_us=dram, l2_us=l2, err=err))
+        del layers, frags
+    save_json(dict(copy_GBs=bw / 1e9, rows=rows), "bench_mma.json")
+
+
+if __name__ == "__main__":
+    main()

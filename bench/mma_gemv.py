@@ -1,0 +1,198 @@
+"""Batch-1 GPTQ Int4 GEMV on the tensor cores, in CUDA C++: an experiment, timed by bench_mma.py.
+
+Why: in the fused decode (qwenlm.kernels.gptq_fused) every GEMV's work after its wait for the kernel before is
+bound by issuing instructions, not by DRAM (docs/benchmarks.md, quantization runs 13-16): ~19 per packed word,
+13 of them Marlin's unpacking and the half2 products, the rest regrouping inputs, summing rows and per-tile
+bookkeeping, with 2 warps per scheduler to hide latency. Here the products and sums go to the tensor cores: a
+warp's mma.m16n8k16 takes 16 output columns x 16 inputs, and each lane's A fragment is exactly 8 four-bit weights
+-- one packed word -- once the words are repacked at load time into fragment order (`repack_fragments`). Per word
+that leaves the unpacking (4 LOP3, 1 shift, 4 HFMA2 folding in the zero point) and a quarter of an HMMA.
+
+The B fragment is the input, the same in all 8 columns, so every column of D holds the result; the input order
+inside the 16 is the fragment's own (lane t of a group of 4 takes inputs 2t, 2t+1, 2t+8, 2t+9), read as pairs.
+Compiled at run time by NVRTC through torch (`torch.cuda._compile_kernel`, as `cluster_gemv.py`); inline PTX only.
+
+Layout of the repacked words: [N/16, K/64, 32 lanes, 4 mma steps] int32, so a warp streams 512 contiguous bytes
+per 16 columns x 64 inputs and each lane loads one 16-byte vector. Word (lane L = 4g + t, step j) of column block
+c and input block k0 = 64 kc + 16 j holds, in nibbles 0..7: W[k0+2t, c+g], W[k0+2t, c+g+8], W[k0+2t+8, c+g],
+W[k0+2t+8, c+g+8], W[k0+2t+1, c+g], W[k0+2t+1, c+g+8], W[k0+2t+9, c+g], W[k0+2t+9, c+g+8]: Marlin's
+(w & 0x000F000F) gives the half2 (nibble 0, nibble 4) = a0, (w & 0x00F000F0) gives a1, and w >> 8 gives a2, a3.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+SOURCE = r"""
+#define THREADS (WARPS * 32)
+
+__device__ __forceinline__ unsigned lo_nib(unsigned w) {
+  unsigned d; asm("lop3.b32 %0, %1, 0x000F000F, 0x64006400, 0xEA;" : "=r"(d) : "r"(w)); return d; }
+__device__ __forceinline__ unsigned hi_nib(unsigned w) {
+  unsigned d; asm("lop3.b32 %0, %1, 0x00F000F0, 0x64006400, 0xEA;" : "=r"(d) : "r"(w)); return d; }
+__device__ __forceinline__ unsigned hfma2(unsigned a, unsigned b, unsigned c) {
+  unsigned d; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d; }
+__device__ __forceinline__ float h2f(unsigned short h) {
+  float f; asm("{ .reg .f16 t; mov.b16 t, %1; cvt.f32.f16 %0, t; }" : "=f"(f) : "h"(h)); return f; }
+
+// d += A(word w: (q - z)/256 for columns g (zlo) and g + 8 (zhi)) x B(b0, b1)
+__device__ __forceinline__ void word_mma(float d[4], unsigned w, unsigned zlo, unsigned zhi, unsigned b0,
+                                         unsigned b1) {
+  const unsigned c8 = 0x1C001C00u, c12 = 0x0C000C00u;
+  const unsigned t = w >> 8;
+  const unsigned a0 = hfma2(lo_nib(w), c8, zlo), a1 = hfma2(hi_nib(w), c12, zhi);
+  const unsigned a2 = hfma2(lo_nib(t), c8, zlo), a3 = hfma2(hi_nib(t), c12, zhi);
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ unsigned get(const uint4 &v, int j) {
+  return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; }
+
+struct Group {        // one lane's share of a quantization group (2 x 64 inputs) for its CB column blocks
+  uint4 w[CB][2];     // packed words, 4 mma steps each
+  unsigned zw[CB][2]; // packed zeros of columns g and g + 8
+  unsigned short s[CB][2];
+};
+
+__device__ __forceinline__ void load_group(Group &q, const uint4 *P, const unsigned *qz, const unsigned short *sc,
+                                           int gi, int cb0, int KC, int N, int lane) {
+  const int g = lane / 4;
+#pragma unroll
+  for (int c = 0; c < CB; c++) {
+    const int cb = cb0 + c, col = cb * 16 + g;
+#pragma unroll
+    for (int h = 0; h < 2; h++) q.w[c][h] = P[((size_t)cb * KC + gi * 2 + h) * 32 + lane];
+    q.zw[c][0] = qz[(size_t)gi * (N / 8) + col / 8];
+    q.zw[c][1] = qz[(size_t)gi * (N / 8) + (col + 8) / 8];
+    q.s[c][0] = sc[(size_t)gi * N + col];
+    q.s[c][1] = sc[(size_t)gi * N + col + 8];
+  }
+}
+
+// One CTA = WARPS warps x CB column blocks of 16 each, over groups [g0, g1) of the inputs; partial sums added into
+// out (float32, zeroed by the caller) with atomics.
+extern "C" __global__ void __launch_bounds__(THREADS) mma_gemv(const unsigned *__restrict__ x32,
+    const uint4 *__restrict__ P, const unsigned *__restrict__ qz, const unsigned short *__restrict__ sc,
+    float *__restrict__ out, int N, int K, int gpt) {
+  __shared__ uint4 xs[MAXG * 2 * 4 * 2];  // per 64-input block and lane-in-group t: (b0, b1) of its 4 steps
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+  const int G = K / 128, KC = K / 64;
+  const int g0 = blockIdx.y * gpt, g1 = min(G, g0 + gpt);
+  const int cb0 = (blockIdx.x * WARPS + warp) * CB;
+  Group ring[DEPTH];
+#pragma unroll
+  for (int s = 0; s < DEPTH; s++)
+    if (g0 + s < g1) load_group(ring[s], P, qz, sc, g0 + s, cb0, KC, N, lane);
+  // the inputs of this CTA's groups in fragment order: xs[(kc * 4 + t) * 2 + {0, 1}] = words
+  // (x32[32 kc + 8 j + t], x32[32 kc + 8 j + 4 + t]) for j = 0..3
+  for (int i = threadIdx.x; i < (g1 - g0) * 2 * 4 * 8; i += THREADS) {
+    const int kc = i / 32, tt = (i / 8) % 4, e = i % 8, j = e / 2, hi = e % 2;
+    reinterpret_cast<unsigned *>(xs)[i] = x32[(g0 * 2 + kc) * 32 + 8 * j + 4 * hi + tt];
+  }
+  __syncthreads();
+  float acc[CB][2];
+#pragma unroll
+  for (int c = 0; c < CB; c++) acc[c][0] = acc[c][1] = 0.f;
+  for (int gb = g0; gb < g1; gb += DEPTH) {
+#pragma unroll
+    for (int s = 0; s < DEPTH; s++) {
+      const int gi = gb + s;
+      if (gi < g1) {
+        Group &q = ring[s];
+        float d[CB][4];
+#pragma unroll
+        for (int c = 0; c < CB; c++) d[c][0] = d[c][1] = d[c][2] = d[c][3] = 0.f;
+        unsigned zlo[CB], zhi[CB];
+#pragma unroll
+        for (int c = 0; c < CB; c++) {
+          const int col = (cb0 + c) * 16 + g;
+          unsigned za = ((q.zw[c][0] >> ((col % 8) * 4)) & 15u) + 1u;
+          unsigned zb = ((q.zw[c][1] >> (((col + 8) % 8) * 4)) & 15u) + 1u;
+          za = (za | 0x4400u) ^ 0x8000u;
+          zb = ((zb << 4) | 0x3400u) ^ 0x8000u;
+          zlo[c] = za | (za << 16);
+          zhi[c] = zb | (zb << 16);
+        }
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+          const int kc = (gi - g0) * 2 + h;
+          const uint4 xa = xs[(kc * 4 + t) * 2], xb = xs[(kc * 4 + t) * 2 + 1];
+#pragma unroll
+          for (int c = 0; c < CB; c++) {
+            word_mma(d[c], q.w[c][h].x, zlo[c], zhi[c], xa.x, xa.y);
+            word_mma(d[c], q.w[c][h].y, zlo[c], zhi[c], xa.z, xa.w);
+            word_mma(d[c], q.w[c][h].z, zlo[c], zhi[c], xb.x, xb.y);
+            word_mma(d[c], q.w[c][h].w, zlo[c], zhi[c], xb.z, xb.w);
+          }
+        }
+#pragma unroll
+        for (int c = 0; c < CB; c++) {
+          acc[c][0] += d[c][0] * 256.f * h2f(q.s[c][0]);
+          acc[c][1] += d[c][2] * 256.f * h2f(q.s[c][1]);
+        }
+        if (gi + DEPTH < g1) load_group(ring[s], P, qz, sc, gi + DEPTH, cb0, KC, N, lane);
+      }
+    }
+  }
+  if (t == 0) {
+#pragma unroll
+    for (int c = 0; c < CB; c++) {
+      const int col = (cb0 + c) * 16 + g;
+      atomicAdd(out + col, acc[c][0]);
+      atomicAdd(out + col + 8, acc[c][1]);
+    }
+  }
+}
+"""
+
+
+def repack_fragments(qweight: torch.Tensor) -> torch.Tensor:
+    """Official Int4 qweight [K/8, N] int32 -> the words in mma fragment order [N/16, K/64, 32, 4] int32 (module
+    docstring). Same size: a permutation of the 4-bit values."""
+    k8, n = qweight.shape
+    k, dev = k8 * 8, qweight.device
+    shifts = torch.arange(0, 32, 4, device=dev, dtype=torch.int32)
+    w = ((qweight.unsqueeze(1) >> shifts[None, :, None]) & 15).to(torch.uint8).reshape(k, n)  # W[k, n]
+    lane = torch.arange(32, device=dev)
+    g, t = lane // 4, lane % 4
+    dk = torch.tensor([0, 0, 8, 8, 1, 1, 9, 9], device=dev)  # nibble -> input offset from 2t
+    dc = torch.tensor([0, 8, 0, 8, 0, 8, 0, 8], device=dev)  # nibble -> column offset from g
+    kc = torch.arange(k // 64, device=dev)
+    j = torch.arange(4, device=dev)
+    kidx = (kc[:, None, None, None] * 64 + j[None, None, :, None] * 16 + 2 * t[None, :, None, None]
+            + dk[None, None, None, :])  # [K/64, 32, 4, 8]
+    cb = torch.arange(n // 16, device=dev)
+    nidx = cb[:, None, None] * 16 + g[None, :, None] + dc[None, None, :]  # [N/16, 32, 8]
+    out = torch.empty((n // 16, k // 64, 32, 4), device=dev, dtype=torch.int32)
+    for c0 in range(0, n // 16, 64):  # in slices: the gathered nibbles take a byte each
+        vals = w[kidx[None], nidx[c0:c0 + 64, None, :, None, :]].to(torch.int32)  # [c, K/64, 32, 4, 8]
+        out[c0:c0 + 64] = (vals << shifts).sum(-1, dtype=torch.int32)
+    return out
+
+
+MAXG = 96  # groups of 128 inputs a CTA may take (K up to 12,288 in one CTA)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(warps: int, cb: int, depth: int):
+    defines = f"#define WARPS {warps}\n#define CB {cb}\n#define DEPTH {depth}\n#define MAXG {MAXG}\n"
+    return torch.cuda._compile_kernel(defines + SOURCE, "mma_gemv")
+
+
+def mma_gemv(x: torch.Tensor, frags: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, out: torch.Tensor,
+             config: tuple) -> torch.Tensor:
+    """out [N] float32 (zeroed by the caller) += x [1, K] fp16 @ the Int4 weights (`repack_fragments` of the
+    official qweight, group 128). config: (WARPS, CB, DEPTH, SPLIT): CTAs of WARPS warps x CB column blocks of 16,
+    DEPTH groups in flight per lane, the inputs split over SPLIT CTAs."""
+    warps, cb, depth, split = config
+    n, k = frags.shape[0] * 16, frags.shape[1] * 64
+    G = k // 128
+    gpt = -(-G // split)
+    assert n % (16 * cb * warps) == 0 and gpt <= MAXG and x.dtype == torch.float16, (n, k, config)
+    _kernel(warps, cb, depth)(grid=(n // (16 * cb * warps), -(-G // gpt), 1), block=(32 * warps, 1, 1),
+                              args=[x.contiguous(), frags, qzeros, scales, out, n, k, gpt])
+    return out
