@@ -43,7 +43,7 @@ if triton is not None:
     import triton.language as tl
 
     from qwenlm.kernels.gptq_int4 import _w_dot, _w_tile
-    from qwenlm.kernels.sync import _fence_gpu, _prefetch_l2_at, gdc_launch_dependents, gdc_wait
+    from qwenlm.kernels.sync import _fence_gpu, gdc_launch_dependents, gdc_wait
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -75,7 +75,7 @@ if triton is not None:
                            K_POW2: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr, ROPE_N: tl.constexpr,
                            Q_N: tl.constexpr, LOGN: tl.constexpr, HEAD: tl.constexpr, ASM: tl.constexpr,
                            FENCE: tl.constexpr, PDL: tl.constexpr, XP: tl.constexpr,
-                           PEEL_N: tl.constexpr, SELF_PF: tl.constexpr, NUM_WARPS: tl.constexpr):
+                           PEEL_N: tl.constexpr):
         ROWS: tl.constexpr = BLOCK_K // 8
         SUB: tl.constexpr = GROUP // BLOCK_K
         DT = out_ptr.dtype.element_ty  # the model dtype
@@ -96,20 +96,6 @@ if triton is not None:
             if PEEL_N == 2:
                 qw1, s1, zlo1, zhi1 = _w_tile(qw_ptr, qz_ptr, s_ptr, tl.minimum(start % KT + 1, KT - 1), rows,
                                               offs0, mask0, N, ROWS, SUB)
-        if PDL and SELF_PF > 0:  # the packed rows of the SELF_PF units after those two into L2, not waited on
-            SEGS: tl.constexpr = 2 if GLU else 1  # gate_up's column block: a run of up and one of gate columns
-            NPF: tl.constexpr = SELF_PF * ROWS * SEGS
-            THREADS: tl.constexpr = 32 * NUM_WARPS
-            idx = tl.minimum(tl.arange(0, THREADS), NPF - 1)
-            u = tl.minimum(start + PEEL_N + idx // (ROWS * SEGS), end - 1)
-            pcb = u // KT
-            prow = (u % KT) * ROWS + (idx // SEGS) % ROWS
-            if GLU:
-                pcol = tl.where(idx % SEGS == 0, 0, FFN) + pcb * (BLOCK_N // 2)
-            else:
-                pcol = pcb * BLOCK_N
-            qw8 = qw_ptr.to(tl.pointer_type(tl.int8), bitcast=True)
-            _prefetch_l2_at(qw8 + (prow.to(tl.int64) * N + pcol) * 4, BLOCK_N * 4 // SEGS)
         if PDL:  # weights are never written by a kernel; everything else is read after this
             gdc_wait()
         if PRO == 0:  # fp16 inputs, read where they are
@@ -225,8 +211,6 @@ FUSED_CONFIGS: dict[tuple[int, int], tuple] = {}
 X_PAIRS = 2
 # Weight tiles each program loads into registers before it waits for the kernel before (1 or 2).
 PEEL_TILES = 2
-# Work units (weight tiles) after those each program sends into L2 before it waits (with PDL; 0: none).
-SELF_PREFETCH = 0
 FUSED_DEFAULT = (512, 64, 2, 4, 3)
 
 
@@ -284,6 +268,6 @@ def fused_int4_gemv(x: torch.Tensor, layer, *, norm_weight=None, eps: float = 0.
         programs, GROUP=g, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
         PRO=pro, K_POW2=triton.next_power_of_2(K), GLU=glu > 0, RES=residual is not None, ROPE_N=rope_n, Q_N=q_n,
         LOGN=q_scale is not None, HEAD=head, ASM=not INTERPRET, FENCE=sync.PER_THREAD_FENCE, PDL=sync.pdl(x.device),
-        XP=X_PAIRS, PEEL_N=PEEL_TILES, SELF_PF=SELF_PREFETCH, NUM_WARPS=warps,
+        XP=X_PAIRS, PEEL_N=PEEL_TILES,
         num_warps=warps, num_stages=stages, **sync.pdl_launch(x.device))
     return out
