@@ -6,7 +6,9 @@ Per Qwen-7B shape, µs per call replayed from a CUDA graph two ways:
 - DRAM: 8 distinct weights back to back (more than L2), as the decode graph runs its linears;
 - L2: one weight 8 times (it stays in L2): the kernel's arithmetic and issue rate, which bound the fused decode's
   GEMVs after their waits (docs/benchmarks.md, quantization run 16).
-Checks the tensor-core result against the v4 GEMV (dequantize-equivalent) first.
+Checks the tensor-core result against the v4 GEMV (dequantize-equivalent) first. Also each kernel loading its
+words with no arithmetic (the fused kernel's stream-K grid: `bench_streamk.loads_only`; the tensor-core kernel:
+MATH 0).
 
     cd bench && PYTHONPATH=..:. python bench_mma.py [--configs "4,2,2,8;..."]
 """
@@ -19,14 +21,15 @@ import torch
 
 from bench_fused import layer_of
 from bench_quant import GEMV_SHAPES, graph_us
+from bench_streamk import loads_only
 from benchlib import copy_bandwidth, log, save_json
 from mma_gemv import mma_gemv, repack_fragments
 from qwenlm.kernels import gptq_gemv as G
-from qwenlm.kernels.gptq_fused import fused_int4_gemv
+from qwenlm.kernels.gptq_fused import fused_config, fused_int4_gemv
 
 COPIES = 8
 # (WARPS, CB, DEPTH, SPLIT) per run; SPLIT None: about 4 CTAs per SM
-CONFIGS = "4,2,2,0;4,1,2,0;4,4,2,0;4,2,3,0;4,2,4,0;8,1,2,0;4,2,2,-2"
+CONFIGS = "4,2,2,0;4,2,2,0,0;8,1,2,0;8,1,2,0,0;8,1,2,-2;8,1,2,-8;8,1,3,-2;4,1,2,-8;4,1,3,-8;8,2,2,-2"
 
 
 def split_for(n, k, warps, cb, per_sm):
@@ -38,8 +41,8 @@ def split_for(n, k, warps, cb, per_sm):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--configs", default=CONFIGS, help='"WARPS,CB,DEPTH,SPLIT;..." (SPLIT 0: ~4 CTAs per SM, '
-                    '-P: ~P per SM)')
+    ap.add_argument("--configs", default=CONFIGS, help='"WARPS,CB,DEPTH,SPLIT[,MATH];..." (SPLIT 0: ~4 CTAs per '
+                    'SM, -P: ~P per SM; MATH 0: loads only)')
     args = ap.parse_args()
     bw = copy_bandwidth("cuda")
     log(f"{torch.cuda.get_device_name()} copy bandwidth {bw / 1e9:.0f} GB/s")
@@ -53,20 +56,22 @@ def main():
         fused_dram = graph_us(lambda l: fused_int4_gemv(x, l), layers)
         fused_l2 = graph_us(lambda l: fused_int4_gemv(x, l), [layers[0]] * COPIES)
         got_fused = fused_int4_gemv(x, layers[0]).float().reshape(-1)
+        scratch = torch.empty(n, device="cuda", dtype=torch.int32)
+        floor = graph_us(lambda l: loads_only((l.qweight,), scratch, fused_config(n, k)), layers)
         err_f = ((got_fused - ref).abs().max() / ref.abs().max()).item()
         log(f"{name:12s} {mb:5.1f} MB  bound {mb * 1e12 / bw:5.2f} us | fused Triton: DRAM {fused_dram:6.2f} us, "
-            f"L2 {fused_l2:6.2f} us, rel err {err_f:.1e}")
+            f"L2 {fused_l2:6.2f} us, rel err {err_f:.1e}; its grid loading the words only {floor:6.2f} us")
         rows.append(dict(linear=name, MB=round(mb, 1), kernel="fused", dram_us=fused_dram, l2_us=fused_l2,
-                         err=err_f))
+                         err=err_f, loads_only_us=floor))
         frags = [(repack_fragments(l.qweight), l.qzeros, l.scales) for l in layers]
         out = torch.zeros(n, device="cuda", dtype=torch.float32)
         for cfg in [tuple(map(int, c.split(","))) for c in args.configs.split(";")]:
-            warps, cb, depth, split = cfg
+            warps, cb, depth, split, *math = cfg
             if n % (16 * cb * warps):
                 continue
             if split <= 0:
                 split = split_for(n, k, warps, cb, -split or 4)
-            c = (warps, cb, depth, split)
+            c = (warps, cb, depth, split, *math)
             try:
                 out.zero_()
                 mma_gemv(x, *frags[0], out, c)
