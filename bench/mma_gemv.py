@@ -107,9 +107,12 @@ extern "C" __global__ void __launch_bounds__(THREADS) mma_gemv(const unsigned *_
       const int gi = gb + s;
       if (gi < g1) {
         Group &q = ring[s];
-        float d[CB][4];
+        // one accumulator per mma step j: 4 independent chains of 2 mmas (an mma's latency is ~30 cycles)
+        float d[CB][4][4];
 #pragma unroll
-        for (int c = 0; c < CB; c++) d[c][0] = d[c][1] = d[c][2] = d[c][3] = 0.f;
+        for (int c = 0; c < CB; c++)
+#pragma unroll
+          for (int j = 0; j < 4; j++) d[c][j][0] = d[c][j][1] = d[c][j][2] = d[c][j][3] = 0.f;
         unsigned zlo[CB], zhi[CB];
 #pragma unroll
         for (int c = 0; c < CB; c++) {
@@ -127,16 +130,16 @@ extern "C" __global__ void __launch_bounds__(THREADS) mma_gemv(const unsigned *_
           const uint4 xa = xs[(kc * 4 + t) * 2], xb = xs[(kc * 4 + t) * 2 + 1];
 #pragma unroll
           for (int c = 0; c < CB; c++) {
-            word_mma(d[c], q.w[c][h].x, zlo[c], zhi[c], xa.x, xa.y);
-            word_mma(d[c], q.w[c][h].y, zlo[c], zhi[c], xa.z, xa.w);
-            word_mma(d[c], q.w[c][h].z, zlo[c], zhi[c], xb.x, xb.y);
-            word_mma(d[c], q.w[c][h].w, zlo[c], zhi[c], xb.z, xb.w);
+            word_mma(d[c][0], q.w[c][h].x, zlo[c], zhi[c], xa.x, xa.y);
+            word_mma(d[c][1], q.w[c][h].y, zlo[c], zhi[c], xa.z, xa.w);
+            word_mma(d[c][2], q.w[c][h].z, zlo[c], zhi[c], xb.x, xb.y);
+            word_mma(d[c][3], q.w[c][h].w, zlo[c], zhi[c], xb.z, xb.w);
           }
         }
 #pragma unroll
         for (int c = 0; c < CB; c++) {
-          acc[c][0] += d[c][0] * 256.f * h2f(q.s[c][0]);
-          acc[c][1] += d[c][2] * 256.f * h2f(q.s[c][1]);
+          acc[c][0] += ((d[c][0][0] + d[c][1][0]) + (d[c][2][0] + d[c][3][0])) * 256.f * h2f(q.s[c][0]);
+          acc[c][1] += ((d[c][0][2] + d[c][1][2]) + (d[c][2][2] + d[c][3][2])) * 256.f * h2f(q.s[c][1]);
         }
         if (gi + DEPTH < g1) load_group(ring[s], P, qz, sc, gi + DEPTH, cb0, KC, N, lane);
       }
