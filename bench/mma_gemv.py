@@ -44,10 +44,14 @@ __device__ __forceinline__ void word_mma(float d[4], unsigned w, unsigned zlo, u
   d[0] = __int_as_float(__float_as_int(d[0]) ^ w);
   return;
 #endif
-  const unsigned c8 = 0x1C001C00u, c12 = 0x0C000C00u;
   const unsigned t = w >> 8;
+#if MATH == 2  // the raw halves: 1024 + q for column g, 1024 + 16 q for column g + 8 (corrected per group)
+  const unsigned a0 = lo_nib(w), a1 = hi_nib(w), a2 = lo_nib(t), a3 = hi_nib(t);
+#else
+  const unsigned c8 = 0x1C001C00u, c12 = 0x0C000C00u;
   const unsigned a0 = hfma2(lo_nib(w), c8, zlo), a1 = hfma2(hi_nib(w), c12, zhi);
   const unsigned a2 = hfma2(lo_nib(t), c8, zlo), a3 = hfma2(hi_nib(t), c12, zhi);
+#endif
   asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
@@ -83,6 +87,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) mma_gemv(const unsigned *_
     const uint4 *__restrict__ P, const unsigned *__restrict__ qz, const unsigned short *__restrict__ sc,
     float *__restrict__ out, int N, int K, int gpt) {
   __shared__ uint4 xs[MAXG * 2 * 4 * 2];  // per 64-input block and lane-in-group t: (b0, b1) of its 4 steps
+  __shared__ float xsum[MAXG];             // MATH 2: the sum of each group's inputs
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
   const int G = K / 128, KC = K / 64;
   const int g0 = blockIdx.y * gpt, g1 = min(G, g0 + gpt);
@@ -97,6 +102,15 @@ extern "C" __global__ void __launch_bounds__(THREADS) mma_gemv(const unsigned *_
     const int kc = i / 32, tt = (i / 8) % 4, e = i % 8, j = e / 2, hi = e % 2;
     reinterpret_cast<unsigned *>(xs)[i] = x32[(g0 * 2 + kc) * 32 + 8 * j + 4 * hi + tt];
   }
+#if MATH == 2
+  for (int gg = warp; gg < g1 - g0; gg += WARPS) {
+    const unsigned short *xh = reinterpret_cast<const unsigned short *>(x32) + (size_t)(g0 + gg) * 128;
+    float v = h2f(xh[lane]) + h2f(xh[lane + 32]) + h2f(xh[lane + 64]) + h2f(xh[lane + 96]);
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (lane == 0) xsum[gg] = v;
+  }
+#endif
   __syncthreads();
   float acc[CB][2];
 #pragma unroll
@@ -115,7 +129,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) mma_gemv(const unsigned *_
           for (int j = 0; j < 4; j++) d[c][j][0] = d[c][j][1] = d[c][j][2] = d[c][j][3] = 0.f;
         unsigned zlo[CB], zhi[CB];
 #pragma unroll
-        for (int c = 0; c < CB; c++) {
+        for (int c = 0; c < CB && MATH != 2; c++) {
           const int col = (cb0 + c) * 16 + g;
           unsigned za = ((q.zw[c][0] >> ((col % 8) * 4)) & 15u) + 1u;
           unsigned zb = ((q.zw[c][1] >> (((col + 8) % 8) * 4)) & 15u) + 1u;
@@ -138,8 +152,19 @@ extern "C" __global__ void __launch_bounds__(THREADS) mma_gemv(const unsigned *_
         }
 #pragma unroll
         for (int c = 0; c < CB; c++) {
-          acc[c][0] += ((d[c][0][0] + d[c][1][0]) + (d[c][2][0] + d[c][3][0])) * 256.f * h2f(q.s[c][0]);
-          acc[c][1] += ((d[c][0][2] + d[c][1][2]) + (d[c][2][2] + d[c][3][2])) * 256.f * h2f(q.s[c][1]);
+          const float D0 = (d[c][0][0] + d[c][1][0]) + (d[c][2][0] + d[c][3][0]);
+          const float D2 = (d[c][0][2] + d[c][1][2]) + (d[c][2][2] + d[c][3][2]);
+#if MATH == 2
+          const int col = (cb0 + c) * 16 + g;
+          const float X = xsum[gi - g0];
+          const float za = (float)(((q.zw[c][0] >> ((col % 8) * 4)) & 15u) + 1u);
+          const float zb = (float)(((q.zw[c][1] >> (((col + 8) % 8) * 4)) & 15u) + 1u);
+          acc[c][0] += (D0 - (1024.f + za) * X) * h2f(q.s[c][0]);
+          acc[c][1] += (D2 * 0.0625f - (64.f + zb) * X) * h2f(q.s[c][1]);
+#else
+          acc[c][0] += D0 * 256.f * h2f(q.s[c][0]);
+          acc[c][1] += D2 * 256.f * h2f(q.s[c][1]);
+#endif
         }
         if (gi + DEPTH < g1) load_group(ring[s], P, qz, sc, gi + DEPTH, cb0, KC, N, lane);
       }
@@ -195,7 +220,9 @@ def mma_gemv(x: torch.Tensor, frags: torch.Tensor, qzeros: torch.Tensor, scales:
              config: tuple) -> torch.Tensor:
     """out [N] float32 (zeroed by the caller) += x [1, K] fp16 @ the Int4 weights (`repack_fragments` of the
     official qweight, group 128). config: (WARPS, CB, DEPTH, SPLIT[, MATH]): CTAs of WARPS warps x CB column
-    blocks of 16, DEPTH groups in flight per lane, the inputs split over SPLIT CTAs; MATH 0: the loads only."""
+    blocks of 16, DEPTH groups in flight per lane, the inputs split over SPLIT CTAs; MATH 0: the loads only, 2: the
+    raw halves 1024 + q (1024 + 16 q for the fragment's second 8 columns) into the mma, with no conversion per
+    word, corrected once per group and column by the group's input sum."""
     warps, cb, depth, split, *math = config
     n, k = frags.shape[0] * 16, frags.shape[1] * 64
     G = k // 128
