@@ -9,7 +9,10 @@ workspace once per column block they touch. v4's grid of a program per (column b
 tiles' loads (4% more tok/s through the engine, docs/benchmarks.md quantization run 12). Fused in:
 - RMSNorm on the input (ln_1 / ln_2 before c_attn / gate_up): each program normalises the inputs of its own K
   tiles into an fp16 scratch row (programs sharing a K tile write the same values there), its first two
-  weight tiles already loading;
+  weight tiles already loading. The row is written in the unpacking's lane-pair order (x0 x4 x1 x5 x2 x6 x3 x7
+  in each run of 8, a permutation in registers), so the loop reads the pairs as they are; inputs read in place
+  are regrouped by one PRMT per pair (`X_PAIRS`: 32 of ~670 instructions per tile each, +0.7% tok/s through the
+  engine, docs/benchmarks.md run 16);
 - an epilogue run by the program that completes a column block's K tiles: bias; NeoX RoPE on the q and k
   columns (a head's partner column lies in the same block) and the LogN query scale; up * silu(gate) for
   gate_up, whose column blocks take matching halves of up and gate, so the MLP's c_proj reads the activation
