@@ -39,11 +39,33 @@ def split_for(n, k, warps, cb, per_sm):
     return min(groups, want)
 
 
+def ncu_calls(cfg=(4, 2, 2, 5, 2)):
+    """--ncu: c_attn's fused Triton GEMV and the tensor-core GEMV (MATH 2, and loads only) a few times each, for
+    Nsight Compute (`--cache-control none` keeps the weights in L2 between its replays):
+
+        ncu --cache-control none -k regex:"mma_gemv|_fused_int4" --section WarpStateStats --section SchedulerStats \
+            python bench_mma.py --ncu
+    """
+    k, n = GEMV_SHAPES["c_attn"]
+    layer = layer_of(k, n)
+    x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+    frags = repack_fragments(layer.qweight)
+    out = torch.zeros(n, device="cuda", dtype=torch.float32)
+    for _ in range(3):
+        fused_int4_gemv(x, layer)
+        mma_gemv(x, frags, layer.qzeros, layer.scales, out, cfg)
+        mma_gemv(x, frags, layer.qzeros, layer.scales, out, cfg[:4] + (0,))
+    torch.cuda.synchronize()
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--ncu", action="store_true", help="only: a few calls for Nsight Compute (ncu_calls)")
     ap.add_argument("--configs", default=CONFIGS, help='"WARPS,CB,DEPTH,SPLIT[,MATH];..." (SPLIT 0: ~4 CTAs per '
                     'SM, -P: ~P per SM; MATH 0: loads only)')
     args = ap.parse_args()
+    if args.ncu:
+        return ncu_calls()
     bw = copy_bandwidth("cuda")
     log(f"{torch.cuda.get_device_name()} copy bandwidth {bw / 1e9:.0f} GB/s")
     rows = []
