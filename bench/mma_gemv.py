@@ -81,34 +81,6 @@ __device__ __forceinline__ void load_group(Group &q, const uint4 *P, const unsig
   }
 }
 
-__device__ __forceinline__ unsigned smem_u32(const void *p) {
-  unsigned a; asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p)); return a; }
-__device__ __forceinline__ void cp16(void *dst, const void *src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(smem_u32(dst)), "l"(src)); }
-__device__ __forceinline__ void cp4(void *dst, const void *src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" :: "r"(smem_u32(dst)), "l"(src)); }
-
-// RING: group gi of this thread into its ring slot (cp.async, one commit group even when gi >= g1)
-struct Slot { uint4 w[CB][2]; unsigned zw[CB][2]; unsigned s2[CB][2]; };
-__device__ __forceinline__ void issue_group(Slot *ring, int gi, int g1, const uint4 *P, const unsigned *qz,
-                                            const unsigned short *sc, int cb0, int KC, int N, int lane) {
-  if (gi < g1) {
-    Slot &q = ring[(gi % (RING > 0 ? RING : 1)) * THREADS + threadIdx.x];
-    const int g = lane / 4;
-#pragma unroll
-    for (int c = 0; c < CB; c++) {
-      const int cb = cb0 + c, col = cb * 16 + g;
-#pragma unroll
-      for (int h = 0; h < 2; h++) cp16(&q.w[c][h], &P[((size_t)cb * KC + gi * 2 + h) * 32 + lane]);
-      cp4(&q.zw[c][0], &qz[(size_t)gi * (N / 8) + col / 8]);
-      cp4(&q.zw[c][1], &qz[(size_t)gi * (N / 8) + (col + 8) / 8]);
-      cp4(&q.s2[c][0], &sc[(size_t)gi * N + (col & ~1)]);
-      cp4(&q.s2[c][1], &sc[(size_t)gi * N + ((col + 8) & ~1)]);
-    }
-  }
-  asm volatile("cp.async.commit_group;" ::: "memory");
-}
-
 // One CTA = WARPS warps x CB column blocks of 16 each, over groups [g0, g1) of the inputs; partial sums added into
 // out (float32, zeroed by the caller) with atomics.
 extern "C" __global__ void __launch_bounds__(THREADS) mma_gemv(const unsigned *__restrict__ x32,
@@ -120,15 +92,10 @@ extern "C" __global__ void __launch_bounds__(THREADS) mma_gemv(const unsigned *_
   const int G = K / 128, KC = K / 64;
   const int g0 = blockIdx.y * gpt, g1 = min(G, g0 + gpt);
   const int cb0 = (blockIdx.x * WARPS + warp) * CB;
-#if RING
-  extern __shared__ Slot sring[];
-  for (int s = 0; s < RING; s++) issue_group(sring, g0 + s, g1, P, qz, sc, cb0, KC, N, lane);
-#else
   Group ring[DEPTH];
 #pragma unroll
   for (int s = 0; s < DEPTH; s++)
     if (g0 + s < g1) load_group(ring[s], P, qz, sc, g0 + s, cb0, KC, N, lane);
-#endif
   // the inputs of this CTA's groups in fragment order: xs[(kc * 4 + t) * 2 + {0, 1}] = words
   // (x32[32 kc + 8 j + t], x32[32 kc + 8 j + 4 + t]) for j = 0..3
   for (int i = threadIdx.x; i < (g1 - g0) * 2 * 4 * 8; i += THREADS) {
@@ -148,32 +115,12 @@ extern "C" __global__ void __launch_bounds__(THREADS) mma_gemv(const unsigned *_
   float acc[CB][2];
 #pragma unroll
   for (int c = 0; c < CB; c++) acc[c][0] = acc[c][1] = 0.f;
-#if RING
-  for (int gi = g0; gi < g1; gi++) {
-    {
-      {
-        asm volatile("cp.async.wait_group %0;" :: "n"(RING - 1) : "memory");
-        Group q;
-        {
-          const Slot &sl = sring[(gi % RING) * THREADS + threadIdx.x];
-#pragma unroll
-          for (int c = 0; c < CB; c++) {
-            const int col = (cb0 + c) * 16 + g;
-            q.w[c][0] = sl.w[c][0]; q.w[c][1] = sl.w[c][1];
-            q.zw[c][0] = sl.zw[c][0]; q.zw[c][1] = sl.zw[c][1];
-            q.s[c][0] = (unsigned short)(sl.s2[c][0] >> ((col & 1) * 16));
-            q.s[c][1] = (unsigned short)(sl.s2[c][1] >> ((col & 1) * 16));
-          }
-        }
-        issue_group(sring, gi + RING, g1, P, qz, sc, cb0, KC, N, lane);
-#else
   for (int gb = g0; gb < g1; gb += DEPTH) {
 #pragma unroll
     for (int s = 0; s < DEPTH; s++) {
       const int gi = gb + s;
       if (gi < g1) {
         Group &q = ring[s];
-#endif
         // one accumulator per mma step j: 4 independent chains of 2 mmas (an mma's latency is ~30 cycles)
         float d[CB][4][4];
 #pragma unroll
@@ -219,9 +166,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) mma_gemv(const unsigned *_
           acc[c][1] += D2 * 256.f * h2f(q.s[c][1]);
 #endif
         }
-#if !RING
         if (gi + DEPTH < g1) load_group(ring[s], P, qz, sc, gi + DEPTH, cb0, KC, N, lane);
-#endif
       }
     }
   }
@@ -265,17 +210,10 @@ MAXG = 96  # groups of 128 inputs a CTA may take (K up to 12,288 in one CTA)
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(warps: int, cb: int, depth: int, math: int = 1, ring: int = 0):
+def _kernel(warps: int, cb: int, depth: int, math: int = 1):
     defines = f"#define WARPS {warps}\n#define CB {cb}\n#define DEPTH {depth}\n#define MAXG {MAXG}\n" \
-              f"#define MATH {math}\n#define RING {ring}\n"
-    kernel = torch.cuda._compile_kernel(defines + SOURCE, "mma_gemv")
-    if ring:
-        kernel.set_shared_memory_config(_ring_bytes(warps, cb, ring) + MAXG * 16 * 16 + MAXG * 4)
-    return kernel
-
-
-def _ring_bytes(warps, cb, ring):
-    return ring * 32 * warps * cb * (32 + 16)
+              f"#define MATH {math}\n"
+    return torch.cuda._compile_kernel(defines + SOURCE, "mma_gemv")
 
 
 def mma_gemv(x: torch.Tensor, frags: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, out: torch.Tensor,
@@ -284,15 +222,12 @@ def mma_gemv(x: torch.Tensor, frags: torch.Tensor, qzeros: torch.Tensor, scales:
     official qweight, group 128). config: (WARPS, CB, DEPTH, SPLIT[, MATH]): CTAs of WARPS warps x CB column
     blocks of 16, DEPTH groups in flight per lane, the inputs split over SPLIT CTAs; MATH 0: the loads only, 2: the
     raw halves 1024 + q (1024 + 16 q for the fragment's second 8 columns) into the mma, with no conversion per
-    word, corrected once per group and column by the group's input sum; RING R > 0 (the 6th element): each thread
-    streams its groups through a ring of R slots in shared memory by cp.async instead of DEPTH in registers."""
-    warps, cb, depth, split, *rest = config
+    word, corrected once per group and column by the group's input sum."""
+    warps, cb, depth, split, *math = config
     n, k = frags.shape[0] * 16, frags.shape[1] * 64
     G = k // 128
     gpt = -(-G // split)
     assert n % (16 * cb * warps) == 0 and gpt <= MAXG and x.dtype == torch.float16, (n, k, config)
-    ring = rest[1] if len(rest) > 1 else 0
-    _kernel(warps, cb, depth, *rest)(grid=(n // (16 * cb * warps), -(-G // gpt), 1), block=(32 * warps, 1, 1),
-                                     shared_mem=_ring_bytes(warps, cb, ring) if ring else 0,
-                                     args=[x.contiguous(), frags, qzeros, scales, out, n, k, gpt])
+    _kernel(warps, cb, depth, *math)(grid=(n // (16 * cb * warps), -(-G // gpt), 1), block=(32 * warps, 1, 1),
+                              args=[x.contiguous(), frags, qzeros, scales, out, n, k, gpt])
     return out
