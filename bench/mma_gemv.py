@@ -21,6 +21,7 @@ W[k0+2t+8, c+g+8], W[k0+2t+1, c+g], W[k0+2t+1, c+g+8], W[k0+2t+9, c+g], W[k0+2t+
 
 from __future__ import annotations
 
+import ctypes
 import functools
 
 import torch
@@ -36,6 +37,8 @@ __device__ __forceinline__ unsigned hfma2(unsigned a, unsigned b, unsigned c) {
   unsigned d; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d; }
 __device__ __forceinline__ float h2f(unsigned short h) {
   float f; asm("{ .reg .f16 t; mov.b16 t, %1; cvt.f32.f16 %0, t; }" : "=f"(f) : "h"(h)); return f; }
+__device__ __forceinline__ unsigned short f2h(float f) {
+  unsigned short h; asm("{ .reg .f16 t; cvt.rn.f16.f32 t, %1; mov.b16 %0, t; }" : "=h"(h) : "f"(f)); return h; }
 
 // d += A(word w: (q - z)/256 for columns g (zlo) and g + 8 (zhi)) x B(b0, b1)
 __device__ __forceinline__ void word_mma(float d[4], unsigned w, unsigned zlo, unsigned zhi, unsigned b0,
@@ -82,10 +85,15 @@ __device__ __forceinline__ void load_group(Group &q, const uint4 *P, const unsig
 }
 
 // One CTA = WARPS warps x CB column blocks of 16 each, over groups [g0, g1) of the inputs; partial sums added into
-// out (float32, zeroed by the caller) with atomics.
+// out (float32, zeroed by the caller) with atomics. EPI: out is a float32 workspace kept at zero between calls, the
+// last CTA of a column range to arrive (cnt) writes outh = fp16(fp16(sum) + res) and re-arms the workspace, as the
+// fused Triton GEMV's residual epilogue does; with programmatic dependent launch, the weights of the first DEPTH
+// groups are loaded before waiting for the kernel before (griddepcontrol.wait), and the next kernel may launch
+// once the first group is summed.
 extern "C" __global__ void __launch_bounds__(THREADS) mma_gemv(const unsigned *__restrict__ x32,
     const uint4 *__restrict__ P, const unsigned *__restrict__ qz, const unsigned short *__restrict__ sc,
-    float *__restrict__ out, int N, int K, int gpt) {
+    float *__restrict__ out, int N, int K, int gpt, const unsigned short *__restrict__ res,
+    unsigned short *__restrict__ outh, unsigned *__restrict__ cnt) {
   __shared__ uint4 xs[MAXG * 2 * 4 * 2];  // per 64-input block and lane-in-group t: (b0, b1) of its 4 steps
   __shared__ float xsum[MAXG];             // MATH 2: the sum of each group's inputs
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
@@ -96,6 +104,9 @@ extern "C" __global__ void __launch_bounds__(THREADS) mma_gemv(const unsigned *_
 #pragma unroll
   for (int s = 0; s < DEPTH; s++)
     if (g0 + s < g1) load_group(ring[s], P, qz, sc, g0 + s, cb0, KC, N, lane);
+#if EPI
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
   // the inputs of this CTA's groups in fragment order: xs[(kc * 4 + t) * 2 + {0, 1}] = words
   // (x32[32 kc + 8 j + t], x32[32 kc + 8 j + 4 + t]) for j = 0..3
   for (int i = threadIdx.x; i < (g1 - g0) * 2 * 4 * 8; i += THREADS) {
@@ -167,6 +178,9 @@ extern "C" __global__ void __launch_bounds__(THREADS) mma_gemv(const unsigned *_
 #endif
         }
         if (gi + DEPTH < g1) load_group(ring[s], P, qz, sc, gi + DEPTH, cb0, KC, N, lane);
+#if EPI
+        if (gi == g0) asm volatile("griddepcontrol.launch_dependents;");
+#endif
       }
     }
   }
@@ -178,6 +192,22 @@ extern "C" __global__ void __launch_bounds__(THREADS) mma_gemv(const unsigned *_
       atomicAdd(out + col + 8, acc[c][1]);
     }
   }
+#if EPI
+  __shared__ int last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(cnt + blockIdx.x, 1u) == gridDim.y - 1;
+  __syncthreads();
+  if (last) {
+    __threadfence();
+    for (int i = threadIdx.x; i < WARPS * CB * 16; i += THREADS) {
+      const int col = blockIdx.x * WARPS * CB * 16 + i;
+      const float v = atomicExch(out + col, 0.f);
+      outh[col] = f2h(h2f(f2h(v)) + h2f(res[col]));
+    }
+    if (threadIdx.x == 0) cnt[blockIdx.x] = 0;
+  }
+#endif
 }
 """
 
@@ -210,9 +240,9 @@ MAXG = 96  # groups of 128 inputs a CTA may take (K up to 12,288 in one CTA)
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(warps: int, cb: int, depth: int, math: int = 1):
+def _kernel(warps: int, cb: int, depth: int, math: int = 1, epi: int = 0):
     defines = f"#define WARPS {warps}\n#define CB {cb}\n#define DEPTH {depth}\n#define MAXG {MAXG}\n" \
-              f"#define MATH {math}\n"
+              f"#define MATH {math}\n#define EPI {epi}\n"
     return torch.cuda._compile_kernel(defines + SOURCE, "mma_gemv")
 
 
@@ -229,5 +259,59 @@ def mma_gemv(x: torch.Tensor, frags: torch.Tensor, qzeros: torch.Tensor, scales:
     gpt = -(-G // split)
     assert n % (16 * cb * warps) == 0 and gpt <= MAXG and x.dtype == torch.float16, (n, k, config)
     _kernel(warps, cb, depth, *math)(grid=(n // (16 * cb * warps), -(-G // gpt), 1), block=(32 * warps, 1, 1),
-                              args=[x.contiguous(), frags, qzeros, scales, out, n, k, gpt])
+                              args=[x.contiguous(), frags, qzeros, scales, out, n, k, gpt, out, out, out])
     return out
+
+
+class _LaunchAttr(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_char * 64)]
+
+
+class _LaunchConfig(ctypes.Structure):
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttr)), ("num_attrs", ctypes.c_uint)]
+
+
+def launch_pdl(kernel, grid, block, args) -> None:
+    """Launch an NVRTC kernel (`torch.cuda._compile_kernel`) on the current stream with programmatic stream
+    serialization allowed (cuLaunchKernelEx, CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION), as Triton's
+    launch_pdl does: torch's launcher takes no launch attributes."""
+    keep, ptrs = [], []
+    for a in args:
+        v = ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a)
+        keep.append(v)
+        ptrs.append(ctypes.cast(ctypes.byref(v), ctypes.c_void_p))
+    params = (ctypes.c_void_p * len(ptrs))(*ptrs)
+    attr = _LaunchAttr(id=6)  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+    ctypes.memmove(attr.value, ctypes.byref(ctypes.c_int(1)), 4)
+    cfg = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), 0,
+                        ctypes.c_void_p(torch.cuda.current_stream().cuda_stream), ctypes.pointer(attr), 1)
+    lib = torch.cuda._utils._get_gpu_runtime_library()
+    err = lib.cuLaunchKernelEx(ctypes.byref(cfg), kernel.func, params, None)
+    assert err == 0, f"cuLaunchKernelEx failed: {err}"
+
+
+class MmaResidual:
+    """x [K] fp16 -> fp16(fp16(x @ W) + residual) [1, N] through the tensor-core GEMV with the residual epilogue and
+    programmatic dependent launch (EPI): a drop-in for the fused Triton GEMV of an mlp c_proj (no bias), holding
+    the layer's weights repacked in fragment order (a second copy: an experiment)."""
+
+    def __init__(self, layer, config=(4, 2, 2, 16, 2)):
+        self.frags = repack_fragments(layer.qweight)
+        self.qzeros, self.scales = layer.qzeros, layer.scales
+        warps, cb, depth, split, math = config
+        self.n, self.k = layer.out_features, layer.in_features
+        G = self.k // 128
+        self.gpt = -(-G // split)
+        self.grid = (self.n // (16 * cb * warps), -(-G // self.gpt), 1)
+        self.block = (32 * warps, 1, 1)
+        self.kernel = _kernel(warps, cb, depth, math, 1)
+        self.ws = torch.zeros(self.n, device=layer.qweight.device, dtype=torch.float32)
+        self.cnt = torch.zeros(self.grid[0], device=layer.qweight.device, dtype=torch.int32)
+
+    def __call__(self, x, residual):
+        out = torch.empty((1, self.n), device=x.device, dtype=torch.float16)
+        launch_pdl(self.kernel, self.grid, self.block, [x.reshape(-1), self.frags, self.qzeros, self.scales,
+                                                         self.ws, self.n, self.k, self.gpt, residual.reshape(-1),
+                                                         out, self.cnt])
+        return out
