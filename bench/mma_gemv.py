@@ -264,7 +264,8 @@ def mma_gemv(x: torch.Tensor, frags: torch.Tensor, qzeros: torch.Tensor, scales:
 
 
 class _LaunchAttr(ctypes.Structure):
-    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_char * 64)]
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int),  # a 64-byte union
+                ("rest", ctypes.c_char * 60)]
 
 
 class _LaunchConfig(ctypes.Structure):
@@ -282,8 +283,7 @@ def launch_pdl(kernel, grid, block, args) -> None:
         keep.append(v)
         ptrs.append(ctypes.cast(ctypes.byref(v), ctypes.c_void_p))
     params = (ctypes.c_void_p * len(ptrs))(*ptrs)
-    attr = _LaunchAttr(id=6)  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-    ctypes.memmove(attr.value, ctypes.byref(ctypes.c_int(1)), 4)
+    attr = _LaunchAttr(id=6, value=1)  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION: allowed
     cfg = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), 0,
                         ctypes.c_void_p(torch.cuda.current_stream().cuda_stream), ctypes.pointer(attr), 1)
     lib = torch.cuda._utils._get_gpu_runtime_library()
