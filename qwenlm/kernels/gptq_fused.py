@@ -96,11 +96,8 @@ if triton is not None:
             offs0, mask0, _ = _columns(start // KT, lane, N, FFN, BLOCK_N, GLU)
             first_len = tl.minimum(KT - start % KT, end - start)
             qw0, s0, zlo0, zhi0 = _w_tile(qw_ptr, qz_ptr, s_ptr, start % KT, rows, offs0, mask0, N, ROWS, SUB)
-            if PEEL_N >= 2:
+            if PEEL_N == 2:
                 qw1, s1, zlo1, zhi1 = _w_tile(qw_ptr, qz_ptr, s_ptr, tl.minimum(start % KT + 1, KT - 1), rows,
-                                              offs0, mask0, N, ROWS, SUB)
-            if PEEL_N >= 3:
-                qw2, s2, zlo2, zhi2 = _w_tile(qw_ptr, qz_ptr, s_ptr, tl.minimum(start % KT + 2, KT - 1), rows,
                                               offs0, mask0, N, ROWS, SUB)
         if PDL:  # weights are never written by a kernel; everything else is read after this
             gdc_wait()
@@ -146,12 +143,9 @@ if triton is not None:
                 if t == start:  # the tiles loaded first
                     acc = _w_dot(qw0, s0, zlo0, zhi0, x32, k0, rows, ROWS, ASM, False, XPK)
                     k_loop = k0 + 1
-                    if PEEL_N >= 2 and first_len > 1:
+                    if PEEL_N == 2 and first_len > 1:
                         acc += _w_dot(qw1, s1, zlo1, zhi1, x32, k0 + 1, rows, ROWS, ASM, False, XPK)
                         k_loop = k0 + 2
-                    if PEEL_N >= 3 and first_len > 2:
-                        acc += _w_dot(qw2, s2, zlo2, zhi2, x32, k0 + 2, rows, ROWS, ASM, False, XPK)
-                        k_loop = k0 + 3
                     if PDL:  # only now the next kernel may launch (5% more tok/s than at the start: run 13)
                         gdc_launch_dependents()
             for it in tl.range(k_loop, k1, num_stages=STAGES):
@@ -218,7 +212,7 @@ FUSED_CONFIGS: dict[tuple[int, int], tuple] = {}
 # How the kernel gets the inputs' lane pairs (`gptq_int4._x_lane_pairs`): 2 the prologue writes its scratch row in
 # pair order, inputs read in place are regrouped by PRMT; 1 PRMT everywhere; 0 shifts and masks.
 X_PAIRS = 2
-# Weight tiles each program loads into registers before it waits for the kernel before (1 to 3).
+# Weight tiles each program loads into registers before it waits for the kernel before (1 or 2).
 PEEL_TILES = 2
 FUSED_DEFAULT = (512, 64, 2, 4, 3)
 
