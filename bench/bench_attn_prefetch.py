@@ -55,17 +55,14 @@ def kernel_resources():
 
 ATTN_BATCH1 = attention_config.DECODE_CONFIGS["bf16"][0]
 X_PAIRS = gptq_fused.X_PAIRS
-PEEL_TILES = gptq_fused.PEEL_TILES
 FUSED_DEFAULT = gptq_fused.FUSED_DEFAULT
 
 
 def apply(run: dict) -> None:
     """A setting of --settings: gate_up's MiB prefetched by the attention, the batch-1 attention's settings, how the
-    fused GEMVs get their inputs' lane pairs (`gptq_fused.X_PAIRS`), how many weight tiles they load before waiting
-    (`PEEL_TILES`) and their launch (`FUSED_DEFAULT`)."""
+    fused GEMVs get their inputs' lane pairs (`gptq_fused.X_PAIRS`)."""
     fused_decode.PREFETCH_MB = int(run.get("mib", 16))
     gptq_fused.X_PAIRS = int(run.get("xpairs", X_PAIRS))
-    gptq_fused.PEEL_TILES = int(run.get("peel", PEEL_TILES))
     gptq_fused.FUSED_DEFAULT = tuple(map(int, run["fused"].split("/"))) if "fused" in run else FUSED_DEFAULT
     b, cfg = ATTN_BATCH1
     attention_config.DECODE_CONFIGS["bf16"][0] = (b, dataclasses.replace(
@@ -78,9 +75,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--mib", default="0,16,32", help="MiB of gate_up prefetched, one run each per repeat")
     ap.add_argument("--settings", default="", help='instead of --mib: "mib=16,splits=S,attn_stages=S,'
-                    'attn_block=B,min_chunk=C,xpairs=X,peel=P,fused=BN/BK/PER_SM/WARPS/STAGES;...": per run the '
-                    'prefetch, the batch-1 attention\'s settings, the fused GEMVs\' input pairs, tiles loaded before '
-                    'the wait and launch')
+                    'attn_block=B,min_chunk=C,xpairs=X,fused=BN/BK/PER_SM/WARPS/STAGES;...": per run the prefetch, '
+                    'the batch-1 attention\'s settings, the fused GEMVs\' input pairs and launch')
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=2)
@@ -102,7 +98,6 @@ def main():
             log(f"{run}: {tps:6.1f} tok/s, tokens as the first run's: {toks == first}  ({time.time() - t:.0f} s)")
     fused_decode.PREFETCH_MB = mib0
     gptq_fused.X_PAIRS = X_PAIRS
-    gptq_fused.PEEL_TILES = PEEL_TILES
     gptq_fused.FUSED_DEFAULT = FUSED_DEFAULT
     attention_config.DECODE_CONFIGS["bf16"][0] = ATTN_BATCH1
     save_json(dict(prompt=args.prompt, rows=rows, kernels=kernel_resources()), "bench_attn_prefetch.json")
