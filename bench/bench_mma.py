@@ -29,7 +29,7 @@ from qwenlm.kernels.gptq_fused import fused_config, fused_int4_gemv
 
 COPIES = 8
 # (WARPS, CB, DEPTH, SPLIT) per run; SPLIT None: about 4 CTAs per SM
-CONFIGS = "4,2,2,0;4,2,2,0,0;8,1,2,0;8,1,2,0,0;8,1,2,-2;8,1,2,-8;8,1,3,-2;4,1,2,-8;4,1,3,-8;8,2,2,-2"
+CONFIGS = "4,2,2,0;4,2,2,0,2;4,2,2,0,0;8,1,2,0;4,1,2,0;4,2,3,0"
 
 
 def split_for(n, k, warps, cb, per_sm):

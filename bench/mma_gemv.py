@@ -1,16 +1,21 @@
-"""Batch-1 GPTQ Int4 GEMV on the tensor cores, in CUDA C++: an experiment, timed by bench_mma.py.
+"""Batch-1 GPTQ Int4 GEMV on the tensor cores, in CUDA C++: an experiment, timed by bench_mma.py and, as every
+layer's mlp c_proj in the engine's fused decode, by bench_mma_engine.py (docs/benchmarks.md, quantization run 16:
+correct, and as fast as the fused Triton GEMV, not faster).
 
-Why: in the fused decode (qwenlm.kernels.gptq_fused) every GEMV's work after its wait for the kernel before is
-bound by issuing instructions, not by DRAM (docs/benchmarks.md, quantization runs 13-16): ~19 per packed word,
-13 of them Marlin's unpacking and the half2 products, the rest regrouping inputs, summing rows and per-tile
-bookkeeping, with 2 warps per scheduler to hide latency. Here the products and sums go to the tensor cores: a
-warp's mma.m16n8k16 takes 16 output columns x 16 inputs, and each lane's A fragment is exactly 8 four-bit weights
--- one packed word -- once the words are repacked at load time into fragment order (`repack_fragments`). Per word
-that leaves the unpacking (4 LOP3, 1 shift, 4 HFMA2 folding in the zero point) and a quarter of an HMMA.
+Why: in the fused decode (qwenlm.kernels.gptq_fused) the Triton GEMVs issue ~19 instructions per packed word (13
+of them Marlin's unpacking and the half2 products, the rest regrouping inputs, summing rows and per-tile
+bookkeeping) with 2 warps per scheduler. Here the products and sums go to the tensor cores: a warp's
+mma.m16n8k16 takes 16 output columns x 16 inputs, and each lane's A fragment is exactly 8 four-bit weights -- one
+packed word -- once the words are repacked at load time into fragment order (`repack_fragments`). Per word that
+leaves the unpacking (4 LOP3, 1 shift, 4 HFMA2 folding in the zero point) and one HMMA; MATH 2 drops the 4 HFMA2
+too: the raw halves 1024 + q go into the mma and each group's sums are corrected once per column by the sum of
+its inputs.
 
 The B fragment is the input, the same in all 8 columns, so every column of D holds the result; the input order
 inside the 16 is the fragment's own (lane t of a group of 4 takes inputs 2t, 2t+1, 2t+8, 2t+9), read as pairs.
 Compiled at run time by NVRTC through torch (`torch.cuda._compile_kernel`, as `cluster_gemv.py`); inline PTX only.
+EPI adds the fused kernel's residual epilogue and programmatic dependent launch (`launch_pdl`: torch's launcher
+takes no launch attributes, so cuLaunchKernelEx through ctypes).
 
 Layout of the repacked words: [N/16, K/64, 32 lanes, 4 mma steps] int32, so a warp streams 512 contiguous bytes
 per 16 columns x 64 inputs and each lane loads one 16-byte vector. Word (lane L = 4g + t, step j) of column block
