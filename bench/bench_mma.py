@@ -23,7 +23,7 @@ from bench_fused import layer_of
 from bench_quant import GEMV_SHAPES, graph_us
 from bench_streamk import loads_only
 from benchlib import copy_bandwidth, log, save_json
-from mma_gemv import mma_gemv, repack_fragments
+from mma_gemv import fragment_check, mma_gemv, repack_fragments
 from qwenlm.kernels import gptq_gemv as G
 from qwenlm.kernels.gptq_fused import fused_config, fused_int4_gemv
 
@@ -66,6 +66,9 @@ def main():
     args = ap.parse_args()
     if args.ncu:
         return ncu_calls()
+    emu = fragment_check()
+    log(f"fragment layout emulated on the CPU: max difference to W^T x {emu}")
+    assert emu < 1e-9
     bw = copy_bandwidth("cuda")
     log(f"{torch.cuda.get_device_name()} copy bandwidth {bw / 1e9:.0f} GB/s")
     rows = []

@@ -241,6 +241,38 @@ def repack_fragments(qweight: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def fragment_check(k: int = 256, n: int = 64) -> float:
+    """The mma's arithmetic on `repack_fragments`' words, emulated in torch on the CPU (A and B fragments placed by
+    the PTX layout of mma.m16n8k16, D = A @ B), against W^T x: the largest difference (0 when the layout is
+    right, up to float64 rounding)."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randint(0, 16, (k, n), generator=gen)
+    qw = torch.zeros(k // 8, n, dtype=torch.int64)
+    for i in range(8):
+        qw |= w[i::8] << (4 * i)
+    frags = repack_fragments(((qw + 2**31) % 2**32 - 2**31).to(torch.int32))
+    x = torch.randn(k, generator=gen, dtype=torch.float64)
+    lane = torch.arange(32)
+    g, t = lane // 4, lane % 4
+    out = torch.zeros(n, dtype=torch.float64)
+    for cb in range(n // 16):
+        for kc in range(k // 64):
+            for j in range(4):
+                words = frags[cb, kc, :, j].to(torch.int64) & 0xFFFFFFFF
+                nib = [(words >> (4 * i)) & 15 for i in range(8)]
+                a = torch.zeros(16, 16, dtype=torch.float64)
+                b = torch.zeros(16, 8, dtype=torch.float64)
+                for r0, c0, lo, hi in ((0, 0, 0, 4), (8, 0, 1, 5), (0, 8, 2, 6), (8, 8, 3, 7)):  # a0, a1, a2, a3
+                    a[g + r0, 2 * t + c0] = nib[lo].double()
+                    a[g + r0, 2 * t + c0 + 1] = nib[hi].double()
+                k0 = kc * 64 + 16 * j
+                for c0 in (0, 8):  # b0, b1: rows 2t, 2t + 1 (+ 8) of column g
+                    b[2 * t + c0, g] = x[k0 + 2 * t + c0]
+                    b[2 * t + c0 + 1, g] = x[k0 + 2 * t + c0 + 1]
+                out[cb * 16:(cb + 1) * 16] += (a @ b)[:, 0]
+    return (out - w.double().T @ x).abs().max().item()
+
+
 MAXG = 96  # groups of 128 inputs a CTA may take (K up to 12,288 in one CTA)
 
 
