@@ -23,13 +23,15 @@ from bench_fused import layer_of
 from bench_quant import GEMV_SHAPES, graph_us
 from bench_streamk import loads_only
 from benchlib import copy_bandwidth, log, save_json
-from mma_gemv import fragment_check, mma_gemv, repack_fragments
+from mma_gemv import fragment_check, mma_gemv, mma_gemv_ws, repack_fragments
 from qwenlm.kernels import gptq_gemv as G
 from qwenlm.kernels.gptq_fused import fused_config, fused_int4_gemv
 
 COPIES = 8
 # (WARPS, CB, DEPTH, SPLIT) per run; SPLIT None: about 4 CTAs per SM
 CONFIGS = "4,2,2,0;4,2,2,0,2;4,2,2,0,0;8,1,2,0;4,1,2,0;4,2,3,0"
+# the warp-specialised kernel: (WARPS, CB, STAGES, SPLIT, MATH); SPLIT 0: about 2 CTAs per SM
+WS_CONFIGS = "4,2,8,0,2;4,2,4,0,2;4,2,12,0,2;8,1,8,0,2;4,2,8,0,1;4,2,8,-1,2;4,2,8,-3,2"
 
 
 def split_for(n, k, warps, cb, per_sm):
@@ -61,6 +63,8 @@ def ncu_calls(cfg=(4, 2, 2, 5, 2)):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ncu", action="store_true", help="only: a few calls for Nsight Compute (ncu_calls)")
+    ap.add_argument("--ws", default=WS_CONFIGS, help='warp-specialised kernel "WARPS,CB,STAGES,SPLIT,MATH;..." '
+                    '(SPLIT 0: ~2 CTAs per SM, -P: ~P per SM)')
     ap.add_argument("--configs", default=CONFIGS, help='"WARPS,CB,DEPTH,SPLIT[,MATH];..." (SPLIT 0: ~4 CTAs per '
                     'SM, -P: ~P per SM; MATH 0: loads only)')
     args = ap.parse_args()
@@ -90,25 +94,28 @@ def main():
                          err=err_f, loads_only_us=floor))
         frags = [(repack_fragments(l.qweight), l.qzeros, l.scales) for l in layers]
         out = torch.zeros(n, device="cuda", dtype=torch.float32)
-        for cfg in [tuple(map(int, c.split(","))) for c in args.configs.split(";")]:
+        runs = [(mma_gemv, tuple(map(int, c.split(","))), 4) for c in args.configs.split(";") if c]
+        runs += [(mma_gemv_ws, tuple(map(int, c.split(","))), 2) for c in args.ws.split(";") if c]
+        for fn, cfg, per_sm in runs:
             warps, cb, depth, split, *math = cfg
             if n % (16 * cb * warps):
                 continue
             if split <= 0:
-                split = split_for(n, k, warps, cb, -split or 4)
+                split = split_for(n, k, warps, cb, -split or per_sm)
             c = (warps, cb, depth, split, *math)
             try:
                 out.zero_()
-                mma_gemv(x, *frags[0], out, c)
+                fn(x, *frags[0], out, c)
                 err = ((out - ref).abs().max() / ref.abs().max()).item()
-                dram = graph_us(lambda f: mma_gemv(x, *f, out, c), frags)
-                l2 = graph_us(lambda f: mma_gemv(x, *f, out, c), [frags[0]] * COPIES)
+                dram = graph_us(lambda f: fn(x, *f, out, c), frags)
+                l2 = graph_us(lambda f: fn(x, *f, out, c), [frags[0]] * COPIES)
             except Exception as e:  # noqa: BLE001 - a setting that fails is reported, not fatal
-                log(f"  mma {c}: failed: {type(e).__name__}: {str(e)[:3000]}")
+                log(f"  {fn.__name__} {c}: failed: {type(e).__name__}: {str(e)[:3000]}")
                 continue
-            log(f"  mma (WARPS, CB, DEPTH, SPLIT) {c}: DRAM {dram:6.2f} us ({mb * 1e3 / dram:4.0f} GB/s), "
+            log(f"  {fn.__name__} {c}: DRAM {dram:6.2f} us ({mb * 1e3 / dram:4.0f} GB/s), "
                 f"L2 {l2:6.2f} us, rel err {err:.1e}")
-            rows.append(dict(linear=name, MB=round(mb, 1), kernel="mma", config=c, dram_us=dram, l2_us=l2, err=err))
+            rows.append(dict(linear=name, MB=round(mb, 1), kernel=fn.__name__, config=c, dram_us=dram, l2_us=l2,
+                             err=err))
         del layers, frags
     save_json(dict(copy_GBs=bw / 1e9, rows=rows), "bench_mma.json")
 

@@ -217,6 +217,162 @@ extern "C" __global__ void __launch_bounds__(THREADS) mma_gemv(const unsigned *_
 """
 
 
+WS_SOURCE = r"""
+// Warp-specialised: warp 0 streams each group's weights, scales and zeros for the CTA's WARPS * CB column blocks
+// into a ring of S stages in shared memory with 1-D bulk copies (cp.async.bulk, completion counted by an mbarrier
+// per stage), never waiting on the arithmetic, only on a stage being released; warps 1..WARPS wait for a stage,
+// take their words into registers, release it and sum. With PDL the producer never waits for the kernel before.
+#define WS_THREADS ((WARPS + 1) * 32)
+#define COLS (WARPS * CB * 16)
+#define STAGE_W (WARPS * CB * 1024)
+#define STAGE_S (COLS * 2)
+#define STAGE_Z (COLS / 2)
+#define STAGE_BYTES (STAGE_W + STAGE_S + STAGE_Z)
+
+__device__ __forceinline__ unsigned smem_u32(const void *p) {
+  unsigned a; asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p)); return a; }
+__device__ __forceinline__ void mbar_init(unsigned a, unsigned count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(a), "r"(count) : "memory"); }
+__device__ __forceinline__ void mbar_expect_tx(unsigned a, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(a), "r"(bytes) : "memory"); }
+__device__ __forceinline__ void mbar_arrive(unsigned a) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(a) : "memory"); }
+__device__ __forceinline__ void mbar_wait(unsigned a, unsigned parity) {
+  asm volatile("{ .reg .pred p; WAIT_%=: mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1; @!p bra WAIT_%=; }"
+               :: "r"(a), "r"(parity) : "memory"); }
+__device__ __forceinline__ void bulk_g2s(unsigned dst, const void *src, unsigned bytes, unsigned bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+               :: "r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory"); }
+
+extern "C" __global__ void __launch_bounds__(WS_THREADS) mma_gemv_ws(const unsigned *__restrict__ x32,
+    const unsigned char *__restrict__ P, const unsigned *__restrict__ qz, const unsigned short *__restrict__ sc,
+    float *__restrict__ out, int N, int K, int gpt) {
+  extern __shared__ __align__(128) unsigned char ring[];  // [S][STAGE_BYTES]: weights, scales, zeros
+  __shared__ __align__(8) unsigned long long bars[2 * S];  // full[S], then empty[S]
+  __shared__ uint4 xs[MAXG * 2 * 4 * 2];
+  __shared__ float xsum[MAXG];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int G = K / 128, KC = K / 64;
+  const int g0 = blockIdx.y * gpt, g1 = min(G, g0 + gpt), ng = g1 - g0;
+  const int col0 = blockIdx.x * COLS;
+  const unsigned full0 = smem_u32(&bars[0]), empty0 = smem_u32(&bars[S]), ring0 = smem_u32(ring);
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < S; s++) { mbar_init(full0 + 8 * s, 1); mbar_init(empty0 + 8 * s, WARPS); }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  if (warp == 0) {  // producer
+    if (lane == 0) {
+      for (int i = 0; i < ng; i++) {
+        const int s = i % S, gi = g0 + i;
+        if (i >= S) mbar_wait(empty0 + 8 * s, ((i / S) - 1) & 1);
+        const unsigned st = ring0 + s * STAGE_BYTES, bar = full0 + 8 * s;
+        mbar_expect_tx(bar, STAGE_BYTES);
+        for (int c = 0; c < WARPS * CB; c++)
+          bulk_g2s(st + c * 1024, P + ((size_t)(col0 / 16 + c) * KC + 2 * gi) * 512, 1024, bar);
+        bulk_g2s(st + STAGE_W, sc + (size_t)gi * N + col0, STAGE_S, bar);
+        bulk_g2s(st + STAGE_W + STAGE_S, qz + (size_t)gi * (N / 8) + col0 / 8, STAGE_Z, bar);
+      }
+    }
+    return;
+  }
+  // consumers
+  const int ct = threadIdx.x - 32, cw = warp - 1, g = lane / 4, t = lane % 4;
+#if PDL
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+  for (int i = ct; i < ng * 2 * 4 * 8; i += WARPS * 32) {
+    const int kc = i / 32, tt = (i / 8) % 4, e = i % 8, j = e / 2, hi = e % 2;
+    reinterpret_cast<unsigned *>(xs)[i] = x32[(g0 * 2 + kc) * 32 + 8 * j + 4 * hi + tt];
+  }
+#if MATH == 2
+  for (int gg = cw; gg < ng; gg += WARPS) {
+    const unsigned short *xh = reinterpret_cast<const unsigned short *>(x32) + (size_t)(g0 + gg) * 128;
+    float v = h2f(xh[lane]) + h2f(xh[lane + 32]) + h2f(xh[lane + 64]) + h2f(xh[lane + 96]);
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (lane == 0) xsum[gg] = v;
+  }
+#endif
+  asm volatile("bar.sync 1, %0;" :: "n"(WARPS * 32) : "memory");
+  float acc[CB][2];
+#pragma unroll
+  for (int c = 0; c < CB; c++) acc[c][0] = acc[c][1] = 0.f;
+  for (int i = 0; i < ng; i++) {
+    const int s = i % S, gi = g0 + i;
+    mbar_wait(full0 + 8 * s, (i / S) & 1);
+    const unsigned char *st = ring + s * STAGE_BYTES;
+    uint4 w[CB][2];
+    unsigned zw[CB][2];
+    unsigned short sv[CB][2];
+#pragma unroll
+    for (int c = 0; c < CB; c++) {
+      const int cl = cw * CB + c, cc = cl * 16 + g;  // column inside the CTA
+#pragma unroll
+      for (int h = 0; h < 2; h++) w[c][h] = reinterpret_cast<const uint4 *>(st + cl * 1024 + h * 512)[lane];
+      zw[c][0] = reinterpret_cast<const unsigned *>(st + STAGE_W + STAGE_S)[cc / 8];
+      zw[c][1] = reinterpret_cast<const unsigned *>(st + STAGE_W + STAGE_S)[(cc + 8) / 8];
+      sv[c][0] = reinterpret_cast<const unsigned short *>(st + STAGE_W)[cc];
+      sv[c][1] = reinterpret_cast<const unsigned short *>(st + STAGE_W)[cc + 8];
+    }
+    __syncwarp();
+    if (lane == 0) mbar_arrive(empty0 + 8 * s);
+    float d[CB][4][4];
+#pragma unroll
+    for (int c = 0; c < CB; c++)
+#pragma unroll
+      for (int j = 0; j < 4; j++) d[c][j][0] = d[c][j][1] = d[c][j][2] = d[c][j][3] = 0.f;
+    unsigned zlo[CB], zhi[CB];
+#pragma unroll
+    for (int c = 0; c < CB; c++) {
+      const int cc = (cw * CB + c) * 16 + g;
+      unsigned za = ((zw[c][0] >> ((cc % 8) * 4)) & 15u) + 1u, zb = ((zw[c][1] >> ((cc % 8) * 4)) & 15u) + 1u;
+      za = (za | 0x4400u) ^ 0x8000u;
+      zb = ((zb << 4) | 0x3400u) ^ 0x8000u;
+      zlo[c] = za | (za << 16);
+      zhi[c] = zb | (zb << 16);
+    }
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+      const int kc = i * 2 + h;
+      const uint4 xa = xs[(kc * 4 + t) * 2], xb = xs[(kc * 4 + t) * 2 + 1];
+#pragma unroll
+      for (int c = 0; c < CB; c++) {
+        word_mma(d[c][0], w[c][h].x, zlo[c], zhi[c], xa.x, xa.y);
+        word_mma(d[c][1], w[c][h].y, zlo[c], zhi[c], xa.z, xa.w);
+        word_mma(d[c][2], w[c][h].z, zlo[c], zhi[c], xb.x, xb.y);
+        word_mma(d[c][3], w[c][h].w, zlo[c], zhi[c], xb.z, xb.w);
+      }
+    }
+#pragma unroll
+    for (int c = 0; c < CB; c++) {
+      const float D0 = (d[c][0][0] + d[c][1][0]) + (d[c][2][0] + d[c][3][0]);
+      const float D2 = (d[c][0][2] + d[c][1][2]) + (d[c][2][2] + d[c][3][2]);
+#if MATH == 2
+      const int cc = (cw * CB + c) * 16 + g;
+      const float X = xsum[i];
+      const float za = (float)(((zw[c][0] >> ((cc % 8) * 4)) & 15u) + 1u);
+      const float zb = (float)(((zw[c][1] >> ((cc % 8) * 4)) & 15u) + 1u);
+      acc[c][0] += (D0 - (1024.f + za) * X) * h2f(sv[c][0]);
+      acc[c][1] += (D2 * 0.0625f - (64.f + zb) * X) * h2f(sv[c][1]);
+#else
+      acc[c][0] += D0 * 256.f * h2f(sv[c][0]);
+      acc[c][1] += D2 * 256.f * h2f(sv[c][1]);
+#endif
+    }
+  }
+  if (t == 0) {
+#pragma unroll
+    for (int c = 0; c < CB; c++) {
+      const int col = col0 + (cw * CB + c) * 16 + g;
+      atomicAdd(out + col, acc[c][0]);
+      atomicAdd(out + col + 8, acc[c][1]);
+    }
+  }
+}
+"""
+
+
 def repack_fragments(qweight: torch.Tensor) -> torch.Tensor:
     """Official Int4 qweight [K/8, N] int32 -> the words in mma fragment order [N/16, K/64, 32, 4] int32 (module
     docstring). Same size: a permutation of the 4-bit values."""
@@ -281,6 +437,41 @@ def _kernel(warps: int, cb: int, depth: int, math: int = 1, epi: int = 0):
     defines = f"#define WARPS {warps}\n#define CB {cb}\n#define DEPTH {depth}\n#define MAXG {MAXG}\n" \
               f"#define MATH {math}\n#define EPI {epi}\n"
     return torch.cuda._compile_kernel(defines + SOURCE, "mma_gemv")
+
+
+def _common_source() -> str:
+    """SOURCE's device helpers (everything before its first kernel's comment)."""
+    return SOURCE[:SOURCE.index("__device__ __forceinline__ unsigned get(")]
+
+
+@functools.lru_cache(maxsize=None)
+def _ws_kernel(warps: int, cb: int, stages: int, math: int, pdl: int):
+    defines = f"#define WARPS {warps}\n#define CB {cb}\n#define S {stages}\n#define MAXG {MAXG}\n" \
+              f"#define MATH {math}\n#define PDL {pdl}\n"
+    kernel = torch.cuda._compile_kernel(defines + _common_source() + WS_SOURCE, "mma_gemv_ws")
+    kernel.set_shared_memory_config(_ws_ring_bytes(warps, cb, stages))
+    return kernel
+
+
+def _ws_ring_bytes(warps, cb, stages):
+    cols = warps * cb * 16
+    return stages * (warps * cb * 1024 + cols * 2 + cols // 2)
+
+
+def mma_gemv_ws(x: torch.Tensor, frags: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                out: torch.Tensor, config: tuple) -> torch.Tensor:
+    """`mma_gemv` by the warp-specialised kernel (WS_SOURCE). config: (WARPS, CB, STAGES, SPLIT, MATH): WARPS
+    consumer warps of CB column blocks each plus one producer warp, a ring of STAGES groups."""
+    warps, cb, stages, split, math = config
+    n, k = frags.shape[0] * 16, frags.shape[1] * 64
+    G = k // 128
+    gpt = -(-G // split)
+    assert n % (16 * cb * warps) == 0 and gpt <= MAXG and x.dtype == torch.float16, (n, k, config)
+    _ws_kernel(warps, cb, stages, math, 0)(grid=(n // (16 * cb * warps), -(-G // gpt), 1),
+                                           block=(32 * (warps + 1), 1, 1),
+                                           shared_mem=_ws_ring_bytes(warps, cb, stages),
+                                           args=[x.contiguous(), frags, qzeros, scales, out, n, k, gpt])
+    return out
 
 
 def mma_gemv(x: torch.Tensor, frags: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, out: torch.Tensor,
