@@ -218,10 +218,11 @@ extern "C" __global__ void __launch_bounds__(THREADS) mma_gemv(const unsigned *_
 
 
 WS_SOURCE = r"""
-// Warp-specialised: warp 0 streams each group's weights, scales and zeros for the CTA's WARPS * CB column blocks
-// into a ring of S stages in shared memory with 1-D bulk copies (cp.async.bulk, completion counted by an mbarrier
-// per stage), never waiting on the arithmetic, only on a stage being released; warps 1..WARPS wait for a stage,
-// take their words into registers, release it and sum. With PDL the producer never waits for the kernel before.
+// Warp-specialised: one thread of warp 0 streams each group's weights, scales and zeros for the CTA's WARPS * CB
+// column blocks (one contiguous block of `repack_ws`) into a ring of S stages in shared memory with one 1-D bulk
+// copy per stage (cp.async.bulk, completion counted by the stage's mbarrier), never waiting on the arithmetic, only
+// on a stage being released; warps 1..WARPS wait for a stage, take their words into registers, release it and sum.
+// With PDL the producer never waits for the kernel before.
 #define WS_THREADS ((WARPS + 1) * 32)
 #define COLS (WARPS * CB * 16)
 #define STAGE_W (WARPS * CB * 1024)
@@ -245,14 +246,14 @@ __device__ __forceinline__ void bulk_g2s(unsigned dst, const void *src, unsigned
                :: "r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory"); }
 
 extern "C" __global__ void __launch_bounds__(WS_THREADS) mma_gemv_ws(const unsigned *__restrict__ x32,
-    const unsigned char *__restrict__ P, const unsigned *__restrict__ qz, const unsigned short *__restrict__ sc,
-    float *__restrict__ out, int N, int K, int gpt) {
-  extern __shared__ __align__(128) unsigned char ring[];  // [S][STAGE_BYTES]: weights, scales, zeros
+    const unsigned char *__restrict__ B, float *__restrict__ out, int N, int K, int gpt) {
+  // [S][STAGE_BYTES] (weights, scales, zeros), then the inputs in fragment order [gpt * 16] uint4, then xsum [gpt]
+  extern __shared__ __align__(128) unsigned char ring[];
   __shared__ __align__(8) unsigned long long bars[2 * S];  // full[S], then empty[S]
-  __shared__ uint4 xs[MAXG * 2 * 4 * 2];
-  __shared__ float xsum[MAXG];
+  uint4 *xs = reinterpret_cast<uint4 *>(ring + S * STAGE_BYTES);
+  float *xsum = reinterpret_cast<float *>(xs + gpt * 16);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int G = K / 128, KC = K / 64;
+  const int G = K / 128;
   const int g0 = blockIdx.y * gpt, g1 = min(G, g0 + gpt), ng = g1 - g0;
   const int col0 = blockIdx.x * COLS;
   const unsigned full0 = smem_u32(&bars[0]), empty0 = smem_u32(&bars[S]), ring0 = smem_u32(ring);
@@ -268,10 +269,7 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS) mma_gemv_ws(const unsig
         if (i >= S) mbar_wait(empty0 + 8 * s, ((i / S) - 1) & 1);
         const unsigned st = ring0 + s * STAGE_BYTES, bar = full0 + 8 * s;
         mbar_expect_tx(bar, STAGE_BYTES);
-        for (int c = 0; c < WARPS * CB; c++)
-          bulk_g2s(st + c * 1024, P + ((size_t)(col0 / 16 + c) * KC + 2 * gi) * 512, 1024, bar);
-        bulk_g2s(st + STAGE_W, sc + (size_t)gi * N + col0, STAGE_S, bar);
-        bulk_g2s(st + STAGE_W + STAGE_S, qz + (size_t)gi * (N / 8) + col0 / 8, STAGE_Z, bar);
+        bulk_g2s(st, B + ((size_t)blockIdx.x * G + gi) * STAGE_BYTES, STAGE_BYTES, bar);
       }
     }
     return;
@@ -449,28 +447,45 @@ def _ws_kernel(warps: int, cb: int, stages: int, math: int, pdl: int):
     defines = f"#define WARPS {warps}\n#define CB {cb}\n#define S {stages}\n#define MAXG {MAXG}\n" \
               f"#define MATH {math}\n#define PDL {pdl}\n"
     kernel = torch.cuda._compile_kernel(defines + _common_source() + WS_SOURCE, "mma_gemv_ws")
-    kernel.set_shared_memory_config(_ws_ring_bytes(warps, cb, stages))
+    kernel.set_shared_memory_config(_ws_smem(warps, cb, stages, MAXG))
     return kernel
 
 
-def _ws_ring_bytes(warps, cb, stages):
+def _ws_stage_bytes(warps, cb):
     cols = warps * cb * 16
-    return stages * (warps * cb * 1024 + cols * 2 + cols // 2)
+    return warps * cb * 1024 + cols * 2 + cols // 2
 
 
-def mma_gemv_ws(x: torch.Tensor, frags: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-                out: torch.Tensor, config: tuple) -> torch.Tensor:
-    """`mma_gemv` by the warp-specialised kernel (WS_SOURCE). config: (WARPS, CB, STAGES, SPLIT, MATH): WARPS
-    consumer warps of CB column blocks each plus one producer warp, a ring of STAGES groups."""
+def _ws_smem(warps, cb, stages, gpt):
+    return stages * _ws_stage_bytes(warps, cb) + gpt * (256 + 4)
+
+
+def repack_ws(frags: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, cols: int) -> torch.Tensor:
+    """`repack_fragments`' words with the scales and packed zeros, as one contiguous block per (run of `cols`
+    columns, group): [N / cols, G, cols / 16 * 1024 + cols * 2 + cols / 2] bytes (the warp-specialised kernel's
+    stage: one bulk copy each)."""
+    nb, kc = frags.shape[0], frags.shape[1]
+    G, per = kc // 2, cols // 16
+    w = frags.view(nb // per, per, G, 2 * 32 * 4).permute(0, 2, 1, 3).reshape(nb // per, G, -1)
+    sc = scales.view(G, nb // per, cols).permute(1, 0, 2)
+    qz = qzeros.view(G, nb // per, cols // 8).permute(1, 0, 2)
+    return torch.cat([w.contiguous().view(torch.uint8), sc.contiguous().view(torch.uint8),
+                      qz.contiguous().view(torch.uint8)], dim=2).contiguous()
+
+
+def mma_gemv_ws(x: torch.Tensor, blob: torch.Tensor, out: torch.Tensor, config: tuple) -> torch.Tensor:
+    """`mma_gemv` by the warp-specialised kernel (WS_SOURCE) on `repack_ws`' blocks (cols = 16 WARPS CB).
+    config: (WARPS, CB, STAGES, SPLIT, MATH): WARPS consumer warps of CB column blocks each plus one producer warp,
+    a ring of STAGES groups."""
     warps, cb, stages, split, math = config
-    n, k = frags.shape[0] * 16, frags.shape[1] * 64
-    G = k // 128
+    cols = 16 * cb * warps
+    n, G = blob.shape[0] * cols, blob.shape[1]
+    k = G * 128
     gpt = -(-G // split)
-    assert n % (16 * cb * warps) == 0 and gpt <= MAXG and x.dtype == torch.float16, (n, k, config)
-    _ws_kernel(warps, cb, stages, math, 0)(grid=(n // (16 * cb * warps), -(-G // gpt), 1),
-                                           block=(32 * (warps + 1), 1, 1),
-                                           shared_mem=_ws_ring_bytes(warps, cb, stages),
-                                           args=[x.contiguous(), frags, qzeros, scales, out, n, k, gpt])
+    assert blob.shape[2] == _ws_stage_bytes(warps, cb) and gpt <= MAXG and x.dtype == torch.float16, (n, k, config)
+    _ws_kernel(warps, cb, stages, math, 0)(grid=(n // cols, -(-G // gpt), 1), block=(32 * (warps + 1), 1, 1),
+                                           shared_mem=_ws_smem(warps, cb, stages, gpt),
+                                           args=[x.contiguous(), blob, out, n, k, gpt])
     return out
 
 
