@@ -2,7 +2,7 @@
 decode, against the fused Triton GEMV there, alternating in one process: an experiment (the product path is
 unchanged). It checks each layer's output against the Triton kernel first, then compares greedy tokens and tok/s.
 
-    PYTHONPATH=.:bench python bench/bench_mma_engine.py [--repeats 3]
+    PYTHONPATH=.:bench python bench/bench_mma_engine.py [--repeats 3] [--ws]
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from bench_attn_prefetch import decode_rate
 from bench_quant import build_model
 from benchlib import log, save_json
-from mma_gemv import MmaResidual
+from mma_gemv import MmaResidual, MmaResidualWS
 from qwenlm.config import ModelConfig
 from qwenlm.engine import fused_decode
 
@@ -24,11 +24,13 @@ ORIGINAL = fused_decode.fused_int4_gemv
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--config", default="4,2,2,16,2", help="WARPS,CB,DEPTH,SPLIT,MATH of the tensor-core GEMV")
+    ap.add_argument("--config", default="", help="WARPS,CB,DEPTH (STAGES),SPLIT,MATH of the tensor-core GEMV")
+    ap.add_argument("--ws", action="store_true", help="the warp-specialised kernel (mma_gemv_ws)")
     args = ap.parse_args()
     model = build_model(ModelConfig(), "int4", "cuda", torch.float16)
-    cfg = tuple(map(int, args.config.split(",")))
-    mma = {id(b.mlp.c_proj): MmaResidual(b.mlp.c_proj, cfg) for b in model.transformer.h}
+    kind = MmaResidualWS if args.ws else MmaResidual
+    cfg = tuple(map(int, args.config.split(","))) if args.config else kind.__init__.__defaults__[0]
+    mma = {id(b.mlp.c_proj): kind(b.mlp.c_proj, cfg) for b in model.transformer.h}
     worst = 0.0
     for b in model.transformer.h[:4]:
         layer = b.mlp.c_proj
@@ -60,7 +62,7 @@ def main():
                     f"{same}/{len(first)} greedy tokens before a difference from the first run's")
     finally:
         fused_decode.fused_int4_gemv = ORIGINAL
-    save_json(dict(config=cfg, max_rel_diff=worst, rows=rows), "bench_mma_engine.json")
+    save_json(dict(kernel=kind.__name__, config=cfg, max_rel_diff=worst, rows=rows), "bench_mma_engine.json")
 
 
 if __name__ == "__main__":

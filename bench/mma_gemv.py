@@ -246,7 +246,8 @@ __device__ __forceinline__ void bulk_g2s(unsigned dst, const void *src, unsigned
                :: "r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory"); }
 
 extern "C" __global__ void __launch_bounds__(WS_THREADS) mma_gemv_ws(const unsigned *__restrict__ x32,
-    const unsigned char *__restrict__ B, float *__restrict__ out, int N, int K, int gpt) {
+    const unsigned char *__restrict__ B, float *__restrict__ out, int N, int K, int gpt,
+    const unsigned short *__restrict__ res, unsigned short *__restrict__ outh, unsigned *__restrict__ cnt) {
   // [S][STAGE_BYTES] (weights, scales, zeros), then the inputs in fragment order [gpt * 16] uint4, then xsum [gpt]
   extern __shared__ __align__(128) unsigned char ring[];
   __shared__ __align__(8) unsigned long long bars[2 * S];  // full[S], then empty[S]
@@ -315,6 +316,9 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS) mma_gemv_ws(const unsig
     }
     __syncwarp();
     if (lane == 0) mbar_arrive(empty0 + 8 * s);
+#if PDL
+    if (i == 0) asm volatile("griddepcontrol.launch_dependents;");
+#endif
     float d[CB][4][4];
 #pragma unroll
     for (int c = 0; c < CB; c++)
@@ -367,6 +371,21 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS) mma_gemv_ws(const unsig
       atomicAdd(out + col + 8, acc[c][1]);
     }
   }
+#if EPI  // out: a float32 workspace kept at zero; the last CTA of the column run writes fp16(fp16(sum) + res)
+  __shared__ int last;
+  __threadfence();
+  asm volatile("bar.sync 1, %0;" :: "n"(WARPS * 32) : "memory");
+  if (ct == 0) last = atomicAdd(cnt + blockIdx.x, 1u) == gridDim.y - 1;
+  asm volatile("bar.sync 1, %0;" :: "n"(WARPS * 32) : "memory");
+  if (last) {
+    __threadfence();
+    for (int i = ct; i < COLS; i += WARPS * 32) {
+      const float v = atomicExch(out + col0 + i, 0.f);
+      outh[col0 + i] = f2h(h2f(f2h(v)) + h2f(res[col0 + i]));
+    }
+    if (ct == 0) cnt[blockIdx.x] = 0;
+  }
+#endif
 }
 """
 
@@ -443,9 +462,9 @@ def _common_source() -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _ws_kernel(warps: int, cb: int, stages: int, math: int, pdl: int):
+def _ws_kernel(warps: int, cb: int, stages: int, math: int, pdl: int, epi: int = 0):
     defines = f"#define WARPS {warps}\n#define CB {cb}\n#define S {stages}\n#define MAXG {MAXG}\n" \
-              f"#define MATH {math}\n#define PDL {pdl}\n"
+              f"#define MATH {math}\n#define PDL {pdl}\n#define EPI {epi}\n"
     kernel = torch.cuda._compile_kernel(defines + _common_source() + WS_SOURCE, "mma_gemv_ws")
     kernel.set_shared_memory_config(_ws_smem(warps, cb, stages, MAXG))
     return kernel
@@ -485,7 +504,7 @@ def mma_gemv_ws(x: torch.Tensor, blob: torch.Tensor, out: torch.Tensor, config: 
     assert blob.shape[2] == _ws_stage_bytes(warps, cb) and gpt <= MAXG and x.dtype == torch.float16, (n, k, config)
     _ws_kernel(warps, cb, stages, math, 0)(grid=(n // cols, -(-G // gpt), 1), block=(32 * (warps + 1), 1, 1),
                                            shared_mem=_ws_smem(warps, cb, stages, gpt),
-                                           args=[x.contiguous(), blob, out, n, k, gpt])
+                                           args=[x.contiguous(), blob, out, n, k, gpt, out, out, out])
     return out
 
 
@@ -516,7 +535,7 @@ class _LaunchConfig(ctypes.Structure):
                 ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttr)), ("num_attrs", ctypes.c_uint)]
 
 
-def launch_pdl(kernel, grid, block, args) -> None:
+def launch_pdl(kernel, grid, block, args, shared_mem: int = 0) -> None:
     """Launch an NVRTC kernel (`torch.cuda._compile_kernel`) on the current stream with programmatic stream
     serialization allowed (cuLaunchKernelEx, CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION), as Triton's
     launch_pdl does: torch's launcher takes no launch attributes."""
@@ -527,11 +546,35 @@ def launch_pdl(kernel, grid, block, args) -> None:
         ptrs.append(ctypes.cast(ctypes.byref(v), ctypes.c_void_p))
     params = (ctypes.c_void_p * len(ptrs))(*ptrs)
     attr = _LaunchAttr(id=6, value=1)  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION: allowed
-    cfg = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), 0,
+    cfg = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), shared_mem,
                         ctypes.c_void_p(torch.cuda.current_stream().cuda_stream), ctypes.pointer(attr), 1)
     lib = torch.cuda._utils._get_gpu_runtime_library()
     err = lib.cuLaunchKernelEx(ctypes.byref(cfg), kernel.func, params, None)
     assert err == 0, f"cuLaunchKernelEx failed: {err}"
+
+
+class MmaResidualWS:
+    """`MmaResidual` by the warp-specialised kernel (EPI and PDL), on `repack_ws` blocks."""
+
+    def __init__(self, layer, config=(4, 2, 4, 12, 2)):
+        warps, cb, stages, split, math = config
+        self.cols = 16 * cb * warps
+        self.blob = repack_ws(repack_fragments(layer.qweight), layer.qzeros, layer.scales, self.cols)
+        self.n, self.k = layer.out_features, layer.in_features
+        G = self.k // 128
+        self.gpt = -(-G // split)
+        self.grid = (self.n // self.cols, -(-G // self.gpt), 1)
+        self.block = (32 * (warps + 1), 1, 1)
+        self.smem = _ws_smem(warps, cb, stages, self.gpt)
+        self.kernel = _ws_kernel(warps, cb, stages, math, 1, 1)
+        self.ws = torch.zeros(self.n, device=layer.qweight.device, dtype=torch.float32)
+        self.cnt = torch.zeros(self.grid[0], device=layer.qweight.device, dtype=torch.int32)
+
+    def __call__(self, x, residual):
+        out = torch.empty((1, self.n), device=x.device, dtype=torch.float16)
+        launch_pdl(self.kernel, self.grid, self.block, [x.reshape(-1), self.blob, self.ws, self.n, self.k, self.gpt,
+                                                         residual.reshape(-1), out, self.cnt], self.smem)
+        return out
 
 
 class MmaResidual:
