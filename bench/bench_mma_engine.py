@@ -1,8 +1,9 @@
 """The tensor-core GEMV (bench/mma_gemv.py, CUDA) as every layer's mlp c_proj (and/or attn c_proj: --linears) in
-the engine's fused batch-1 Int4 decode, against the fused Triton GEMV there, alternating in one process: an experiment (the product path is
-unchanged). It checks each layer's output against the Triton kernel first, then compares greedy tokens and tok/s.
+the engine's fused batch-1 Int4 decode, against the fused Triton GEMV there, alternating in one process: an
+experiment (the product path is unchanged). It checks each layer's output against the Triton kernel first, then
+compares greedy tokens and tok/s.
 
-    PYTHONPATH=.:bench python bench/bench_mma_engine.py [--repeats 3] [--ws]
+    PYTHONPATH=.:bench python bench/bench_mma_engine.py [--repeats 3] [--ws] [--linears mlp,attn]
 """
 
 from __future__ import annotations
