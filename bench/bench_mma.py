@@ -1,16 +1,15 @@
-"""Batch-1 Int4 GEMV on the tensor cores (bench/mma_gemv.py, CUDA) against the product's fused Triton GEMV
-(qwenlm.kernels.gptq_fused, fp16 input read in place, no fused work), an experiment: the product path is
-unchanged.
+"""Batch-1 Int4 GEMVs on the tensor cores (bench/mma_gemv.py, CUDA: `mma_gemv`, and `mma_gemv_ws` with --ws
+settings) against the product's fused Triton GEMV (qwenlm.kernels.gptq_fused, fp16 input read in place, no fused
+work), an experiment: the product path is unchanged (docs/benchmarks.md, quantization run 16).
 
 Per Qwen-7B shape, µs per call replayed from a CUDA graph two ways:
 - DRAM: 8 distinct weights back to back (more than L2), as the decode graph runs its linears;
-- L2: one weight 8 times (it stays in L2): the kernel's arithmetic and issue rate, which bound the fused decode's
-  GEMVs after their waits (docs/benchmarks.md, quantization run 16).
+- L2: one weight 8 times (it stays in L2, except gate_up's 46.9 MB): the kernel with little of its DRAM time.
 Checks the tensor-core result against the v4 GEMV (dequantize-equivalent) first. Also each kernel loading its
 words with no arithmetic (the fused kernel's stream-K grid: `bench_streamk.loads_only`; the tensor-core kernel:
 MATH 0).
 
-    cd bench && PYTHONPATH=..:. python bench_mma.py [--configs "4,2,2,8;..."]
+    cd bench && PYTHONPATH=..:. python bench_mma.py [--configs "4,2,2,8;..."] [--ws "4,2,4,0,2;..."]
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ COPIES = 8
 # (WARPS, CB, DEPTH, SPLIT) per run; SPLIT None: about 4 CTAs per SM
 CONFIGS = "4,2,2,0;4,2,2,0,2;4,2,2,0,0;8,1,2,0;4,1,2,0;4,2,3,0"
 # the warp-specialised kernel: (WARPS, CB, STAGES, SPLIT, MATH); SPLIT 0: about 3 CTAs per SM
-WS_CONFIGS = "4,2,8,0,2;4,2,6,0,2;4,2,4,0,2;8,1,8,0,2;4,2,8,-2,2;4,2,8,-4,2;8,2,6,0,2;4,1,8,0,2"
+WS_CONFIGS = "4,2,4,0,2;4,2,8,0,2;4,2,6,0,2;8,2,6,-6,2;4,2,8,-2,2"
 
 
 def split_for(n, k, warps, cb, per_sm):

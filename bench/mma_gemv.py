@@ -1,6 +1,8 @@
-"""Batch-1 GPTQ Int4 GEMV on the tensor cores, in CUDA C++: an experiment, timed by bench_mma.py and, as every
-layer's mlp c_proj in the engine's fused decode, by bench_mma_engine.py (docs/benchmarks.md, quantization run 16:
-correct, and as fast as the fused Triton GEMV, not faster).
+"""Batch-1 GPTQ Int4 GEMVs on the tensor cores, in CUDA C++: an experiment, timed by bench_mma.py and, as every
+layer's mlp c_proj or attn c_proj in the engine's fused decode, by bench_mma_engine.py (docs/benchmarks.md,
+quantization run 16). `mma_gemv`: correct, as fast as the fused Triton GEMV, not faster. `mma_gemv_ws`
+(warp-specialised, WS_SOURCE): 8% faster alone over a layer's four GEMVs, +0.5% tok/s as mlp c_proj in the engine,
+-1.5% as attn c_proj.
 
 Why: in the fused decode (qwenlm.kernels.gptq_fused) the Triton GEMVs issue ~19 instructions per packed word (13
 of them Marlin's unpacking and the half2 products, the rest regrouping inputs, summing rows and per-tile
