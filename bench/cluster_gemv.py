@@ -24,16 +24,19 @@ import functools
 
 import torch
 
-SOURCE = r"""
-#define CT (BN / 4)
-#define THREADS (CT * TG)
-
+# Marlin's unpacking of a packed word into half2 (1024 + q) pairs, and HFMA2 (also used by mma_gemv.py)
+UNPACK_PTX = r"""
 __device__ __forceinline__ unsigned lo_nib(unsigned w) {
   unsigned d; asm("lop3.b32 %0, %1, 0x000F000F, 0x64006400, 0xEA;" : "=r"(d) : "r"(w)); return d; }
 __device__ __forceinline__ unsigned hi_nib(unsigned w) {
   unsigned d; asm("lop3.b32 %0, %1, 0x00F000F0, 0x64006400, 0xEA;" : "=r"(d) : "r"(w)); return d; }
 __device__ __forceinline__ unsigned hfma2(unsigned a, unsigned b, unsigned c) {
   unsigned d; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d; }
+"""
+
+SOURCE = UNPACK_PTX + r"""
+#define CT (BN / 4)
+#define THREADS (CT * TG)
 __device__ __forceinline__ float2 h2f(unsigned h) {
   float2 f; asm("{ .reg .f16 l, h; mov.b32 {l, h}, %2; cvt.f32.f16 %0, l; cvt.f32.f16 %1, h; }"
                 : "=f"(f.x), "=f"(f.y) : "r"(h)); return f; }

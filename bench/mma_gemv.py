@@ -33,15 +33,11 @@ import functools
 
 import torch
 
-SOURCE = r"""
+from cluster_gemv import UNPACK_PTX
+
+SOURCE = UNPACK_PTX + r"""
 #define THREADS (WARPS * 32)
 
-__device__ __forceinline__ unsigned lo_nib(unsigned w) {
-  unsigned d; asm("lop3.b32 %0, %1, 0x000F000F, 0x64006400, 0xEA;" : "=r"(d) : "r"(w)); return d; }
-__device__ __forceinline__ unsigned hi_nib(unsigned w) {
-  unsigned d; asm("lop3.b32 %0, %1, 0x00F000F0, 0x64006400, 0xEA;" : "=r"(d) : "r"(w)); return d; }
-__device__ __forceinline__ unsigned hfma2(unsigned a, unsigned b, unsigned c) {
-  unsigned d; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d; }
 __device__ __forceinline__ float h2f(unsigned short h) {
   float f; asm("{ .reg .f16 t; mov.b16 t, %1; cvt.f32.f16 %0, t; }" : "=f"(f) : "h"(h)); return f; }
 __device__ __forceinline__ unsigned short f2h(float f) {
