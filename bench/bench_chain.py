@@ -213,6 +213,7 @@ def main():
     ap.add_argument("--stages", default="8,4,12")
     ap.add_argument("--split", default="8,4,16")
     ap.add_argument("--ctas-per-sm", default="2,1")
+    ap.add_argument("--shapes", default="4x2", help="consumer warps x column blocks per warp, comma-separated")
     args = ap.parse_args()
     n, NL = args.n, args.layers
     bw = copy_bandwidth("cuda")
@@ -232,7 +233,7 @@ def main():
     rows = [dict(kernel="fused_triton_pdl", us_per_gemv=tri)]
     frags = [repack_fragments(layer.qweight) for layer in layers]
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for warps, cb in ((4, 2),):
+    for warps, cb in [tuple(map(int, v.split("x"))) for v in args.shapes.split(",")]:
         blob = torch.stack([repack_ws(f, layer.qzeros, layer.scales, 16 * warps * cb)
                             for f, layer in zip(frags, layers)])
         xbuf = torch.zeros((NL + 1, n), device="cuda", dtype=torch.float16)
@@ -271,10 +272,12 @@ def main():
                         log(f"  chain (stages {stages}, split {split}, {grid} CTAs): failed: {type(e).__name__}: "
                             f"{str(e)[:2000]}")
                         continue
-                    log(f"  one persistent warp-specialised launch (stages {stages}, split {split}, {grid} CTAs): "
+                    log(f"  one persistent warp-specialised launch ({warps} x {cb}, stages {stages}, split {split}, "
+                        f"{grid} CTAs): "
                         f"{us:6.2f} us per GEMV ({mb * 1e3 / us:4.0f} GB/s); each GEMV within {err:.1e} of the "
                         "Triton kernel's output on the same input")
-                    rows.append(dict(kernel="chain_ws", stages=stages, split=split, ctas=grid, us_per_gemv=us,
+                    rows.append(dict(kernel="chain_ws", warps=warps, cb=cb, stages=stages, split=split, ctas=grid,
+                                     us_per_gemv=us,
                                      max_rel_err=err))
     save_json(dict(layers=NL, n=n, MB=mb, copy_GBs=bw / 1e9, rows=rows), f"bench_chain_{n}.json")
 
