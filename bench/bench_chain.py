@@ -24,29 +24,10 @@ import torch
 from bench_fused import layer_of
 from bench_quant import graph_us
 from benchlib import copy_bandwidth, log, save_json
-from mma_gemv import _common_source, repack_fragments, repack_ws
+from mma_gemv import WS_COMMON, _common_source, _ws_stage_bytes, repack_fragments, repack_ws
 from qwenlm.kernels.gptq_fused import fused_int4_gemv
 
-CHAIN_SOURCE = r"""
-#define WS_THREADS ((WARPS + 1) * 32)
-#define COLS (WARPS * CB * 16)
-#define STAGE_BYTES (WARPS * CB * 1024 + COLS * 2 + COLS / 2)
-#define CBAR() asm volatile("bar.sync 1, %0;" :: "n"(WARPS * 32) : "memory")
-
-__device__ __forceinline__ unsigned smem_u32(const void *p) {
-  unsigned a; asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p)); return a; }
-__device__ __forceinline__ void mbar_init(unsigned a, unsigned count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(a), "r"(count) : "memory"); }
-__device__ __forceinline__ void mbar_expect_tx(unsigned a, unsigned bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(a), "r"(bytes) : "memory"); }
-__device__ __forceinline__ void mbar_arrive(unsigned a) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(a) : "memory"); }
-__device__ __forceinline__ void mbar_wait(unsigned a, unsigned parity) {
-  asm volatile("{ .reg .pred p; WAIT_%=: mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1; @!p bra WAIT_%=; }"
-               :: "r"(a), "r"(parity) : "memory"); }
-__device__ __forceinline__ void bulk_g2s(unsigned dst, const void *src, unsigned bytes, unsigned bar) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-               :: "r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory"); }
+CHAIN_SOURCE = WS_COMMON + r"""
 __device__ __forceinline__ unsigned ld_acquire(const unsigned *p) {
   unsigned v; asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory"); return v; }
 
@@ -60,11 +41,7 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS) chain_ws(const unsigned
   uint4 *xs = reinterpret_cast<uint4 *>(ring + S * STAGE_BYTES);
   float *xsum = reinterpret_cast<float *>(xs + gpt * 16);
   const unsigned full0 = smem_u32(&bars[0]), empty0 = smem_u32(&bars[S]), ring0 = smem_u32(ring);
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < S; s++) { mbar_init(full0 + 8 * s, 1); mbar_init(empty0 + 8 * s, WARPS); }
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  }
-  __syncthreads();
+  init_ring(full0, empty0);
   if (warp == 0) {  // producer: every stage of every GEMV this CTA takes, in the consumers' order
     if (lane == 0) {
       int i = 0;
@@ -90,18 +67,7 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS) chain_ws(const unsigned
       if (l > 0 && ct == 0)
         while (ld_acquire(done + l - 1) < (unsigned)RUNS) __nanosleep(20);
       CBAR();
-      const unsigned *x32 = reinterpret_cast<const unsigned *>(xbuf + (size_t)l * K);
-      for (int q = ct; q < gpt * 2 * 4 * 8; q += WARPS * 32) {
-        const int kc = q / 32, tt = (q / 8) % 4, e = q % 8, j = e / 2, hi = e % 2;
-        reinterpret_cast<unsigned *>(xs)[q] = x32[(g0 * 2 + kc) * 32 + 8 * j + 4 * hi + tt];
-      }
-      for (int gg = cw; gg < gpt; gg += WARPS) {
-        const unsigned short *xh = xbuf + (size_t)l * K + (size_t)(g0 + gg) * 128;
-        float v = h2f(xh[lane]) + h2f(xh[lane + 32]) + h2f(xh[lane + 64]) + h2f(xh[lane + 96]);
-#pragma unroll
-        for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
-        if (lane == 0) xsum[gg] = v;
-      }
+      stage_inputs(xs, xsum, reinterpret_cast<const unsigned *>(xbuf + (size_t)l * K), g0, gpt, ct, cw, lane);
       CBAR();
       float acc[CB][2];
 #pragma unroll
@@ -109,50 +75,7 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS) chain_ws(const unsigned
       for (int gg = 0; gg < gpt; gg++, i++) {
         const int s = i % S;
         mbar_wait(full0 + 8 * s, (i / S) & 1);
-        const unsigned char *st = ring + s * STAGE_BYTES;
-        uint4 w[CB][2];
-        unsigned zw[CB][2];
-        unsigned short sv[CB][2];
-#pragma unroll
-        for (int c = 0; c < CB; c++) {
-          const int cl = cw * CB + c, cc = cl * 16 + g;
-#pragma unroll
-          for (int h = 0; h < 2; h++) w[c][h] = reinterpret_cast<const uint4 *>(st + cl * 1024 + h * 512)[lane];
-          zw[c][0] = reinterpret_cast<const unsigned *>(st + WARPS * CB * 1024 + COLS * 2)[cc / 8];
-          zw[c][1] = reinterpret_cast<const unsigned *>(st + WARPS * CB * 1024 + COLS * 2)[(cc + 8) / 8];
-          sv[c][0] = reinterpret_cast<const unsigned short *>(st + WARPS * CB * 1024)[cc];
-          sv[c][1] = reinterpret_cast<const unsigned short *>(st + WARPS * CB * 1024)[cc + 8];
-        }
-        __syncwarp();
-        if (lane == 0) mbar_arrive(empty0 + 8 * s);
-        float d[CB][4][4];
-#pragma unroll
-        for (int c = 0; c < CB; c++)
-#pragma unroll
-          for (int j = 0; j < 4; j++) d[c][j][0] = d[c][j][1] = d[c][j][2] = d[c][j][3] = 0.f;
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-          const int kc = gg * 2 + h;
-          const uint4 xa = xs[(kc * 4 + t) * 2], xb = xs[(kc * 4 + t) * 2 + 1];
-#pragma unroll
-          for (int c = 0; c < CB; c++) {
-            word_mma(d[c][0], w[c][h].x, 0u, 0u, xa.x, xa.y);
-            word_mma(d[c][1], w[c][h].y, 0u, 0u, xa.z, xa.w);
-            word_mma(d[c][2], w[c][h].z, 0u, 0u, xb.x, xb.y);
-            word_mma(d[c][3], w[c][h].w, 0u, 0u, xb.z, xb.w);
-          }
-        }
-#pragma unroll
-        for (int c = 0; c < CB; c++) {
-          const int cc = (cw * CB + c) * 16 + g;
-          const float D0 = (d[c][0][0] + d[c][1][0]) + (d[c][2][0] + d[c][3][0]);
-          const float D2 = (d[c][0][2] + d[c][1][2]) + (d[c][2][2] + d[c][3][2]);
-          const float X = xsum[gg];
-          const float za = (float)(((zw[c][0] >> ((cc % 8) * 4)) & 15u) + 1u);
-          const float zb = (float)(((zw[c][1] >> ((cc % 8) * 4)) & 15u) + 1u);
-          acc[c][0] += (D0 - (1024.f + za) * X) * h2f(sv[c][0]);
-          acc[c][1] += (D2 * 0.0625f - (64.f + zb) * X) * h2f(sv[c][1]);
-        }
+        consume_stage(acc, ring + s * STAGE_BYTES, empty0 + 8 * s, xs, xsum, gg, cw, lane);
       }
       float *wsl = ws + (size_t)l * N;
       if (t == 0) {
@@ -186,7 +109,7 @@ def _chain_kernel(warps: int, cb: int, stages: int):
     defines = f"#define WARPS {warps}\n#define CB {cb}\n#define S {stages}\n#define MAXG 96\n#define MATH 2\n" \
               f"#define EPI 0\n#define DEPTH 2\n"
     kernel = torch.cuda._compile_kernel(defines + _common_source() + CHAIN_SOURCE, "chain_ws")
-    kernel.set_shared_memory_config(stages * _stage_bytes(warps, cb) + 96 * 260)
+    kernel.set_shared_memory_config(stages * _ws_stage_bytes(warps, cb) + 96 * 260)
     return kernel
 
 
@@ -199,11 +122,6 @@ def max_blocks_per_sm(kernel, threads: int, smem: int) -> int:
                                                           ctypes.c_size_t(smem))
     assert err == 0, f"cuOccupancyMaxActiveBlocksPerMultiprocessor failed: {err}"
     return n.value
-
-
-def _stage_bytes(warps, cb):
-    cols = warps * cb * 16
-    return warps * cb * 1024 + cols * 2 + cols // 2
 
 
 def main():
@@ -247,7 +165,7 @@ def main():
                 for per_sm in map(int, args.ctas_per_sm.split(",")):
                     gpt = n // 128 // split
                     grid = min(runs * split, per_sm * sms)
-                    smem = stages * _stage_bytes(warps, cb) + gpt * 260
+                    smem = stages * _ws_stage_bytes(warps, cb) + gpt * 260
                     kernel = _chain_kernel(warps, cb, stages)
                     fit = max_blocks_per_sm(kernel, 32 * (warps + 1), smem)
                     if grid > fit * sms:

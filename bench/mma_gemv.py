@@ -215,18 +215,17 @@ extern "C" __global__ void __launch_bounds__(THREADS) mma_gemv(const unsigned *_
 """
 
 
-WS_SOURCE = r"""
-// Warp-specialised: one thread of warp 0 streams each group's weights, scales and zeros for the CTA's WARPS * CB
-// column blocks (one contiguous block of `repack_ws`) into a ring of S stages in shared memory with one 1-D bulk
-// copy per stage (cp.async.bulk, completion counted by the stage's mbarrier), never waiting on the arithmetic, only
-// on a stage being released; warps 1..WARPS wait for a stage, take their words into registers, release it and sum.
-// With PDL the producer never waits for the kernel before.
+WS_COMMON = r"""
+// The warp-specialised kernels' pieces (mma_gemv_ws here, chain_ws in bench_chain.py): a ring of S stages in shared
+// memory, each one `repack_ws` block (the weights, scales and zeros of a group for the CTA's WARPS * CB column
+// blocks) landed by one 1-D bulk copy (cp.async.bulk) and counted by the stage's mbarrier; consumer warps 1..WARPS.
 #define WS_THREADS ((WARPS + 1) * 32)
 #define COLS (WARPS * CB * 16)
 #define STAGE_W (WARPS * CB * 1024)
 #define STAGE_S (COLS * 2)
 #define STAGE_Z (COLS / 2)
 #define STAGE_BYTES (STAGE_W + STAGE_S + STAGE_Z)
+#define CBAR() asm volatile("bar.sync 1, %0;" :: "n"(WARPS * 32) : "memory")
 
 __device__ __forceinline__ unsigned smem_u32(const void *p) {
   unsigned a; asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p)); return a; }
@@ -243,6 +242,102 @@ __device__ __forceinline__ void bulk_g2s(unsigned dst, const void *src, unsigned
   asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
                :: "r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory"); }
 
+// full[s] (1 arrival + the copy's bytes) and empty[s] (one arrival per consumer warp) for every stage
+__device__ __forceinline__ void init_ring(unsigned full0, unsigned empty0) {
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < S; s++) { mbar_init(full0 + 8 * s, 1); mbar_init(empty0 + 8 * s, WARPS); }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+}
+
+// Groups [g0, g0 + ng) of the inputs x into shared memory in fragment order, and (MATH 2) each group's sum
+__device__ __forceinline__ void stage_inputs(uint4 *xs, float *xsum, const unsigned *x32, int g0, int ng, int ct,
+                                             int cw, int lane) {
+  for (int q = ct; q < ng * 2 * 4 * 8; q += WARPS * 32) {
+    const int kc = q / 32, tt = (q / 8) % 4, e = q % 8, j = e / 2, hi = e % 2;
+    reinterpret_cast<unsigned *>(xs)[q] = x32[(g0 * 2 + kc) * 32 + 8 * j + 4 * hi + tt];
+  }
+#if MATH == 2
+  for (int gg = cw; gg < ng; gg += WARPS) {
+    const unsigned short *xh = reinterpret_cast<const unsigned short *>(x32) + (size_t)(g0 + gg) * 128;
+    float v = h2f(xh[lane]) + h2f(xh[lane + 32]) + h2f(xh[lane + 64]) + h2f(xh[lane + 96]);
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (lane == 0) xsum[gg] = v;
+  }
+#endif
+}
+
+// Consumer warp cw's share of stage st (local group gl of the staged inputs): its words into registers, the stage
+// released (empty_bar), then the sums added into acc (columns g and g + 8 of each of its CB column blocks)
+__device__ __forceinline__ void consume_stage(float acc[CB][2], const unsigned char *st, unsigned empty_bar,
+                                              const uint4 *xs, const float *xsum, int gl, int cw, int lane) {
+  const int g = lane / 4, t = lane % 4;
+  uint4 w[CB][2];
+  unsigned zw[CB][2];
+  unsigned short sv[CB][2];
+#pragma unroll
+  for (int c = 0; c < CB; c++) {
+    const int cl = cw * CB + c, cc = cl * 16 + g;  // column inside the CTA
+#pragma unroll
+    for (int h = 0; h < 2; h++) w[c][h] = reinterpret_cast<const uint4 *>(st + cl * 1024 + h * 512)[lane];
+    zw[c][0] = reinterpret_cast<const unsigned *>(st + STAGE_W + STAGE_S)[cc / 8];
+    zw[c][1] = reinterpret_cast<const unsigned *>(st + STAGE_W + STAGE_S)[(cc + 8) / 8];
+    sv[c][0] = reinterpret_cast<const unsigned short *>(st + STAGE_W)[cc];
+    sv[c][1] = reinterpret_cast<const unsigned short *>(st + STAGE_W)[cc + 8];
+  }
+  __syncwarp();
+  if (lane == 0) mbar_arrive(empty_bar);
+  float d[CB][4][4];
+#pragma unroll
+  for (int c = 0; c < CB; c++)
+#pragma unroll
+    for (int j = 0; j < 4; j++) d[c][j][0] = d[c][j][1] = d[c][j][2] = d[c][j][3] = 0.f;
+  unsigned zlo[CB], zhi[CB];
+#pragma unroll
+  for (int c = 0; c < CB; c++) {
+    const int cc = (cw * CB + c) * 16 + g;
+    unsigned za = ((zw[c][0] >> ((cc % 8) * 4)) & 15u) + 1u, zb = ((zw[c][1] >> ((cc % 8) * 4)) & 15u) + 1u;
+    za = (za | 0x4400u) ^ 0x8000u;
+    zb = ((zb << 4) | 0x3400u) ^ 0x8000u;
+    zlo[c] = za | (za << 16);
+    zhi[c] = zb | (zb << 16);
+  }
+#pragma unroll
+  for (int h = 0; h < 2; h++) {
+    const int kc = gl * 2 + h;
+    const uint4 xa = xs[(kc * 4 + t) * 2], xb = xs[(kc * 4 + t) * 2 + 1];
+#pragma unroll
+    for (int c = 0; c < CB; c++) {
+      word_mma(d[c][0], w[c][h].x, zlo[c], zhi[c], xa.x, xa.y);
+      word_mma(d[c][1], w[c][h].y, zlo[c], zhi[c], xa.z, xa.w);
+      word_mma(d[c][2], w[c][h].z, zlo[c], zhi[c], xb.x, xb.y);
+      word_mma(d[c][3], w[c][h].w, zlo[c], zhi[c], xb.z, xb.w);
+    }
+  }
+#pragma unroll
+  for (int c = 0; c < CB; c++) {
+    const float D0 = (d[c][0][0] + d[c][1][0]) + (d[c][2][0] + d[c][3][0]);
+    const float D2 = (d[c][0][2] + d[c][1][2]) + (d[c][2][2] + d[c][3][2]);
+#if MATH == 2
+    const int cc = (cw * CB + c) * 16 + g;
+    const float X = xsum[gl];
+    const float za = (float)(((zw[c][0] >> ((cc % 8) * 4)) & 15u) + 1u);
+    const float zb = (float)(((zw[c][1] >> ((cc % 8) * 4)) & 15u) + 1u);
+    acc[c][0] += (D0 - (1024.f + za) * X) * h2f(sv[c][0]);
+    acc[c][1] += (D2 * 0.0625f - (64.f + zb) * X) * h2f(sv[c][1]);
+#else
+    acc[c][0] += D0 * 256.f * h2f(sv[c][0]);
+    acc[c][1] += D2 * 256.f * h2f(sv[c][1]);
+#endif
+  }
+}
+"""
+
+WS_SOURCE = WS_COMMON + r"""
+// Warp-specialised GEMV: one thread of warp 0 streams the CTA's groups into the ring, never waiting on the
+// arithmetic, only on a stage being released, and with PDL never for the kernel before; the consumer warps sum.
 extern "C" __global__ void __launch_bounds__(WS_THREADS) mma_gemv_ws(const unsigned *__restrict__ x32,
     const unsigned char *__restrict__ B, float *__restrict__ out, int N, int K, int gpt,
     const unsigned short *__restrict__ res, unsigned short *__restrict__ outh, unsigned *__restrict__ cnt) {
@@ -256,11 +351,7 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS) mma_gemv_ws(const unsig
   const int g0 = blockIdx.y * gpt, g1 = min(G, g0 + gpt), ng = g1 - g0;
   const int col0 = blockIdx.x * COLS;
   const unsigned full0 = smem_u32(&bars[0]), empty0 = smem_u32(&bars[S]), ring0 = smem_u32(ring);
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < S; s++) { mbar_init(full0 + 8 * s, 1); mbar_init(empty0 + 8 * s, WARPS); }
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  }
-  __syncthreads();
+  init_ring(full0, empty0);
   if (warp == 0) {  // producer
     if (lane == 0) {
       for (int i = 0; i < ng; i++) {
@@ -278,88 +369,18 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS) mma_gemv_ws(const unsig
 #if PDL
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
-  for (int i = ct; i < ng * 2 * 4 * 8; i += WARPS * 32) {
-    const int kc = i / 32, tt = (i / 8) % 4, e = i % 8, j = e / 2, hi = e % 2;
-    reinterpret_cast<unsigned *>(xs)[i] = x32[(g0 * 2 + kc) * 32 + 8 * j + 4 * hi + tt];
-  }
-#if MATH == 2
-  for (int gg = cw; gg < ng; gg += WARPS) {
-    const unsigned short *xh = reinterpret_cast<const unsigned short *>(x32) + (size_t)(g0 + gg) * 128;
-    float v = h2f(xh[lane]) + h2f(xh[lane + 32]) + h2f(xh[lane + 64]) + h2f(xh[lane + 96]);
-#pragma unroll
-    for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
-    if (lane == 0) xsum[gg] = v;
-  }
-#endif
-  asm volatile("bar.sync 1, %0;" :: "n"(WARPS * 32) : "memory");
+  stage_inputs(xs, xsum, x32, g0, ng, ct, cw, lane);
+  CBAR();
   float acc[CB][2];
 #pragma unroll
   for (int c = 0; c < CB; c++) acc[c][0] = acc[c][1] = 0.f;
   for (int i = 0; i < ng; i++) {
-    const int s = i % S, gi = g0 + i;
+    const int s = i % S;
     mbar_wait(full0 + 8 * s, (i / S) & 1);
-    const unsigned char *st = ring + s * STAGE_BYTES;
-    uint4 w[CB][2];
-    unsigned zw[CB][2];
-    unsigned short sv[CB][2];
-#pragma unroll
-    for (int c = 0; c < CB; c++) {
-      const int cl = cw * CB + c, cc = cl * 16 + g;  // column inside the CTA
-#pragma unroll
-      for (int h = 0; h < 2; h++) w[c][h] = reinterpret_cast<const uint4 *>(st + cl * 1024 + h * 512)[lane];
-      zw[c][0] = reinterpret_cast<const unsigned *>(st + STAGE_W + STAGE_S)[cc / 8];
-      zw[c][1] = reinterpret_cast<const unsigned *>(st + STAGE_W + STAGE_S)[(cc + 8) / 8];
-      sv[c][0] = reinterpret_cast<const unsigned short *>(st + STAGE_W)[cc];
-      sv[c][1] = reinterpret_cast<const unsigned short *>(st + STAGE_W)[cc + 8];
-    }
-    __syncwarp();
-    if (lane == 0) mbar_arrive(empty0 + 8 * s);
+    consume_stage(acc, ring + s * STAGE_BYTES, empty0 + 8 * s, xs, xsum, i, cw, lane);
 #if PDL
     if (i == 0) asm volatile("griddepcontrol.launch_dependents;");
 #endif
-    float d[CB][4][4];
-#pragma unroll
-    for (int c = 0; c < CB; c++)
-#pragma unroll
-      for (int j = 0; j < 4; j++) d[c][j][0] = d[c][j][1] = d[c][j][2] = d[c][j][3] = 0.f;
-    unsigned zlo[CB], zhi[CB];
-#pragma unroll
-    for (int c = 0; c < CB; c++) {
-      const int cc = (cw * CB + c) * 16 + g;
-      unsigned za = ((zw[c][0] >> ((cc % 8) * 4)) & 15u) + 1u, zb = ((zw[c][1] >> ((cc % 8) * 4)) & 15u) + 1u;
-      za = (za | 0x4400u) ^ 0x8000u;
-      zb = ((zb << 4) | 0x3400u) ^ 0x8000u;
-      zlo[c] = za | (za << 16);
-      zhi[c] = zb | (zb << 16);
-    }
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-      const int kc = i * 2 + h;
-      const uint4 xa = xs[(kc * 4 + t) * 2], xb = xs[(kc * 4 + t) * 2 + 1];
-#pragma unroll
-      for (int c = 0; c < CB; c++) {
-        word_mma(d[c][0], w[c][h].x, zlo[c], zhi[c], xa.x, xa.y);
-        word_mma(d[c][1], w[c][h].y, zlo[c], zhi[c], xa.z, xa.w);
-        word_mma(d[c][2], w[c][h].z, zlo[c], zhi[c], xb.x, xb.y);
-        word_mma(d[c][3], w[c][h].w, zlo[c], zhi[c], xb.z, xb.w);
-      }
-    }
-#pragma unroll
-    for (int c = 0; c < CB; c++) {
-      const float D0 = (d[c][0][0] + d[c][1][0]) + (d[c][2][0] + d[c][3][0]);
-      const float D2 = (d[c][0][2] + d[c][1][2]) + (d[c][2][2] + d[c][3][2]);
-#if MATH == 2
-      const int cc = (cw * CB + c) * 16 + g;
-      const float X = xsum[i];
-      const float za = (float)(((zw[c][0] >> ((cc % 8) * 4)) & 15u) + 1u);
-      const float zb = (float)(((zw[c][1] >> ((cc % 8) * 4)) & 15u) + 1u);
-      acc[c][0] += (D0 - (1024.f + za) * X) * h2f(sv[c][0]);
-      acc[c][1] += (D2 * 0.0625f - (64.f + zb) * X) * h2f(sv[c][1]);
-#else
-      acc[c][0] += D0 * 256.f * h2f(sv[c][0]);
-      acc[c][1] += D2 * 256.f * h2f(sv[c][1]);
-#endif
-    }
   }
   if (t == 0) {
 #pragma unroll
@@ -372,9 +393,9 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS) mma_gemv_ws(const unsig
 #if EPI  // out: a float32 workspace kept at zero; the last CTA of the column run writes fp16(fp16(sum) + res)
   __shared__ int last;
   __threadfence();
-  asm volatile("bar.sync 1, %0;" :: "n"(WARPS * 32) : "memory");
+  CBAR();
   if (ct == 0) last = atomicAdd(cnt + blockIdx.x, 1u) == gridDim.y - 1;
-  asm volatile("bar.sync 1, %0;" :: "n"(WARPS * 32) : "memory");
+  CBAR();
   if (last) {
     __threadfence();
     for (int i = ct; i < COLS; i += WARPS * 32) {
