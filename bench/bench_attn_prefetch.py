@@ -60,7 +60,7 @@ FUSED_DEFAULT = gptq_fused.FUSED_DEFAULT
 
 def apply(run: dict) -> None:
     """A setting of --settings: gate_up's MiB prefetched by the attention, the batch-1 attention's settings, how the
-    fused GEMVs get their inputs' lane pairs (`gptq_fused.X_PAIRS`)."""
+    fused GEMVs get their inputs' lane pairs (`gptq_fused.X_PAIRS`) and their launch (`gptq_fused.FUSED_DEFAULT`)."""
     fused_decode.PREFETCH_MB = int(run.get("mib", 16))
     gptq_fused.X_PAIRS = int(run.get("xpairs", X_PAIRS))
     gptq_fused.FUSED_DEFAULT = tuple(map(int, run["fused"].split("/"))) if "fused" in run else FUSED_DEFAULT
