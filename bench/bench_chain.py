@@ -24,7 +24,8 @@ import torch
 from bench_fused import layer_of
 from bench_quant import graph_us
 from benchlib import copy_bandwidth, log, save_json
-from mma_gemv import WS_COMMON, _common_source, _ws_stage_bytes, repack_fragments, repack_ws
+from mma_gemv import _common_source, repack_fragments
+from ws_gemv import WS_COMMON, _ws_stage_bytes, repack_ws
 from qwenlm.kernels.gptq_fused import fused_int4_gemv
 
 CHAIN_SOURCE = WS_COMMON + r"""

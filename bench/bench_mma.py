@@ -1,6 +1,7 @@
-"""Batch-1 Int4 GEMVs on the tensor cores (bench/mma_gemv.py, CUDA: `mma_gemv`, and `mma_gemv_ws` with --ws
-settings) against the product's fused Triton GEMV (qwenlm.kernels.gptq_fused, fp16 input read in place, no fused
-work), an experiment: the product path is unchanged (docs/benchmarks.md, quantization run 16).
+"""Batch-1 Int4 GEMVs on the tensor cores (CUDA: `mma_gemv` of bench/mma_gemv.py, and with --ws settings
+`mma_gemv_ws` of bench/ws_gemv.py) against the product's fused Triton GEMV (qwenlm.kernels.gptq_fused, fp16 input
+read in place, no fused work), an experiment: the product path is unchanged (docs/benchmarks.md, quantization
+run 16).
 
 Per Qwen-7B shape, µs per call replayed from a CUDA graph two ways:
 - DRAM: 8 distinct weights back to back (more than L2), as the decode graph runs its linears;
@@ -22,7 +23,8 @@ from bench_fused import layer_of
 from bench_quant import GEMV_SHAPES, graph_us
 from bench_streamk import loads_only
 from benchlib import copy_bandwidth, log, save_json
-from mma_gemv import fragment_check, mma_gemv, mma_gemv_ws, repack_fragments, repack_ws
+from mma_gemv import fragment_check, mma_gemv, repack_fragments
+from ws_gemv import mma_gemv_ws, repack_ws
 from qwenlm.kernels import gptq_gemv as G
 from qwenlm.kernels.gptq_fused import fused_config, fused_int4_gemv
 

@@ -15,7 +15,8 @@ import torch
 from bench_attn_prefetch import decode_rate
 from bench_quant import build_model
 from benchlib import log, save_json
-from mma_gemv import MmaResidual, MmaResidualWS
+from mma_gemv import MmaResidual
+from ws_gemv import MmaResidualWS
 from qwenlm.config import ModelConfig
 from qwenlm.engine import fused_decode
 
