@@ -138,7 +138,9 @@ __device__ __forceinline__ void consume_stage(float acc[CB][2], const unsigned c
 WS_SOURCE = WS_COMMON + r"""
 // Warp-specialised GEMV: one thread of warp 0 streams the CTA's groups into the ring, never waiting on the
 // arithmetic, only on a stage being released, and with PDL never for the kernel before; the consumer warps sum.
-extern "C" __global__ void __launch_bounds__(WS_THREADS) mma_gemv_ws(const unsigned *__restrict__ x32,
+// MINB: CTAs per SM the registers must allow (so that the next kernel's CTAs fit beside this one's); TRIG 1: the next
+// kernel may launch as soon as the consumers start, 0: after the first group is summed
+extern "C" __global__ void __launch_bounds__(WS_THREADS, MINB) mma_gemv_ws(const unsigned *__restrict__ x32,
     const unsigned char *__restrict__ B, float *__restrict__ out, int N, int K, int gpt,
     const unsigned short *__restrict__ res, unsigned short *__restrict__ outh, unsigned *__restrict__ cnt) {
   // [S][STAGE_BYTES] (weights, scales, zeros), then the inputs in fragment order [gpt * 16] uint4, then xsum [gpt]
@@ -167,6 +169,9 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS) mma_gemv_ws(const unsig
   // consumers
   const int ct = threadIdx.x - 32, cw = warp - 1, g = lane / 4, t = lane % 4;
 #if PDL
+#if TRIG
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
   stage_inputs(xs, xsum, x32, g0, ng, ct, cw, lane);
@@ -178,7 +183,7 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS) mma_gemv_ws(const unsig
     const int s = i % S;
     mbar_wait(full0 + 8 * s, (i / S) & 1);
     consume_stage(acc, ring + s * STAGE_BYTES, empty0 + 8 * s, xs, xsum, i, cw, lane);
-#if PDL
+#if PDL && !TRIG
     if (i == 0) asm volatile("griddepcontrol.launch_dependents;");
 #endif
   }
@@ -211,9 +216,9 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS) mma_gemv_ws(const unsig
 
 
 @functools.lru_cache(maxsize=None)
-def _ws_kernel(warps: int, cb: int, stages: int, math: int, pdl: int, epi: int = 0):
+def _ws_kernel(warps: int, cb: int, stages: int, math: int, pdl: int, epi: int = 0, minb: int = 1, trig: int = 0):
     defines = f"#define WARPS {warps}\n#define CB {cb}\n#define S {stages}\n#define MAXG {MAXG}\n" \
-              f"#define MATH {math}\n#define PDL {pdl}\n#define EPI {epi}\n"
+              f"#define MATH {math}\n#define PDL {pdl}\n#define EPI {epi}\n#define MINB {minb}\n#define TRIG {trig}\n"
     kernel = torch.cuda._compile_kernel(defines + _common_source() + WS_SOURCE, "mma_gemv_ws")
     kernel.set_shared_memory_config(_ws_smem(warps, cb, stages, MAXG))
     return kernel
@@ -262,7 +267,7 @@ class MmaResidualWS:
     """`MmaResidual` by the warp-specialised kernel (EPI and PDL), on `repack_ws` blocks."""
 
     def __init__(self, layer, config=(4, 2, 4, 12, 2)):
-        warps, cb, stages, split, math = config
+        warps, cb, stages, split, math, *launch = config  # launch: (MINB, TRIG), see WS_SOURCE
         self.cols = 16 * cb * warps
         self.blob = repack_ws(repack_fragments(layer.qweight), layer.qzeros, layer.scales, self.cols)
         self.n, self.k = layer.out_features, layer.in_features
@@ -271,7 +276,7 @@ class MmaResidualWS:
         self.grid = (self.n // self.cols, -(-G // self.gpt), 1)
         self.block = (32 * (warps + 1), 1, 1)
         self.smem = _ws_smem(warps, cb, stages, self.gpt)
-        self.kernel = _ws_kernel(warps, cb, stages, math, 1, 1)
+        self.kernel = _ws_kernel(warps, cb, stages, math, 1, 1, *launch)
         self.ws = torch.zeros(self.n, device=layer.qweight.device, dtype=torch.float32)
         self.cnt = torch.zeros(self.grid[0], device=layer.qweight.device, dtype=torch.int32)
 
