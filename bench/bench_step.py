@@ -121,20 +121,24 @@ def between_replays(engine, graph_seq: list, steps: int = 6):
 def per_layer(ks, layers: int):
     """Group the timeline into layers: a layer starts at every per-th kernel named like the first kernel whose count
     is a multiple of `layers` (per of them to a layer). Returns the layers' first indices (and len(ks)) and, per
-    slot j of a layer, the start-to-next-start times and durations of its kernels over all layers."""
+    slot j of a layer, the start-to-next-start times, durations and end-to-end times (from the end of the kernel
+    before to this one's end: with programmatic dependent launch, what the kernel adds to the chain) of its kernels
+    over all layers."""
     counts = collections.Counter(n for n, _, _ in ks)
     first = next(n for n, _, _ in ks if counts[n] % layers == 0)
     starts = [i for i, (n, _, _) in enumerate(ks) if n == first]
     per = counts[first] // layers  # kernels named `first` per layer
     bounds = starts[::per] + [len(ks)]
     size = bounds[1] - bounds[0]  # kernels per layer
-    rows = collections.defaultdict(lambda: ([], []))  # slot -> (start-to-next-start, duration)
+    rows = collections.defaultdict(lambda: ([], [], []))  # slot -> (start-to-next-start, duration, end-to-end)
     for a in bounds[:-1]:
         for j in range(size):
             _, s, d = ks[a + j]
             if a + j + 1 < len(ks):
                 rows[j][0].append(ks[a + j + 1][1] - s)
             rows[j][1].append(d)
+            if a + j > 0:
+                rows[j][2].append(s + d - (ks[a + j - 1][1] + ks[a + j - 1][2]))
     return bounds, rows
 
 
@@ -180,12 +184,12 @@ def main():
     print(f"layers start at kernel {bounds[0]}, {(bounds[-2] - bounds[0]) / layers:.0f} kernels per layer")
     mid = ks[bounds[1]:bounds[2]] if len(bounds) > 3 else []
     print("\n| slot in layer (layer 1) | kernel | start to next start µs (median over layers) | "
-          "duration µs (median) |")
-    print("| --- | --- | --- | --- |")
+          "duration µs (median) | end of the kernel before to its end µs (median) |")
+    print("| --- | --- | --- | --- | --- |")
     for j, (n, _, _) in enumerate(mid):
-        nx, du = rows[j]
+        nx, du, ee = rows[j]
         print(f"| {j} | {n[:70]} | {statistics.median(nx) if nx else float('nan'):.2f} | "
-              f"{statistics.median(du):.2f} |")
+              f"{statistics.median(du):.2f} | {statistics.median(ee) if ee else float('nan'):.2f} |")
     lay = [ks[b][1] for b in bounds[:-1]]
     periods = [b - a for a, b in zip(lay[:-1], lay[1:])]
     print(f"\nlayer period µs: median {statistics.median(periods):.2f}, min {min(periods):.2f}, "
