@@ -33,7 +33,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchlib import copy_bandwidth, log, save_json, sync
+from benchlib import copy_bandwidth, log, replay_seconds, save_json, sync
 from qwenlm.config import ModelConfig
 from qwenlm.engine import EngineConfig, LLMEngine, SamplingParams, attention as engine_attention, fused_decode
 from qwenlm.kernels import gptq_gemv as G, gptq_matmul as K, sync as ksync
@@ -187,13 +187,7 @@ def graph_us(call, copies, reps=20):
         for c in copies:
             call(c)
     g.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        g.replay()
-    end.record()
-    end.synchronize()
-    return 1e3 * start.elapsed_time(end) / (reps * len(copies))
+    return 1e6 * replay_seconds(g, reps) / (reps * len(copies))
 
 
 # The Qwen-7B linears at batch 1: (K, N).

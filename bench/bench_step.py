@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_quant import build_model, greedy, prompts_of, run_timed, streamed_bytes  # noqa: E402
-from benchlib import copy_bandwidth, log, save_json  # noqa: E402
+from benchlib import copy_bandwidth, log, replay_seconds, save_json  # noqa: E402
 from qwenlm.config import ModelConfig  # noqa: E402
 from qwenlm.engine import EngineConfig, LLMEngine  # noqa: E402
 
@@ -29,13 +29,7 @@ def graph_rate(graph, reps=200) -> float:
     """Replays of the decode graph per second, back to back."""
     for _ in range(10):
         graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return reps / (start.elapsed_time(end) / 1e3)
+    return reps / replay_seconds(graph, reps)
 
 
 def step_times(engine, n: int):

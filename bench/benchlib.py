@@ -28,6 +28,17 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def replay_seconds(graph, reps: int) -> float:
+    """Seconds for `reps` back-to-back replays of a CUDA graph, timed by events."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
 def copy_bandwidth(device) -> float:
     """Bytes read + written per second of a 1 GiB device-to-device copy (the achievable streaming rate);
     median of 10 timed copies after 3 warm-ups. CPU: a nominal 50 GB/s, only so --tiny runs print something."""
