@@ -71,13 +71,30 @@ if triton is not None:
         return tl.atomic_add(ptr, zero, mask=mask)
 
     @triton.jit
+    def _unit_tile(qw_ptr, qz_ptr, s_ptr, u, end, KT, rows, lane, N, FFN, BLOCK_N: tl.constexpr, GLU: tl.constexpr,
+                   ROWS: tl.constexpr, SUB: tl.constexpr):
+        """`_w_tile` of work unit u (column block u // KT, K tile u % KT); nothing is read unless u < end."""
+        offs, mask, _ = _columns(u // KT, lane, N, FFN, BLOCK_N, GLU)
+        offs = offs[None, :]
+        mask = mask[None, :] & (offs * 0 + u < end)
+        # everything [1, BLOCK_N] in the tile's own layout: carried across iterations, no layout conversions
+        it = u % KT
+        g = it // SUB
+        qw = tl.load(qw_ptr + (it * ROWS + rows) * N + offs, mask=mask, other=0)
+        s = tl.load(s_ptr + g * N + offs, mask=mask, other=0.0).to(tl.float32) * 256.0
+        z = ((tl.load(qz_ptr + g * (N // 8) + offs // 8, mask=mask, other=0) >> ((offs % 8) * 4)) & 15) + 1
+        zlo = (z | 0x4400) ^ 0x8000
+        zhi = ((z << 4) | 0x3400) ^ 0x8000
+        return qw, s, zlo | (zlo << 16), zhi | (zhi << 16)
+
+    @triton.jit
     def _fused_int4_kernel(x_ptr, nw_ptr, xs_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
                            res_ptr, cos_ptr, sin_ptr, qsc_ptr, N, K, FFN, eps, NBLK, P,
                            GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PRO: tl.constexpr,
                            K_POW2: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr, ROPE_N: tl.constexpr,
                            Q_N: tl.constexpr, LOGN: tl.constexpr, HEAD: tl.constexpr, ASM: tl.constexpr,
-                           FENCE: tl.constexpr, PDL: tl.constexpr, XP: tl.constexpr):
+                           FENCE: tl.constexpr, PDL: tl.constexpr, XP: tl.constexpr, REGS: tl.constexpr):
         ROWS: tl.constexpr = BLOCK_K // 8
         SUB: tl.constexpr = GROUP // BLOCK_K
         DT = out_ptr.dtype.element_ty  # the model dtype
@@ -87,7 +104,7 @@ if triton is not None:
         end = (pid + 1) * (NBLK * KT) // P
         lane = tl.arange(0, BLOCK_N)
         rows = tl.arange(0, ROWS)[:, None]
-        PEEL: tl.constexpr = PRO != 0 or PDL
+        PEEL: tl.constexpr = (PRO != 0 or PDL) and not REGS
         # XP 2: the scratch row is written in lane-pair order (only with a prologue; inputs read in place use PRMT)
         XPK: tl.constexpr = XP if PRO != 0 or XP != 2 else 1
         if PEEL:  # the first two weight tiles stream in while the input row is built / the kernel before ends
@@ -97,6 +114,11 @@ if triton is not None:
             qw0, s0, zlo0, zhi0 = _w_tile(qw_ptr, qz_ptr, s_ptr, start % KT, rows, offs0, mask0, N, ROWS, SUB)
             qw1, s1, zlo1, zhi1 = _w_tile(qw_ptr, qz_ptr, s_ptr, tl.minimum(start % KT + 1, KT - 1), rows, offs0,
                                           mask0, N, ROWS, SUB)
+        if REGS:  # the tiles of the run's first two units (whatever their column blocks), loaded before the wait
+            qa, sa, za, ha = _unit_tile(qw_ptr, qz_ptr, s_ptr, start, end, KT, rows, lane, N, FFN, BLOCK_N,
+                                        GLU, ROWS, SUB)
+            qb, sb, zb, hb = _unit_tile(qw_ptr, qz_ptr, s_ptr, start + 1, end, KT, rows, lane, N, FFN,
+                                        BLOCK_N, GLU, ROWS, SUB)
         if PDL:  # weights are never written by a kernel; everything else is read after this
             gdc_wait()
         if PRO == 0:  # fp16 inputs, read where they are
@@ -136,6 +158,8 @@ if triton is not None:
                 if LOGN:
                     qs = tl.load(qsc_ptr + offs_n * 0).to(DT).to(tl.float32)
             acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+            if REGS:
+                acc2 = tl.zeros([1, BLOCK_N], dtype=tl.float32)
             k_loop = k0
             if PEEL:
                 if t == start:  # the tiles loaded first
@@ -146,9 +170,23 @@ if triton is not None:
                         k_loop = k0 + 2
                     if PDL:  # only now the next kernel may launch (5% more tok/s than at the start: run 13)
                         gdc_launch_dependents()
-            for it in tl.range(k_loop, k1, num_stages=STAGES):
-                qw, s, zlo, zhi = _w_tile(qw_ptr, qz_ptr, s_ptr, it, rows, offs_n, n_mask, N, ROWS, SUB)
-                acc += _w_dot(qw, s, zlo, zhi, x32, it, rows, ROWS, ASM, False, XPK)
+            if REGS:  # a register pipeline two units deep across the wait and the segments: each iteration asks
+                # for the tile two units ahead, then sums the one loaded two iterations ago
+                for it in tl.range(k0, k1, num_stages=1):
+                    u = cb * KT + it
+                    qc, sc, zc, hc = _unit_tile(qw_ptr, qz_ptr, s_ptr, u + 2, end, KT, rows, lane, N, FFN,
+                                                BLOCK_N, GLU, ROWS, SUB)
+                    acc2 += _w_dot(qa, sa, za, ha, x32, it, rows, ROWS, ASM, False, XPK)
+                    if PDL:
+                        if u == tl.minimum(start + 1, end - 1):  # the next kernel may launch
+                            gdc_launch_dependents()
+                    qa, sa, za, ha = qb, sb, zb, hb
+                    qb, sb, zb, hb = qc, sc, zc, hc
+                acc = tl.sum(acc2, axis=0)
+            else:
+                for it in tl.range(k_loop, k1, num_stages=STAGES):
+                    qw, s, zlo, zhi = _w_tile(qw_ptr, qz_ptr, s_ptr, it, rows, offs_n, n_mask, N, ROWS, SUB)
+                    acc += _w_dot(qw, s, zlo, zhi, x32, it, rows, ROWS, ASM, False, XPK)
             if HAS_BIAS:
                 if k0 == 0:
                     acc += bias
@@ -210,6 +248,9 @@ FUSED_CONFIGS: dict[tuple[int, int], tuple] = {}
 # How the kernel gets the inputs' lane pairs (`gptq_int4._x_lane_pairs`): 2 the prologue writes its scratch row in
 # pair order, inputs read in place are regrouped by PRMT; 1 PRMT everywhere; 0 shifts and masks.
 X_PAIRS = 2
+# How a fused GEMV streams its weight tiles: False through Triton's shared-memory pipeline (num_stages), its first
+# two tiles held in registers across the wait for the kernel before; True through registers alone, two units ahead.
+REG_PIPELINE = False
 FUSED_DEFAULT = (512, 64, 2, 4, 3)
 
 
@@ -267,6 +308,6 @@ def fused_int4_gemv(x: torch.Tensor, layer, *, norm_weight=None, eps: float = 0.
         programs, GROUP=g, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
         PRO=pro, K_POW2=triton.next_power_of_2(K), GLU=glu > 0, RES=residual is not None, ROPE_N=rope_n, Q_N=q_n,
         LOGN=q_scale is not None, HEAD=head, ASM=not INTERPRET, FENCE=sync.PER_THREAD_FENCE, PDL=sync.pdl(x.device),
-        XP=X_PAIRS,
+        XP=X_PAIRS, REGS=REG_PIPELINE,
         num_warps=warps, num_stages=stages, **sync.pdl_launch(x.device))
     return out
