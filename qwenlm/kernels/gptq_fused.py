@@ -45,7 +45,7 @@ from qwenlm.kernels.gptq_int4 import triton
 if triton is not None:
     import triton.language as tl
 
-    from qwenlm.kernels.gptq_int4 import _w_dot, _w_tile
+    from qwenlm.kernels.gptq_int4 import _hadd2, _int4_word_fma, _w_dot, _w_tile, _x_lane_pairs
     from qwenlm.kernels.sync import _fence_gpu, gdc_launch_dependents, gdc_wait
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -71,21 +71,46 @@ if triton is not None:
         return tl.atomic_add(ptr, zero, mask=mask)
 
     @triton.jit
-    def _unit_tile(qw_ptr, qz_ptr, s_ptr, u, end, KT, rows, lane, N, FFN, BLOCK_N: tl.constexpr, GLU: tl.constexpr,
+    def _unit_tile(qw_ptr, qz_ptr, s_ptr, u, end, KT, lane, N, FFN, BLOCK_N: tl.constexpr, GLU: tl.constexpr,
                    ROWS: tl.constexpr, SUB: tl.constexpr):
-        """`_w_tile` of work unit u (column block u // KT, K tile u % KT); nothing is read unless u < end."""
+        """The weights of work unit u (column block u // KT, K tile u % KT) as `_w_tile`'s, but every packed row
+        a [BLOCK_N] vector of its own (a tuple of ROWS), so that they stay in the layout they are loaded in when
+        carried across iterations; nothing is read unless u < end."""
         offs, mask, _ = _columns(u // KT, lane, N, FFN, BLOCK_N, GLU)
-        offs = offs[None, :]
-        mask = mask[None, :] & (offs * 0 + u < end)
-        # everything [1, BLOCK_N] in the tile's own layout: carried across iterations, no layout conversions
+        mask = mask & (lane * 0 + u < end)
         it = u % KT
         g = it // SUB
-        qw = tl.load(qw_ptr + (it * ROWS + rows) * N + offs, mask=mask, other=0)
+        q = ()
+        for r in tl.static_range(ROWS):
+            q = q + (tl.load(qw_ptr + (it * ROWS + r) * N + offs, mask=mask, other=0),)
         s = tl.load(s_ptr + g * N + offs, mask=mask, other=0.0).to(tl.float32) * 256.0
         z = ((tl.load(qz_ptr + g * (N // 8) + offs // 8, mask=mask, other=0) >> ((offs % 8) * 4)) & 15) + 1
         zlo = (z | 0x4400) ^ 0x8000
         zhi = ((z << 4) | 0x3400) ^ 0x8000
-        return qw, s, zlo | (zlo << 16), zhi | (zhi << 16)
+        return q, s, zlo | (zlo << 16), zhi | (zhi << 16)
+
+    @triton.jit
+    def _rows_dot(q, s, zlo, zhi, x32, it, ROWS: tl.constexpr, ASM: tl.constexpr, XP: tl.constexpr):
+        """`_w_dot` of a `_unit_tile`: the rows' half2 sums added in row order, then scaled, [BLOCK_N] fp32."""
+        for r in tl.static_range(ROWS):
+            x04, x15, x26, x37 = _x_lane_pairs(x32, it * ROWS + r, XP if ASM or XP == 2 else 0)
+            if ASM:
+                hr = _int4_word_fma(q[r], x04, x15, x26, x37, zlo, zhi, q[r] * 0, ASM)
+                if r == 0:
+                    h = hr
+                else:
+                    h = _hadd2(h, hr)
+            else:
+                hr = _int4_word_fma(q[r], x04, x15, x26, x37, zlo, zhi, tl.zeros(zlo.shape, dtype=tl.float32), ASM)
+                if r == 0:
+                    h = hr
+                else:
+                    h = h + hr
+        if ASM:
+            lo = (h & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            hi = ((h >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            return s * (lo + hi)
+        return s * h
 
     @triton.jit
     def _fused_int4_kernel(x_ptr, nw_ptr, xs_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
@@ -115,10 +140,10 @@ if triton is not None:
             qw1, s1, zlo1, zhi1 = _w_tile(qw_ptr, qz_ptr, s_ptr, tl.minimum(start % KT + 1, KT - 1), rows, offs0,
                                           mask0, N, ROWS, SUB)
         if REGS:  # the tiles of the run's first two units (whatever their column blocks), loaded before the wait
-            qa, sa, za, ha = _unit_tile(qw_ptr, qz_ptr, s_ptr, start, end, KT, rows, lane, N, FFN, BLOCK_N,
-                                        GLU, ROWS, SUB)
-            qb, sb, zb, hb = _unit_tile(qw_ptr, qz_ptr, s_ptr, start + 1, end, KT, rows, lane, N, FFN,
-                                        BLOCK_N, GLU, ROWS, SUB)
+            qa, sa, za, ha = _unit_tile(qw_ptr, qz_ptr, s_ptr, start, end, KT, lane, N, FFN, BLOCK_N, GLU, ROWS,
+                                        SUB)
+            qb, sb, zb, hb = _unit_tile(qw_ptr, qz_ptr, s_ptr, start + 1, end, KT, lane, N, FFN, BLOCK_N, GLU,
+                                        ROWS, SUB)
         if PDL:  # weights are never written by a kernel; everything else is read after this
             gdc_wait()
         if PRO == 0:  # fp16 inputs, read where they are
@@ -158,8 +183,6 @@ if triton is not None:
                 if LOGN:
                     qs = tl.load(qsc_ptr + offs_n * 0).to(DT).to(tl.float32)
             acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-            if REGS:
-                acc2 = tl.zeros([1, BLOCK_N], dtype=tl.float32)
             k_loop = k0
             if PEEL:
                 if t == start:  # the tiles loaded first
@@ -174,15 +197,14 @@ if triton is not None:
                 # for the tile two units ahead, then sums the one loaded two iterations ago
                 for it in tl.range(k0, k1, num_stages=1):
                     u = cb * KT + it
-                    qc, sc, zc, hc = _unit_tile(qw_ptr, qz_ptr, s_ptr, u + 2, end, KT, rows, lane, N, FFN,
-                                                BLOCK_N, GLU, ROWS, SUB)
-                    acc2 += _w_dot(qa, sa, za, ha, x32, it, rows, ROWS, ASM, False, XPK)
+                    qc, sc, zc, hc = _unit_tile(qw_ptr, qz_ptr, s_ptr, u + 2, end, KT, lane, N, FFN, BLOCK_N, GLU,
+                                                ROWS, SUB)
+                    acc += _rows_dot(qa, sa, za, ha, x32, it, ROWS, ASM, XPK)
                     if PDL:
                         if u == tl.minimum(start + 1, end - 1):  # the next kernel may launch
                             gdc_launch_dependents()
                     qa, sa, za, ha = qb, sb, zb, hb
                     qb, sb, zb, hb = qc, sc, zc, hc
-                acc = tl.sum(acc2, axis=0)
             else:
                 for it in tl.range(k_loop, k1, num_stages=STAGES):
                     qw, s, zlo, zhi = _w_tile(qw_ptr, qz_ptr, s_ptr, it, rows, offs_n, n_mask, N, ROWS, SUB)
