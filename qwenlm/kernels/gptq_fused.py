@@ -144,6 +144,9 @@ if triton is not None:
                                         SUB)
             qb, sb, zb, hb = _unit_tile(qw_ptr, qz_ptr, s_ptr, start + 1, end, KT, lane, N, FFN, BLOCK_N, GLU,
                                         ROWS, SUB)
+            if REGS == 3:
+                qd, sd, zd, hd = _unit_tile(qw_ptr, qz_ptr, s_ptr, start + 2, end, KT, lane, N, FFN, BLOCK_N, GLU,
+                                            ROWS, SUB)
         if PDL:  # weights are never written by a kernel; everything else is read after this
             gdc_wait()
         if PRO == 0:  # fp16 inputs, read where they are
@@ -197,14 +200,18 @@ if triton is not None:
                 # for the tile two units ahead, then sums the one loaded two iterations ago
                 for it in tl.range(k0, k1, num_stages=1):
                     u = cb * KT + it
-                    qc, sc, zc, hc = _unit_tile(qw_ptr, qz_ptr, s_ptr, u + 2, end, KT, lane, N, FFN, BLOCK_N, GLU,
-                                                ROWS, SUB)
+                    qc, sc, zc, hc = _unit_tile(qw_ptr, qz_ptr, s_ptr, u + REGS, end, KT, lane, N, FFN, BLOCK_N,
+                                                GLU, ROWS, SUB)
                     acc += _rows_dot(qa, sa, za, ha, x32, it, ROWS, ASM, XPK)
                     if PDL:
                         if u == tl.minimum(start + 1, end - 1):  # the next kernel may launch
                             gdc_launch_dependents()
                     qa, sa, za, ha = qb, sb, zb, hb
-                    qb, sb, zb, hb = qc, sc, zc, hc
+                    if REGS == 3:
+                        qb, sb, zb, hb = qd, sd, zd, hd
+                        qd, sd, zd, hd = qc, sc, zc, hc
+                    else:
+                        qb, sb, zb, hb = qc, sc, zc, hc
             else:
                 for it in tl.range(k_loop, k1, num_stages=STAGES):
                     qw, s, zlo, zhi = _w_tile(qw_ptr, qz_ptr, s_ptr, it, rows, offs_n, n_mask, N, ROWS, SUB)
@@ -330,6 +337,6 @@ def fused_int4_gemv(x: torch.Tensor, layer, *, norm_weight=None, eps: float = 0.
         programs, GROUP=g, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
         PRO=pro, K_POW2=triton.next_power_of_2(K), GLU=glu > 0, RES=residual is not None, ROPE_N=rope_n, Q_N=q_n,
         LOGN=q_scale is not None, HEAD=head, ASM=not INTERPRET, FENCE=sync.PER_THREAD_FENCE, PDL=sync.pdl(x.device),
-        XP=X_PAIRS, REGS=REG_PIPELINE,
+        XP=X_PAIRS, REGS=0 if not REG_PIPELINE else (3 if REG_PIPELINE == 3 else 2),
         num_warps=warps, num_stages=stages, **sync.pdl_launch(x.device))
     return out
