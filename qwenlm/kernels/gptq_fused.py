@@ -46,7 +46,7 @@ if triton is not None:
     import triton.language as tl
 
     from qwenlm.kernels.gptq_int4 import _hadd2, _int4_word_fma, _w_dot, _w_tile, _x_lane_pairs
-    from qwenlm.kernels.sync import _fence_gpu, gdc_launch_dependents, gdc_wait
+    from qwenlm.kernels.sync import _fence_gpu, _prefetch_l2_at, gdc_launch_dependents, gdc_wait
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -119,7 +119,8 @@ if triton is not None:
                            BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PRO: tl.constexpr,
                            K_POW2: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr, ROPE_N: tl.constexpr,
                            Q_N: tl.constexpr, LOGN: tl.constexpr, HEAD: tl.constexpr, ASM: tl.constexpr,
-                           FENCE: tl.constexpr, PDL: tl.constexpr, XP: tl.constexpr, REGS: tl.constexpr):
+                           FENCE: tl.constexpr, PDL: tl.constexpr, XP: tl.constexpr, REGS: tl.constexpr,
+                           SELF_PF: tl.constexpr, NUM_WARPS: tl.constexpr):
         ROWS: tl.constexpr = BLOCK_K // 8
         SUB: tl.constexpr = GROUP // BLOCK_K
         DT = out_ptr.dtype.element_ty  # the model dtype
@@ -149,6 +150,20 @@ if triton is not None:
                                             ROWS, SUB)
         if PDL:  # weights are never written by a kernel; everything else is read after this
             gdc_wait()
+            if SELF_PF > 0 and PEEL:  # the packed rows of the SELF_PF units after the first two into L2, at once
+                SEGS: tl.constexpr = 2 if GLU else 1  # gate_up's column block: a run of up and one of gate columns
+                NPF: tl.constexpr = SELF_PF * ROWS * SEGS
+                THREADS: tl.constexpr = 32 * NUM_WARPS
+                idx = tl.minimum(tl.arange(0, THREADS), NPF - 1)
+                u = tl.minimum(start + 2 + idx // (ROWS * SEGS), end - 1)
+                pcb = u // KT
+                prow = (u % KT) * ROWS + (idx // SEGS) % ROWS
+                if GLU:
+                    pcol = tl.where(idx % SEGS == 0, 0, FFN) + pcb * (BLOCK_N // 2)
+                else:
+                    pcol = pcb * BLOCK_N
+                qw8 = qw_ptr.to(tl.pointer_type(tl.int8), bitcast=True)
+                _prefetch_l2_at(qw8 + (prow.to(tl.int64) * N + pcol) * 4, BLOCK_N * 4 // SEGS)
         if PRO == 0:  # fp16 inputs, read where they are
             x32 = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
         else:  # the inputs of this program's K tiles, as the network computes them, into an fp16 scratch row
@@ -280,6 +295,8 @@ X_PAIRS = 2
 # How a fused GEMV streams its weight tiles: False through Triton's shared-memory pipeline (num_stages), its first
 # two tiles held in registers across the wait for the kernel before; True through registers alone, two units ahead.
 REG_PIPELINE = False
+# Work units after the first two that each program sends into L2 as soon as its wait returns (with PDL; 0: none).
+SELF_PREFETCH = 0
 FUSED_DEFAULT = (512, 64, 2, 4, 3)
 
 
@@ -338,5 +355,6 @@ def fused_int4_gemv(x: torch.Tensor, layer, *, norm_weight=None, eps: float = 0.
         PRO=pro, K_POW2=triton.next_power_of_2(K), GLU=glu > 0, RES=residual is not None, ROPE_N=rope_n, Q_N=q_n,
         LOGN=q_scale is not None, HEAD=head, ASM=not INTERPRET, FENCE=sync.PER_THREAD_FENCE, PDL=sync.pdl(x.device),
         XP=X_PAIRS, REGS=0 if not REG_PIPELINE else (3 if REG_PIPELINE == 3 else 2),
+        SELF_PF=SELF_PREFETCH, NUM_WARPS=warps,
         num_warps=warps, num_stages=stages, **sync.pdl_launch(x.device))
     return out
