@@ -90,10 +90,19 @@ if triton is not None:
         return q, s, zlo | (zlo << 16), zhi | (zhi << 16)
 
     @triton.jit
-    def _rows_dot(q, s, zlo, zhi, x32, it, ROWS: tl.constexpr, ASM: tl.constexpr, XP: tl.constexpr):
-        """`_w_dot` of a `_unit_tile`: the rows' half2 sums added in row order, then scaled, [BLOCK_N] fp32."""
+    def _x_rows(x32, it, ROWS: tl.constexpr, ASM: tl.constexpr, XP: tl.constexpr):
+        """The inputs of K tile `it` as `_x_lane_pairs` gives them, a tuple per packed row."""
+        xr = ()
         for r in tl.static_range(ROWS):
-            x04, x15, x26, x37 = _x_lane_pairs(x32, it * ROWS + r, XP if ASM or XP == 2 else 0)
+            xr = xr + (_x_lane_pairs(x32, it * ROWS + r, XP if ASM or XP == 2 else 0),)
+        return xr
+
+    @triton.jit
+    def _rows_dot(q, s, zlo, zhi, xr, ROWS: tl.constexpr, ASM: tl.constexpr):
+        """`_w_dot` of a `_unit_tile` and `_x_rows`: the rows' half2 sums added in row order, then scaled,
+        [BLOCK_N] fp32."""
+        for r in tl.static_range(ROWS):
+            x04, x15, x26, x37 = xr[r]
             if ASM:
                 hr = _int4_word_fma(q[r], x04, x15, x26, x37, zlo, zhi, q[r] * 0, ASM)
                 if r == 0:
@@ -182,6 +191,8 @@ if triton is not None:
             tl.store(xs_ptr + ka, xh, mask=(ka < K) & need)
             tl.debug_barrier()  # the scratch row is written before any thread of this program reads it
             x32 = xs_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+        if REGS:
+            xr = _x_rows(x32, start % KT, ROWS, ASM, XPK)
         t = start
         while t < end:  # one segment per column block the run touches
             cb = t // KT
@@ -217,7 +228,9 @@ if triton is not None:
                     u = cb * KT + it
                     qc, sc, zc, hc = _unit_tile(qw_ptr, qz_ptr, s_ptr, u + REGS, end, KT, lane, N, FFN, BLOCK_N,
                                                 GLU, ROWS, SUB)
-                    acc += _rows_dot(qa, sa, za, ha, x32, it, ROWS, ASM, XPK)
+                    xn = _x_rows(x32, (u + 1) % KT, ROWS, ASM, XPK)  # the next unit's inputs, a unit ahead
+                    acc += _rows_dot(qa, sa, za, ha, xr, ROWS, ASM)
+                    xr = xn
                     if PDL:
                         if u == tl.minimum(start + 1, end - 1):  # the next kernel may launch
                             gdc_launch_dependents()
