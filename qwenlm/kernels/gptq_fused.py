@@ -94,7 +94,7 @@ if triton is not None:
         """The inputs of K tile `it` as `_x_lane_pairs` gives them, a tuple per packed row."""
         xr = ()
         for r in tl.static_range(ROWS):
-            xr = xr + (_x_lane_pairs(x32, it * ROWS + r, XP if ASM or XP >= 2 else 0),)
+            xr = xr + (_x_lane_pairs(x32, it * ROWS + r, XP if ASM or XP == 2 or XP == 3 else 0),)
         return xr
 
     @triton.jit
@@ -141,7 +141,7 @@ if triton is not None:
         rows = tl.arange(0, ROWS)[:, None]
         PEEL: tl.constexpr = (PRO != 0 or PDL) and not REGS
         # XP 2: the scratch row is written in lane-pair order (only with a prologue; inputs read in place use PRMT)
-        XPK: tl.constexpr = XP if PRO != 0 or XP < 2 else 1
+        XPK: tl.constexpr = XP if PRO != 0 or XP < 2 else (1 if XP == 2 else 4)
         if PEEL:  # the first two weight tiles stream in while the input row is built / the kernel before ends
             # (the second only used if the first segment has it)
             offs0, mask0, _ = _columns(start // KT, lane, N, FFN, BLOCK_N, GLU)

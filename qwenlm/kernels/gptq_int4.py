@@ -93,12 +93,15 @@ if triton is not None:
         (x2, x6), (x3, x7), each as int32 bits. XP 0: read in order as four int32 pairs (x0 x1 | x2 x3 | x4 x5 |
         x6 x7) and regrouped by shifts and masks; 1: the same with one PRMT per pair; 2: stored already in pair
         order (within each run of 8: x0 x4 x1 x5 x2 x6 x3 x7), read as they are."""
-        if XP == 3:  # as 2, one 16-byte load per row
+        if XP >= 3:  # one 16-byte load per row; 3: as 2, 4: as 1
             xv = tl.reshape(tl.load(x32 + r * 4 + tl.arange(0, 4)[None, :]), [r.shape[0], 2, 2])
             a02, a13 = tl.split(xv)
             q0, q2 = tl.split(a02)
             q1, q3 = tl.split(a13)
-            return q0[:, None], q1[:, None], q2[:, None], q3[:, None]
+            q0, q1, q2, q3 = q0[:, None], q1[:, None], q2[:, None], q3[:, None]
+            if XP == 3:
+                return q0, q1, q2, q3
+            return _lo_halves(q0, q2), _hi_halves(q0, q2), _lo_halves(q1, q3), _hi_halves(q1, q3)
         p0 = tl.load(x32 + r * 4)
         p1 = tl.load(x32 + r * 4 + 1)
         p2 = tl.load(x32 + r * 4 + 2)
@@ -129,7 +132,7 @@ if triton is not None:
         as int32 pairs, `_x_lane_pairs`). EARLY: the sums start from an opaque zero that depends on every word of
         the tile, so ptxas issues all its loads before any arithmetic. XP: how the inputs are stored and regrouped
         (`_x_lane_pairs`)."""
-        x04, x15, x26, x37 = _x_lane_pairs(x32, it * ROWS + rows, XP if ASM or XP >= 2 else 0)
+        x04, x15, x26, x37 = _x_lane_pairs(x32, it * ROWS + rows, XP if ASM or XP == 2 or XP == 3 else 0)
         if ASM:
             h0 = qw * 0
             if EARLY:
