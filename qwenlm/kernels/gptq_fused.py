@@ -141,7 +141,8 @@ if triton is not None:
         rows = tl.arange(0, ROWS)[:, None]
         PEEL: tl.constexpr = (PRO != 0 or PDL) and not REGS
         # XP 2: the scratch row is written in lane-pair order (only with a prologue; inputs read in place use PRMT)
-        XPK: tl.constexpr = XP if PRO != 0 or XP < 2 else (1 if XP == 2 else 4)
+        # (X_PAIRS 4: as 3, and the inputs read in place in one 16-byte load per row too)
+        XPK: tl.constexpr = (XP if XP < 3 else 3) if PRO != 0 else (XP if XP < 2 else (4 if XP == 4 else 1))
         if PEEL:  # the first two weight tiles stream in while the input row is built / the kernel before ends
             # (the second only used if the first segment has it)
             offs0, mask0, _ = _columns(start // KT, lane, N, FFN, BLOCK_N, GLU)
