@@ -73,14 +73,6 @@ if triton is not None:
                                   is_pure=False, pack=1)
 
     @triton.jit
-    def _prefetch_l2_at(ptrs, nbytes):
-        """Per element: nbytes (a multiple of 16) from the int8 pointer ptrs (16-byte aligned) into L2, not waited
-        on (cp.async.bulk.prefetch.L2, sm_90)."""
-        tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2; mov.b32 $0, 0;", "=r,l,r",
-                                  [ptrs, nbytes + tl.zeros(ptrs.shape, dtype=tl.int32)], dtype=tl.int32,
-                                  is_pure=False, pack=1)
-
-    @triton.jit
     def _pdl_start(PDL: tl.constexpr):
         """With PDL: wait for the kernel before (everything it and earlier ones wrote is visible after this) and let
         the next kernel launch."""
