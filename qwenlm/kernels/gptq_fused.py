@@ -78,7 +78,7 @@ if triton is not None:
                            BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PRO: tl.constexpr,
                            K_POW2: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr, ROPE_N: tl.constexpr,
                            Q_N: tl.constexpr, LOGN: tl.constexpr, HEAD: tl.constexpr, ASM: tl.constexpr,
-                           FENCE: tl.constexpr, PDL: tl.constexpr, XP: tl.constexpr, ZQ: tl.constexpr):
+                           FENCE: tl.constexpr, PDL: tl.constexpr, XP: tl.constexpr):
         ROWS: tl.constexpr = BLOCK_K // 8
         SUB: tl.constexpr = GROUP // BLOCK_K
         DT = out_ptr.dtype.element_ty  # the model dtype
@@ -95,9 +95,9 @@ if triton is not None:
             # (the second only used if the first segment has it)
             offs0, mask0, _ = _columns(start // KT, lane, N, FFN, BLOCK_N, GLU)
             first_len = tl.minimum(KT - start % KT, end - start)
-            qw0, s0, zlo0, zhi0 = _w_tile(qw_ptr, qz_ptr, s_ptr, start % KT, rows, offs0, mask0, N, ROWS, SUB, ZQ)
+            qw0, s0, zlo0, zhi0 = _w_tile(qw_ptr, qz_ptr, s_ptr, start % KT, rows, offs0, mask0, N, ROWS, SUB)
             qw1, s1, zlo1, zhi1 = _w_tile(qw_ptr, qz_ptr, s_ptr, tl.minimum(start % KT + 1, KT - 1), rows, offs0,
-                                          mask0, N, ROWS, SUB, ZQ)
+                                          mask0, N, ROWS, SUB)
         if PDL:  # weights are never written by a kernel; everything else is read after this
             gdc_wait()
         if PRO == 0:  # fp16 inputs, read where they are
@@ -148,7 +148,7 @@ if triton is not None:
                     if PDL:  # only now the next kernel may launch (5% more tok/s than at the start: run 13)
                         gdc_launch_dependents()
             for it in tl.range(k_loop, k1, num_stages=STAGES):
-                qw, s, zlo, zhi = _w_tile(qw_ptr, qz_ptr, s_ptr, it, rows, offs_n, n_mask, N, ROWS, SUB, ZQ)
+                qw, s, zlo, zhi = _w_tile(qw_ptr, qz_ptr, s_ptr, it, rows, offs_n, n_mask, N, ROWS, SUB)
                 acc += _w_dot(qw, s, zlo, zhi, x32, it, rows, ROWS, ASM, False, XPK)
             if HAS_BIAS:
                 if k0 == 0:
@@ -212,8 +212,6 @@ FUSED_CONFIGS: dict[tuple[int, int], tuple] = {}
 # pair order, read one 16-byte row of pairs at a time, inputs read in place are regrouped by PRMT; 2 the same with
 # four 4-byte loads per row; 1 PRMT everywhere; 0 shifts and masks.
 X_PAIRS = 3
-# Whether a thread loads the packed zero points of its 4 columns once (they share a word) instead of once each.
-ZERO_WORDS = False
 FUSED_DEFAULT = (512, 64, 2, 4, 3)
 
 
@@ -271,6 +269,6 @@ def fused_int4_gemv(x: torch.Tensor, layer, *, norm_weight=None, eps: float = 0.
         programs, GROUP=g, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
         PRO=pro, K_POW2=triton.next_power_of_2(K), GLU=glu > 0, RES=residual is not None, ROPE_N=rope_n, Q_N=q_n,
         LOGN=q_scale is not None, HEAD=head, ASM=not INTERPRET, FENCE=sync.PER_THREAD_FENCE, PDL=sync.pdl(x.device),
-        XP=X_PAIRS, ZQ=ZERO_WORDS,
+        XP=X_PAIRS,
         num_warps=warps, num_stages=stages, **sync.pdl_launch(x.device))
     return out

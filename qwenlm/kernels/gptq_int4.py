@@ -112,23 +112,13 @@ if triton is not None:
                 (p1 & 0xFFFF) | (p3 << 16), ((p1 >> 16) & 0xFFFF) | (p3 & -65536))
 
     @triton.jit
-    def _w_tile(qw_ptr, qz_ptr, s_ptr, it, rows, offs_n, n_mask, N, ROWS: tl.constexpr, SUB: tl.constexpr,
-                ZQ: tl.constexpr = 0):
+    def _w_tile(qw_ptr, qz_ptr, s_ptr, it, rows, offs_n, n_mask, N, ROWS: tl.constexpr, SUB: tl.constexpr):
         """Iteration `it`'s packed words [ROWS, BLOCK_N], 256 x scales and the zero terms of `_int4_word_fma` as
-        half2 bits (official layout, groups in order). ZQ: columns come in runs of 4 from a multiple of 4, whose
-        zero points share a packed word: one load per run."""
+        half2 bits (official layout, groups in order)."""
         g = it // SUB
         qw = tl.load(qw_ptr + (it * ROWS + rows) * N + offs_n[None, :], mask=n_mask[None, :], other=0)
         s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32) * 256.0
-        if ZQ:
-            BN: tl.constexpr = offs_n.shape[0]
-            first = tl.min(tl.reshape(offs_n, [BN // 4, 4]), axis=1)
-            fmask = tl.max(tl.reshape(n_mask.to(tl.int32), [BN // 4, 4]), axis=1) != 0
-            w = tl.load(qz_ptr + g * (N // 8) + first // 8, mask=fmask, other=0)
-            zw = tl.reshape(tl.broadcast_to(w[:, None], [BN // 4, 4]), [BN])
-        else:
-            zw = tl.load(qz_ptr + g * (N // 8) + offs_n // 8, mask=n_mask, other=0)
-        z = ((zw >> ((offs_n % 8) * 4)) & 15) + 1
+        z = ((tl.load(qz_ptr + g * (N // 8) + offs_n // 8, mask=n_mask, other=0) >> ((offs_n % 8) * 4)) & 15) + 1
         zlo = (z | 0x4400) ^ 0x8000  # -(4 + z/256) as fp16 bits: exponent of 4, z in the low mantissa
         zhi = ((z << 4) | 0x3400) ^ 0x8000  # -(1/4 + z/256): a mantissa step is 2^-12 there
         return qw, s, (zlo | (zlo << 16))[None, :], (zhi | (zhi << 16))[None, :]
