@@ -72,30 +72,13 @@ if triton is not None:
         return tl.atomic_add(ptr, zero, mask=mask)
 
     @triton.jit
-    def _w_tile_tma(qw_desc, qz_ptr, s_ptr, it, cb, offs_n, n_mask, N, ROWS: tl.constexpr, SUB: tl.constexpr,
-                    BLOCK_N: tl.constexpr, GLU: tl.constexpr):
-        """`_w_tile` with the packed words copied by the tensor memory accelerator (one copy per program and
-        tile instead of 8 per thread): qw_desc over qweight [K/8, N], or for GLU over its [K/8, 2, FFN] view."""
-        if GLU:
-            qw = tl.reshape(qw_desc.load([it * ROWS, 0, cb * (BLOCK_N // 2)]), [ROWS, BLOCK_N])
-        else:
-            qw = qw_desc.load([it * ROWS, cb * BLOCK_N])
-        g = it // SUB
-        s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32) * 256.0
-        z = ((tl.load(qz_ptr + g * (N // 8) + offs_n // 8, mask=n_mask, other=0) >> ((offs_n % 8) * 4)) & 15) + 1
-        zlo = (z | 0x4400) ^ 0x8000
-        zhi = ((z << 4) | 0x3400) ^ 0x8000
-        return qw, s, (zlo | (zlo << 16))[None, :], (zhi | (zhi << 16))[None, :]
-
-    @triton.jit
     def _fused_int4_kernel(x_ptr, nw_ptr, xs_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
                            res_ptr, cos_ptr, sin_ptr, qsc_ptr, N, K, FFN, eps, NBLK, P,
                            GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PRO: tl.constexpr,
                            K_POW2: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr, ROPE_N: tl.constexpr,
                            Q_N: tl.constexpr, LOGN: tl.constexpr, HEAD: tl.constexpr, ASM: tl.constexpr,
-                           FENCE: tl.constexpr, PDL: tl.constexpr, XP: tl.constexpr, qw_desc,
-                           TMA: tl.constexpr):
+                           FENCE: tl.constexpr, PDL: tl.constexpr, XP: tl.constexpr):
         ROWS: tl.constexpr = BLOCK_K // 8
         SUB: tl.constexpr = GROUP // BLOCK_K
         DT = out_ptr.dtype.element_ty  # the model dtype
@@ -112,15 +95,9 @@ if triton is not None:
             # (the second only used if the first segment has it)
             offs0, mask0, _ = _columns(start // KT, lane, N, FFN, BLOCK_N, GLU)
             first_len = tl.minimum(KT - start % KT, end - start)
-            if TMA:
-                qw0, s0, zlo0, zhi0 = _w_tile_tma(qw_desc, qz_ptr, s_ptr, start % KT, start // KT, offs0, mask0, N,
-                                                  ROWS, SUB, BLOCK_N, GLU)
-                qw1, s1, zlo1, zhi1 = _w_tile_tma(qw_desc, qz_ptr, s_ptr, tl.minimum(start % KT + 1, KT - 1),
-                                                  start // KT, offs0, mask0, N, ROWS, SUB, BLOCK_N, GLU)
-            else:
-                qw0, s0, zlo0, zhi0 = _w_tile(qw_ptr, qz_ptr, s_ptr, start % KT, rows, offs0, mask0, N, ROWS, SUB)
-                qw1, s1, zlo1, zhi1 = _w_tile(qw_ptr, qz_ptr, s_ptr, tl.minimum(start % KT + 1, KT - 1), rows,
-                                              offs0, mask0, N, ROWS, SUB)
+            qw0, s0, zlo0, zhi0 = _w_tile(qw_ptr, qz_ptr, s_ptr, start % KT, rows, offs0, mask0, N, ROWS, SUB)
+            qw1, s1, zlo1, zhi1 = _w_tile(qw_ptr, qz_ptr, s_ptr, tl.minimum(start % KT + 1, KT - 1), rows, offs0,
+                                          mask0, N, ROWS, SUB)
         if PDL:  # weights are never written by a kernel; everything else is read after this
             gdc_wait()
         if PRO == 0:  # fp16 inputs, read where they are
@@ -171,11 +148,7 @@ if triton is not None:
                     if PDL:  # only now the next kernel may launch (5% more tok/s than at the start: run 13)
                         gdc_launch_dependents()
             for it in tl.range(k_loop, k1, num_stages=STAGES):
-                if TMA:
-                    qw, s, zlo, zhi = _w_tile_tma(qw_desc, qz_ptr, s_ptr, it, cb, offs_n, n_mask, N, ROWS, SUB,
-                                                  BLOCK_N, GLU)
-                else:
-                    qw, s, zlo, zhi = _w_tile(qw_ptr, qz_ptr, s_ptr, it, rows, offs_n, n_mask, N, ROWS, SUB)
+                qw, s, zlo, zhi = _w_tile(qw_ptr, qz_ptr, s_ptr, it, rows, offs_n, n_mask, N, ROWS, SUB)
                 acc += _w_dot(qw, s, zlo, zhi, x32, it, rows, ROWS, ASM, False, XPK)
             if HAS_BIAS:
                 if k0 == 0:
@@ -240,23 +213,6 @@ FUSED_CONFIGS: dict[tuple[int, int], tuple] = {}
 # four 4-byte loads per row; 1 PRMT everywhere; 0 shifts and masks.
 X_PAIRS = 3
 FUSED_DEFAULT = (512, 64, 2, 4, 3)
-# Whether the packed words are copied by the tensor memory accelerator (a descriptor per layer and launch shape).
-TMA_WEIGHTS = False
-
-
-def _qw_desc(layer, block_n: int, rows: int, glu: int):
-    """The TMA descriptor of layer.qweight for tiles [rows, block_n] (GLU: [rows, 2, block_n / 2] of its [K/8, 2,
-    glu] view), made once per layer and shape."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-    cache = layer.__dict__.setdefault("_qw_descs", {})
-    key = (block_n, rows, glu, layer.qweight.data_ptr())
-    if key not in cache:
-        qw = layer.qweight
-        if glu:
-            cache[key] = TensorDescriptor.from_tensor(qw.view(qw.shape[0], 2, glu), [rows, 2, block_n // 2])
-        else:
-            cache[key] = TensorDescriptor.from_tensor(qw, [rows, block_n])
-    return cache[key]
 
 
 def fused_config(n: int, k: int) -> tuple:
@@ -313,7 +269,6 @@ def fused_int4_gemv(x: torch.Tensor, layer, *, norm_weight=None, eps: float = 0.
         programs, GROUP=g, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
         PRO=pro, K_POW2=triton.next_power_of_2(K), GLU=glu > 0, RES=residual is not None, ROPE_N=rope_n, Q_N=q_n,
         LOGN=q_scale is not None, HEAD=head, ASM=not INTERPRET, FENCE=sync.PER_THREAD_FENCE, PDL=sync.pdl(x.device),
-        XP=X_PAIRS, qw_desc=_qw_desc(layer, block_n, block_k // 8, glu) if TMA_WEIGHTS else layer.qweight,
-        TMA=TMA_WEIGHTS,
+        XP=X_PAIRS,
         num_warps=warps, num_stages=stages, **sync.pdl_launch(x.device))
     return out
