@@ -55,7 +55,6 @@ def kernel_resources():
 
 ATTN_BATCH1 = attention_config.DECODE_CONFIGS["bf16"][0]
 X_PAIRS = gptq_fused.X_PAIRS
-PEEL_TILES = gptq_fused.PEEL_TILES
 FUSED_DEFAULT = gptq_fused.FUSED_DEFAULT
 
 
@@ -64,7 +63,6 @@ def apply(run: dict) -> None:
     fused GEMVs get their inputs' lane pairs (`gptq_fused.X_PAIRS`) and their launch (`gptq_fused.FUSED_DEFAULT`)."""
     fused_decode.PREFETCH_MB = int(run.get("mib", 16))
     gptq_fused.X_PAIRS = int(run.get("xpairs", X_PAIRS))
-    gptq_fused.PEEL_TILES = int(run.get("peel", PEEL_TILES))
     gptq_fused.FUSED_DEFAULT = tuple(map(int, run["fused"].split("/"))) if "fused" in run else FUSED_DEFAULT
     b, cfg = ATTN_BATCH1
     attention_config.DECODE_CONFIGS["bf16"][0] = (b, dataclasses.replace(
@@ -77,7 +75,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--mib", default="0,16,32", help="MiB of gate_up prefetched, one run each per repeat")
     ap.add_argument("--settings", default="", help='instead of --mib: "mib=16,splits=S,attn_stages=S,'
-                    'attn_block=B,min_chunk=C,xpairs=X,peel=1|2,fused=BN/BK/PER_SM/WARPS/STAGES;...": per run the prefetch, '
+                    'attn_block=B,min_chunk=C,xpairs=X,fused=BN/BK/PER_SM/WARPS/STAGES;...": per run the prefetch, '
                     'the batch-1 attention\'s settings, the fused GEMVs\' input pairs and launch')
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=256)

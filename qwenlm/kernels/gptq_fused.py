@@ -78,7 +78,7 @@ if triton is not None:
                            BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PRO: tl.constexpr,
                            K_POW2: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr, ROPE_N: tl.constexpr,
                            Q_N: tl.constexpr, LOGN: tl.constexpr, HEAD: tl.constexpr, ASM: tl.constexpr,
-                           FENCE: tl.constexpr, PDL: tl.constexpr, XP: tl.constexpr, NPEEL: tl.constexpr):
+                           FENCE: tl.constexpr, PDL: tl.constexpr, XP: tl.constexpr):
         ROWS: tl.constexpr = BLOCK_K // 8
         SUB: tl.constexpr = GROUP // BLOCK_K
         DT = out_ptr.dtype.element_ty  # the model dtype
@@ -96,9 +96,8 @@ if triton is not None:
             offs0, mask0, _ = _columns(start // KT, lane, N, FFN, BLOCK_N, GLU)
             first_len = tl.minimum(KT - start % KT, end - start)
             qw0, s0, zlo0, zhi0 = _w_tile(qw_ptr, qz_ptr, s_ptr, start % KT, rows, offs0, mask0, N, ROWS, SUB)
-            if NPEEL == 2:
-                qw1, s1, zlo1, zhi1 = _w_tile(qw_ptr, qz_ptr, s_ptr, tl.minimum(start % KT + 1, KT - 1), rows,
-                                              offs0, mask0, N, ROWS, SUB)
+            qw1, s1, zlo1, zhi1 = _w_tile(qw_ptr, qz_ptr, s_ptr, tl.minimum(start % KT + 1, KT - 1), rows, offs0,
+                                          mask0, N, ROWS, SUB)
         if PDL:  # weights are never written by a kernel; everything else is read after this
             gdc_wait()
         if PRO == 0:  # fp16 inputs, read where they are
@@ -143,10 +142,9 @@ if triton is not None:
                 if t == start:  # the tiles loaded first
                     acc = _w_dot(qw0, s0, zlo0, zhi0, x32, k0, rows, ROWS, ASM, False, XPK)
                     k_loop = k0 + 1
-                    if NPEEL == 2:
-                        if first_len > 1:
-                            acc += _w_dot(qw1, s1, zlo1, zhi1, x32, k0 + 1, rows, ROWS, ASM, False, XPK)
-                            k_loop = k0 + 2
+                    if first_len > 1:
+                        acc += _w_dot(qw1, s1, zlo1, zhi1, x32, k0 + 1, rows, ROWS, ASM, False, XPK)
+                        k_loop = k0 + 2
                     if PDL:  # only now the next kernel may launch (5% more tok/s than at the start: run 13)
                         gdc_launch_dependents()
             for it in tl.range(k_loop, k1, num_stages=STAGES):
@@ -215,8 +213,6 @@ FUSED_CONFIGS: dict[tuple[int, int], tuple] = {}
 # four 4-byte loads per row; 1 PRMT everywhere; 0 shifts and masks.
 X_PAIRS = 3
 FUSED_DEFAULT = (512, 64, 2, 4, 3)
-# Weight tiles each program loads into registers before it waits for the kernel before (1 or 2).
-PEEL_TILES = 2
 
 
 def fused_config(n: int, k: int) -> tuple:
@@ -273,6 +269,6 @@ def fused_int4_gemv(x: torch.Tensor, layer, *, norm_weight=None, eps: float = 0.
         programs, GROUP=g, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
         PRO=pro, K_POW2=triton.next_power_of_2(K), GLU=glu > 0, RES=residual is not None, ROPE_N=rope_n, Q_N=q_n,
         LOGN=q_scale is not None, HEAD=head, ASM=not INTERPRET, FENCE=sync.PER_THREAD_FENCE, PDL=sync.pdl(x.device),
-        XP=X_PAIRS, NPEEL=PEEL_TILES,
+        XP=X_PAIRS,
         num_warps=warps, num_stages=stages, **sync.pdl_launch(x.device))
     return out
