@@ -64,6 +64,10 @@ def apply(run: dict) -> None:
     fused_decode.PREFETCH_MB = int(run.get("mib", 16))
     gptq_fused.X_PAIRS = int(run.get("xpairs", X_PAIRS))
     gptq_fused.FUSED_DEFAULT = tuple(map(int, run["fused"].split("/"))) if "fused" in run else FUSED_DEFAULT
+    gptq_fused.FUSED_CONFIGS.clear()
+    for spec in run.get("shape", "").split("+") if run.get("shape") else []:  # N/K/BN/BK/PER_SM/WARPS/STAGES
+        n, k, *cfg = map(int, spec.split("/"))
+        gptq_fused.FUSED_CONFIGS[(n, k)] = tuple(cfg)
     b, cfg = ATTN_BATCH1
     attention_config.DECODE_CONFIGS["bf16"][0] = (b, dataclasses.replace(
         cfg, splits=int(run.get("splits", cfg.splits)),
