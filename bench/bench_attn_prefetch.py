@@ -79,8 +79,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--mib", default="0,16,32", help="MiB of gate_up prefetched, one run each per repeat")
     ap.add_argument("--settings", default="", help='instead of --mib: "mib=16,splits=S,attn_stages=S,'
-                    'attn_block=B,min_chunk=C,xpairs=X,fused=BN/BK/PER_SM/WARPS/STAGES;...": per run the prefetch, '
-                    'the batch-1 attention\'s settings, the fused GEMVs\' input pairs and launch')
+                    'attn_block=B,min_chunk=C,xpairs=X,fused=BN/BK/PER_SM/WARPS/STAGES,shape=N/K/BN/BK/PER_SM/'
+                    'WARPS/STAGES+...;...": per run the prefetch, the batch-1 attention\'s settings, the fused GEMVs\' '
+                    'input pairs and launch (all shapes, or per N x K)')
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=2)
