@@ -10,9 +10,10 @@ tiles' loads (4% more tok/s through the engine, docs/benchmarks.md quantization 
 - RMSNorm on the input (ln_1 / ln_2 before c_attn / gate_up): each program normalises the inputs of its own K
   tiles into an fp16 scratch row (programs sharing a K tile write the same values there), its first two
   weight tiles already loading. The row is written in the unpacking's lane-pair order (x0 x4 x1 x5 x2 x6 x3 x7
-  in each run of 8, a permutation in registers), so the loop reads the pairs as they are; inputs read in place
-  are regrouped by one PRMT per pair (`X_PAIRS`: 32 of ~670 instructions per tile each, +0.7% tok/s through the
-  engine, docs/benchmarks.md run 16);
+  in each run of 8, a permutation in registers), so the loop reads the pairs as they are, one 16-byte row of
+  them per load; inputs read in place are regrouped by one PRMT per pair (`X_PAIRS`: +0.7% tok/s through the
+  engine for the order, docs/benchmarks.md run 16, and +2.6% for the 16-byte loads, run 17: a tile's copies into
+  shared memory 21 instead of 45);
 - an epilogue run by the program that completes a column block's K tiles: bias; NeoX RoPE on the q and k
   columns (a head's partner column lies in the same block) and the LogN query scale; up * silu(gate) for
   gate_up, whose column blocks take matching halves of up and gate, so the MLP's c_proj reads the activation
@@ -45,7 +46,7 @@ from qwenlm.kernels.gptq_int4 import triton
 if triton is not None:
     import triton.language as tl
 
-    from qwenlm.kernels.gptq_int4 import _hadd2, _hi_halves, _int4_word_fma, _lo_halves, _w_dot, _w_tile, _x_lane_pairs
+    from qwenlm.kernels.gptq_int4 import _w_dot, _w_tile
     from qwenlm.kernels.sync import _fence_gpu, gdc_launch_dependents, gdc_wait
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -71,76 +72,13 @@ if triton is not None:
         return tl.atomic_add(ptr, zero, mask=mask)
 
     @triton.jit
-    def _unit_tile(qw_ptr, qz_ptr, s_ptr, u, end, KT, lane, N, FFN, BLOCK_N: tl.constexpr, GLU: tl.constexpr,
-                   ROWS: tl.constexpr, SUB: tl.constexpr):
-        """The weights of work unit u (column block u // KT, K tile u % KT) as `_w_tile`'s, but every packed row
-        a [BLOCK_N] vector of its own (a tuple of ROWS), so that they stay in the layout they are loaded in when
-        carried across iterations; nothing is read unless u < end."""
-        offs, mask, _ = _columns(u // KT, lane, N, FFN, BLOCK_N, GLU)
-        mask = mask & (lane * 0 + u < end)
-        it = u % KT
-        g = it // SUB
-        q = ()
-        for r in tl.static_range(ROWS):
-            q = q + (tl.load(qw_ptr + (it * ROWS + r) * N + offs, mask=mask, other=0),)
-        s = tl.load(s_ptr + g * N + offs, mask=mask, other=0.0).to(tl.float32) * 256.0
-        z = ((tl.load(qz_ptr + g * (N // 8) + offs // 8, mask=mask, other=0) >> ((offs % 8) * 4)) & 15) + 1
-        zlo = (z | 0x4400) ^ 0x8000
-        zhi = ((z << 4) | 0x3400) ^ 0x8000
-        return q, s, zlo | (zlo << 16), zhi | (zhi << 16)
-
-    @triton.jit
-    def _x_rows(x32, it, ROWS: tl.constexpr, ASM: tl.constexpr, XP: tl.constexpr):
-        """The inputs of K tile `it` as `_x_lane_pairs` gives them, a tuple per packed row (ASM: one 16-byte
-        load of each row's pairs per thread)."""
-        xr = ()
-        for r in tl.static_range(ROWS):
-            if ASM:
-                p0, p1, p2, p3 = tl.inline_asm_elementwise(
-                    "ld.global.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l",
-                    [x32 + (it * ROWS + r) * 4], dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=False,
-                    pack=1)
-                if XP >= 2:
-                    xr = xr + ((p0, p1, p2, p3),)
-                else:
-                    xr = xr + ((_lo_halves(p0, p2), _hi_halves(p0, p2), _lo_halves(p1, p3), _hi_halves(p1, p3)),)
-            else:
-                xr = xr + (_x_lane_pairs(x32, it * ROWS + r, 2 if XP == 2 or XP == 3 else 0),)
-        return xr
-
-    @triton.jit
-    def _rows_dot(q, s, zlo, zhi, xr, ROWS: tl.constexpr, ASM: tl.constexpr):
-        """`_w_dot` of a `_unit_tile` and `_x_rows`: the rows' half2 sums added in row order, then scaled,
-        [BLOCK_N] fp32."""
-        for r in tl.static_range(ROWS):
-            x04, x15, x26, x37 = xr[r]
-            if ASM:
-                hr = _int4_word_fma(q[r], x04, x15, x26, x37, zlo, zhi, q[r] * 0, ASM)
-                if r == 0:
-                    h = hr
-                else:
-                    h = _hadd2(h, hr)
-            else:
-                hr = _int4_word_fma(q[r], x04, x15, x26, x37, zlo, zhi, tl.zeros(zlo.shape, dtype=tl.float32), ASM)
-                if r == 0:
-                    h = hr
-                else:
-                    h = h + hr
-        if ASM:
-            lo = (h & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-            hi = ((h >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-            return s * (lo + hi)
-        return s * h
-
-    @triton.jit
     def _fused_int4_kernel(x_ptr, nw_ptr, xs_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
                            res_ptr, cos_ptr, sin_ptr, qsc_ptr, N, K, FFN, eps, NBLK, P,
                            GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PRO: tl.constexpr,
                            K_POW2: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr, ROPE_N: tl.constexpr,
                            Q_N: tl.constexpr, LOGN: tl.constexpr, HEAD: tl.constexpr, ASM: tl.constexpr,
-                           FENCE: tl.constexpr, PDL: tl.constexpr, XP: tl.constexpr, REGS: tl.constexpr,
-                           SELF_PF: tl.constexpr, NUM_WARPS: tl.constexpr):
+                           FENCE: tl.constexpr, PDL: tl.constexpr, XP: tl.constexpr):
         ROWS: tl.constexpr = BLOCK_K // 8
         SUB: tl.constexpr = GROUP // BLOCK_K
         DT = out_ptr.dtype.element_ty  # the model dtype
@@ -150,7 +88,7 @@ if triton is not None:
         end = (pid + 1) * (NBLK * KT) // P
         lane = tl.arange(0, BLOCK_N)
         rows = tl.arange(0, ROWS)[:, None]
-        PEEL: tl.constexpr = (PRO != 0 or PDL) and not REGS
+        PEEL: tl.constexpr = PRO != 0 or PDL
         # XP 2: the scratch row is written in lane-pair order (only with a prologue; inputs read in place use PRMT)
         XPK: tl.constexpr = XP if PRO != 0 or XP < 2 else 1
         if PEEL:  # the first two weight tiles stream in while the input row is built / the kernel before ends
@@ -160,14 +98,6 @@ if triton is not None:
             qw0, s0, zlo0, zhi0 = _w_tile(qw_ptr, qz_ptr, s_ptr, start % KT, rows, offs0, mask0, N, ROWS, SUB)
             qw1, s1, zlo1, zhi1 = _w_tile(qw_ptr, qz_ptr, s_ptr, tl.minimum(start % KT + 1, KT - 1), rows, offs0,
                                           mask0, N, ROWS, SUB)
-        if REGS:  # the tiles of the run's first two units (whatever their column blocks), loaded before the wait
-            qa, sa, za, ha = _unit_tile(qw_ptr, qz_ptr, s_ptr, start, end, KT, lane, N, FFN, BLOCK_N, GLU, ROWS,
-                                        SUB)
-            qb, sb, zb, hb = _unit_tile(qw_ptr, qz_ptr, s_ptr, start + 1, end, KT, lane, N, FFN, BLOCK_N, GLU,
-                                        ROWS, SUB)
-            if REGS == 3:
-                qd, sd, zd, hd = _unit_tile(qw_ptr, qz_ptr, s_ptr, start + 2, end, KT, lane, N, FFN, BLOCK_N, GLU,
-                                            ROWS, SUB)
         if PDL:  # weights are never written by a kernel; everything else is read after this
             gdc_wait()
         if PRO == 0:  # fp16 inputs, read where they are
@@ -188,8 +118,6 @@ if triton is not None:
             tl.store(xs_ptr + ka, xh, mask=(ka < K) & need)
             tl.debug_barrier()  # the scratch row is written before any thread of this program reads it
             x32 = xs_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
-        if REGS:
-            xr = _x_rows(x32, start % KT, ROWS, ASM, XPK)
         t = start
         while t < end:  # one segment per column block the run touches
             cb = t // KT
@@ -219,28 +147,9 @@ if triton is not None:
                         k_loop = k0 + 2
                     if PDL:  # only now the next kernel may launch (5% more tok/s than at the start: run 13)
                         gdc_launch_dependents()
-            if REGS:  # a register pipeline two units deep across the wait and the segments: each iteration asks
-                # for the tile two units ahead, then sums the one loaded two iterations ago
-                for it in tl.range(k0, k1, num_stages=1):
-                    u = cb * KT + it
-                    qc, sc, zc, hc = _unit_tile(qw_ptr, qz_ptr, s_ptr, u + REGS, end, KT, lane, N, FFN, BLOCK_N,
-                                                GLU, ROWS, SUB)
-                    xn = _x_rows(x32, (u + 1) % KT, ROWS, ASM, XPK)  # the next unit's inputs, a unit ahead
-                    acc += _rows_dot(qa, sa, za, ha, xr, ROWS, ASM)
-                    xr = xn
-                    if PDL:
-                        if u == tl.minimum(start + 1, end - 1):  # the next kernel may launch
-                            gdc_launch_dependents()
-                    qa, sa, za, ha = qb, sb, zb, hb
-                    if REGS == 3:
-                        qb, sb, zb, hb = qd, sd, zd, hd
-                        qd, sd, zd, hd = qc, sc, zc, hc
-                    else:
-                        qb, sb, zb, hb = qc, sc, zc, hc
-            else:
-                for it in tl.range(k_loop, k1, num_stages=STAGES):
-                    qw, s, zlo, zhi = _w_tile(qw_ptr, qz_ptr, s_ptr, it, rows, offs_n, n_mask, N, ROWS, SUB)
-                    acc += _w_dot(qw, s, zlo, zhi, x32, it, rows, ROWS, ASM, False, XPK)
+            for it in tl.range(k_loop, k1, num_stages=STAGES):
+                qw, s, zlo, zhi = _w_tile(qw_ptr, qz_ptr, s_ptr, it, rows, offs_n, n_mask, N, ROWS, SUB)
+                acc += _w_dot(qw, s, zlo, zhi, x32, it, rows, ROWS, ASM, False, XPK)
             if HAS_BIAS:
                 if k0 == 0:
                     acc += bias
@@ -299,14 +208,10 @@ def fusable(layer) -> bool:
 # missing shapes take FUSED_DEFAULT, the fastest setting at every Qwen-7B shape in `bench/bench_streamk.py` on an
 # H100 (docs/benchmarks.md, quantization run 12), and again through the engine with the later launch signal (run 13).
 FUSED_CONFIGS: dict[tuple[int, int], tuple] = {}
-# How the kernel gets the inputs' lane pairs (`gptq_int4._x_lane_pairs`): 2 the prologue writes its scratch row in
-# pair order, inputs read in place are regrouped by PRMT; 1 PRMT everywhere; 0 shifts and masks.
+# How the kernel gets the inputs' lane pairs (`gptq_int4._x_lane_pairs`): 3 the prologue writes its scratch row in
+# pair order, read one 16-byte row of pairs at a time, inputs read in place are regrouped by PRMT; 2 the same with
+# four 4-byte loads per row; 1 PRMT everywhere; 0 shifts and masks.
 X_PAIRS = 3
-# How a fused GEMV streams its weight tiles: False through Triton's shared-memory pipeline (num_stages), its first
-# two tiles held in registers across the wait for the kernel before; True through registers alone, two units ahead.
-REG_PIPELINE = False
-# Work units after the first two that each program sends into L2 as soon as its wait returns (with PDL; 0: none).
-SELF_PREFETCH = 0
 FUSED_DEFAULT = (512, 64, 2, 4, 3)
 
 
@@ -364,7 +269,6 @@ def fused_int4_gemv(x: torch.Tensor, layer, *, norm_weight=None, eps: float = 0.
         programs, GROUP=g, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
         PRO=pro, K_POW2=triton.next_power_of_2(K), GLU=glu > 0, RES=residual is not None, ROPE_N=rope_n, Q_N=q_n,
         LOGN=q_scale is not None, HEAD=head, ASM=not INTERPRET, FENCE=sync.PER_THREAD_FENCE, PDL=sync.pdl(x.device),
-        XP=X_PAIRS, REGS=0 if not REG_PIPELINE else (3 if REG_PIPELINE == 3 else 2),
-        SELF_PF=SELF_PREFETCH, NUM_WARPS=warps,
+        XP=X_PAIRS,
         num_warps=warps, num_stages=stages, **sync.pdl_launch(x.device))
     return out
