@@ -55,8 +55,6 @@ def kernel_resources():
 
 ATTN_BATCH1 = attention_config.DECODE_CONFIGS["bf16"][0]
 X_PAIRS = gptq_fused.X_PAIRS
-DIRECT_PEEL = gptq_fused.DIRECT_PEEL
-SHARED_MIN = gptq_fused.SHARED_MIN
 FUSED_DEFAULT = gptq_fused.FUSED_DEFAULT
 
 
@@ -65,8 +63,6 @@ def apply(run: dict) -> None:
     fused GEMVs get their inputs' lane pairs (`gptq_fused.X_PAIRS`) and their launch (`gptq_fused.FUSED_DEFAULT`)."""
     fused_decode.PREFETCH_MB = int(run.get("mib", 16))
     gptq_fused.X_PAIRS = int(run.get("xpairs", X_PAIRS))
-    gptq_fused.DIRECT_PEEL = bool(int(run.get("direct", DIRECT_PEEL)))
-    gptq_fused.SHARED_MIN = int(run.get("smem", SHARED_MIN))
     gptq_fused.FUSED_DEFAULT = tuple(map(int, run["fused"].split("/"))) if "fused" in run else FUSED_DEFAULT
     gptq_fused.FUSED_CONFIGS.clear()
     for spec in run.get("shape", "").split("+") if run.get("shape") else []:  # N/K/BN/BK/PER_SM/WARPS/STAGES

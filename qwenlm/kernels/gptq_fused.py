@@ -46,7 +46,7 @@ from qwenlm.kernels.gptq_int4 import triton
 if triton is not None:
     import triton.language as tl
 
-    from qwenlm.kernels.gptq_int4 import _w_dot, _w_dot_pairs, _w_tile
+    from qwenlm.kernels.gptq_int4 import _w_dot, _w_tile
     from qwenlm.kernels.sync import _fence_gpu, gdc_launch_dependents, gdc_wait
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -72,40 +72,13 @@ if triton is not None:
         return tl.atomic_add(ptr, zero, mask=mask)
 
     @triton.jit
-    def _raw_pairs(x_ptr, nw_ptr, r, PRO: tl.constexpr):
-        """x and (PRO 1) the norm weight at the inputs of packed rows r ([rows, 1]) as the lane pairs take them:
-        [rows, 4] each of x_j and x_j+4, j = 0..3, as float32."""
-        j = tl.arange(0, 4)[None, :]
-        lo = tl.load(x_ptr + r * 8 + j).to(tl.float32)
-        hi = tl.load(x_ptr + r * 8 + 4 + j).to(tl.float32)
-        if PRO == 1:
-            return lo, hi, tl.load(nw_ptr + r * 8 + j).to(tl.float32), tl.load(nw_ptr + r * 8 + 4 + j).to(tl.float32)
-        return lo, hi, lo, hi
-
-    @triton.jit
-    def _normed_pairs(raw, inv, DT: tl.constexpr, PRO: tl.constexpr):
-        """The lane pairs of `_raw_pairs` as the scratch row holds them (RMSNorm(x) * nw for PRO 1, x converted
-        for 2): four [rows, 1] int32, the same bits as `_x_lane_pairs` reads back."""
-        lo, hi, nlo, nhi = raw
-        if PRO == 1:
-            lo = ((lo * inv).to(DT).to(tl.float32) * nlo).to(DT)
-            hi = ((hi * inv).to(DT).to(tl.float32) * nhi).to(DT)
-        lo16 = lo.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-        hi16 = hi.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
-        pairs = lo16 | (hi16 << 16)  # [rows, 4]
-        a02, a13 = tl.split(tl.reshape(pairs, [pairs.shape[0], 2, 2]))
-        p0, p2 = tl.split(a02)
-        p1, p3 = tl.split(a13)
-        return p0[:, None], p1[:, None], p2[:, None], p3[:, None]
-
-    @triton.jit
     def _fused_int4_kernel(x_ptr, nw_ptr, xs_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
                            res_ptr, cos_ptr, sin_ptr, qsc_ptr, N, K, FFN, eps, NBLK, P,
                            GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PRO: tl.constexpr,
                            K_POW2: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr, ROPE_N: tl.constexpr,
                            Q_N: tl.constexpr, LOGN: tl.constexpr, HEAD: tl.constexpr, ASM: tl.constexpr,
-                           FENCE: tl.constexpr, PDL: tl.constexpr, XP: tl.constexpr, DIRECT: tl.constexpr):
+                           FENCE: tl.constexpr, PDL: tl.constexpr, XP: tl.constexpr):
         ROWS: tl.constexpr = BLOCK_K // 8
         SUB: tl.constexpr = GROUP // BLOCK_K
         DT = out_ptr.dtype.element_ty  # the model dtype
@@ -132,21 +105,11 @@ if triton is not None:
         else:  # the inputs of this program's K tiles, as the network computes them, into an fp16 scratch row
             ka = tl.arange(0, K_POW2)
             xa = tl.load(x_ptr + ka, mask=ka < K, other=0.0)
-            if DIRECT:  # the first two tiles' inputs, read with the row (not after its norm)
-                raw0 = _raw_pairs(x_ptr, nw_ptr, (start % KT) * ROWS + rows, PRO)
-                raw1 = _raw_pairs(x_ptr, nw_ptr, tl.minimum(start % KT + 1, KT - 1) * ROWS + rows, PRO)
-            inv = 1.0
             if PRO == 1:  # RMSNorm: normalise in fp32, round, scale by the weight in the model dtype
                 xf = xa.to(tl.float32)
                 inv = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / K + eps)
                 nw = tl.load(nw_ptr + ka, mask=ka < K, other=0.0).to(tl.float32)
                 xa = ((xf * inv).to(DT).to(tl.float32) * nw).to(DT)
-            if DIRECT:  # the first two tiles summed on inputs computed from x, not read back from the scratch row
-                x0 = _normed_pairs(raw0, inv, DT, PRO)
-                acc0 = _w_dot_pairs(qw0, s0, zlo0, zhi0, x0[0], x0[1], x0[2], x0[3], ASM, False)
-                if first_len > 1:
-                    x1 = _normed_pairs(raw1, inv, DT, PRO)
-                    acc0 += _w_dot_pairs(qw1, s1, zlo1, zhi1, x1[0], x1[1], x1[2], x1[3], ASM, False)
             # the K tiles of this program's run, from its first (a run of KT or more covers the row)
             need = ((ka // BLOCK_K - start % KT + KT) % KT) < tl.minimum(end - start, KT)
             xh = xa.to(tl.float16)
@@ -177,15 +140,11 @@ if triton is not None:
             k_loop = k0
             if PEEL:
                 if t == start:  # the tiles loaded first
-                    if DIRECT and PRO != 0:
-                        acc = acc0
-                        k_loop = k0 + tl.minimum(first_len, 2)
-                    else:
-                        acc = _w_dot(qw0, s0, zlo0, zhi0, x32, k0, rows, ROWS, ASM, False, XPK)
-                        k_loop = k0 + 1
-                        if first_len > 1:
-                            acc += _w_dot(qw1, s1, zlo1, zhi1, x32, k0 + 1, rows, ROWS, ASM, False, XPK)
-                            k_loop = k0 + 2
+                    acc = _w_dot(qw0, s0, zlo0, zhi0, x32, k0, rows, ROWS, ASM, False, XPK)
+                    k_loop = k0 + 1
+                    if first_len > 1:
+                        acc += _w_dot(qw1, s1, zlo1, zhi1, x32, k0 + 1, rows, ROWS, ASM, False, XPK)
+                        k_loop = k0 + 2
                     if PDL:  # only now the next kernel may launch (5% more tok/s than at the start: run 13)
                         gdc_launch_dependents()
             for it in tl.range(k_loop, k1, num_stages=STAGES):
@@ -236,15 +195,6 @@ if triton is not None:
             t = cb * KT + k1
 
 
-def _padded_launch(grid, *args, **kwargs):
-    """Launch `_fused_int4_kernel` with at least SHARED_MIN bytes of shared memory per program."""
-    kernel = _fused_int4_kernel.warmup(*args, grid=grid, **kwargs)
-    if kernel.metadata.shared < SHARED_MIN and getattr(kernel, "_run", None) is None and kernel.module is None:
-        kernel.metadata = kernel.metadata._replace(shared=SHARED_MIN)
-        kernel.packed_metadata = (kernel.metadata.num_warps, kernel.metadata.num_ctas, SHARED_MIN)
-    _fused_int4_kernel[grid](*args, **kwargs)
-
-
 def fusable(layer) -> bool:
     """Whether a GPTQLinear can run through `fused_int4_gemv`: Int4 on the Triton backend, groups in order,
     official layout, whole power-of-two groups of at most 256, output a multiple of 128, a split-K workspace."""
@@ -263,12 +213,6 @@ FUSED_CONFIGS: dict[tuple[int, int], tuple] = {}
 # four 4-byte loads per row; 1 PRMT everywhere; 0 shifts and masks.
 X_PAIRS = 3
 FUSED_DEFAULT = (512, 64, 2, 4, 3)
-# Whether the RMSNorm kernels (c_attn, gate_up) sum their first two tiles on inputs computed from x in registers
-# instead of reading them back from the scratch row.
-DIRECT_PEEL = False
-# Bytes of shared memory each fused GEMV program is launched with at least (0: what it uses), a bound on the
-# programs an SM holds at once (an experiment: patches the compiled kernel before its first launch).
-SHARED_MIN = 0
 
 
 def fused_config(n: int, k: int) -> tuple:
@@ -317,10 +261,7 @@ def fused_int4_gemv(x: torch.Tensor, layer, *, norm_weight=None, eps: float = 0.
     any_ptr = layer.scales
     nblk = triton.cdiv(glu, block_n // 2) if glu else triton.cdiv(N, block_n)
     programs = min(nblk * (K // block_k), per_sm * _sm_count(x.device))
-    launch = _fused_int4_kernel[(programs,)]
-    if SHARED_MIN:
-        launch = functools.partial(_padded_launch, (programs,))
-    launch(
+    _fused_int4_kernel[(programs,)](
         x, norm_weight if norm_weight is not None else any_ptr, scratch, layer.qweight, layer.qzeros,
         layer.scales, bias if bias is not None else any_ptr, out, ws, cnt,
         residual if residual is not None else any_ptr, cos if cos is not None else any_ptr,
@@ -328,6 +269,6 @@ def fused_int4_gemv(x: torch.Tensor, layer, *, norm_weight=None, eps: float = 0.
         programs, GROUP=g, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
         PRO=pro, K_POW2=triton.next_power_of_2(K), GLU=glu > 0, RES=residual is not None, ROPE_N=rope_n, Q_N=q_n,
         LOGN=q_scale is not None, HEAD=head, ASM=not INTERPRET, FENCE=sync.PER_THREAD_FENCE, PDL=sync.pdl(x.device),
-        XP=X_PAIRS, DIRECT=DIRECT_PEEL,
+        XP=X_PAIRS,
         num_warps=warps, num_stages=stages, **sync.pdl_launch(x.device))
     return out

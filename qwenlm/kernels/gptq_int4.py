@@ -131,11 +131,6 @@ if triton is not None:
         the tile, so ptxas issues all its loads before any arithmetic. XP: how the inputs are stored and regrouped
         (`_x_lane_pairs`)."""
         x04, x15, x26, x37 = _x_lane_pairs(x32, it * ROWS + rows, XP if ASM or XP == 2 or XP == 3 else 0)
-        return _w_dot_pairs(qw, s, zlo, zhi, x04, x15, x26, x37, ASM, EARLY)
-
-    @triton.jit
-    def _w_dot_pairs(qw, s, zlo, zhi, x04, x15, x26, x37, ASM: tl.constexpr, EARLY: tl.constexpr):
-        """`_w_dot` on the tile's inputs given as their lane pairs ([rows, 1] int32 bits each)."""
         if ASM:
             h0 = qw * 0
             if EARLY:
