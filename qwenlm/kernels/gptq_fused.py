@@ -89,7 +89,7 @@ if triton is not None:
         lane = tl.arange(0, BLOCK_N)
         rows = tl.arange(0, ROWS)[:, None]
         PEEL: tl.constexpr = PRO != 0 or PDL
-        # XP 2: the scratch row is written in lane-pair order (only with a prologue; inputs read in place use PRMT)
+        # XP 2, 3: the scratch row is written in lane-pair order (only with a prologue; inputs read in place use PRMT)
         XPK: tl.constexpr = XP if PRO != 0 or XP < 2 else 1
         if PEEL:  # the first two weight tiles stream in while the input row is built / the kernel before ends
             # (the second only used if the first segment has it)

@@ -130,7 +130,7 @@ if triton is not None:
         as int32 pairs, `_x_lane_pairs`). EARLY: the sums start from an opaque zero that depends on every word of
         the tile, so ptxas issues all its loads before any arithmetic. XP: how the inputs are stored and regrouped
         (`_x_lane_pairs`)."""
-        x04, x15, x26, x37 = _x_lane_pairs(x32, it * ROWS + rows, XP if ASM or XP == 2 or XP == 3 else 0)
+        x04, x15, x26, x37 = _x_lane_pairs(x32, it * ROWS + rows, XP if ASM or XP >= 2 else 0)
         if ASM:
             h0 = qw * 0
             if EARLY:
