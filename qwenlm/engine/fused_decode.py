@@ -26,8 +26,9 @@ from qwenlm.model.quant import GPTQLinear
 # QWENLM_FUSED_INT4=0 keeps Int4 models on the compiled regions (for comparisons).
 ENABLED = os.environ.get("QWENLM_FUSED_INT4", "1") != "0"
 # MiB of gate_up's weights the decode attention sends into L2 (`paged_decode_attention(prefetch=)`): 0.5% more
-# tok/s at 16 (docs/benchmarks.md, run 15).
-PREFETCH_MB = 16
+# tok/s at 16 (docs/benchmarks.md, run 15), and 8 ~0.9% more than 16 since the GEMVs read 16-byte input rows
+# (run 17).
+PREFETCH_MB = 8
 
 
 def supports(model) -> bool:
