@@ -174,7 +174,7 @@ class ModelRunner:
         if not sample_seqs:
             return LaunchedStep(batch, [], rows, None, None, None)
         tokens, logprobs = sample(logits, SamplingBatch(sample_seqs, self.device))
-        both = tokens.double()[None] if logprobs is None else torch.stack((tokens.double(), logprobs.double()))
+        both = tokens[None] if logprobs is None else torch.stack((tokens.double(), logprobs.double()))
         if self.device.type != "cuda":
             return LaunchedStep(batch, sample_seqs, rows, tokens, both, None)
         # Copied now, in stream order right after the sampler: reading `tokens` later would wait behind the
