@@ -19,7 +19,7 @@ import torch
 from bench_quant import build_model, greedy, prompts_of, run_timed
 from benchlib import log, save_json
 from qwenlm.config import ModelConfig
-from qwenlm.engine import EngineConfig, LLMEngine, fused_decode, sampler
+from qwenlm.engine import EngineConfig, LLMEngine, fused_decode
 from qwenlm.kernels import attention, attention_config, gptq_fused
 
 
@@ -63,7 +63,6 @@ def apply(run: dict) -> None:
     fused GEMVs get their inputs' lane pairs (`gptq_fused.X_PAIRS`) and their launch (`gptq_fused.FUSED_DEFAULT`)."""
     fused_decode.PREFETCH_MB = int(run.get("mib", 16))
     gptq_fused.X_PAIRS = int(run.get("xpairs", X_PAIRS))
-    sampler.TRITON_ARGMAX = bool(int(run.get("argmax", 1)))
     gptq_fused.FUSED_DEFAULT = tuple(map(int, run["fused"].split("/"))) if "fused" in run else FUSED_DEFAULT
     gptq_fused.FUSED_CONFIGS.clear()
     for spec in run.get("shape", "").split("+") if run.get("shape") else []:  # N/K/BN/BK/PER_SM/WARPS/STAGES
@@ -81,8 +80,8 @@ def main():
     ap.add_argument("--mib", default="0,16,32", help="MiB of gate_up prefetched, one run each per repeat")
     ap.add_argument("--settings", default="", help='instead of --mib: "mib=16,splits=S,attn_stages=S,'
                     'attn_block=B,min_chunk=C,xpairs=X,fused=BN/BK/PER_SM/WARPS/STAGES,shape=N/K/BN/BK/PER_SM/'
-                    'WARPS/STAGES+...,argmax=0|1;...": per run the prefetch, the batch-1 attention\'s settings, the '
-                    'fused GEMVs\' input pairs and launch (all shapes, or per N x K), the sampler\'s argmax kernel')
+                    'WARPS/STAGES+...;...": per run the prefetch, the batch-1 attention\'s settings, the fused GEMVs\' '
+                    'input pairs and launch (all shapes, or per N x K)')
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=2)

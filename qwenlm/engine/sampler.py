@@ -13,10 +13,6 @@ from __future__ import annotations
 import torch
 
 from qwenlm.engine.sequence import Sequence
-from qwenlm.kernels.argmax import argmax_rows, triton
-
-# Whether CUDA logits take their argmax through `kernels.argmax` (one launch) rather than torch.argmax.
-TRITON_ARGMAX = True
 
 _M32 = 0xFFFFFFFF
 
@@ -106,25 +102,17 @@ def process_logits_batched(logits: torch.Tensor, batch: SamplingBatch) -> torch.
     return torch.where(batch.greedy[:, None], greedy_rows, logits)
 
 
-def argmax(logits: torch.Tensor) -> torch.Tensor:
-    """[B, V] -> int64 [B], torch.argmax(logits, dim=1): on CUDA in one launch (`qwenlm.kernels.argmax`; torch's
-    reduction over a whole vocabulary first clears a buffer and takes ~10 µs an H100 decode step)."""
-    if TRITON_ARGMAX and triton is not None and logits.is_cuda and logits.stride(1) == 1:
-        return argmax_rows(logits)
-    return logits.argmax(dim=1)
-
-
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chosen token ids [B] (and, when asked for, their logprobs under the model's raw distribution,
     as the reference loop in qwenlm/generation.py reports them)."""
     if batch.fast_greedy:
-        return argmax(logits), None
+        return logits.argmax(dim=1), None
     processed = process_logits_batched(logits, batch)
-    tokens = argmax(processed)
+    tokens = processed.argmax(dim=1)
     if not batch.all_greedy:
         probs = processed.softmax(dim=1)
         noise = exponential_noise(batch.seed, batch.position, logits.shape[1])
-        drawn = argmax(probs / noise)
+        drawn = (probs / noise).argmax(dim=1)
         tokens = torch.where(batch.greedy, tokens, drawn)
     logprobs = None
     if batch.want_logprobs:
