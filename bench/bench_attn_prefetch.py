@@ -54,6 +54,7 @@ def kernel_resources():
 
 
 ATTN_BATCH1 = attention_config.DECODE_CONFIGS["bf16"][0]
+PREFETCH_MB = fused_decode.PREFETCH_MB
 X_PAIRS = gptq_fused.X_PAIRS
 FUSED_DEFAULT = gptq_fused.FUSED_DEFAULT
 
@@ -61,7 +62,7 @@ FUSED_DEFAULT = gptq_fused.FUSED_DEFAULT
 def apply(run: dict) -> None:
     """A setting of --settings: gate_up's MiB prefetched by the attention, the batch-1 attention's settings, how the
     fused GEMVs get their inputs' lane pairs (`gptq_fused.X_PAIRS`) and their launch (`gptq_fused.FUSED_DEFAULT`)."""
-    fused_decode.PREFETCH_MB = int(run.get("mib", 16))
+    fused_decode.PREFETCH_MB = int(run.get("mib", PREFETCH_MB))
     gptq_fused.X_PAIRS = int(run.get("xpairs", X_PAIRS))
     gptq_fused.FUSED_DEFAULT = tuple(map(int, run["fused"].split("/"))) if "fused" in run else FUSED_DEFAULT
     gptq_fused.FUSED_CONFIGS.clear()
@@ -91,7 +92,6 @@ def main():
         runs = [dict(kv.split("=") for kv in v.split(",")) for v in args.settings.split(";")]
     else:
         runs = [dict(mib=v) for v in args.mib.split(",")]
-    mib0 = fused_decode.PREFETCH_MB
     rows, first = [], None
     for _ in range(args.repeats):
         for run in runs:
@@ -101,8 +101,9 @@ def main():
             first = first or toks
             rows.append(dict(setting=run, tok_s=tps, same_tokens=toks == first))
             log(f"{run}: {tps:6.1f} tok/s, tokens as the first run's: {toks == first}  ({time.time() - t:.0f} s)")
-    fused_decode.PREFETCH_MB = mib0
+    fused_decode.PREFETCH_MB = PREFETCH_MB
     gptq_fused.X_PAIRS = X_PAIRS
+    gptq_fused.FUSED_CONFIGS.clear()
     gptq_fused.FUSED_DEFAULT = FUSED_DEFAULT
     attention_config.DECODE_CONFIGS["bf16"][0] = ATTN_BATCH1
     save_json(dict(prompt=args.prompt, rows=rows, kernels=kernel_resources()), "bench_attn_prefetch.json")
