@@ -57,6 +57,7 @@ ATTN_BATCH1 = attention_config.DECODE_CONFIGS["bf16"][0]
 PREFETCH_MB = fused_decode.PREFETCH_MB
 X_PAIRS = gptq_fused.X_PAIRS
 FUSED_DEFAULT = gptq_fused.FUSED_DEFAULT
+FUSED_CONFIGS = dict(gptq_fused.FUSED_CONFIGS)
 
 
 def apply(run: dict) -> None:
@@ -66,6 +67,7 @@ def apply(run: dict) -> None:
     gptq_fused.X_PAIRS = int(run.get("xpairs", X_PAIRS))
     gptq_fused.FUSED_DEFAULT = tuple(map(int, run["fused"].split("/"))) if "fused" in run else FUSED_DEFAULT
     gptq_fused.FUSED_CONFIGS.clear()
+    gptq_fused.FUSED_CONFIGS.update(FUSED_CONFIGS)
     for spec in run.get("shape", "").split("+") if run.get("shape") else []:  # N/K/BN/BK/PER_SM/WARPS/STAGES
         n, k, *cfg = map(int, spec.split("/"))
         gptq_fused.FUSED_CONFIGS[(n, k)] = tuple(cfg)
@@ -104,6 +106,7 @@ def main():
     fused_decode.PREFETCH_MB = PREFETCH_MB
     gptq_fused.X_PAIRS = X_PAIRS
     gptq_fused.FUSED_CONFIGS.clear()
+    gptq_fused.FUSED_CONFIGS.update(FUSED_CONFIGS)
     gptq_fused.FUSED_DEFAULT = FUSED_DEFAULT
     attention_config.DECODE_CONFIGS["bf16"][0] = ATTN_BATCH1
     save_json(dict(prompt=args.prompt, rows=rows, kernels=kernel_resources()), "bench_attn_prefetch.json")
