@@ -65,8 +65,6 @@ def apply(run: dict) -> None:
     fused GEMVs get their inputs' lane pairs (`gptq_fused.X_PAIRS`) and their launch (`gptq_fused.FUSED_DEFAULT`)."""
     fused_decode.PREFETCH_MB = int(run.get("mib", PREFETCH_MB))
     gptq_fused.X_PAIRS = int(run.get("xpairs", X_PAIRS))
-    gptq_fused.NO_EPILOGUE = bool(int(run.get("noepi", 0)))
-    gptq_fused.SHARED_MIN = int(run.get("smem", 0))
     gptq_fused.FUSED_DEFAULT = tuple(map(int, run["fused"].split("/"))) if "fused" in run else FUSED_DEFAULT
     gptq_fused.FUSED_CONFIGS.clear()
     gptq_fused.FUSED_CONFIGS.update(FUSED_CONFIGS)

@@ -78,8 +78,7 @@ if triton is not None:
                            BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PRO: tl.constexpr,
                            K_POW2: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr, ROPE_N: tl.constexpr,
                            Q_N: tl.constexpr, LOGN: tl.constexpr, HEAD: tl.constexpr, ASM: tl.constexpr,
-                           FENCE: tl.constexpr, PDL: tl.constexpr, XP: tl.constexpr, NOEPI: tl.constexpr,
-                           SMEM_TAG: tl.constexpr):
+                           FENCE: tl.constexpr, PDL: tl.constexpr, XP: tl.constexpr):
         ROWS: tl.constexpr = BLOCK_K // 8
         SUB: tl.constexpr = GROUP // BLOCK_K
         DT = out_ptr.dtype.element_ty  # the model dtype
@@ -163,10 +162,7 @@ if triton is not None:
             else:
                 tl.atomic_add(ws_ptr + offs_n, acc, mask=n_mask)
             tl.debug_barrier()
-            if NOEPI:  # a measurement only: no arrival count and no epilogue (outputs never written)
-                arrived = -KT
-            else:
-                arrived = tl.atomic_add(cnt_ptr + cb, k1 - k0)  # acq_rel, gpu scope
+            arrived = tl.atomic_add(cnt_ptr + cb, k1 - k0)  # acq_rel, gpu scope
             if arrived + (k1 - k0) == KT:  # this segment completes the column block
                 # The sums are read with relaxed atomics (the counter's acquire orders them after every partial
                 # sum; relaxed, they need not wait on each other): the linear's output, gate, RoPE partner.
@@ -199,15 +195,6 @@ if triton is not None:
             t = cb * KT + k1
 
 
-def _padded_launch(grid, *args, **kwargs):
-    """Launch `_fused_int4_kernel` with at least SHARED_MIN bytes of shared memory per program."""
-    kernel = _fused_int4_kernel.warmup(*args, grid=grid, **kwargs)
-    if kernel.metadata.shared < SHARED_MIN and getattr(kernel, "_run", None) is None and kernel.module is None:
-        kernel.metadata = kernel.metadata._replace(shared=SHARED_MIN)
-        kernel.packed_metadata = (kernel.metadata.num_warps, kernel.metadata.num_ctas, SHARED_MIN)
-    _fused_int4_kernel[grid](*args, **kwargs)
-
-
 def fusable(layer) -> bool:
     """Whether a GPTQLinear can run through `fused_int4_gemv`: Int4 on the Triton backend, groups in order,
     official layout, whole power-of-two groups of at most 256, output a multiple of 128, a split-K workspace."""
@@ -226,10 +213,6 @@ FUSED_CONFIGS: dict[tuple[int, int], tuple] = {}
 # four 4-byte loads per row; 1 PRMT everywhere; 0 shifts and masks.
 X_PAIRS = 3
 FUSED_DEFAULT = (512, 64, 2, 4, 3)
-# A measurement, never for use: the GEMVs skip their arrival count and epilogue (their outputs are never written).
-NO_EPILOGUE = False
-# A measurement: each program launched with at least this much shared memory (0: what it uses).
-SHARED_MIN = 0
 
 
 def fused_config(n: int, k: int) -> tuple:
@@ -278,10 +261,7 @@ def fused_int4_gemv(x: torch.Tensor, layer, *, norm_weight=None, eps: float = 0.
     any_ptr = layer.scales
     nblk = triton.cdiv(glu, block_n // 2) if glu else triton.cdiv(N, block_n)
     programs = min(nblk * (K // block_k), per_sm * _sm_count(x.device))
-    launch = _fused_int4_kernel[(programs,)]
-    if SHARED_MIN:
-        launch = functools.partial(_padded_launch, (programs,))
-    launch(
+    _fused_int4_kernel[(programs,)](
         x, norm_weight if norm_weight is not None else any_ptr, scratch, layer.qweight, layer.qzeros,
         layer.scales, bias if bias is not None else any_ptr, out, ws, cnt,
         residual if residual is not None else any_ptr, cos if cos is not None else any_ptr,
@@ -289,6 +269,6 @@ def fused_int4_gemv(x: torch.Tensor, layer, *, norm_weight=None, eps: float = 0.
         programs, GROUP=g, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
         PRO=pro, K_POW2=triton.next_power_of_2(K), GLU=glu > 0, RES=residual is not None, ROPE_N=rope_n, Q_N=q_n,
         LOGN=q_scale is not None, HEAD=head, ASM=not INTERPRET, FENCE=sync.PER_THREAD_FENCE, PDL=sync.pdl(x.device),
-        XP=X_PAIRS, NOEPI=NO_EPILOGUE, SMEM_TAG=SHARED_MIN,
+        XP=X_PAIRS,
         num_warps=warps, num_stages=stages, **sync.pdl_launch(x.device))
     return out
