@@ -62,13 +62,14 @@ FUSED_CONFIGS = dict(gptq_fused.FUSED_CONFIGS)
 
 def apply(run: dict) -> None:
     """A setting of --settings: gate_up's MiB prefetched by the attention, the batch-1 attention's settings, how the
-    fused GEMVs get their inputs' lane pairs (`gptq_fused.X_PAIRS`) and their launch (`gptq_fused.FUSED_DEFAULT`)."""
+    fused GEMVs get their inputs' lane pairs (`gptq_fused.X_PAIRS`) and their launch (`gptq_fused.FUSED_DEFAULT`,
+    and per shape `FUSED_CONFIGS`); an empty setting is the product's."""
     fused_decode.PREFETCH_MB = int(run.get("mib", PREFETCH_MB))
     gptq_fused.X_PAIRS = int(run.get("xpairs", X_PAIRS))
     gptq_fused.FUSED_DEFAULT = tuple(map(int, run["fused"].split("/"))) if "fused" in run else FUSED_DEFAULT
     gptq_fused.FUSED_CONFIGS.clear()
     gptq_fused.FUSED_CONFIGS.update(FUSED_CONFIGS)
-    for spec in run.get("shape", "").split("+") if run.get("shape") else []:  # N/K/BN/BK/PER_SM/WARPS/STAGES
+    for spec in filter(None, run.get("shape", "").split("+")):  # N/K/BN/BK/PER_SM/WARPS/STAGES
         n, k, *cfg = map(int, spec.split("/"))
         gptq_fused.FUSED_CONFIGS[(n, k)] = tuple(cfg)
     b, cfg = ATTN_BATCH1
@@ -103,12 +104,7 @@ def main():
             first = first or toks
             rows.append(dict(setting=run, tok_s=tps, same_tokens=toks == first))
             log(f"{run}: {tps:6.1f} tok/s, tokens as the first run's: {toks == first}  ({time.time() - t:.0f} s)")
-    fused_decode.PREFETCH_MB = PREFETCH_MB
-    gptq_fused.X_PAIRS = X_PAIRS
-    gptq_fused.FUSED_CONFIGS.clear()
-    gptq_fused.FUSED_CONFIGS.update(FUSED_CONFIGS)
-    gptq_fused.FUSED_DEFAULT = FUSED_DEFAULT
-    attention_config.DECODE_CONFIGS["bf16"][0] = ATTN_BATCH1
+    apply({})  # every setting back to the product's
     save_json(dict(prompt=args.prompt, rows=rows, kernels=kernel_resources()), "bench_attn_prefetch.json")
 
 
