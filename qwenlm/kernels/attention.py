@@ -44,6 +44,8 @@ if triton is not None:
     from qwenlm.kernels.sync import _pdl_start, _prefetch_l2
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter cannot run inline PTX
+# The mma kernel loads its first K/V tile before waiting for the kernel before (`_paged_decode_mma_kernel`).
+PRELOAD = True
 
 
 def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, max_len: int | None = None,
@@ -233,6 +235,58 @@ if triton is not None:
                 n_splits, n_used, stride_ob, stride_oh, HEAD_DIM, SPLIT, FUSED_REDUCE, BLOCK_S, ASM, FENCE)
 
     @triton.jit
+    def _mma_tile_load(K, V, KSZ, VSZ, BlockTables, b, h, s0, end, d, stride_kb, stride_kp, stride_kh, stride_sb,
+                       stride_sp, stride_sh, stride_bt, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+                       KV_INT8: tl.constexpr):
+        """Head h's K and V rows of positions s0 .. s0 + BLOCK_N (those < end valid) as stored [BN, D], and for int8
+        pools their (scale, zero) pairs [BN] (zeros otherwise): (valid, k, v, k_scale, k_zero, v_scale, v_zero)."""
+        n = s0 + tl.arange(0, BLOCK_N)
+        valid = n < end
+        blk = tl.load(BlockTables + b * stride_bt + n // PAGE, mask=valid, other=0).to(tl.int64)
+        off = (blk * stride_kb + (n % PAGE) * stride_kp + h * stride_kh)[:, None] + d[None, :]  # [BN,D]
+        k = tl.load(K + off, mask=valid[:, None], other=0)
+        v = tl.load(V + off, mask=valid[:, None], other=0)
+        k_scale = tl.zeros([BLOCK_N], tl.float32)
+        k_zero = k_scale
+        v_scale = k_scale
+        v_zero = k_scale
+        if KV_INT8:
+            sz = blk * stride_sb + (n % PAGE) * stride_sp + h * stride_sh
+            k_scale = tl.load(KSZ + sz, mask=valid, other=0.0)
+            k_zero = tl.load(KSZ + sz + 1, mask=valid, other=0.0)
+            v_scale = tl.load(VSZ + sz, mask=valid, other=0.0)
+            v_zero = tl.load(VSZ + sz + 1, mask=valid, other=0.0)
+        return valid, k, v, k_scale, k_zero, v_scale, v_zero
+
+    @triton.jit
+    def _mma_tile_step(valid, k, v, k_scale, k_zero, v_scale, v_zero, q_mat, q_mat_lo, q_sum, scale, m, l_sum, acc,
+                       c, OP: tl.constexpr, Q_LO: tl.constexpr, KV_INT8: tl.constexpr):
+        """One online-softmax step of the mma kernel over a tile from `_mma_tile_load`: (m, l_sum, acc) updated."""
+        k = k.to(OP)
+        sc = tl.dot(k, q_mat)  # [BN,16] fp32, column 0 = k . q
+        if Q_LO:
+            sc += tl.dot(k, q_mat_lo)
+        s = tl.sum(sc, 1)
+        if KV_INT8:
+            s = k_scale * (s - k_zero * q_sum)  # q . scale*(k - zero)
+        s = tl.where(valid, s * scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 0))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new)
+        l_sum = l_sum * alpha + tl.sum(p, 0)
+        v = v.to(OP)
+        pv = p
+        if KV_INT8:
+            pv = p * v_scale
+        pv_hi = pv.to(OP)
+        p_hi = tl.where(c[:, None] == 0, pv_hi[None, :], 0.0).to(OP)  # [16,BN]
+        p_lo = tl.where(c[:, None] == 0, (pv - pv_hi.to(tl.float32)).to(OP)[None, :], 0.0).to(OP)
+        acc = acc * alpha + tl.dot(p_hi, v) + tl.dot(p_lo, v)
+        if KV_INT8:
+            acc -= tl.where(c[:, None] == 0, tl.sum(pv * v_zero, 0), 0.0)  # sum p * scale * zero
+        return m_new, l_sum, acc
+
+    @triton.jit
     def _paged_decode_mma_kernel(Q, K, V, KSZ, VSZ, Kin, Vin, Slots, Out, PartM, PartL, PartAcc, Counters,
                                  BlockTables, ContextLens, scale,
                                  stride_qb, stride_qh, stride_kb, stride_kp, stride_kh,
@@ -244,7 +298,8 @@ if triton is not None:
                                  OP: tl.constexpr, Q_LO: tl.constexpr, FUSED_REDUCE: tl.constexpr,
                                  MIN_CHUNK: tl.constexpr,
                                  BLOCK_S: tl.constexpr, ASM: tl.constexpr, FENCE: tl.constexpr,
-                                 PDL: tl.constexpr, PREFETCH: tl.constexpr, PF_THREADS: tl.constexpr):
+                                 PDL: tl.constexpr, PREFETCH: tl.constexpr, PF_THREADS: tl.constexpr,
+                                 PRELOAD: tl.constexpr):
         """v2's program (sequence b, head h, split sp) with both products on tensor cores: q.K^T as K[BN,D] @
         Q[D,16] and p.V as P[16,BN] @ V[BN,D], where only column / row 0 of the padded operand is nonzero.
         Decode attention stays bound by reading K/V; the point is what the tensor-core path does to that read:
@@ -254,61 +309,50 @@ if triton is not None:
         dtype if bf16 or fp16 (both hold every uint8 exactly), else fp16. A query not exact in OP (Q_LO) and
         the weights p are split into a high and a low part (two products), so the result keeps ~16 bits where
         one bf16 operand would keep 8. PDL: as v2. PREFETCH: before waiting for the kernel before, each program
-        sends its share of pf_bytes from PF (another kernel's weights) into L2."""
+        sends its share of pf_bytes from PF (another kernel's weights) into L2. PRELOAD: its first tile of K/V rows
+        is loaded before that wait, so that at short contexts only the query is read after it."""
         if PREFETCH:
             idx = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
             _prefetch_l2(PF + idx.to(tl.int64) * pf_bytes, pf_bytes, PF_THREADS)
-        _pdl_start(PDL)
         b = tl.program_id(0)
         h = tl.program_id(1)
         sp = tl.program_id(2)
         n_splits = tl.num_programs(2)
+        # Context lengths and block tables are the step's inputs, and the cached rows were written by earlier steps:
+        # none of them by the kernel before, so they may be read before waiting for it (with PDL, every kernel
+        # before that one has finished once this one starts: each signals the next only after its own wait).
         ctx_len, start, end, n_used = _span(ContextLens, b, sp, n_splits, BLOCK_N, FUSED_STORE, SPLIT, MIN_CHUNK)
         hh = h + tl.arange(0, 1)
         d = tl.arange(0, HEAD_DIM)
         c = tl.arange(0, 16)
+        if PRELOAD:  # the first tile's rows load while the kernel before (c_attn) ends
+            valid0, k0, v0, ksc0, kzr0, vsc0, vzr0 = _mma_tile_load(K, V, KSZ, VSZ, BlockTables, b, h, start, end, d,
+                                                                    stride_kb, stride_kp, stride_kh, stride_sb,
+                                                                    stride_sp, stride_sh, stride_bt, PAGE, BLOCK_N,
+                                                                    KV_INT8)
+        _pdl_start(PDL)
         qf = tl.load(Q + b * stride_qb + h * stride_qh + d).to(tl.float32)  # [D], unscaled
         q_hi = qf.to(OP)
         q_mat = tl.where(c[None, :] == 0, q_hi[:, None], 0.0).to(OP)  # [D,16]
+        q_mat_lo = q_mat
         if Q_LO:
             q_mat_lo = tl.where(c[None, :] == 0, (qf - q_hi.to(tl.float32)).to(OP)[:, None], 0.0).to(OP)
         q_sum = tl.sum(qf, 0)
         m = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), 0)
         l_sum = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)
         acc = tl.zeros([16, HEAD_DIM], tl.float32)  # row 0 is the output; the others stay 0
-        for s0 in range(start, end, BLOCK_N):
-            n = s0 + tl.arange(0, BLOCK_N)
-            valid = n < end
-            blk = tl.load(BlockTables + b * stride_bt + n // PAGE, mask=valid, other=0).to(tl.int64)
-            off = (blk * stride_kb + (n % PAGE) * stride_kp + h * stride_kh)[:, None] + d[None, :]  # [BN,D]
-            k = tl.load(K + off, mask=valid[:, None], other=0).to(OP)
-            sc = tl.dot(k, q_mat)  # [BN,16] fp32, column 0 = k . q
-            if Q_LO:
-                sc += tl.dot(k, q_mat_lo)
-            s = tl.sum(sc, 1)
-            if KV_INT8:
-                sz = blk * stride_sb + (n % PAGE) * stride_sp + h * stride_sh
-                k_scale = tl.load(KSZ + sz, mask=valid, other=0.0)
-                k_zero = tl.load(KSZ + sz + 1, mask=valid, other=0.0)
-                s = k_scale * (s - k_zero * q_sum)  # q . scale*(k - zero)
-            s = tl.where(valid, s * scale, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 0))
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(s - m_new)
-            l_sum = l_sum * alpha + tl.sum(p, 0)
-            v = tl.load(V + off, mask=valid[:, None], other=0).to(OP)
-            if KV_INT8:
-                pv = p * tl.load(VSZ + sz, mask=valid, other=0.0)  # p * scale
-                corr = tl.sum(pv * tl.load(VSZ + sz + 1, mask=valid, other=0.0), 0)  # sum p * scale * zero
-            else:
-                pv = p
-            pv_hi = pv.to(OP)
-            p_hi = tl.where(c[:, None] == 0, pv_hi[None, :], 0.0).to(OP)  # [16,BN]
-            p_lo = tl.where(c[:, None] == 0, (pv - pv_hi.to(tl.float32)).to(OP)[None, :], 0.0).to(OP)
-            acc = acc * alpha + tl.dot(p_hi, v) + tl.dot(p_lo, v)
-            if KV_INT8:
-                acc -= tl.where(c[:, None] == 0, corr, 0.0)
-            m = m_new
+        lo = start
+        if PRELOAD:
+            if start < end:  # (an empty tile would turn the state into NaN)
+                m, l_sum, acc = _mma_tile_step(valid0, k0, v0, ksc0, kzr0, vsc0, vzr0, q_mat, q_mat_lo, q_sum, scale,
+                                               m, l_sum, acc, c, OP, Q_LO, KV_INT8)
+            lo = start + BLOCK_N
+        for s0 in range(lo, end, BLOCK_N):
+            valid, k, v, ksc, kzr, vsc, vzr = _mma_tile_load(K, V, KSZ, VSZ, BlockTables, b, h, s0, end, d,
+                                                               stride_kb, stride_kp, stride_kh, stride_sb, stride_sp,
+                                                               stride_sh, stride_bt, PAGE, BLOCK_N, KV_INT8)
+            m, l_sum, acc = _mma_tile_step(valid, k, v, ksc, kzr, vsc, vzr, q_mat, q_mat_lo, q_sum, scale, m, l_sum,
+                                           acc, c, OP, Q_LO, KV_INT8)
         acc_row = tl.sum(acc, 0)[None, :]  # [1,D]
         m1 = m + tl.zeros([1], tl.float32)
         l1 = l_sum + tl.zeros([1], tl.float32)
@@ -393,7 +437,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, out=
             unit = 16 * cfg.num_warps * 32  # 16-byte pieces, one per thread
             pf_bytes = min(prefetch[1], pf.numel()) // (B * (H // cfg.heads) * cfg.splits) // unit * unit
             assert pf.data_ptr() % 16 == 0
-        kw.update(PF=pf, pf_bytes=pf_bytes, PREFETCH=pf_bytes > 0, PF_THREADS=cfg.num_warps * 32)
+        kw.update(PF=pf, pf_bytes=pf_bytes, PREFETCH=pf_bytes > 0, PF_THREADS=cfg.num_warps * 32,
+                  PRELOAD=PRELOAD)
     kernel[(B, H // cfg.heads, cfg.splits)](
         q, k_cache, v_cache, *kszv, kn, vn, slots if fused else context_lens, out, part_m, part_l, part_acc,
         counters if fused_reduce else context_lens, block_tables, context_lens, 1.0 / math.sqrt(D),
