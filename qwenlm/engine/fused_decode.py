@@ -20,6 +20,7 @@ import torch
 
 from qwenlm.engine.attention import PagedAttention
 from qwenlm.engine.fusion import GateUpMLP
+from qwenlm.kernels import sync
 from qwenlm.kernels.gptq_fused import fusable, fused_int4_gemv
 from qwenlm.model.quant import GPTQLinear
 
@@ -60,6 +61,7 @@ class FusedInt4Blocks:
         x = x.reshape(H)
         cos, sin = cos.reshape(-1), sin.reshape(-1)
         qs = q_scale.reshape(1) if q_scale is not None else None
+        sync.trace_reset()
         for block in self.model.transformer.h:
             attn, mlp = block.attn, block.mlp
             proj = attn.num_heads * attn.head_dim

@@ -41,7 +41,7 @@ from qwenlm.kernels.kv_int8 import dequantize_rows
 if triton is not None:
     from qwenlm.kernels.attention_splits import _finish, _span, _split_reduce_kernel
     from qwenlm.kernels.kv_int8 import _quantize_rows
-    from qwenlm.kernels.sync import _pdl_start, _prefetch_l2
+    from qwenlm.kernels.sync import _pdl_start, _prefetch_l2, _trace
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter cannot run inline PTX
 # The mma kernel loads its first K/V tile before waiting for the kernel before (`_paged_decode_mma_kernel`).
@@ -299,7 +299,7 @@ if triton is not None:
                                  MIN_CHUNK: tl.constexpr,
                                  BLOCK_S: tl.constexpr, ASM: tl.constexpr, FENCE: tl.constexpr,
                                  PDL: tl.constexpr, PREFETCH: tl.constexpr, PF_THREADS: tl.constexpr,
-                                 PRELOAD: tl.constexpr):
+                                 PRELOAD: tl.constexpr, TR, TR_OFF, TRACE: tl.constexpr):
         """v2's program (sequence b, head h, split sp) with both products on tensor cores: q.K^T as K[BN,D] @
         Q[D,16] and p.V as P[16,BN] @ V[BN,D], where only column / row 0 of the padded operand is nonzero.
         Decode attention stays bound by reading K/V; the point is what the tensor-core path does to that read:
@@ -311,8 +311,10 @@ if triton is not None:
         one bf16 operand would keep 8. PDL: as v2. PREFETCH: before waiting for the kernel before, each program
         sends its share of pf_bytes from PF (another kernel's weights) into L2. PRELOAD: its first tile of K/V rows
         is loaded before that wait, so that at short contexts only the query is read after it."""
+        idx = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
+        _trace(TR, TR_OFF, idx, 0, TRACE)
+        _trace(TR, TR_OFF, idx, 1, TRACE)
         if PREFETCH:
-            idx = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
             _prefetch_l2(PF + idx.to(tl.int64) * pf_bytes, pf_bytes, PF_THREADS)
         b = tl.program_id(0)
         h = tl.program_id(1)
@@ -331,6 +333,7 @@ if triton is not None:
                                                                     stride_sp, stride_sh, stride_bt, PAGE, BLOCK_N,
                                                                     KV_INT8)
         _pdl_start(PDL)
+        _trace(TR, TR_OFF, idx, 2, TRACE)
         qf = tl.load(Q + b * stride_qb + h * stride_qh + d).to(tl.float32)  # [D], unscaled
         q_hi = qf.to(OP)
         q_mat = tl.where(c[None, :] == 0, q_hi[:, None], 0.0).to(OP)  # [D,16]
@@ -364,6 +367,7 @@ if triton is not None:
                                                     PAGE, KV_INT8)
         _finish(Out, PartM, PartL, PartAcc, Counters, b, hh, sp, d, m1, l1, acc_row, tl.num_programs(1), n_splits,
                 n_used, stride_ob, stride_oh, HEAD_DIM, SPLIT, FUSED_REDUCE, BLOCK_S, ASM, FENCE)
+        _trace(TR, TR_OFF, idx, 3, TRACE)
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, out=None, block_n: int | None = None,
                            k_sz=None, v_sz=None, k_new=None, v_new=None, slots=None,
@@ -438,7 +442,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, out=
             pf_bytes = min(prefetch[1], pf.numel()) // (B * (H // cfg.heads) * cfg.splits) // unit * unit
             assert pf.data_ptr() % 16 == 0
         kw.update(PF=pf, pf_bytes=pf_bytes, PREFETCH=pf_bytes > 0, PF_THREADS=cfg.num_warps * 32,
-                  PRELOAD=PRELOAD)
+                  PRELOAD=PRELOAD, **sync.trace_launch(q))
     kernel[(B, H // cfg.heads, cfg.splits)](
         q, k_cache, v_cache, *kszv, kn, vn, slots if fused else context_lens, out, part_m, part_l, part_acc,
         counters if fused_reduce else context_lens, block_tables, context_lens, 1.0 / math.sqrt(D),

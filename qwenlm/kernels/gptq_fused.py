@@ -47,7 +47,7 @@ if triton is not None:
     import triton.language as tl
 
     from qwenlm.kernels.gptq_int4 import _w_dot, _w_tile
-    from qwenlm.kernels.sync import _fence_gpu, gdc_launch_dependents, gdc_wait
+    from qwenlm.kernels.sync import _fence_gpu, _trace, gdc_launch_dependents, gdc_wait
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -78,11 +78,14 @@ if triton is not None:
                            BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PRO: tl.constexpr,
                            K_POW2: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr, ROPE_N: tl.constexpr,
                            Q_N: tl.constexpr, LOGN: tl.constexpr, HEAD: tl.constexpr, ASM: tl.constexpr,
-                           FENCE: tl.constexpr, PDL: tl.constexpr, XP: tl.constexpr):
+                           FENCE: tl.constexpr, PDL: tl.constexpr, XP: tl.constexpr, TR, TR_OFF,
+                           TRACE: tl.constexpr):
         ROWS: tl.constexpr = BLOCK_K // 8
         SUB: tl.constexpr = GROUP // BLOCK_K
         DT = out_ptr.dtype.element_ty  # the model dtype
         pid = tl.program_id(0)
+        _trace(TR, TR_OFF, pid, 0, TRACE)
+        _trace(TR, TR_OFF, pid, 1, TRACE)
         KT = K // BLOCK_K  # K tiles per column block
         start = pid * (NBLK * KT) // P  # this program's run of work units t = column block * KT + K tile
         end = (pid + 1) * (NBLK * KT) // P
@@ -100,6 +103,7 @@ if triton is not None:
                                           mask0, N, ROWS, SUB)
         if PDL:  # weights are never written by a kernel; everything else is read after this
             gdc_wait()
+        _trace(TR, TR_OFF, pid, 2, TRACE)
         if PRO == 0:  # fp16 inputs, read where they are
             x32 = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
         else:  # the inputs of this program's K tiles, as the network computes them, into an fp16 scratch row
@@ -193,6 +197,7 @@ if triton is not None:
                 tl.store(ws_ptr + offs_n, zero, mask=n_mask)
                 tl.store(cnt_ptr + cb, 0)
             t = cb * KT + k1
+        _trace(TR, TR_OFF, pid, 3, TRACE)
 
 
 def fusable(layer) -> bool:
@@ -269,6 +274,6 @@ def fused_int4_gemv(x: torch.Tensor, layer, *, norm_weight=None, eps: float = 0.
         programs, GROUP=g, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
         PRO=pro, K_POW2=triton.next_power_of_2(K), GLU=glu > 0, RES=residual is not None, ROPE_N=rope_n, Q_N=q_n,
         LOGN=q_scale is not None, HEAD=head, ASM=not INTERPRET, FENCE=sync.PER_THREAD_FENCE, PDL=sync.pdl(x.device),
-        XP=X_PAIRS,
+        XP=X_PAIRS, **sync.trace_launch(out),
         num_warps=warps, num_stages=stages, **sync.pdl_launch(x.device))
     return out

@@ -35,6 +35,25 @@ PER_THREAD_FENCE = False
 # and with the later signal 9% (run 13: 397.5 and 400.2 against 364.9).
 PDL_ENABLED = os.environ.get("QWENLM_PDL", "1") != "0"
 
+# Per-program timing of the batch-1 step's Triton kernels (`bench/bench_trace.py`): None, or an int64 tensor
+# [launches, programs, 4] that each launch, in order from `trace_reset()`, fills with (SM, start ns, ns after the
+# wait for the kernel before, end ns) per program. Kernels are compiled with TRACE only while it is set.
+TRACE: torch.Tensor | None = None
+_trace_next = [0]
+
+
+def trace_reset() -> None:
+    _trace_next[0] = 0
+
+
+def trace_launch(any_tensor: torch.Tensor) -> dict:
+    """A launch's trace arguments (TR, TR_OFF, TRACE): the next slot of TRACE, or none."""
+    slot = _trace_next[0]
+    if TRACE is None or slot >= TRACE.shape[0]:
+        return dict(TR=any_tensor, TR_OFF=0, TRACE=False)
+    _trace_next[0] += 1
+    return dict(TR=TRACE, TR_OFF=slot * TRACE.shape[1] * 4, TRACE=True)
+
 
 @functools.lru_cache(maxsize=None)
 def _pdl_capable(device: torch.device) -> bool:
@@ -71,6 +90,19 @@ if triton is not None:
         tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2; mov.b32 $0, 0;", "=r,l,r",
                                   [ptrs, part + tl.zeros([THREADS], dtype=tl.int32)], dtype=tl.int32,
                                   is_pure=False, pack=1)
+
+    @triton.jit
+    def _trace(TR, TR_OFF, pid, WHAT: tl.constexpr, TRACE: tl.constexpr):
+        """With TRACE: entry WHAT of program pid's row: 1-3 the global timer (ns), 0 the SM it runs on."""
+        if TRACE:
+            one = tl.zeros([1], dtype=tl.int32)
+            if WHAT == 0:
+                v = tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r,r", [one], dtype=tl.int32, is_pure=False,
+                                              pack=1).to(tl.int64)
+            else:
+                v = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [one], dtype=tl.int64,
+                                              is_pure=False, pack=1)
+            tl.store(TR + TR_OFF + pid.to(tl.int64) * 4 + WHAT + one, v)
 
     @triton.jit
     def _pdl_start(PDL: tl.constexpr):
