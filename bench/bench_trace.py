@@ -5,19 +5,20 @@ middle layers), those times relative to the end of the kernel before (its last p
 last programs started, when the waits returned, when programs ended, and how many programs started before the
 kernel before ended.
 
-    PYTHONPATH=.:bench python bench/bench_trace.py [--prompt 16 --new-tokens 256]
+    PYTHONPATH=.:bench python bench/bench_trace.py [--prompt 16 --new-tokens 256 --settings align=0]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 
 import torch
 
-from bench_attn_prefetch import decode_rate
+from bench_attn_prefetch import apply, decode_rate
 from bench_quant import build_model
-from benchlib import log, save_json
+from benchlib import OUT, log, save_json
 from qwenlm.config import ModelConfig
 from qwenlm.kernels import sync
 
@@ -45,7 +46,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--settings", default="", help="one setting of bench_attn_prefetch.py's --settings")
     args = ap.parse_args()
+    apply(dict(kv.split("=") for kv in args.settings.split(",")) if args.settings else {})
     cfg = ModelConfig()
     model = build_model(cfg, "int4", "cuda", torch.float16)
     tps, _ = decode_rate(model, args.prompt, args.new_tokens)
@@ -64,6 +67,7 @@ def main():
         vals = [statistics.median(r[k] for r in sel) for k in keys]
         log(f"{name:12s} " + " ".join(f"{v:8.2f}" for v in vals))
     save_json(dict(rows=rows, traced_tok_s=tps), "bench_trace.json")
+    torch.save(tr, os.path.join(OUT, "bench_trace.pt"))  # [launch, program, (SM, start, waited, end)]
 
 
 if __name__ == "__main__":

@@ -217,6 +217,10 @@ FUSED_CONFIGS: dict[tuple[int, int], tuple] = {}
 # pair order, read one 16-byte row of pairs at a time, inputs read in place are regrouped by PRMT; 2 the same with
 # four 4-byte loads per row; 1 PRMT everywhere; 0 shifts and masks.
 X_PAIRS = 3
+# Programs per launch rounded down to a multiple of the column blocks, so that every program's run of K tiles lies in
+# one column block: a run spanning two restarts its pipeline and adds a second reduction, and made those programs
+# (38 of gate_up's 264) the last to finish by ~2 us (`bench/bench_trace.py`, docs/benchmarks.md run 18).
+ALIGN_RUNS = True
 FUSED_DEFAULT = (512, 64, 2, 4, 3)
 
 
@@ -266,6 +270,8 @@ def fused_int4_gemv(x: torch.Tensor, layer, *, norm_weight=None, eps: float = 0.
     any_ptr = layer.scales
     nblk = triton.cdiv(glu, block_n // 2) if glu else triton.cdiv(N, block_n)
     programs = min(nblk * (K // block_k), per_sm * _sm_count(x.device))
+    if ALIGN_RUNS and programs >= nblk:  # a whole number of programs per column block: no run spans two blocks
+        programs -= programs % nblk
     _fused_int4_kernel[(programs,)](
         x, norm_weight if norm_weight is not None else any_ptr, scratch, layer.qweight, layer.qzeros,
         layer.scales, bias if bias is not None else any_ptr, out, ws, cnt,
