@@ -68,7 +68,7 @@ def apply(run: dict) -> None:
     fused GEMVs get their inputs' lane pairs (`gptq_fused.X_PAIRS`) and their launch (`gptq_fused.FUSED_DEFAULT`,
     and per shape `FUSED_CONFIGS`); an empty setting is the product's."""
     fused_decode.PREFETCH_MB = int(run.get("mib", PREFETCH_MB))
-    attention.PRELOAD = int(run.get("preload", PRELOAD))
+    attention.PRELOAD = bool(int(run.get("preload", PRELOAD)))
     gptq_fused.X_PAIRS = int(run.get("xpairs", X_PAIRS))
     gptq_fused.ALIGN_RUNS = bool(int(run.get("align", ALIGN_RUNS)))
     gptq_fused.FUSED_DEFAULT = tuple(map(int, run["fused"].split("/"))) if "fused" in run else FUSED_DEFAULT
@@ -88,7 +88,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--mib", default="0,16,32", help="MiB of gate_up prefetched, one run each per repeat")
     ap.add_argument("--settings", default="", help='instead of --mib: "mib=16,splits=S,attn_stages=S,'
-                    'attn_block=B,preload=0|1|2,align=0|1,min_chunk=C,xpairs=X,fused=BN/BK/PER_SM/WARPS/STAGES,shape=N/K/BN/BK/PER_SM/'
+                    'attn_block=B,preload=0|1,align=0|1,min_chunk=C,xpairs=X,fused=BN/BK/PER_SM/WARPS/STAGES,shape=N/K/BN/BK/PER_SM/'
                     'WARPS/STAGES+...;...": per run the prefetch, the batch-1 attention\'s settings, the fused GEMVs\' '
                     'input pairs and launch (all shapes, or per N x K)')
     ap.add_argument("--prompt", type=int, default=16)

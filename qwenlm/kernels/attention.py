@@ -44,9 +44,8 @@ if triton is not None:
     from qwenlm.kernels.sync import _pdl_start, _prefetch_l2, _trace
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter cannot run inline PTX
-# The mma kernel loads its first K/V tile before waiting for the kernel before (`_paged_decode_mma_kernel`); 2: and
-# sends the rest of its span's rows into L2.
-PRELOAD = 1
+# The mma kernel loads its first K/V tile before waiting for the kernel before (`_paged_decode_mma_kernel`).
+PRELOAD = True
 
 
 def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, max_len: int | None = None,
@@ -122,29 +121,25 @@ if triton is not None:
         hh = h + tl.arange(0, 1)
         m1, l1, acc1 = m + tl.zeros([1], tl.float32), l_sum + tl.zeros([1], tl.float32), acc[None, :]
         if FUSED_STORE:
-            slot, kn, vn = _new_rows(Kin, Vin, Slots, b, hh, d, stride_knb, stride_knh, stride_vnb, stride_vnh)
-            m1, l1, acc1 = _store_new_and_attend(K, V, KSZ, VSZ, slot, kn, vn, hh, 0, d, q[None, :], m1, l1, acc1,
-                                                 ctx_len, stride_kb, stride_kp, stride_kh, stride_sb, stride_sp,
-                                                 stride_sh, PAGE, KV_INT8)
+            m1, l1, acc1 = _store_new_and_attend(K, V, KSZ, VSZ, Kin, Vin, Slots, b, hh, 0, d, q[None, :], m1, l1,
+                                                 acc1, ctx_len, stride_kb, stride_kp, stride_kh, stride_sb,
+                                                 stride_sp, stride_sh, stride_knb, stride_knh, stride_vnb,
+                                                 stride_vnh, PAGE, KV_INT8)
         _finish(Out, Out, Out, Out, Out, b, hh, 0, d, m1, l1, acc1, 0, 1, n_used, stride_ob, stride_oh, HEAD_DIM,
                 False, False, 1, False, False)
 
     @triton.jit
-    def _new_rows(Kin, Vin, Slots, b, hh, d, stride_knb, stride_knh, stride_vnb, stride_vnh):
-        """The new token's slot and its K/V rows of heads hh [HB, D] (from Kin / Vin), for `_store_new_and_attend`."""
+    def _store_new_and_attend(K, V, KSZ, VSZ, Kin, Vin, Slots, b, hh, sp, d, q, m, l_sum, acc, ctx_len,
+                              stride_kb, stride_kp, stride_kh, stride_sb, stride_sp, stride_sh,
+                              stride_knb, stride_knh, stride_vnb, stride_vnh, PAGE: tl.constexpr,
+                              KV_INT8: tl.constexpr):
+        """The fused store: the new token's K/V rows of heads hh (from Kin / Vin) go into slot Slots[b], quantized
+        for int8, by split 0 only; then one online-softmax step over that row as stored. q: the scaled query
+        [HB, D] fp32; (m, l_sum, acc) [HB], [HB], [HB, D]: the running softmax state, returned updated."""
         slot = tl.load(Slots + b).to(tl.int64)
+        dst = (slot // PAGE) * stride_kb + (slot % PAGE) * stride_kp + hh[:, None] * stride_kh + d[None, :]
         kn = tl.load(Kin + b * stride_knb + hh[:, None] * stride_knh + d[None, :])
         vn = tl.load(Vin + b * stride_vnb + hh[:, None] * stride_vnh + d[None, :])
-        return slot, kn, vn
-
-    @triton.jit
-    def _store_new_and_attend(K, V, KSZ, VSZ, slot, kn, vn, hh, sp, d, q, m, l_sum, acc, ctx_len,
-                              stride_kb, stride_kp, stride_kh, stride_sb, stride_sp, stride_sh, PAGE: tl.constexpr,
-                              KV_INT8: tl.constexpr):
-        """The fused store: the new token's K/V rows of heads hh (`_new_rows`) go into `slot`, quantized for int8, by
-        split 0 only; then one online-softmax step over that row as stored. q: the scaled query [HB, D] fp32;
-        (m, l_sum, acc) [HB], [HB], [HB, D]: the running softmax state, returned updated."""
-        dst = (slot // PAGE) * stride_kb + (slot % PAGE) * stride_kp + hh[:, None] * stride_kh + d[None, :]
         first_h = (hh * 0 + sp) == 0  # split 0 stores (masks as tensors: the interpreter wants them)
         first = first_h[:, None] & (d[None, :] >= 0)
         if KV_INT8:
@@ -232,20 +227,12 @@ if triton is not None:
                 acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v, 0)
             m = m_new
         if FUSED_STORE:
-            slot, kn, vn = _new_rows(Kin, Vin, Slots, b, hh, d, stride_knb, stride_knh, stride_vnb, stride_vnh)
-            m, l_sum, acc = _store_new_and_attend(K, V, KSZ, VSZ, slot, kn, vn, hh, sp, d, q, m, l_sum, acc,
+            m, l_sum, acc = _store_new_and_attend(K, V, KSZ, VSZ, Kin, Vin, Slots, b, hh, sp, d, q, m, l_sum, acc,
                                                   ctx_len, stride_kb, stride_kp, stride_kh, stride_sb, stride_sp,
-                                                  stride_sh, PAGE, KV_INT8)
+                                                  stride_sh, stride_knb, stride_knh, stride_vnb, stride_vnh,
+                                                  PAGE, KV_INT8)
         _finish(Out, PartM, PartL, PartAcc, Counters, b, hh, sp, d, m, l_sum, acc, tl.num_programs(1) * HEADS,
                 n_splits, n_used, stride_ob, stride_oh, HEAD_DIM, SPLIT, FUSED_REDUCE, BLOCK_S, ASM, FENCE)
-
-    @triton.jit
-    def _prefetch_rows(base, rows, NBYTES: tl.constexpr):
-        """Rows base[rows[i]] .. + NBYTES (16-byte aligned, NBYTES a multiple of 16) into L2, not waited for."""
-        ptrs = (base + rows).to(tl.pointer_type(tl.int8), bitcast=True)
-        tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2; mov.b32 $0, 0;", "=r,l,r",
-                                  [ptrs, NBYTES + tl.zeros(rows.shape, dtype=tl.int32)], dtype=tl.int32,
-                                  is_pure=False, pack=1)
 
     @triton.jit
     def _mma_tile_load(K, V, KSZ, VSZ, BlockTables, b, h, s0, end, d, stride_kb, stride_kp, stride_kh, stride_sb,
@@ -345,18 +332,9 @@ if triton is not None:
                                                                     stride_kb, stride_kp, stride_kh, stride_sb,
                                                                     stride_sp, stride_sh, stride_bt, PAGE, BLOCK_N,
                                                                     KV_INT8)
-            if PRELOAD == 2 and ASM:  # the rest of the span into L2 (rows past it: block 0's, harmless)
-                for s0 in range(start + BLOCK_N, end, BLOCK_N):
-                    n = s0 + tl.arange(0, BLOCK_N)
-                    blk = tl.load(BlockTables + b * stride_bt + n // PAGE, mask=n < end, other=0).to(tl.int64)
-                    row = blk * stride_kb + (n % PAGE) * stride_kp + h * stride_kh
-                    _prefetch_rows(K, row, HEAD_DIM * K.dtype.element_ty.primitive_bitwidth // 8)
-                    _prefetch_rows(V, row, HEAD_DIM * K.dtype.element_ty.primitive_bitwidth // 8)
         _pdl_start(PDL)
         _trace(TR, TR_OFF, idx, 2, TRACE)
         qf = tl.load(Q + b * stride_qb + h * stride_qh + d).to(tl.float32)  # [D], unscaled
-        if FUSED_STORE:  # loaded with the query, not after the products
-            slot, kn, vn = _new_rows(Kin, Vin, Slots, b, hh, d, stride_knb, stride_knh, stride_vnb, stride_vnh)
         q_hi = qf.to(OP)
         q_mat = tl.where(c[None, :] == 0, q_hi[:, None], 0.0).to(OP)  # [D,16]
         q_mat_lo = q_mat
@@ -382,9 +360,11 @@ if triton is not None:
         m1 = m + tl.zeros([1], tl.float32)
         l1 = l_sum + tl.zeros([1], tl.float32)
         if FUSED_STORE:
-            m1, l1, acc_row = _store_new_and_attend(K, V, KSZ, VSZ, slot, kn, vn, hh, sp, d, (qf * scale)[None, :],
-                                                    m1, l1, acc_row, ctx_len, stride_kb, stride_kp, stride_kh,
-                                                    stride_sb, stride_sp, stride_sh, PAGE, KV_INT8)
+            m1, l1, acc_row = _store_new_and_attend(K, V, KSZ, VSZ, Kin, Vin, Slots, b, hh, sp, d,
+                                                    (qf * scale)[None, :], m1, l1, acc_row, ctx_len,
+                                                    stride_kb, stride_kp, stride_kh, stride_sb, stride_sp,
+                                                    stride_sh, stride_knb, stride_knh, stride_vnb, stride_vnh,
+                                                    PAGE, KV_INT8)
         _finish(Out, PartM, PartL, PartAcc, Counters, b, hh, sp, d, m1, l1, acc_row, tl.num_programs(1), n_splits,
                 n_used, stride_ob, stride_oh, HEAD_DIM, SPLIT, FUSED_REDUCE, BLOCK_S, ASM, FENCE)
         _trace(TR, TR_OFF, idx, 3, TRACE)
