@@ -53,7 +53,7 @@ def main():
     model = build_model(cfg, "int4", "cuda", torch.float16)
     tps, _ = decode_rate(model, args.prompt, args.new_tokens)
     log(f"untraced: {tps:.1f} tok/s")
-    sync.TRACE = torch.zeros(len(KERNELS) * cfg.num_hidden_layers, 1024, 4, dtype=torch.int64, device="cuda")
+    sync.TRACE = torch.zeros(len(KERNELS) * cfg.num_hidden_layers, 1024, 8, dtype=torch.int64, device="cuda")
     tps, _ = decode_rate(model, args.prompt, args.new_tokens)  # the trace holds the last replay
     log(f"traced: {tps:.1f} tok/s")
     tr = sync.TRACE.cpu()
@@ -67,7 +67,7 @@ def main():
         vals = [statistics.median(r[k] for r in sel) for k in keys]
         log(f"{name:12s} " + " ".join(f"{v:8.2f}" for v in vals))
     save_json(dict(rows=rows, traced_tok_s=tps), "bench_trace.json")
-    torch.save(tr, os.path.join(OUT, "bench_trace.pt"))  # [launch, program, (SM, start, waited, end)]
+    torch.save(tr, os.path.join(OUT, "bench_trace.pt"))  # [launch, program, (SM, start, waited, end, points 4-7)]
 
 
 if __name__ == "__main__":

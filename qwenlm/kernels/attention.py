@@ -41,7 +41,7 @@ from qwenlm.kernels.kv_int8 import dequantize_rows
 if triton is not None:
     from qwenlm.kernels.attention_splits import _finish, _span, _split_reduce_kernel
     from qwenlm.kernels.kv_int8 import _quantize_rows
-    from qwenlm.kernels.sync import _pdl_start, _prefetch_l2, _trace
+    from qwenlm.kernels.sync import _pdl_start, _prefetch_l2, _trace, _trace_after
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter cannot run inline PTX
 # The mma kernel loads its first K/V tile before waiting for the kernel before (`_paged_decode_mma_kernel`).
@@ -341,6 +341,7 @@ if triton is not None:
         if Q_LO:
             q_mat_lo = tl.where(c[None, :] == 0, (qf - q_hi.to(tl.float32)).to(OP)[:, None], 0.0).to(OP)
         q_sum = tl.sum(qf, 0)
+        _trace_after(TR, TR_OFF, idx, 4, TRACE, tl.zeros([1], tl.int32) + q_sum.to(tl.int32, bitcast=True))
         m = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), 0)
         l_sum = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)
         acc = tl.zeros([16, HEAD_DIM], tl.float32)  # row 0 is the output; the others stay 0
@@ -357,6 +358,7 @@ if triton is not None:
             m, l_sum, acc = _mma_tile_step(valid, k, v, ksc, kzr, vsc, vzr, q_mat, q_mat_lo, q_sum, scale, m, l_sum,
                                            acc, c, OP, Q_LO, KV_INT8)
         acc_row = tl.sum(acc, 0)[None, :]  # [1,D]
+        _trace_after(TR, TR_OFF, idx, 5, TRACE, tl.zeros([1], tl.int32) + tl.sum(acc_row, 1).to(tl.int32, bitcast=True))
         m1 = m + tl.zeros([1], tl.float32)
         l1 = l_sum + tl.zeros([1], tl.float32)
         if FUSED_STORE:
@@ -365,9 +367,12 @@ if triton is not None:
                                                     stride_kb, stride_kp, stride_kh, stride_sb, stride_sp,
                                                     stride_sh, stride_knb, stride_knh, stride_vnb, stride_vnh,
                                                     PAGE, KV_INT8)
+        _trace_after(TR, TR_OFF, idx, 6, TRACE, l1.to(tl.int32, bitcast=True))
         _finish(Out, PartM, PartL, PartAcc, Counters, b, hh, sp, d, m1, l1, acc_row, tl.num_programs(1), n_splits,
                 n_used, stride_ob, stride_oh, HEAD_DIM, SPLIT, FUSED_REDUCE, BLOCK_S, ASM, FENCE)
         _trace(TR, TR_OFF, idx, 3, TRACE)
+        if TRACE:
+            tl.store(TR + TR_OFF + idx.to(tl.int64) * 8 + 7 + tl.arange(0, 1), n_used + tl.zeros([1], tl.int64))
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, out=None, block_n: int | None = None,
                            k_sz=None, v_sz=None, k_new=None, v_new=None, slots=None,

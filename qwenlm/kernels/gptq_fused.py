@@ -47,7 +47,7 @@ if triton is not None:
     import triton.language as tl
 
     from qwenlm.kernels.gptq_int4 import _w_dot, _w_tile
-    from qwenlm.kernels.sync import _fence_gpu, _trace, gdc_launch_dependents, gdc_wait
+    from qwenlm.kernels.sync import _fence_gpu, _trace, _trace_after, gdc_launch_dependents, gdc_wait
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -151,9 +151,12 @@ if triton is not None:
                         k_loop = k0 + 2
                     if PDL:  # only now the next kernel may launch (5% more tok/s than at the start: run 13)
                         gdc_launch_dependents()
+                    _trace_after(TR, TR_OFF, pid, 4, TRACE, tl.zeros([1], tl.int32) + tl.sum(acc, 0).to(tl.int32,
+                                                                                                     bitcast=True))
             for it in tl.range(k_loop, k1, num_stages=STAGES):
                 qw, s, zlo, zhi = _w_tile(qw_ptr, qz_ptr, s_ptr, it, rows, offs_n, n_mask, N, ROWS, SUB)
                 acc += _w_dot(qw, s, zlo, zhi, x32, it, rows, ROWS, ASM, False, XPK)
+            _trace_after(TR, TR_OFF, pid, 5, TRACE, tl.zeros([1], tl.int32) + tl.sum(acc, 0).to(tl.int32, bitcast=True))
             if HAS_BIAS:
                 if k0 == 0:
                     acc += bias
@@ -167,6 +170,10 @@ if triton is not None:
                 tl.atomic_add(ws_ptr + offs_n, acc, mask=n_mask)
             tl.debug_barrier()
             arrived = tl.atomic_add(cnt_ptr + cb, k1 - k0)  # acq_rel, gpu scope
+            _trace_after(TR, TR_OFF, pid, 6, TRACE, tl.zeros([1], tl.int32) + arrived)
+            if TRACE:
+                tl.store(TR + TR_OFF + pid.to(tl.int64) * 8 + 7 + tl.arange(0, 1),
+                         (arrived + (k1 - k0) == KT).to(tl.int64) + tl.zeros([1], tl.int64))
             if arrived + (k1 - k0) == KT:  # this segment completes the column block
                 # The sums are read with relaxed atomics (the counter's acquire orders them after every partial
                 # sum; relaxed, they need not wait on each other): the linear's output, gate, RoPE partner.

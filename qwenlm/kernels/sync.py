@@ -36,8 +36,9 @@ PER_THREAD_FENCE = False
 PDL_ENABLED = os.environ.get("QWENLM_PDL", "1") != "0"
 
 # Per-program timing of the batch-1 step's Triton kernels (`bench/bench_trace.py`): None, or an int64 tensor
-# [launches, programs, 4] that each launch, in order from `trace_reset()`, fills with (SM, start ns, ns after the
-# wait for the kernel before, end ns) per program. Kernels are compiled with TRACE only while it is set.
+# [launches, programs, 8] that each launch, in order from `trace_reset()`, fills per program with its SM, then
+# global-timer readings (ns): start, after the wait for the kernel before, end, and kernel-specific points (4-7).
+# Kernels are compiled with TRACE only while it is set.
 TRACE: torch.Tensor | None = None
 _trace_next = [0]
 
@@ -52,7 +53,7 @@ def trace_launch(any_tensor: torch.Tensor) -> dict:
     if TRACE is None or slot >= TRACE.shape[0]:
         return dict(TR=any_tensor, TR_OFF=0, TRACE=False)
     _trace_next[0] += 1
-    return dict(TR=TRACE, TR_OFF=slot * TRACE.shape[1] * 4, TRACE=True)
+    return dict(TR=TRACE, TR_OFF=slot * TRACE.shape[1] * 8, TRACE=True)
 
 
 @functools.lru_cache(maxsize=None)
@@ -93,16 +94,24 @@ if triton is not None:
 
     @triton.jit
     def _trace(TR, TR_OFF, pid, WHAT: tl.constexpr, TRACE: tl.constexpr):
-        """With TRACE: entry WHAT of program pid's row: 1-3 the global timer (ns), 0 the SM it runs on."""
+        """With TRACE: entry WHAT of program pid's row (`TRACE`): 0 the SM it runs on, else the global timer (ns)."""
+        if TRACE:
+            _trace_after(TR, TR_OFF, pid, WHAT, TRACE, tl.zeros([1], dtype=tl.int32))
+
+    @triton.jit
+    def _trace_after(TR, TR_OFF, pid, WHAT: tl.constexpr, TRACE: tl.constexpr, dep):
+        """`_trace`, read once dep (a [1] int32 computed from the data of interest) is ready: the reading adds dep's
+        top bit (0 or 1 ns), which ties it to dep."""
         if TRACE:
             one = tl.zeros([1], dtype=tl.int32)
             if WHAT == 0:
                 v = tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r,r", [one], dtype=tl.int32, is_pure=False,
                                               pack=1).to(tl.int64)
             else:
-                v = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [one], dtype=tl.int64,
-                                              is_pure=False, pack=1)
-            tl.store(TR + TR_OFF + pid.to(tl.int64) * 4 + WHAT + one, v)
+                v = tl.inline_asm_elementwise(
+                    "{ .reg .u32 t; .reg .u64 tt; shr.u32 t, $1, 31; cvt.u64.u32 tt, t; mov.u64 $0, %globaltimer; "
+                    "add.u64 $0, $0, tt; }", "=l,r", [dep], dtype=tl.int64, is_pure=False, pack=1)
+            tl.store(TR + TR_OFF + pid.to(tl.int64) * 8 + WHAT + one, v)
 
     @triton.jit
     def _pdl_start(PDL: tl.constexpr):
