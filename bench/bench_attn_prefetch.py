@@ -79,7 +79,7 @@ def apply(run: dict) -> None:
         gptq_fused.FUSED_CONFIGS[(n, k)] = tuple(cfg)
     b, cfg = ATTN_BATCH1
     attention_config.DECODE_CONFIGS["bf16"][0] = (b, dataclasses.replace(
-        cfg, splits=int(run.get("splits", cfg.splits)),
+        cfg, kernel=run.get("attn_kernel", cfg.kernel), splits=int(run.get("splits", cfg.splits)),
         num_stages=int(run.get("attn_stages", cfg.num_stages)), block_n=int(run.get("attn_block", cfg.block_n)),
         min_chunk=int(run.get("min_chunk", cfg.min_chunk))))
 
@@ -88,7 +88,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--mib", default="0,16,32", help="MiB of gate_up prefetched, one run each per repeat")
     ap.add_argument("--settings", default="", help='instead of --mib: "mib=16,splits=S,attn_stages=S,'
-                    'attn_block=B,preload=0|1,align=0|1,min_chunk=C,xpairs=X,fused=BN/BK/PER_SM/WARPS/STAGES,shape=N/K/BN/BK/PER_SM/'
+                    'attn_block=B,attn_kernel=mma|v2,preload=0|1,align=0|1,min_chunk=C,xpairs=X,fused=BN/BK/PER_SM/WARPS/STAGES,shape=N/K/BN/BK/PER_SM/'
                     'WARPS/STAGES+...;...": per run the prefetch, the batch-1 attention\'s settings, the fused GEMVs\' '
                     'input pairs and launch (all shapes, or per N x K)')
     ap.add_argument("--prompt", type=int, default=16)

@@ -179,7 +179,8 @@ if triton is not None:
                                 PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                                 HEADS: tl.constexpr, KV_INT8: tl.constexpr, FUSED_STORE: tl.constexpr,
                                 SPLIT: tl.constexpr, FUSED_REDUCE: tl.constexpr, MIN_CHUNK: tl.constexpr,
-                                BLOCK_S: tl.constexpr, ASM: tl.constexpr, FENCE: tl.constexpr, PDL: tl.constexpr):
+                                BLOCK_S: tl.constexpr, ASM: tl.constexpr, FENCE: tl.constexpr, PDL: tl.constexpr,
+                                TR, TR_OFF, TRACE: tl.constexpr):
         """Program (sequence b, heads hg*HEADS.., split sp). HEADS adjacent heads share a program: a token's rows
         of those heads are one contiguous HEADS*HEAD_DIM run (and, int8, one run of (scale, zero) pairs).
         SPLIT: the context is cut into num_programs(2) ranges whose partial (max, sum, acc) the last split to
@@ -187,7 +188,11 @@ if triton is not None:
         ctx_len - 1) comes from Kin / Vin, not from the pool; split 0 writes it into slot Slots[b] (quantized for
         int8) and attends to it as stored, so the store launches disappear and no program reads the slot being
         written. PDL: waits for the kernel before first (`sync._pdl_start`)."""
+        idx = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
+        _trace(TR, TR_OFF, idx, 0, TRACE)
+        _trace(TR, TR_OFF, idx, 1, TRACE)
         _pdl_start(PDL)
+        _trace(TR, TR_OFF, idx, 2, TRACE)
         b = tl.program_id(0)
         hg = tl.program_id(1)
         sp = tl.program_id(2)
@@ -233,6 +238,7 @@ if triton is not None:
                                                   PAGE, KV_INT8)
         _finish(Out, PartM, PartL, PartAcc, Counters, b, hh, sp, d, m, l_sum, acc, tl.num_programs(1) * HEADS,
                 n_splits, n_used, stride_ob, stride_oh, HEAD_DIM, SPLIT, FUSED_REDUCE, BLOCK_S, ASM, FENCE)
+        _trace(TR, TR_OFF, idx, 3, TRACE)
 
     @triton.jit
     def _mma_tile_load(K, V, KSZ, VSZ, BlockTables, b, h, s0, end, d, stride_kb, stride_kp, stride_kh, stride_sb,
@@ -447,7 +453,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, out=
             pf_bytes = min(prefetch[1], pf.numel()) // (B * (H // cfg.heads) * cfg.splits) // unit * unit
             assert pf.data_ptr() % 16 == 0
         kw.update(PF=pf, pf_bytes=pf_bytes, PREFETCH=pf_bytes > 0, PF_THREADS=cfg.num_warps * 32,
-                  PRELOAD=PRELOAD, **sync.trace_launch(q))
+                  PRELOAD=PRELOAD)
+    kw.update(sync.trace_launch(q))
     kernel[(B, H // cfg.heads, cfg.splits)](
         q, k_cache, v_cache, *kszv, kn, vn, slots if fused else context_lens, out, part_m, part_l, part_acc,
         counters if fused_reduce else context_lens, block_tables, context_lens, 1.0 / math.sqrt(D),
