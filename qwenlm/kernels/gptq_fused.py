@@ -79,7 +79,7 @@ if triton is not None:
                            K_POW2: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr, ROPE_N: tl.constexpr,
                            Q_N: tl.constexpr, LOGN: tl.constexpr, HEAD: tl.constexpr, ASM: tl.constexpr,
                            FENCE: tl.constexpr, PDL: tl.constexpr, XP: tl.constexpr, TR, TR_OFF,
-                           TRACE: tl.constexpr, LOOP_FIRST: tl.constexpr):
+                           TRACE: tl.constexpr):
         ROWS: tl.constexpr = BLOCK_K // 8
         SUB: tl.constexpr = GROUP // BLOCK_K
         DT = out_ptr.dtype.element_ty  # the model dtype
@@ -142,12 +142,7 @@ if triton is not None:
                     qs = tl.load(qsc_ptr + offs_n * 0).to(DT).to(tl.float32)
             acc = tl.zeros([BLOCK_N], dtype=tl.float32)
             k_loop = k0
-            if PEEL and LOOP_FIRST:  # the loop's first copies are issued at once; the held tiles are summed after it
-                if t == start:
-                    k_loop = k0 + tl.minimum(first_len, 2)
-                    if PDL:
-                        gdc_launch_dependents()
-            if PEEL and not LOOP_FIRST:
+            if PEEL:
                 if t == start:  # the tiles loaded first
                     acc = _w_dot(qw0, s0, zlo0, zhi0, x32, k0, rows, ROWS, ASM, False, XPK)
                     k_loop = k0 + 1
@@ -161,11 +156,6 @@ if triton is not None:
             for it in tl.range(k_loop, k1, num_stages=STAGES):
                 qw, s, zlo, zhi = _w_tile(qw_ptr, qz_ptr, s_ptr, it, rows, offs_n, n_mask, N, ROWS, SUB)
                 acc += _w_dot(qw, s, zlo, zhi, x32, it, rows, ROWS, ASM, False, XPK)
-            if PEEL and LOOP_FIRST:
-                if t == start:
-                    acc += _w_dot(qw0, s0, zlo0, zhi0, x32, k0, rows, ROWS, ASM, False, XPK)
-                    if first_len > 1:
-                        acc += _w_dot(qw1, s1, zlo1, zhi1, x32, k0 + 1, rows, ROWS, ASM, False, XPK)
             _trace_after(TR, TR_OFF, pid, 5, TRACE, tl.zeros([1], tl.int32) + tl.sum(acc, 0).to(tl.int32, bitcast=True))
             if HAS_BIAS:
                 if k0 == 0:
@@ -238,8 +228,6 @@ X_PAIRS = 3
 # one column block: a run spanning two restarts its pipeline and adds a second reduction, and made those programs
 # (38 of gate_up's 264) the last to finish by ~2 us (`bench/bench_trace.py`, docs/benchmarks.md run 18).
 ALIGN_RUNS = True
-# The first segment's loop before the two tiles held across the wait are summed (its first copies issued at once).
-LOOP_FIRST = False
 FUSED_DEFAULT = (512, 64, 2, 4, 3)
 
 
@@ -299,6 +287,6 @@ def fused_int4_gemv(x: torch.Tensor, layer, *, norm_weight=None, eps: float = 0.
         programs, GROUP=g, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
         PRO=pro, K_POW2=triton.next_power_of_2(K), GLU=glu > 0, RES=residual is not None, ROPE_N=rope_n, Q_N=q_n,
         LOGN=q_scale is not None, HEAD=head, ASM=not INTERPRET, FENCE=sync.PER_THREAD_FENCE, PDL=sync.pdl(x.device),
-        XP=X_PAIRS, **sync.trace_launch(out), LOOP_FIRST=LOOP_FIRST,
+        XP=X_PAIRS, **sync.trace_launch(out),
         num_warps=warps, num_stages=stages, **sync.pdl_launch(x.device))
     return out
