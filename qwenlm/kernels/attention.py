@@ -46,8 +46,6 @@ if triton is not None:
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter cannot run inline PTX
 # The mma kernel loads its first K/V tile before waiting for the kernel before (`_paged_decode_mma_kernel`).
 PRELOAD = True
-# The mma kernel's splits beyond those the context uses (`attention_splits._span`, MIN_CHUNK) end before waiting.
-SKIP_UNUSED = False
 
 
 def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, max_len: int | None = None,
@@ -307,7 +305,7 @@ if triton is not None:
                                  MIN_CHUNK: tl.constexpr,
                                  BLOCK_S: tl.constexpr, ASM: tl.constexpr, FENCE: tl.constexpr,
                                  PDL: tl.constexpr, PREFETCH: tl.constexpr, PF_THREADS: tl.constexpr,
-                                 PRELOAD: tl.constexpr, TR, TR_OFF, TRACE: tl.constexpr, SKIP_UNUSED: tl.constexpr):
+                                 PRELOAD: tl.constexpr, TR, TR_OFF, TRACE: tl.constexpr):
         """v2's program (sequence b, head h, split sp) with both products on tensor cores: q.K^T as K[BN,D] @
         Q[D,16] and p.V as P[16,BN] @ V[BN,D], where only column / row 0 of the padded operand is nonzero.
         Decode attention stays bound by reading K/V; the point is what the tensor-core path does to that read:
@@ -335,9 +333,6 @@ if triton is not None:
         hh = h + tl.arange(0, 1)
         d = tl.arange(0, HEAD_DIM)
         c = tl.arange(0, 16)
-        if SKIP_UNUSED:  # a split past the used ones reads and writes nothing: it ends here, without waiting
-            if sp >= n_used:
-                return
         if PRELOAD:  # the first tile's rows load while the kernel before (c_attn) ends
             valid0, k0, v0, ksc0, kzr0, vsc0, vzr0 = _mma_tile_load(K, V, KSZ, VSZ, BlockTables, b, h, start, end, d,
                                                                     stride_kb, stride_kp, stride_kh, stride_sb,
@@ -458,7 +453,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, out=
             pf_bytes = min(prefetch[1], pf.numel()) // (B * (H // cfg.heads) * cfg.splits) // unit * unit
             assert pf.data_ptr() % 16 == 0
         kw.update(PF=pf, pf_bytes=pf_bytes, PREFETCH=pf_bytes > 0, PF_THREADS=cfg.num_warps * 32,
-                  PRELOAD=PRELOAD, SKIP_UNUSED=SKIP_UNUSED and split and counters is not None)
+                  PRELOAD=PRELOAD)
     kw.update(sync.trace_launch(q))
     kernel[(B, H // cfg.heads, cfg.splits)](
         q, k_cache, v_cache, *kszv, kn, vn, slots if fused else context_lens, out, part_m, part_l, part_acc,
