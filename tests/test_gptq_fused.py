@@ -103,6 +103,28 @@ for config in ((128, 128, 2, 1, 1), (256, 64, 3, 2, 2), (128, 64, 5, 1, 2), (128
         ref = (act.half().float() @ c_proj.dequantized_weight() + c_proj.bias.float()).to(dtype).float()
         assert (c_proj(act[None]).float() - ref).abs().max().item() <= tol, dtype
     assert all(not w.any() and not c.any() for w, c in ws), config  # left zeroed for the next call
+
+# attn c_proj reading a batch-1 attention's context splits uncombined (SplitPartials, two heads of 128, 4 splits,
+# some unused): equal to combining them first, as the attention does, then projecting
+from qwenlm.kernels.attention import SplitPartials
+S = 4
+m = torch.randn(2, S) * 3
+m[0, 3] = m[1, 1:] = float("-inf")  # unused splits: (-inf, 0, zeros)
+l_sum = (torch.rand(2, S) + 0.5) * (m > float("-inf"))
+acc = torch.randn(2, S, 128) * (m > float("-inf"))[..., None]
+w = torch.exp(m - m.max(1, keepdim=True).values)
+combined = ((acc * w[..., None]).sum(1) / (l_sum * w).sum(1)[:, None]).reshape(-1)
+parts = SplitPartials(torch.stack([m.reshape(-1), l_sum.reshape(-1)]).contiguous(), acc.reshape(-1).contiguous(), S)
+attn_proj = model.transformer.h[0].attn.c_proj
+for dtype in (torch.float16, torch.bfloat16):
+    res = torch.randn(256).to(dtype)
+    y = (combined.to(dtype).half().float() @ attn_proj.dequantized_weight() + attn_proj.bias.float()).to(dtype)
+    want = (y.float() + res.float()).to(dtype).float()
+    # programs per column block 2 (runs of 2 K tiles), 1 (8 tiles of 32), and 1 program for 2 blocks (stream-K)
+    for config in ((128, 64, 4, 1, 2), (128, 32, 3, 1, 1), (128, 128, 1, 1, 1)):
+        got = gptq_fused.fused_int4_gemv(parts, attn_proj, residual=res, config=config)
+        tol = 1.6e-2 * want.abs().max().item()
+        assert got.dtype == dtype and (got[0].float() - want).abs().max().item() <= tol, (config, dtype)
 print("ok")
 '''
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)

@@ -203,6 +203,18 @@ def test_triton_int8_kernels_match_reference_in_interpreter():
             assert torch.equal(out[3], torch.zeros_like(out[3])), cfg
             for a, b in zip(pools, want_pools):
                 assert torch.equal(a, b), cfg
+        # the splits handed out uncombined (SplitPartials), combined here as a consumer would
+        pools = [kc.clone(), vc.clone(), ks.clone(), vs.clone()]
+        parts = paged_decode_attention(q, pools[0], pools[1], tables, lens, k_sz=pools[2], v_sz=pools[3], k_new=kn,
+                                       v_new=vn, slots=slots, config=DecodeConfig("mma", splits=3, block_n=16),
+                                       partials=True)
+        m, l_sum = parts.ml.view(2, B, H, 3)
+        mx = m.max(-1, keepdim=True).values
+        w = torch.exp(m - torch.where(mx == float("-inf"), 0.0, mx))
+        total = (l_sum * w).sum(-1)
+        out = (parts.acc.view(B, H, 3, D) * w[..., None]).sum(2) / torch.where(total > 0, total, 1.0)[..., None]
+        err = ((out[:3] - ref).norm() / ref.norm()).item()
+        assert parts.splits == 3 and err < 1e-5 and torch.equal(out[3], torch.zeros_like(out[3])), err
         print("ok", err)
     """)
     env = {**os.environ, "TRITON_INTERPRET": "1"}

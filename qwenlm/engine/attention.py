@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from qwenlm.kernels.attention import paged_decode_attention, paged_decode_attention_ref, triton
+from qwenlm.kernels.attention import SplitPartials, paged_decode_attention, paged_decode_attention_ref, triton
 from qwenlm.kernels.kv_int8 import dequantize_rows, quantize_store_kv
 
 KV_CACHE_DTYPES = ("auto", "int8")
@@ -102,8 +102,9 @@ class PagedAttention:
         return self._counters
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               prefetch: tuple | None = None) -> torch.Tensor:
-        """prefetch: (tensor, nbytes) of `paged_decode_attention`, for a decode step on a Triton bf16 or fp16 pool."""
+               prefetch: tuple | None = None, partials: bool = False):
+        """prefetch: (tensor, nbytes) of `paged_decode_attention`, for a decode step on a Triton bf16 or fp16 pool;
+        partials: the same (a decode step may then return `SplitPartials` instead of the output)."""
         B, T, H, D = q.shape
         if self.int8:
             return self._attend_int8(layer, q, k, v)
@@ -112,8 +113,8 @@ class PagedAttention:
             # the kernel stores the new K/V itself (no separate store launches)
             out = paged_decode_attention(q[:, 0], k_cache, v_cache, self.block_tables, self.context_lens,
                                          k_new=k[:, 0], v_new=v[:, 0], slots=self.slot_mapping,
-                                         counters=self._split_counters(q), prefetch=prefetch)
-            return out[:, None]
+                                         counters=self._split_counters(q), prefetch=prefetch, partials=partials)
+            return out if isinstance(out, SplitPartials) else out[:, None]
         if self.slot_mapping is not None:
             k_cache.view(-1, H, D).index_copy_(0, self.slot_mapping, k.reshape(-1, H, D))
             v_cache.view(-1, H, D).index_copy_(0, self.slot_mapping, v.reshape(-1, H, D))

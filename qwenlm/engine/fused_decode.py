@@ -21,6 +21,7 @@ import torch
 from qwenlm.engine.attention import PagedAttention
 from qwenlm.engine.fusion import GateUpMLP
 from qwenlm.kernels import sync
+from qwenlm.kernels.attention import SplitPartials
 from qwenlm.kernels.gptq_fused import fusable, fused_int4_gemv
 from qwenlm.model.quant import GPTQLinear
 
@@ -30,6 +31,9 @@ ENABLED = os.environ.get("QWENLM_FUSED_INT4", "1") != "0"
 # tok/s at 16 (docs/benchmarks.md, run 15), and 8 ~0.9% more than 16 since the GEMVs read 16-byte input rows
 # (run 17).
 PREFETCH_MB = 8
+# The attention hands c_proj its context splits uncombined (`SplitPartials`), and c_proj's programs combine them as
+# they read their inputs: no arrival count and no combination at the attention's end.
+PARTIALS = True
 
 
 def supports(model) -> bool:
@@ -68,11 +72,13 @@ class FusedInt4Blocks:
             qkv = fused_int4_gemv(x, attn.c_attn, norm_weight=block.ln_1.weight, eps=block.ln_1.eps,
                                   rope=(cos, sin, qs, 2 * proj, proj, attn.head_dim))
             q, k, v = qkv.view(1, 1, 3, attn.num_heads, attn.head_dim).unbind(2)
-            if PREFETCH_MB and isinstance(ctx, PagedAttention):
-                out = ctx.attend(attn.layer_idx, q, k, v, prefetch=(mlp.gate_up.qweight, PREFETCH_MB << 20))
+            if isinstance(ctx, PagedAttention):
+                pf = (mlp.gate_up.qweight, PREFETCH_MB << 20) if PREFETCH_MB else None
+                out = ctx.attend(attn.layer_idx, q, k, v, prefetch=pf, partials=PARTIALS)
             else:
                 out = ctx.attend(attn.layer_idx, q, k, v)
-            x = fused_int4_gemv(out.reshape(-1), attn.c_proj, residual=x).view(H)
+            x = fused_int4_gemv(out if isinstance(out, SplitPartials) else out.reshape(-1), attn.c_proj,
+                                residual=x).view(H)
             act = fused_int4_gemv(x, mlp.gate_up, norm_weight=block.ln_2.weight, eps=block.ln_2.eps,
                                   glu=mlp.ffn_dim)
             x = fused_int4_gemv(act, mlp.c_proj, residual=x).view(H)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,7 @@ from qwenlm.kernels.attention_config import DecodeConfig, decode_config
 from qwenlm.kernels.kv_int8 import dequantize_rows
 
 if triton is not None:
-    from qwenlm.kernels.attention_splits import _finish, _span, _split_reduce_kernel
+    from qwenlm.kernels.attention_splits import _finish, _span, _split_reduce_kernel, _store_partial
     from qwenlm.kernels.kv_int8 import _quantize_rows
     from qwenlm.kernels.sync import _pdl_start, _prefetch_l2, _trace, _trace_after
 
@@ -305,7 +306,7 @@ if triton is not None:
                                  MIN_CHUNK: tl.constexpr,
                                  BLOCK_S: tl.constexpr, ASM: tl.constexpr, FENCE: tl.constexpr,
                                  PDL: tl.constexpr, PREFETCH: tl.constexpr, PF_THREADS: tl.constexpr,
-                                 PRELOAD: tl.constexpr, TR, TR_OFF, TRACE: tl.constexpr):
+                                 PRELOAD: tl.constexpr, TR, TR_OFF, TRACE: tl.constexpr, PARTS: tl.constexpr):
         """v2's program (sequence b, head h, split sp) with both products on tensor cores: q.K^T as K[BN,D] @
         Q[D,16] and p.V as P[16,BN] @ V[BN,D], where only column / row 0 of the padded operand is nonzero.
         Decode attention stays bound by reading K/V; the point is what the tensor-core path does to that read:
@@ -374,16 +375,30 @@ if triton is not None:
                                                     stride_sh, stride_knb, stride_knh, stride_vnb, stride_vnh,
                                                     PAGE, KV_INT8)
         _trace_after(TR, TR_OFF, idx, 6, TRACE, l1.to(tl.int32, bitcast=True))
-        _finish(Out, PartM, PartL, PartAcc, Counters, b, hh, sp, d, m1, l1, acc_row, tl.num_programs(1), n_splits,
-                n_used, stride_ob, stride_oh, HEAD_DIM, SPLIT, FUSED_REDUCE, BLOCK_S, ASM, FENCE)
+        if PARTS:  # every split's state, combined by the consumer (an unused split's: max -inf, sum 0, acc 0)
+            _store_partial(PartM, PartL, PartAcc, b, hh, sp, d, m1, l1, acc_row, tl.num_programs(1), n_splits,
+                           HEAD_DIM)
+        else:
+            _finish(Out, PartM, PartL, PartAcc, Counters, b, hh, sp, d, m1, l1, acc_row, tl.num_programs(1),
+                    n_splits, n_used, stride_ob, stride_oh, HEAD_DIM, SPLIT, FUSED_REDUCE, BLOCK_S, ASM, FENCE)
         _trace(TR, TR_OFF, idx, 3, TRACE)
         if TRACE:
             tl.store(TR + TR_OFF + idx.to(tl.int64) * 8 + 7 + tl.arange(0, 1), n_used + tl.zeros([1], tl.int64))
 
+class SplitPartials(NamedTuple):
+    """The context splits' partial softmax states of a decode attention, not yet combined: ml [2, B * heads * splits]
+    (the max and the sum of exp of each (sequence, head, split), in that order), acc [B * heads * splits * head_dim]
+    (the exp-weighted value sums). An unused split holds (-inf, 0, zeros). Combined as `_combine_splits` does:
+    out = sum_s w_s acc_s / sum_s w_s l_s with w_s = exp(m_s - max m)."""
+    ml: torch.Tensor
+    acc: torch.Tensor
+    splits: int
+
+
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, out=None, block_n: int | None = None,
                            k_sz=None, v_sz=None, k_new=None, v_new=None, slots=None,
                            config: DecodeConfig | None = None, counters: torch.Tensor | None = None,
-                           prefetch: tuple | None = None):
+                           prefetch: tuple | None = None, partials: bool = False):
     """Triton paged decode attention (same contract as the reference); safe inside a CUDA graph.
 
     k_sz / v_sz given: int8 pools (uint8 rows, float32 (scale, zero) per token and head).
@@ -397,6 +412,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, out=
     weights) into L2, shared out over its programs, before they wait for the kernel before (with PDL that one is
     still running; most of the programs then read little or nothing at batch 1). 0.5% more Int4 tok/s at batch 1
     with gate_up's first 16 MiB (docs/benchmarks.md, run 15); the fused step now sends 8 (run 17).
+    partials=True: where the launch is the mma kernel with context splits, it returns the splits' `SplitPartials`
+    instead of combining them (for a consumer that combines them as it reads them: `gptq_fused`); else the output.
     """
     if triton is None:
         raise RuntimeError("paged_decode_attention needs triton; use paged_decode_attention_ref")
@@ -429,13 +446,14 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, out=
     assert H % cfg.heads == 0 and cfg.heads & (cfg.heads - 1) == 0, \
         f"DecodeConfig.heads={cfg.heads} must be a power of two dividing the {H} heads"
     split = cfg.splits > 1
+    parts = partials and split and cfg.kernel == "mma"
     if split:
-        part_m = torch.empty(B * H * cfg.splits, device=q.device, dtype=torch.float32)
-        part_l = torch.empty_like(part_m)
+        part_ml = torch.empty(2, B * H * cfg.splits, device=q.device, dtype=torch.float32)
+        part_m, part_l = part_ml
         part_acc = torch.empty(B * H * cfg.splits * D, device=q.device, dtype=torch.float32)
     else:
         part_m = part_l = part_acc = out
-    fused_reduce = split and counters is not None
+    fused_reduce = split and counters is not None and not parts
     if fused_reduce:
         assert counters.dtype == torch.int32 and counters.numel() >= B * (H // cfg.heads)
     kernel, kw = _paged_decode_v2_kernel, dict(HEADS=cfg.heads)
@@ -453,7 +471,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, out=
             pf_bytes = min(prefetch[1], pf.numel()) // (B * (H // cfg.heads) * cfg.splits) // unit * unit
             assert pf.data_ptr() % 16 == 0
         kw.update(PF=pf, pf_bytes=pf_bytes, PREFETCH=pf_bytes > 0, PF_THREADS=cfg.num_warps * 32,
-                  PRELOAD=PRELOAD)
+                  PRELOAD=PRELOAD, PARTS=parts)
     kw.update(sync.trace_launch(q))
     kernel[(B, H // cfg.heads, cfg.splits)](
         q, k_cache, v_cache, *kszv, kn, vn, slots if fused else context_lens, out, part_m, part_l, part_acc,
@@ -465,6 +483,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, out=
         BLOCK_S=triton.next_power_of_2(cfg.splits), ASM=not INTERPRET,
         FENCE=sync.PER_THREAD_FENCE, PDL=sync.pdl(q.device), num_warps=cfg.num_warps, **kw, **extra,
         **sync.pdl_launch(q.device))
+    if parts:
+        return SplitPartials(part_ml, part_acc, cfg.splits)
     if split and not fused_reduce:
         _split_reduce_kernel[(B, H)](part_m, part_l, part_acc, out, out.stride(0), out.stride(1), cfg.splits,
                                      HEAD_DIM=D, BLOCK_S=triton.next_power_of_2(cfg.splits), num_warps=4)

@@ -66,6 +66,15 @@ if triton is not None:
                  (acc / l_sum[:, None]).to(Out.dtype.element_ty))
 
     @triton.jit
+    def _store_partial(PartM, PartL, PartAcc, b, hh, sp, d, m, l_sum, acc, n_heads, n_splits, HEAD_DIM: tl.constexpr):
+        """Split sp's partial softmax state of heads hh: (m, l_sum) at PartM / PartL [(b * n_heads + h) * n_splits +
+        sp], acc at PartAcc [that * HEAD_DIM + d]."""
+        part = (b * n_heads + hh) * n_splits + sp  # [HB]
+        tl.store(PartM + part, m)
+        tl.store(PartL + part, l_sum)
+        tl.store(PartAcc + part[:, None] * HEAD_DIM + d[None, :], acc)
+
+    @triton.jit
     def _finish(Out, PartM, PartL, PartAcc, Counters, b, hh, sp, d, m, l_sum, acc, n_heads, n_splits, n_used,
                 stride_ob, stride_oh, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr, FUSED_REDUCE: tl.constexpr,
                 BLOCK_S: tl.constexpr, ASM: tl.constexpr, FENCE: tl.constexpr):
@@ -78,10 +87,7 @@ if triton is not None:
                 if sp == 0:
                     _write_out(Out, b, hh, d, l_sum, acc, stride_ob, stride_oh)
             elif sp < n_used:
-                part = (b * n_heads + hh) * n_splits + sp  # [HB]
-                tl.store(PartM + part, m)
-                tl.store(PartL + part, l_sum)
-                tl.store(PartAcc + part[:, None] * HEAD_DIM + d[None, :], acc)
+                _store_partial(PartM, PartL, PartAcc, b, hh, sp, d, m, l_sum, acc, n_heads, n_splits, HEAD_DIM)
                 if FUSED_REDUCE:
                     if ASM and FENCE:
                         _fence_gpu()  # this thread's partials are visible GPU-wide before the count

@@ -41,6 +41,7 @@ import os
 import torch
 
 from qwenlm.kernels import sync
+from qwenlm.kernels.attention import SplitPartials
 from qwenlm.kernels.gptq_int4 import triton
 
 if triton is not None:
@@ -79,7 +80,7 @@ if triton is not None:
                            K_POW2: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr, ROPE_N: tl.constexpr,
                            Q_N: tl.constexpr, LOGN: tl.constexpr, HEAD: tl.constexpr, ASM: tl.constexpr,
                            FENCE: tl.constexpr, PDL: tl.constexpr, XP: tl.constexpr, TR, TR_OFF,
-                           TRACE: tl.constexpr):
+                           TRACE: tl.constexpr, SPLITS: tl.constexpr, RUN_MAX: tl.constexpr):
         ROWS: tl.constexpr = BLOCK_K // 8
         SUB: tl.constexpr = GROUP // BLOCK_K
         DT = out_ptr.dtype.element_ty  # the model dtype
@@ -106,6 +107,25 @@ if triton is not None:
         _trace(TR, TR_OFF, pid, 2, TRACE)
         if PRO == 0:  # fp16 inputs, read where they are
             x32 = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+        elif PRO == 3:  # the attention's context splits (`SplitPartials`: x_ptr acc, nw_ptr max | sum), combined as
+            # `attention_splits._combine_splits` does, for this program's K tiles only, into the fp16 scratch row
+            j = tl.arange(0, RUN_MAX * BLOCK_K)
+            ka = ((start % KT + j // BLOCK_K) % KT) * BLOCK_K + j % BLOCK_K
+            ok = j < tl.minimum(end - start, KT) * BLOCK_K
+            part = (ka // HEAD)[None, :] * SPLITS + tl.arange(0, SPLITS)[:, None]  # [SPLITS, J]: (head, split)
+            pm = tl.load(nw_ptr + part, mask=ok[None, :], other=float("-inf"))
+            pl = tl.load(nw_ptr + (K // HEAD) * SPLITS + part, mask=ok[None, :], other=0.0)
+            pa = tl.load(x_ptr + part * HEAD + (ka % HEAD)[None, :], mask=ok[None, :], other=0.0)
+            m_max = tl.max(pm, 0)
+            w = tl.exp(pm - tl.where(m_max == float("-inf"), 0.0, m_max)[None, :])
+            total = tl.sum(pl * w, 0)
+            xh = (tl.sum(pa * w, 0) / tl.where(total > 0, total, 1.0)).to(DT).to(tl.float16)
+            if XP >= 2:  # lane-pair order, as below
+                xh = tl.reshape(tl.permute(tl.reshape(xh, [RUN_MAX * BLOCK_K // 8, 2, 4]), (0, 2, 1)),
+                                [RUN_MAX * BLOCK_K])
+            tl.store(xs_ptr + ka, xh, mask=ok)
+            tl.debug_barrier()  # the scratch row is written before any thread of this program reads it
+            x32 = xs_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
         else:  # the inputs of this program's K tiles, as the network computes them, into an fp16 scratch row
             ka = tl.arange(0, K_POW2)
             xa = tl.load(x_ptr + ka, mask=ka < K, other=0.0)
@@ -244,9 +264,11 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def fused_int4_gemv(x: torch.Tensor, layer, *, norm_weight=None, eps: float = 0.0, glu: int = 0,
+def fused_int4_gemv(x, layer, *, norm_weight=None, eps: float = 0.0, glu: int = 0,
                     residual=None, rope=None, config: tuple | None = None) -> torch.Tensor:
     """[K] -> [1, N] in x's dtype through an Int4 GPTQLinear (`fusable`):
+      x: a tensor, or a batch-1 attention's `SplitPartials` (K = heads x head_dim; the result then takes the
+      residual's dtype): each program combines the splits of its own inputs, as the attention would have;
       norm_weight: the input is RMSNorm(x) * norm_weight (eps), else x itself;
       glu=F: the layer's outputs are [up | gate] of F each and the result is up * silu(gate), [1, F];
       residual: + residual [N];  rope=(cos [HEAD], sin [HEAD], q_scale or None, rope_n, q_n, head): RoPE on the
@@ -259,11 +281,17 @@ def fused_int4_gemv(x: torch.Tensor, layer, *, norm_weight=None, eps: float = 0.
     block_k = 1 << (max(8, min(block_k, g)).bit_length() - 1)
     assert block_n == 128 * warps and fusable(layer), "fused_int4_gemv: see fusable() and BLOCK_N = 128 x warps"
     assert not glu or (N == 2 * glu and glu % (block_n // 2) == 0), "glu: N = 2F, F a multiple of 64"
-    x = x.reshape(-1)
-    assert x.is_contiguous() and x.numel() == K
-    out = torch.empty((1, glu or N), device=x.device, dtype=x.dtype)
-    # prologue: 0 fp16 inputs read in place; 1 RMSNorm into an fp16 scratch row; 2 other dtypes converted into it
-    pro = 1 if norm_weight is not None else (0 if x.dtype == torch.float16 else 2)
+    parts = x if isinstance(x, SplitPartials) else None
+    splits = parts.splits if parts is not None else 1
+    x = parts.acc if parts is not None else x.reshape(-1)
+    assert x.is_contiguous() and x.numel() == K * splits
+    if parts is not None:
+        assert residual is not None and norm_weight is None and not glu, "SplitPartials: for a projection + residual"
+        assert parts.ml.shape[1] % splits == 0 and K % (parts.ml.shape[1] // splits) == 0, "batch 1, whole heads"
+    out = torch.empty((1, glu or N), device=x.device, dtype=residual.dtype if parts is not None else x.dtype)
+    # prologue: 0 fp16 inputs read in place; 1 RMSNorm into an fp16 scratch row; 2 other dtypes converted into it;
+    # 3 the attention's split partials combined into it
+    pro = 3 if parts is not None else 1 if norm_weight is not None else (0 if x.dtype == torch.float16 else 2)
     scratch = torch.empty(K, device=x.device, dtype=torch.float16) if pro else x
     ws, cnt = layer._workspace
     bias = layer._kernel_bias
@@ -279,6 +307,12 @@ def fused_int4_gemv(x: torch.Tensor, layer, *, norm_weight=None, eps: float = 0.
     programs = min(nblk * (K // block_k), per_sm * _sm_count(x.device))
     if ALIGN_RUNS and programs >= nblk:  # a whole number of programs per column block: no run spans two blocks
         programs -= programs % nblk
+    kt = K // block_k
+    run_max = triton.cdiv(kt, programs // nblk) if programs % nblk == 0 else kt  # K tiles a program's run reads
+    if parts is not None:
+        head = K // (parts.ml.shape[1] // splits)
+        assert head % block_k == 0, "SplitPartials: whole K tiles per head"
+        norm_weight = parts.ml
     _fused_int4_kernel[(programs,)](
         x, norm_weight if norm_weight is not None else any_ptr, scratch, layer.qweight, layer.qzeros,
         layer.scales, bias if bias is not None else any_ptr, out, ws, cnt,
@@ -287,6 +321,7 @@ def fused_int4_gemv(x: torch.Tensor, layer, *, norm_weight=None, eps: float = 0.
         programs, GROUP=g, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
         PRO=pro, K_POW2=triton.next_power_of_2(K), GLU=glu > 0, RES=residual is not None, ROPE_N=rope_n, Q_N=q_n,
         LOGN=q_scale is not None, HEAD=head, ASM=not INTERPRET, FENCE=sync.PER_THREAD_FENCE, PDL=sync.pdl(x.device),
-        XP=X_PAIRS, **sync.trace_launch(out),
+        XP=X_PAIRS, **sync.trace_launch(out), SPLITS=splits,
+        RUN_MAX=triton.next_power_of_2(run_max) if pro == 3 else 1,
         num_warps=warps, num_stages=stages, **sync.pdl_launch(x.device))
     return out
