@@ -47,9 +47,6 @@ if triton is not None:
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter cannot run inline PTX
 # The mma kernel loads its first K/V tile before waiting for the kernel before (`_paged_decode_mma_kernel`).
 PRELOAD = True
-# With partials (`SplitPartials`), the mma kernel's splits past those the context uses (`attention_splits._span`'s
-# MIN_CHUNK) write their empty state and end before the wait.
-SKIP_UNUSED = True
 
 
 def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, max_len: int | None = None,
@@ -309,8 +306,7 @@ if triton is not None:
                                  MIN_CHUNK: tl.constexpr,
                                  BLOCK_S: tl.constexpr, ASM: tl.constexpr, FENCE: tl.constexpr,
                                  PDL: tl.constexpr, PREFETCH: tl.constexpr, PF_THREADS: tl.constexpr,
-                                 PRELOAD: tl.constexpr, TR, TR_OFF, TRACE: tl.constexpr, PARTS: tl.constexpr,
-                                 SKIP_UNUSED: tl.constexpr):
+                                 PRELOAD: tl.constexpr, TR, TR_OFF, TRACE: tl.constexpr, PARTS: tl.constexpr):
         """v2's program (sequence b, head h, split sp) with both products on tensor cores: q.K^T as K[BN,D] @
         Q[D,16] and p.V as P[16,BN] @ V[BN,D], where only column / row 0 of the padded operand is nonzero.
         Decode attention stays bound by reading K/V; the point is what the tensor-core path does to that read:
@@ -338,12 +334,6 @@ if triton is not None:
         hh = h + tl.arange(0, 1)
         d = tl.arange(0, HEAD_DIM)
         c = tl.arange(0, 16)
-        if PARTS and SKIP_UNUSED:  # a split past those the context uses: its empty state, and it ends unwaiting
-            if sp >= n_used:
-                part = (b * tl.num_programs(1) + h) * n_splits + sp
-                tl.store(PartM + part + tl.arange(0, 1), tl.full([1], float("-inf"), tl.float32))
-                tl.store(PartL + part + tl.arange(0, 1), tl.zeros([1], tl.float32))
-                return
         if PRELOAD:  # the first tile's rows load while the kernel before (c_attn) ends
             valid0, k0, v0, ksc0, kzr0, vsc0, vzr0 = _mma_tile_load(K, V, KSZ, VSZ, BlockTables, b, h, start, end, d,
                                                                     stride_kb, stride_kp, stride_kh, stride_sb,
@@ -398,8 +388,7 @@ if triton is not None:
 class SplitPartials(NamedTuple):
     """The context splits' partial softmax states of a decode attention, not yet combined: ml [2, B * heads * splits]
     (the max and the sum of exp of each (sequence, head, split), in that order), acc [B * heads * splits * head_dim]
-    (the exp-weighted value sums). An unused split holds max -inf and sum 0, and its acc is left unwritten (to be
-    masked, not read). Combined as `_combine_splits` does:
+    (the exp-weighted value sums). An unused split holds (-inf, 0, zeros). Combined as `_combine_splits` does:
     out = sum_s w_s acc_s / sum_s w_s l_s with w_s = exp(m_s - max m)."""
     ml: torch.Tensor
     acc: torch.Tensor
@@ -482,7 +471,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, out=
             pf_bytes = min(prefetch[1], pf.numel()) // (B * (H // cfg.heads) * cfg.splits) // unit * unit
             assert pf.data_ptr() % 16 == 0
         kw.update(PF=pf, pf_bytes=pf_bytes, PREFETCH=pf_bytes > 0, PF_THREADS=cfg.num_warps * 32,
-                  PRELOAD=PRELOAD, PARTS=parts, SKIP_UNUSED=SKIP_UNUSED)
+                  PRELOAD=PRELOAD, PARTS=parts)
     kw.update(sync.trace_launch(q))
     kernel[(B, H // cfg.heads, cfg.splits)](
         q, k_cache, v_cache, *kszv, kn, vn, slots if fused else context_lens, out, part_m, part_l, part_acc,
@@ -490,7 +479,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, out=
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *sz_strides,
         kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         PAGE=k_cache.shape[1], HEAD_DIM=D, BLOCK_N=block_n, KV_INT8=int8, FUSED_STORE=fused,
-        SPLIT=split, FUSED_REDUCE=fused_reduce, MIN_CHUNK=cfg.min_chunk if fused_reduce or parts else 0,
+        SPLIT=split, FUSED_REDUCE=fused_reduce, MIN_CHUNK=cfg.min_chunk if fused_reduce else 0,
         BLOCK_S=triton.next_power_of_2(cfg.splits), ASM=not INTERPRET,
         FENCE=sync.PER_THREAD_FENCE, PDL=sync.pdl(q.device), num_warps=cfg.num_warps, **kw, **extra,
         **sync.pdl_launch(q.device))

@@ -115,8 +115,7 @@ if triton is not None:
             part = (ka // HEAD)[None, :] * SPLITS + tl.arange(0, SPLITS)[:, None]  # [SPLITS, J]: (head, split)
             pm = tl.load(nw_ptr + part, mask=ok[None, :], other=float("-inf"))
             pl = tl.load(nw_ptr + (K // HEAD) * SPLITS + part, mask=ok[None, :], other=0.0)
-            pa = tl.load(x_ptr + part * HEAD + (ka % HEAD)[None, :], mask=ok[None, :] & (pm > float("-inf")),
-                         other=0.0)  # (an unused split's acc is not written)
+            pa = tl.load(x_ptr + part * HEAD + (ka % HEAD)[None, :], mask=ok[None, :], other=0.0)
             m_max = tl.max(pm, 0)
             w = tl.exp(pm - tl.where(m_max == float("-inf"), 0.0, m_max)[None, :])
             total = tl.sum(pl * w, 0)
