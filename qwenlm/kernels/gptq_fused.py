@@ -107,33 +107,34 @@ if triton is not None:
         _trace(TR, TR_OFF, pid, 2, TRACE)
         if PRO == 0:  # fp16 inputs, read where they are
             x32 = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
-        elif PRO == 3:  # the attention's context splits (`SplitPartials`: x_ptr acc, nw_ptr max | sum), combined as
-            # `attention_splits._combine_splits` does, for this program's K tiles only, into the fp16 scratch row
+        elif PRO >= 2:  # this program's K tiles only (RUN_MAX of them at most), into the fp16 scratch row
             j = tl.arange(0, RUN_MAX * BLOCK_K)
             ka = ((start % KT + j // BLOCK_K) % KT) * BLOCK_K + j % BLOCK_K
             ok = j < tl.minimum(end - start, KT) * BLOCK_K
-            part = (ka // HEAD)[None, :] * SPLITS + tl.arange(0, SPLITS)[:, None]  # [SPLITS, J]: (head, split)
-            pm = tl.load(nw_ptr + part, mask=ok[None, :], other=float("-inf"))
-            pl = tl.load(nw_ptr + (K // HEAD) * SPLITS + part, mask=ok[None, :], other=0.0)
-            pa = tl.load(x_ptr + part * HEAD + (ka % HEAD)[None, :], mask=ok[None, :], other=0.0)
-            m_max = tl.max(pm, 0)
-            w = tl.exp(pm - tl.where(m_max == float("-inf"), 0.0, m_max)[None, :])
-            total = tl.sum(pl * w, 0)
-            xh = (tl.sum(pa * w, 0) / tl.where(total > 0, total, 1.0)).to(DT).to(tl.float16)
+            if PRO == 2:  # the inputs as they are, in fp16
+                xh = tl.load(x_ptr + ka, mask=ok, other=0.0).to(tl.float16)
+            else:  # the attention's context splits (`SplitPartials`: x_ptr acc, nw_ptr max | sum), combined as
+                # `attention_splits._combine_splits` does
+                part = (ka // HEAD)[None, :] * SPLITS + tl.arange(0, SPLITS)[:, None]  # [SPLITS, J]: (head, split)
+                pm = tl.load(nw_ptr + part, mask=ok[None, :], other=float("-inf"))
+                pl = tl.load(nw_ptr + (K // HEAD) * SPLITS + part, mask=ok[None, :], other=0.0)
+                pa = tl.load(x_ptr + part * HEAD + (ka % HEAD)[None, :], mask=ok[None, :], other=0.0)
+                m_max = tl.max(pm, 0)
+                w = tl.exp(pm - tl.where(m_max == float("-inf"), 0.0, m_max)[None, :])
+                total = tl.sum(pl * w, 0)
+                xh = (tl.sum(pa * w, 0) / tl.where(total > 0, total, 1.0)).to(DT).to(tl.float16)
             if XP >= 2:  # lane-pair order, as below
                 xh = tl.reshape(tl.permute(tl.reshape(xh, [RUN_MAX * BLOCK_K // 8, 2, 4]), (0, 2, 1)),
                                 [RUN_MAX * BLOCK_K])
             tl.store(xs_ptr + ka, xh, mask=ok)
             tl.debug_barrier()  # the scratch row is written before any thread of this program reads it
             x32 = xs_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
-        else:  # the inputs of this program's K tiles, as the network computes them, into an fp16 scratch row
+        else:  # RMSNorm (it needs the whole row) of this program's K tiles' inputs into an fp16 scratch row
             ka = tl.arange(0, K_POW2)
-            xa = tl.load(x_ptr + ka, mask=ka < K, other=0.0)
-            if PRO == 1:  # RMSNorm: normalise in fp32, round, scale by the weight in the model dtype
-                xf = xa.to(tl.float32)
-                inv = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / K + eps)
-                nw = tl.load(nw_ptr + ka, mask=ka < K, other=0.0).to(tl.float32)
-                xa = ((xf * inv).to(DT).to(tl.float32) * nw).to(DT)
+            xf = tl.load(x_ptr + ka, mask=ka < K, other=0.0).to(tl.float32)
+            inv = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / K + eps)  # normalise in fp32, round, scale in the model dtype
+            nw = tl.load(nw_ptr + ka, mask=ka < K, other=0.0).to(tl.float32)
+            xa = ((xf * inv).to(DT).to(tl.float32) * nw).to(DT)
             # the K tiles of this program's run, from its first (a run of KT or more covers the row)
             need = ((ka // BLOCK_K - start % KT + KT) % KT) < tl.minimum(end - start, KT)
             xh = xa.to(tl.float16)
@@ -244,6 +245,8 @@ FUSED_CONFIGS: dict[tuple[int, int], tuple] = {}
 # pair order, read one 16-byte row of pairs at a time, inputs read in place are regrouped by PRMT; 2 the same with
 # four 4-byte loads per row; 1 PRMT everywhere; 0 shifts and masks.
 X_PAIRS = 3
+# fp16 inputs without a norm copied into the scratch row too (prologue 2), in the order the 16-byte loads take them.
+INPUT_ROW = True
 # Programs per launch rounded down to a multiple of the column blocks, so that every program's run of K tiles lies in
 # one column block: a run spanning two restarts its pipeline and adds a second reduction, and made those programs
 # (38 of gate_up's 264) the last to finish by ~2 us (`bench/bench_trace.py`, docs/benchmarks.md run 18).
@@ -289,9 +292,10 @@ def fused_int4_gemv(x, layer, *, norm_weight=None, eps: float = 0.0, glu: int = 
         assert residual is not None and norm_weight is None and not glu, "SplitPartials: for a projection + residual"
         assert parts.ml.shape[1] % splits == 0 and K % (parts.ml.shape[1] // splits) == 0, "batch 1, whole heads"
     out = torch.empty((1, glu or N), device=x.device, dtype=residual.dtype if parts is not None else x.dtype)
-    # prologue: 0 fp16 inputs read in place; 1 RMSNorm into an fp16 scratch row; 2 other dtypes converted into it;
-    # 3 the attention's split partials combined into it
-    pro = 3 if parts is not None else 1 if norm_weight is not None else (0 if x.dtype == torch.float16 else 2)
+    # prologue: 0 fp16 inputs read in place; 1 RMSNorm into an fp16 scratch row; 2 the inputs copied into it (other
+    # dtypes converted; fp16 too with INPUT_ROW); 3 the attention's split partials combined into it
+    pro = 3 if parts is not None else 1 if norm_weight is not None else (
+        0 if x.dtype == torch.float16 and not INPUT_ROW else 2)
     scratch = torch.empty(K, device=x.device, dtype=torch.float16) if pro else x
     ws, cnt = layer._workspace
     bias = layer._kernel_bias
@@ -322,6 +326,6 @@ def fused_int4_gemv(x, layer, *, norm_weight=None, eps: float = 0.0, glu: int = 
         PRO=pro, K_POW2=triton.next_power_of_2(K), GLU=glu > 0, RES=residual is not None, ROPE_N=rope_n, Q_N=q_n,
         LOGN=q_scale is not None, HEAD=head, ASM=not INTERPRET, FENCE=sync.PER_THREAD_FENCE, PDL=sync.pdl(x.device),
         XP=X_PAIRS, **sync.trace_launch(out), SPLITS=splits,
-        RUN_MAX=triton.next_power_of_2(run_max) if pro == 3 else 1,
+        RUN_MAX=triton.next_power_of_2(run_max) if pro >= 2 else 1,
         num_warps=warps, num_stages=stages, **sync.pdl_launch(x.device))
     return out
