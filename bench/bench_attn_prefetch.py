@@ -54,6 +54,7 @@ def kernel_resources():
 
 
 ATTN_BATCH1 = attention_config.DECODE_CONFIGS["bf16"][0]
+ATTN_PARTIALS = attention_config.PARTIALS_BATCH1
 PREFETCH_MB = fused_decode.PREFETCH_MB
 X_PAIRS = gptq_fused.X_PAIRS
 FUSED_DEFAULT = gptq_fused.FUSED_DEFAULT
@@ -81,18 +82,21 @@ def apply(run: dict) -> None:
     for spec in filter(None, run.get("shape", "").split("+")):  # N/K/BN/BK/PER_SM/WARPS/STAGES
         n, k, *cfg = map(int, spec.split("/"))
         gptq_fused.FUSED_CONFIGS[(n, k)] = tuple(cfg)
-    b, cfg = ATTN_BATCH1
-    attention_config.DECODE_CONFIGS["bf16"][0] = (b, dataclasses.replace(
-        cfg, kernel=run.get("attn_kernel", cfg.kernel), splits=int(run.get("splits", cfg.splits)),
-        num_stages=int(run.get("attn_stages", cfg.num_stages)), block_n=int(run.get("attn_block", cfg.block_n)),
-        min_chunk=int(run.get("min_chunk", cfg.min_chunk))))
+    def attn(cfg):  # the batch-1 attention settings, over the table's (partials=0) or PARTIALS_BATCH1
+        return dataclasses.replace(
+            cfg, kernel=run.get("attn_kernel", cfg.kernel), splits=int(run.get("splits", cfg.splits)),
+            num_stages=int(run.get("attn_stages", cfg.num_stages)), block_n=int(run.get("attn_block", cfg.block_n)),
+            min_chunk=int(run.get("min_chunk", cfg.min_chunk)))
+    attention_config.DECODE_CONFIGS["bf16"][0] = (ATTN_BATCH1[0], attn(ATTN_BATCH1[1]))
+    attention_config.PARTIALS_BATCH1 = attn(ATTN_PARTIALS)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--mib", default="0,16,32", help="MiB of gate_up prefetched, one run each per repeat")
     ap.add_argument("--settings", default="", help='instead of --mib: "mib=16,splits=S,attn_stages=S,'
-                    'attn_block=B,attn_kernel=mma|v2,preload=0|1,align=0|1,partials=0|1,input_row=0|1,min_chunk=C,xpairs=X,fused=BN/BK/PER_SM/WARPS/STAGES,shape=N/K/BN/BK/PER_SM/'
+                    'attn_block=B,attn_kernel=mma|v2,preload=0|1,align=0|1,partials=0|1,input_row=0|1,'
+                    'min_chunk=C,xpairs=X,fused=BN/BK/PER_SM/WARPS/STAGES,shape=N/K/BN/BK/PER_SM/'
                     'WARPS/STAGES+...;...": per run the prefetch, the batch-1 attention\'s settings, the fused GEMVs\' '
                     'input pairs and launch (all shapes, or per N x K)')
     ap.add_argument("--prompt", type=int, default=16)

@@ -424,7 +424,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, out=
     int8 = k_sz is not None
     if int8:
         assert k_sz.stride() == v_sz.stride() and k_sz.stride(-1) == 1
-    cfg = config or decode_config(B, int8, k_cache.dtype)
+    cfg = config or decode_config(B, int8, k_cache.dtype, partials)
     block_n = block_n or cfg.block_n
     fused = k_new is not None
     if fused:

@@ -41,9 +41,19 @@ DECODE_CONFIGS = {
 }
 
 
-def decode_config(batch: int, int8: bool, pool_dtype: torch.dtype = torch.bfloat16) -> DecodeConfig:
-    """The table's config for this batch; fp32 pools (fp32 models: tests, CPU-built checks) take v2 where the
-    table says mma (tensor cores take 16-bit operands)."""
+# Batch 1 on a 16-bit pool when the splits are handed out uncombined (`paged_decode_attention(partials=True)`, the
+# fused Int4 step): 32-position tiles, in the 16 splits (a split per 32 positions up to 512): +3.3% Int4 tok/s at
+# prompt 16, +1.1% at 1,024, +0.3% at 3,072 against 64-position tiles; 16-position tiles or 32 splits were slower
+# (docs/benchmarks.md, quantization run 18).
+PARTIALS_BATCH1 = DecodeConfig(**{**_MMA, "block_n": 32}, splits=16)
+
+
+def decode_config(batch: int, int8: bool, pool_dtype: torch.dtype = torch.bfloat16,
+                  partials: bool = False) -> DecodeConfig:
+    """The table's config for this batch (PARTIALS_BATCH1 for partials at batch 1 on a 16-bit pool); fp32 pools
+    (fp32 models: tests, CPU-built checks) take v2 where the table says mma (tensor cores take 16-bit operands)."""
+    if partials and batch <= 1 and not int8 and pool_dtype in (torch.bfloat16, torch.float16):
+        return PARTIALS_BATCH1
     table = DECODE_CONFIGS["int8" if int8 else "bf16"]
     cfg = [c for b, c in table if b <= max(batch, 1)][-1]
     if cfg.kernel == "mma" and not int8 and pool_dtype not in (torch.bfloat16, torch.float16):
