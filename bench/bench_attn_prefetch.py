@@ -62,7 +62,6 @@ FUSED_CONFIGS = dict(gptq_fused.FUSED_CONFIGS)
 PRELOAD = attention.PRELOAD
 ALIGN_RUNS = gptq_fused.ALIGN_RUNS
 PARTIALS = fused_decode.PARTIALS
-INPUT_ROW = gptq_fused.INPUT_ROW
 
 
 def apply(run: dict) -> None:
@@ -75,7 +74,6 @@ def apply(run: dict) -> None:
     gptq_fused.X_PAIRS = int(run.get("xpairs", X_PAIRS))
     gptq_fused.ALIGN_RUNS = bool(int(run.get("align", ALIGN_RUNS)))
     fused_decode.PARTIALS = bool(int(run.get("partials", PARTIALS)))
-    gptq_fused.INPUT_ROW = bool(int(run.get("input_row", INPUT_ROW)))
     gptq_fused.FUSED_DEFAULT = tuple(map(int, run["fused"].split("/"))) if "fused" in run else FUSED_DEFAULT
     gptq_fused.FUSED_CONFIGS.clear()
     gptq_fused.FUSED_CONFIGS.update(FUSED_CONFIGS)
@@ -95,7 +93,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--mib", default="0,16,32", help="MiB of gate_up prefetched, one run each per repeat")
     ap.add_argument("--settings", default="", help='instead of --mib: "mib=16,splits=S,attn_stages=S,'
-                    'attn_block=B,attn_kernel=mma|v2,preload=0|1,align=0|1,partials=0|1,input_row=0|1,'
+                    'attn_block=B,attn_kernel=mma|v2,preload=0|1,align=0|1,partials=0|1,'
                     'min_chunk=C,xpairs=X,fused=BN/BK/PER_SM/WARPS/STAGES,shape=N/K/BN/BK/PER_SM/'
                     'WARPS/STAGES+...;...": per run the prefetch, the batch-1 attention\'s settings, the fused GEMVs\' '
                     'input pairs and launch (all shapes, or per N x K)')

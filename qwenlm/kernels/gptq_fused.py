@@ -2,18 +2,20 @@
 GEMV launches (plus attention) instead of about ten.
 
 `fused_int4_gemv` runs `_fused_int4_kernel`: the arithmetic of `gptq_int4._gemv_kernel_v4` (4 columns and a
-whole group per thread, half2 unpacking) on a stream-K grid: a fixed number of programs (2 per SM) each take an
-equal run of consecutive (column block, K tile) work units, pipelined, and add their partial sums into a float32
-workspace once per column block they touch. v4's grid of a program per (column block, K split) gives each program
-2 tiles at the Qwen-7B shapes, so all of them load, then all compute; here the unpacking overlaps the next
-tiles' loads (4% more tok/s through the engine, docs/benchmarks.md quantization run 12). Fused in:
-- RMSNorm on the input (ln_1 / ln_2 before c_attn / gate_up): each program normalises the inputs of its own K
-  tiles into an fp16 scratch row (programs sharing a K tile write the same values there), its first two
-  weight tiles already loading. The row is written in the unpacking's lane-pair order (x0 x4 x1 x5 x2 x6 x3 x7
-  in each run of 8, a permutation in registers), so the loop reads the pairs as they are, one 16-byte row of
-  them per load; inputs read in place are regrouped by one PRMT per pair (`X_PAIRS`: +0.7% tok/s through the
-  engine for the order, docs/benchmarks.md run 16, and +2.6% for the 16-byte loads, run 17: a tile's copies into
-  shared memory 21 instead of 45);
+whole group per thread, half2 unpacking) on a stream-K grid: a fixed number of programs (2 per SM, rounded down to
+a multiple of the column blocks: `ALIGN_RUNS`) each take an equal run of consecutive (column block, K tile) work
+units, pipelined, and add their partial sums into a float32 workspace once per column block they touch. v4's grid
+of a program per (column block, K split) gives each program 2 tiles at the Qwen-7B shapes, so all of them load,
+then all compute; here the unpacking overlaps the next tiles' loads (4% more tok/s through the engine,
+docs/benchmarks.md quantization run 12). Fused in:
+- a prologue that writes the inputs of the program's own K tiles into an fp16 scratch row (programs sharing a K
+  tile write the same values there), its first two weight tiles already loading: RMSNorm (ln_1 / ln_2 before
+  c_attn / gate_up), the attention's context splits combined (`SplitPartials`, attn c_proj), or the inputs as they
+  are (mlp c_proj: +1.6% tok/s against reading them in place, run 18). The row is written in the unpacking's
+  lane-pair order (x0 x4 x1 x5 x2 x6 x3 x7 in each run of 8, a permutation in registers), so the loop reads the
+  pairs as they are, one 16-byte row of them per load (`X_PAIRS`: +0.7% tok/s through the engine for the order,
+  docs/benchmarks.md run 16, and +2.6% for the 16-byte loads, run 17: a tile's copies into shared memory 21
+  instead of 45);
 - an epilogue run by the program that completes a column block's K tiles: bias; NeoX RoPE on the q and k
   columns (a head's partner column lies in the same block) and the LogN query scale; up * silu(gate) for
   gate_up, whose column blocks take matching halves of up and gate, so the MLP's c_proj reads the activation
@@ -92,22 +94,18 @@ if triton is not None:
         end = (pid + 1) * (NBLK * KT) // P
         lane = tl.arange(0, BLOCK_N)
         rows = tl.arange(0, ROWS)[:, None]
-        PEEL: tl.constexpr = PRO != 0 or PDL
-        # XP 2, 3: the scratch row is written in lane-pair order (only with a prologue; inputs read in place use PRMT)
-        XPK: tl.constexpr = XP if PRO != 0 or XP < 2 else 1
-        if PEEL:  # the first two weight tiles stream in while the input row is built / the kernel before ends
-            # (the second only used if the first segment has it)
-            offs0, mask0, _ = _columns(start // KT, lane, N, FFN, BLOCK_N, GLU)
-            first_len = tl.minimum(KT - start % KT, end - start)
-            qw0, s0, zlo0, zhi0 = _w_tile(qw_ptr, qz_ptr, s_ptr, start % KT, rows, offs0, mask0, N, ROWS, SUB)
-            qw1, s1, zlo1, zhi1 = _w_tile(qw_ptr, qz_ptr, s_ptr, tl.minimum(start % KT + 1, KT - 1), rows, offs0,
-                                          mask0, N, ROWS, SUB)
+        # the first two weight tiles stream in while the kernel before ends and the input row is built (the second
+        # only used if the first segment has it)
+        offs0, mask0, _ = _columns(start // KT, lane, N, FFN, BLOCK_N, GLU)
+        first_len = tl.minimum(KT - start % KT, end - start)
+        qw0, s0, zlo0, zhi0 = _w_tile(qw_ptr, qz_ptr, s_ptr, start % KT, rows, offs0, mask0, N, ROWS, SUB)
+        qw1, s1, zlo1, zhi1 = _w_tile(qw_ptr, qz_ptr, s_ptr, tl.minimum(start % KT + 1, KT - 1), rows, offs0,
+                                      mask0, N, ROWS, SUB)
         if PDL:  # weights are never written by a kernel; everything else is read after this
             gdc_wait()
         _trace(TR, TR_OFF, pid, 2, TRACE)
-        if PRO == 0:  # fp16 inputs, read where they are
-            x32 = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
-        elif PRO >= 2:  # this program's K tiles only (RUN_MAX of them at most), into the fp16 scratch row
+        # The inputs go into an fp16 scratch row (XP >= 2: in the unpacking's lane-pair order), read by the tiles.
+        if PRO >= 2:  # this program's K tiles only (RUN_MAX of them at most), into the fp16 scratch row
             j = tl.arange(0, RUN_MAX * BLOCK_K)
             ka = ((start % KT + j // BLOCK_K) % KT) * BLOCK_K + j % BLOCK_K
             ok = j < tl.minimum(end - start, KT) * BLOCK_K
@@ -163,20 +161,19 @@ if triton is not None:
                     qs = tl.load(qsc_ptr + offs_n * 0).to(DT).to(tl.float32)
             acc = tl.zeros([BLOCK_N], dtype=tl.float32)
             k_loop = k0
-            if PEEL:
-                if t == start:  # the tiles loaded first
-                    acc = _w_dot(qw0, s0, zlo0, zhi0, x32, k0, rows, ROWS, ASM, False, XPK)
-                    k_loop = k0 + 1
-                    if first_len > 1:
-                        acc += _w_dot(qw1, s1, zlo1, zhi1, x32, k0 + 1, rows, ROWS, ASM, False, XPK)
-                        k_loop = k0 + 2
-                    if PDL:  # only now the next kernel may launch (5% more tok/s than at the start: run 13)
-                        gdc_launch_dependents()
-                    _trace_after(TR, TR_OFF, pid, 4, TRACE, tl.zeros([1], tl.int32) + tl.sum(acc, 0).to(tl.int32,
-                                                                                                     bitcast=True))
+            if t == start:  # the tiles loaded first
+                acc = _w_dot(qw0, s0, zlo0, zhi0, x32, k0, rows, ROWS, ASM, False, XP)
+                k_loop = k0 + 1
+                if first_len > 1:
+                    acc += _w_dot(qw1, s1, zlo1, zhi1, x32, k0 + 1, rows, ROWS, ASM, False, XP)
+                    k_loop = k0 + 2
+                if PDL:  # only now the next kernel may launch (5% more tok/s than at the start: run 13)
+                    gdc_launch_dependents()
+                _trace_after(TR, TR_OFF, pid, 4, TRACE, tl.zeros([1], tl.int32) + tl.sum(acc, 0).to(tl.int32,
+                                                                                                 bitcast=True))
             for it in tl.range(k_loop, k1, num_stages=STAGES):
                 qw, s, zlo, zhi = _w_tile(qw_ptr, qz_ptr, s_ptr, it, rows, offs_n, n_mask, N, ROWS, SUB)
-                acc += _w_dot(qw, s, zlo, zhi, x32, it, rows, ROWS, ASM, False, XPK)
+                acc += _w_dot(qw, s, zlo, zhi, x32, it, rows, ROWS, ASM, False, XP)
             _trace_after(TR, TR_OFF, pid, 5, TRACE, tl.zeros([1], tl.int32) + tl.sum(acc, 0).to(tl.int32, bitcast=True))
             if HAS_BIAS:
                 if k0 == 0:
@@ -242,11 +239,9 @@ def fusable(layer) -> bool:
 # H100 (docs/benchmarks.md, quantization run 12), and again through the engine with the later launch signal (run 13).
 FUSED_CONFIGS: dict[tuple[int, int], tuple] = {}
 # How the kernel gets the inputs' lane pairs (`gptq_int4._x_lane_pairs`): 3 the prologue writes its scratch row in
-# pair order, read one 16-byte row of pairs at a time, inputs read in place are regrouped by PRMT; 2 the same with
-# four 4-byte loads per row; 1 PRMT everywhere; 0 shifts and masks.
+# pair order, read one 16-byte row of pairs at a time; 2 the same with four 4-byte loads per row; 1 natural order,
+# regrouped by PRMT; 0 by shifts and masks.
 X_PAIRS = 3
-# fp16 inputs without a norm copied into the scratch row too (prologue 2), in the order the 16-byte loads take them.
-INPUT_ROW = True
 # Programs per launch rounded down to a multiple of the column blocks, so that every program's run of K tiles lies in
 # one column block: a run spanning two restarts its pipeline and adds a second reduction, and made those programs
 # (38 of gate_up's 264) the last to finish by ~2 us (`bench/bench_trace.py`, docs/benchmarks.md run 18).
@@ -292,11 +287,10 @@ def fused_int4_gemv(x, layer, *, norm_weight=None, eps: float = 0.0, glu: int = 
         assert residual is not None and norm_weight is None and not glu, "SplitPartials: for a projection + residual"
         assert parts.ml.shape[1] % splits == 0 and K % (parts.ml.shape[1] // splits) == 0, "batch 1, whole heads"
     out = torch.empty((1, glu or N), device=x.device, dtype=residual.dtype if parts is not None else x.dtype)
-    # prologue: 0 fp16 inputs read in place; 1 RMSNorm into an fp16 scratch row; 2 the inputs copied into it (other
-    # dtypes converted; fp16 too with INPUT_ROW); 3 the attention's split partials combined into it
-    pro = 3 if parts is not None else 1 if norm_weight is not None else (
-        0 if x.dtype == torch.float16 and not INPUT_ROW else 2)
-    scratch = torch.empty(K, device=x.device, dtype=torch.float16) if pro else x
+    # prologue, into an fp16 scratch row: 1 RMSNorm; 2 the inputs (converted from other dtypes); 3 the attention's
+    # split partials combined
+    pro = 3 if parts is not None else 1 if norm_weight is not None else 2
+    scratch = torch.empty(K, device=x.device, dtype=torch.float16)
     ws, cnt = layer._workspace
     bias = layer._kernel_bias
     cos = sin = q_scale = None
