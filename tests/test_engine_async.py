@@ -171,6 +171,12 @@ def test_decode_config_table_covers_every_batch():
     for batch in (1, 8, 128):  # fp32 pools: v2 where the table says mma (tensor cores take 16-bit operands)
         cfg, fp32 = decode_config(batch, False), decode_config(batch, False, torch.float32)
         assert fp32.kernel == ("v2" if cfg.kernel == "mma" else cfg.kernel) and fp32.splits == cfg.splits
+    # splits handed out uncombined (the fused Int4 step): their own batch-1 config on 16-bit pools only
+    from qwenlm.kernels.attention_config import PARTIALS_BATCH1
+    assert decode_config(1, False, torch.float16, partials=True) == PARTIALS_BATCH1
+    assert PARTIALS_BATCH1.kernel == "mma" and PARTIALS_BATCH1.splits > 1
+    assert decode_config(2, False, partials=True) == decode_config(2, False)
+    assert decode_config(1, True, partials=True) == decode_config(1, True)
 
 
 def test_torch_paged_reference_matches_dense_attention():
