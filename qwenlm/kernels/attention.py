@@ -317,7 +317,9 @@ if triton is not None:
         the weights p are split into a high and a low part (two products), so the result keeps ~16 bits where
         one bf16 operand would keep 8. PDL: as v2. PREFETCH: before waiting for the kernel before, each program
         sends its share of pf_bytes from PF (another kernel's weights) into L2. PRELOAD: its first tile of K/V rows
-        is loaded before that wait, so that at short contexts only the query is read after it."""
+        is loaded before that wait, so that at short contexts only the query is read after it. PARTS: every split
+        writes its partial state (`SplitPartials`) and none combines them. TRACE: `sync.TRACE`'s points 4-6 are the
+        query read, the products done and the new row attended; 7 holds the splits in use."""
         idx = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
         _trace(TR, TR_OFF, idx, 0, TRACE)
         _trace(TR, TR_OFF, idx, 1, TRACE)
@@ -384,6 +386,7 @@ if triton is not None:
         _trace(TR, TR_OFF, idx, 3, TRACE)
         if TRACE:
             tl.store(TR + TR_OFF + idx.to(tl.int64) * 8 + 7 + tl.arange(0, 1), n_used + tl.zeros([1], tl.int64))
+
 
 class SplitPartials(NamedTuple):
     """The context splits' partial softmax states of a decode attention, not yet combined: ml [2, B * heads * splits]

@@ -87,6 +87,8 @@ if triton is not None:
         SUB: tl.constexpr = GROUP // BLOCK_K
         DT = out_ptr.dtype.element_ty  # the model dtype
         pid = tl.program_id(0)
+        # TRACE (`sync.TRACE`) points 4-7: the held tiles summed, the loop done, the arrival counted, and whether
+        # this program completed its column block
         _trace(TR, TR_OFF, pid, 0, TRACE)
         _trace(TR, TR_OFF, pid, 1, TRACE)
         KT = K // BLOCK_K  # K tiles per column block
