@@ -65,6 +65,7 @@ def _paged_decode_kernel(Q, K, V, KSZ, VSZ, Kin, Vin, Slots, Out, BlockTables, C
     _finish(Out, Out, Out, Out, Out, b, hh, 0, d, m1, l1, acc1, 0, 1, n_used, stride_ob, stride_oh, HEAD_DIM,
             False, False, 1, False, False)
 
+
 @triton.jit
 def _store_new_and_attend(K, V, KSZ, VSZ, Kin, Vin, Slots, b, hh, sp, d, q, m, l_sum, acc, ctx_len,
                           stride_kb, stride_kp, stride_kh, stride_sb, stride_sp, stride_sh,
@@ -105,6 +106,7 @@ def _store_new_and_attend(K, V, KSZ, VSZ, Kin, Vin, Slots, b, hh, sp, d, q, m, l
     alpha = tl.exp(m - m_safe)
     p_new = tl.exp(s_new - m_safe)
     return m_new, l_sum * alpha + p_new, acc * alpha[:, None] + p_new[:, None] * v_new
+
 
 @triton.jit
 def _paged_decode_v2_kernel(Q, K, V, KSZ, VSZ, Kin, Vin, Slots, Out, PartM, PartL, PartAcc, Counters,
@@ -177,6 +179,7 @@ def _paged_decode_v2_kernel(Q, K, V, KSZ, VSZ, Kin, Vin, Slots, Out, PartM, Part
             n_splits, n_used, stride_ob, stride_oh, HEAD_DIM, SPLIT, FUSED_REDUCE, BLOCK_S, ASM, FENCE)
     _trace(TR, TR_OFF, idx, 3, TRACE)
 
+
 @triton.jit
 def _mma_tile_load(K, V, KSZ, VSZ, BlockTables, b, h, s0, end, d, stride_kb, stride_kp, stride_kh, stride_sb,
                    stride_sp, stride_sh, stride_bt, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -200,6 +203,7 @@ def _mma_tile_load(K, V, KSZ, VSZ, BlockTables, b, h, s0, end, d, stride_kb, str
         v_scale = tl.load(VSZ + sz, mask=valid, other=0.0)
         v_zero = tl.load(VSZ + sz + 1, mask=valid, other=0.0)
     return valid, k, v, k_scale, k_zero, v_scale, v_zero
+
 
 @triton.jit
 def _mma_tile_step(valid, k, v, k_scale, k_zero, v_scale, v_zero, q_mat, q_mat_lo, q_sum, scale, m, l_sum, acc,
@@ -228,6 +232,7 @@ def _mma_tile_step(valid, k, v, k_scale, k_zero, v_scale, v_zero, q_mat, q_mat_l
     if KV_INT8:
         acc -= tl.where(c[:, None] == 0, tl.sum(pv * v_zero, 0), 0.0)  # sum p * scale * zero
     return m_new, l_sum, acc
+
 
 @triton.jit
 def _paged_decode_mma_kernel(Q, K, V, KSZ, VSZ, Kin, Vin, Slots, Out, PartM, PartL, PartAcc, Counters,

@@ -287,7 +287,9 @@ def fused_int4_gemv(x, layer, *, norm_weight=None, eps: float = 0.0, glu: int = 
     assert x.is_contiguous() and x.numel() == K * splits
     if parts is not None:
         assert residual is not None and norm_weight is None and not glu, "SplitPartials: for a projection + residual"
-        assert parts.ml.shape[1] % splits == 0 and K % (parts.ml.shape[1] // splits) == 0, "batch 1, whole heads"
+        heads = parts.ml.shape[1] // splits
+        assert heads * splits == parts.ml.shape[1] and K % heads == 0 and K // heads % block_k == 0, \
+            "SplitPartials: batch 1, whole K tiles per head"
     out = torch.empty((1, glu or N), device=x.device, dtype=residual.dtype if parts is not None else x.dtype)
     # prologue, into an fp16 scratch row: 1 RMSNorm; 2 the inputs (converted from other dtypes); 3 the attention's
     # split partials combined
@@ -304,15 +306,13 @@ def fused_int4_gemv(x, layer, *, norm_weight=None, eps: float = 0.0, glu: int = 
     assert not (glu and residual is not None), "glu and residual: one epilogue or the other"
     any_ptr = layer.scales
     nblk = triton.cdiv(glu, block_n // 2) if glu else triton.cdiv(N, block_n)
-    programs = min(nblk * (K // block_k), per_sm * _sm_count(x.device))
+    kt = K // block_k
+    programs = min(nblk * kt, per_sm * _sm_count(x.device))
     if ALIGN_RUNS and programs >= nblk:  # a whole number of programs per column block: no run spans two blocks
         programs -= programs % nblk
-    kt = K // block_k
     run_max = triton.cdiv(kt, programs // nblk) if programs % nblk == 0 else kt  # K tiles a program's run reads
     if parts is not None:
-        head = K // (parts.ml.shape[1] // splits)
-        assert head % block_k == 0, "SplitPartials: whole K tiles per head"
-        norm_weight = parts.ml
+        head, norm_weight = K // heads, parts.ml
     _fused_int4_kernel[(programs,)](
         x, norm_weight if norm_weight is not None else any_ptr, scratch, layer.qweight, layer.qzeros,
         layer.scales, bias if bias is not None else any_ptr, out, ws, cnt,
