@@ -11,27 +11,11 @@ import torch
 from qwenlm.chat import DEFAULT_SYSTEM, History, build_chat_prompt, chat_stop_ids, validate_history
 from qwenlm.config import GenerationConfig
 from qwenlm.engine import EngineConfig, LLMEngine
-from qwenlm.hub import DEFAULT_MODEL, resolve_model
-from qwenlm.model import quant
-from qwenlm.model.loader import load_model
+from qwenlm.hub import DEFAULT_MODEL
+from qwenlm.loading import load_checkpoint
 from qwenlm.model.qwen import QWenLMHeadModel
 from qwenlm.sampling import SamplingParams
 from qwenlm.tokenizer import Tokenizer
-
-_DTYPES = {"auto": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-           "float16": torch.float16, "half": torch.float16, "fp32": torch.float32, "float32": torch.float32}
-
-
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load(name_or_path: str = DEFAULT_MODEL, device: str | None = None, dtype: str | torch.dtype | None = "auto",
@@ -41,14 +25,8 @@ def load(name_or_path: str = DEFAULT_MODEL, device: str | None = None, dtype: st
     engine_config sizes the serving engine every call runs on (KV blocks, batch limits, CUDA graphs;
     kv_cache_dtype="int8" for an int8 KV cache). quantize="int8" turns a bf16/fp16 folder's block linears into
     per-channel int8 after loading (docs/quantization.md); GPTQ folders are refused."""
-    folder = resolve_model(name_or_path)
-    device = device or default_device()
-    model = load_model(folder, device=device, dtype=parse_dtype(dtype), progress=progress)
-    quant.apply_quantize(model, quantize, str(folder))
-    tokenizer = Tokenizer.from_folder(folder)
-    gen_file = folder / "generation_config.json"
-    gen = GenerationConfig.from_file(gen_file) if gen_file.is_file() else GenerationConfig()
-    return QwenLM(model, tokenizer, gen, folder, engine_config)
+    ckpt = load_checkpoint(name_or_path, device, dtype, progress, quantize)
+    return QwenLM(ckpt.model, ckpt.tokenizer, ckpt.generation_config, ckpt.folder, engine_config)
 
 
 class QwenLM:

@@ -27,6 +27,7 @@ from qwenlm.engine.outputs import CompletionOutput, RequestOutput
 from qwenlm.engine.runner import LaunchedStep, ModelRunner
 from qwenlm.engine.scheduler import Scheduler
 from qwenlm.engine.sequence import PENDING, Sequence
+from qwenlm.loading import load_checkpoint
 from qwenlm.model.qwen import ntk_alpha
 from qwenlm.sampling import SamplingParams
 from qwenlm.tokenizer import IncrementalDetokenizer, StopStringMatcher
@@ -282,8 +283,6 @@ class LLM(LLMEngine):
             raise ValueError("pass either an EngineConfig or EngineConfig keyword arguments, not both")
         config = config or EngineConfig(**config_kwargs)
         if not hasattr(model_or_path, "config"):
-            from qwenlm.api import load  # the one loading path (qwenlm.api imports this module)
-
-            loaded = load(model_or_path, device=device, dtype=dtype)
-            model_or_path, tokenizer = loaded.model, tokenizer or loaded.tokenizer
+            ckpt = load_checkpoint(model_or_path, device=device, dtype=dtype)
+            model_or_path, tokenizer = ckpt.model, tokenizer or ckpt.tokenizer
         super().__init__(model_or_path, tokenizer, config)
