@@ -1,5 +1,5 @@
-"""Launch settings of the paged decode kernels (`qwenlm.kernels.attention`): which kernel, heads per program, context
-splits and tiles run for a batch size and pool dtype, chosen from H100 sweeps."""
+"""Launch settings of the paged decode kernels (`qwenlm.kernels.attention`): which kernel, context splits and tiles
+run for a batch size and pool dtype, chosen from H100 sweeps."""
 
 from __future__ import annotations
 
@@ -10,10 +10,9 @@ import torch
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """How paged_decode_attention runs: kernel "v2" (heads per program, context splits, fused store) or "v1"
-    (one program per (sequence, head), K/V stored by separate launches before it)."""
-    kernel: str = "v2"  # "v1", "v2" or "mma" (v2's program with tensor-core products; heads 1)
-    heads: int = 1
+    """How paged_decode_attention runs: kernel "v1" (one program per (sequence, head)), "v2" (per (sequence, head,
+    context split)) or "mma" (v2's program with tensor-core products)."""
+    kernel: str = "v2"
     splits: int = 1
     block_n: int = 128
     num_warps: int = 4
