@@ -107,9 +107,9 @@ class CompiledDecode:
     """Callable (ids [B,1], pos [B,1], inv [B,1,r/2], use_logn) -> fp32 logits [B,V], as the runner's eager
     `_decode_forward`. backend: a torch.compile backend ("inductor"; "eager" in tests), None = no compile."""
 
-    def __init__(self, model, ctx, backend: str | None = "inductor", options: dict | None = None):
+    def __init__(self, model, ctx, backend: str | None = "inductor"):
         self.model, self.ctx = model, ctx
-        opts = dict(INDUCTOR_OPTIONS if options is None else options) if backend == "inductor" else None
+        opts = dict(INDUCTOR_OPTIONS) if backend == "inductor" else None
 
         def wrap(dynamic):
             if backend is None:
