@@ -107,27 +107,27 @@ def test_async_consumer_leaving_aborts_and_frees_blocks(model):
 
 
 def test_triton_paged_decode_kernels_match_reference_in_interpreter():
-    """Every kernel variant (v1; v2 with several heads per program and context splits, combined by a second launch
-    or in the kernel, with all splits or as many as the context needs), with and without the fused store of the
-    new token's K/V, against store-then-reference: outputs and the pools."""
+    """Every kernel (v1; v2 and mma with context splits, combined by a second launch or in the kernel, with all
+    splits or as many as the context needs), with and without the fused store of the new token's K/V, against
+    store-then-reference: outputs and the pools."""
     pytest.importorskip("triton")
     code = textwrap.dedent("""
         import torch
         from qwenlm.kernels.attention import DecodeConfig, paged_decode_attention, paged_decode_attention_ref
         g = torch.Generator().manual_seed(0)
         B, H, D, bs, nb = 4, 4, 16, 4, 48
-        configs = [DecodeConfig("v1", block_n=8), DecodeConfig(block_n=8), DecodeConfig(heads=2, splits=3, block_n=4),
-                   DecodeConfig(heads=4, splits=8, block_n=2), DecodeConfig("mma", block_n=16),
+        configs = [DecodeConfig("v1", block_n=8), DecodeConfig(block_n=8), DecodeConfig(splits=3, block_n=4),
+                   DecodeConfig(splits=8, block_n=2), DecodeConfig("mma", block_n=16),
                    DecodeConfig("mma", splits=3, block_n=16),
                    # splits used as the context needs (with the in-kernel combination): 1, 2 or 3 of 8 / of 3
-                   DecodeConfig(heads=2, splits=8, block_n=4, min_chunk=16),
+                   DecodeConfig(splits=8, block_n=4, min_chunk=16),
                    DecodeConfig("mma", splits=3, block_n=16, min_chunk=32)]
         variants = [(cfg, fused, counted) for cfg in configs for fused in (False, True)
                     for counted in ((False, True) if cfg.splits > 1 else (False,)) if counted or not cfg.min_chunk]
         for cfg, fused, counted in variants:
             # the tensor-core kernel takes fp16 / bf16 pools: fp16 here, its output rounded to fp16 (~5e-4)
             dt, tol = (torch.float16, 2e-3) if cfg.kernel == "mma" else (torch.float32, 1e-5)
-            counters = torch.zeros(B * H // cfg.heads, dtype=torch.int32) if counted else None
+            counters = torch.zeros(B * H, dtype=torch.int32) if counted else None
             kc, vc = torch.randn(nb, bs, H, D, generator=g).to(dt), torch.randn(nb, bs, H, D, generator=g).to(dt)
             tables = torch.randperm(nb - 1, generator=g)[:40].view(B, 10).int()
             lens = torch.tensor([1, 7, 40, 0]).int()
@@ -164,7 +164,7 @@ def test_decode_config_table_covers_every_batch():
         for batch in range(1, 257):
             cfg = decode_config(batch, int8)
             assert isinstance(cfg, DecodeConfig) and cfg.kernel in ("v1", "v2", "mma")
-            assert 32 % cfg.heads == 0 and cfg.splits >= 1 and cfg.block_n & (cfg.block_n - 1) == 0
+            assert cfg.splits >= 1 and cfg.block_n & (cfg.block_n - 1) == 0
     assert decode_config(1, False) == DECODE_CONFIGS["bf16"][0][1]
     assert decode_config(256, True) == DECODE_CONFIGS["int8"][-1][1]
     assert decode_config(3, False) == decode_config(2, False)  # the entry of the largest start <= 3

@@ -47,7 +47,7 @@ with torch.no_grad():
             layer.bias = (torch.randn(n) * 0.1).half()
 for layer in model.modules():
     if isinstance(layer, quant.GPTQLinear):
-        layer.prepare_kernel("triton")
+        layer.prepare_kernel()
 assert fuse_gate_up(model) == 2 and fused_decode.supports(model)
 
 ids = torch.randint(0, 512, (1, 12))

@@ -67,16 +67,16 @@ def check(x, qw, qz, s, gi, g, bits, b, cfg, ws=None):
     err = (out - ref).abs().max().item()
     assert err < 2e-3 * ref.abs().max().item() + 2e-3, (x.shape, qw.shape, g, bits, cfg, err)
 
-# (BLOCK_N, BLOCK_K, SPLIT_K, warps, stages, 4, flags): one program per column block or split over K (the
-# fused reduction leaves its workspace zeroed), whole groups or parts of one per iteration, plain or pipelined
-# loads, every flag; N not a multiple of BLOCK_N (masked columns); groups of 32, 64 and 128
+# (BLOCK_N, BLOCK_K, SPLIT_K, warps, stages, 4): one program per column block or split over K (the fused
+# reduction leaves its workspace zeroed), whole groups or parts of one per iteration, plain or pipelined loads;
+# N not a multiple of BLOCK_N (masked columns); groups of 32, 64 and 128
 for k, n, g in ((256, 96, 64), (384, 256, 128), (128, 64, 32)):
     qw, qz, s, gi = case(k, n, g)
     b = torch.randn(n).half()
     ws = G.gemv_workspace(n, "cpu")
     x = torch.randn(1, k).half()
-    for cfg in ((128, 128, 1, 1, 1, 4), (128, 128, 3, 1, 2, 4, 1), (256, 128, 8, 2, 3, 4, 2),
-                (64, 128, 2, 1, 1, 4, 3), (128, 32, 5, 1, 2, 4, 3), (128, 48, 64, 1, 1, 4)):
+    for cfg in ((128, 128, 1, 1, 1, 4), (128, 128, 3, 1, 2, 4), (256, 128, 8, 2, 3, 4),
+                (64, 128, 2, 1, 1, 4), (128, 32, 5, 1, 2, 4), (128, 48, 64, 1, 1, 4)):
         for _ in range(2):
             check(x, qw, qz, s, gi, g, 4, b, cfg, ws)
             assert not ws[0].any() and not ws[1].any()
@@ -96,8 +96,8 @@ layer.scales = (torch.rand(4, 128) * 0.01).half()
 layer.g_idx = (torch.randperm(256) // 64).int()
 x = torch.randn(1, 256).half()
 ref = layer(x).float()
-layer.prepare_kernel("triton")
-G.GEMV_CONFIGS[(4, 128, 256)] = (128, 128, 2, 1, 1, 4, 2)
+layer.prepare_kernel()
+G.GEMV_CONFIGS[(4, 128, 256)] = (128, 128, 2, 1, 1, 4)
 assert layer.backend == "triton" and layer.perm is not None
 assert (layer(x).float() - ref).abs().max().item() < 2e-3 * ref.abs().max().item() + 2e-3
 print("ok")

@@ -176,7 +176,7 @@ def test_triton_int8_kernels_match_reference_in_interpreter():
         assert torch.equal(out[3], torch.zeros_like(out[3]))
         # every kernel variant with the new token's K/V quantized and stored by the call, against
         # quantize_store_kv_ref then the reference; the pools must be bit-identical to the reference store
-        H = 4  # several heads per program need a power of two
+        H = 4
         kc, vc = (torch.randint(0, 256, (nb, bs, H, D), generator=g, dtype=torch.uint8) for _ in range(2))
         ks, vs = torch.rand(nb, bs, H, 2, generator=g), torch.rand(nb, bs, H, 2, generator=g)
         for t in (ks, vs):
@@ -187,8 +187,8 @@ def test_triton_int8_kernels_match_reference_in_interpreter():
         vn = torch.randn(B, 3, H, D, generator=g)[:, 1]
         pos = (lens - 1).clamp(min=0).long()
         slots = tables.long()[torch.arange(B), pos // bs] * bs + pos % bs
-        for cfg in (DecodeConfig("v1", block_n=8), DecodeConfig(block_n=8), DecodeConfig(heads=2, splits=3, block_n=4),
-                    DecodeConfig(heads=4, splits=8, block_n=2), DecodeConfig("mma", block_n=16),
+        for cfg in (DecodeConfig("v1", block_n=8), DecodeConfig(block_n=8), DecodeConfig(splits=3, block_n=4),
+                    DecodeConfig(splits=8, block_n=2), DecodeConfig("mma", block_n=16),
                     DecodeConfig("mma", splits=3, block_n=16)):
             pools = [kc.clone(), vc.clone(), ks.clone(), vs.clone()]
             want_pools = [kc.clone(), vc.clone(), ks.clone(), vs.clone()]

@@ -199,9 +199,9 @@ for bits in (4, 8):
             out = gptq_matmul(x, qw, qz, s, g, bits, b, config=cfg, workspace=ws).float()
             assert (out - ref).abs().max().item() < 2e-3 * ref.abs().max().item() + 2e-3, (bits, cfg)
             assert not ws[0].any() and not ws[1].any()
-    # every unpacking (0 shift, 1 mantissa, 2 Int4 half2 math), with and without prefetching; M > 1 too
+    # every unpacking (0 shift, 1 mantissa, 2 Int4 half2 math), whole or split over K; M > 1 too
     for unpack in ((0, 1, 2) if bits == 4 else (0, 1)):
-        for cfg in ((32, 64, 1, 4, 1, unpack), (32, 64, 4, 4, 1, unpack), (32, 64, 2, 4, 1, unpack, 1)):
+        for cfg in ((32, 64, 1, 4, 1, unpack), (32, 64, 4, 4, 1, unpack), (32, 64, 2, 4, 1, unpack)):
             out = gptq_matmul(x, qw, qz, s, g, bits, b, config=cfg, workspace=ws).float()
             assert (out - ref).abs().max().item() < 2e-3 * ref.abs().max().item() + 2e-3, (bits, cfg)
     x5 = torch.randn(5, K).half()
@@ -216,7 +216,7 @@ layer.scales = (torch.rand(4, 64) * 0.01).half()
 layer.g_idx = (torch.randperm(256) // 64).int()
 x = torch.randn(1, 256).half()
 ref = layer(x).float()
-layer.prepare_kernel("triton")
+layer.prepare_kernel()
 assert layer.backend == "triton" and layer.perm is not None
 assert (layer(x).float() - ref).abs().max().item() < 2e-3 * ref.abs().max().item() + 2e-3
 # act-order w1 + w2 concatenated after prepare_kernel (same g_idx): [w1(x), w2(x)] through one kernel
@@ -226,7 +226,7 @@ other.qzeros = quant.pack_cols(torch.randint(0, 15, (4, 32)), 4)
 other.scales = (torch.rand(4, 32) * 0.01).half()
 other.g_idx = (torch.argsort(layer.perm).int() // 64).int()  # the shuffled order, as stored
 want = torch.cat((ref, other(x).float()), dim=1)
-other.prepare_kernel("triton")
+other.prepare_kernel()
 both = quant.concat_gptq_linears(layer, other)
 assert both.out_features == 96 and both.backend == "triton"
 assert (both(x).float() - want).abs().max().item() < 2e-3 * want.abs().max().item() + 2e-3

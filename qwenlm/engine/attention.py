@@ -28,10 +28,6 @@ from qwenlm.kernels.kv_int8 import dequantize_rows, quantize_store_kv
 KV_CACHE_DTYPES = ("auto", "int8")
 
 
-# Decode with context splits: the kernel's last split combines the partials (True) or a second launch does.
-SPLITS_COMBINED_IN_KERNEL = True
-
-
 def kv_bytes_per_token_head(head_dim: int, dtype: torch.dtype, kv_cache_dtype: str) -> int:
     """Bytes of K and V of one token and head in the pool: 2*d*itemsize, or 2*(d + 8) for int8 (fp32 scale, zero)."""
     if kv_cache_dtype == "int8":
@@ -91,9 +87,8 @@ class PagedAttention:
     def _split_counters(self, q: torch.Tensor) -> torch.Tensor | None:
         """Zeroed int32 arrival counters (one per sequence and head) with which the decode kernel's last context
         split combines the partials itself (`paged_decode_attention(counters=)`); the kernels leave them zero.
-        Grown outside CUDA-graph capture only: the runner runs every batch size once before capturing it."""
-        if not SPLITS_COMBINED_IN_KERNEL:
-            return None
+        Grown outside CUDA-graph capture only: the runner runs every batch size once before capturing it (None
+        otherwise: a second launch combines the splits)."""
         n = q.shape[0] * q.shape[2]
         if self._counters is None or self._counters.numel() < n:
             if q.is_cuda and torch.cuda.is_current_stream_capturing():

@@ -40,7 +40,6 @@ from qwenlm.model.qwen import apply_rope, logn_scale
 # gpt-fast's generate.py settings (see module docstring); fx_graph_cache keeps compiled graphs on disk so
 # a second start of the engine on the same machine skips most of the compile.
 INDUCTOR_OPTIONS = {"coordinate_descent_tuning": True, "triton.unique_kernel_names": True, "fx_graph_cache": True}
-SPLIT_MLP_ACT = True  # see attn_out
 
 
 def prologue(model, ids, pos, inv_freq, use_logn: bool):
@@ -75,7 +74,7 @@ def attn_out(block, x, out):
     B, T, _ = x.shape
     x = x + block.attn.c_proj(out.reshape(B, T, -1))
     mlp = block.mlp
-    if SPLIT_MLP_ACT and isinstance(mlp, GateUpMLP):
+    if isinstance(mlp, GateUpMLP):
         # Region ends at up * silu(gate): stored once, instead of being recomputed (exp and all) by every
         # program of the c_proj GEMV that Inductor would otherwise fuse it into.
         up, gate = mlp.gate_up(block.ln_2(x)).split(mlp.ffn_dim, dim=-1)
@@ -108,9 +107,9 @@ class CompiledDecode:
     """Callable (ids [B,1], pos [B,1], inv [B,1,r/2], use_logn) -> fp32 logits [B,V], as the runner's eager
     `_decode_forward`. backend: a torch.compile backend ("inductor"; "eager" in tests), None = no compile."""
 
-    def __init__(self, model, ctx, backend: str | None = "inductor", options: dict | None = None):
+    def __init__(self, model, ctx, backend: str | None = "inductor"):
         self.model, self.ctx = model, ctx
-        opts = dict(INDUCTOR_OPTIONS if options is None else options) if backend == "inductor" else None
+        opts = dict(INDUCTOR_OPTIONS) if backend == "inductor" else None
 
         def wrap(dynamic):
             if backend is None:
@@ -125,7 +124,7 @@ class CompiledDecode:
         self.varlen = _Regions(wrap(False))
         # GPTQ Int4 models decode one sequence through fused kernels instead of the compiled blocks.
         self.fused = fused_decode.FusedInt4Blocks(model) if (
-            fused_decode.ENABLED and backend is not None and fused_decode.supports(model)) else None
+            backend is not None and fused_decode.supports(model)) else None
 
     def _blocks(self, r: _Regions, ctx, ids, pos, inv, use_logn: bool) -> torch.Tensor:
         mark = _tokens if r is self.varlen else (lambda *ts: None)

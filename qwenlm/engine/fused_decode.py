@@ -14,26 +14,18 @@ GEMVs (1.12x the compiled regions at batch 1 on an H100, docs/benchmarks.md quan
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from qwenlm.engine.attention import PagedAttention
 from qwenlm.engine.fusion import GateUpMLP
-from qwenlm.kernels import sync
 from qwenlm.kernels.attention import SplitPartials
 from qwenlm.kernels.gptq_fused import fusable, fused_int4_gemv
 from qwenlm.model.quant import GPTQLinear
 
-# QWENLM_FUSED_INT4=0 keeps Int4 models on the compiled regions (for comparisons).
-ENABLED = os.environ.get("QWENLM_FUSED_INT4", "1") != "0"
 # MiB of gate_up's weights the decode attention sends into L2 (`paged_decode_attention(prefetch=)`): 0.5% more
 # tok/s at 16 (docs/benchmarks.md, run 15), and 8 ~0.9% more than 16 since the GEMVs read 16-byte input rows
 # (run 17).
 PREFETCH_MB = 8
-# The attention hands c_proj its context splits uncombined (`SplitPartials`), and c_proj's programs combine them as
-# they read their inputs: no arrival count and no combination at the attention's end.
-PARTIALS = True
 
 
 def supports(model) -> bool:
@@ -65,7 +57,6 @@ class FusedInt4Blocks:
         x = x.reshape(H)
         cos, sin = cos.reshape(-1), sin.reshape(-1)
         qs = q_scale.reshape(1) if q_scale is not None else None
-        sync.trace_reset()
         for block in self.model.transformer.h:
             attn, mlp = block.attn, block.mlp
             proj = attn.num_heads * attn.head_dim
@@ -73,8 +64,11 @@ class FusedInt4Blocks:
                                   rope=(cos, sin, qs, 2 * proj, proj, attn.head_dim))
             q, k, v = qkv.view(1, 1, 3, attn.num_heads, attn.head_dim).unbind(2)
             if isinstance(ctx, PagedAttention):
-                pf = (mlp.gate_up.qweight, PREFETCH_MB << 20) if PREFETCH_MB else None
-                out = ctx.attend(attn.layer_idx, q, k, v, prefetch=pf, partials=PARTIALS)
+                # The attention hands c_proj its context splits uncombined (`SplitPartials`) where it splits, and
+                # c_proj's programs combine them as they read their inputs: no arrival count and no combination
+                # at the attention's end.
+                out = ctx.attend(attn.layer_idx, q, k, v, prefetch=(mlp.gate_up.qweight, PREFETCH_MB << 20),
+                                 partials=True)
             else:
                 out = ctx.attend(attn.layer_idx, q, k, v)
             x = fused_int4_gemv(out if isinstance(out, SplitPartials) else out.reshape(-1), attn.c_proj,

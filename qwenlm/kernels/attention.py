@@ -6,9 +6,9 @@ q [B, heads, head_dim]. Each program runs an online softmax over its pages, read
 attention is bound by memory bandwidth (Qwen v1 has no GQA: every head reads its own K/V). Three kernels, picked
 per pool dtype and batch size by `decode_config` (an H100 sweep):
 - v1: one program per (sequence, head), products on the CUDA cores;
-- v2: one program per (sequence, `heads` adjacent heads, context split); with splits > 1 the last split to
-  finish (or a second kernel) combines the splits' partial softmax (flash-decoding: at batch 1 one program per
-  head leaves most of the GPU idle);
+- v2: one program per (sequence, head, context split); with splits > 1 the last split to finish (or a second
+  kernel) combines the splits' partial softmax (flash-decoding: at batch 1 one program per head leaves most of
+  the GPU idle);
 - mma: v2's program (one head) with both products on tensor cores, whose operands Triton streams through
   shared memory with asynchronous copies: the fastest for bf16 pools at every batch (2.95 TB/s at 128 x 640).
 Given the step's new K/V, each stores it itself (quantized for int8) and attends to it as stored, which saves
@@ -23,7 +23,6 @@ dot product plus two scalars, and V rows are weighted by p * scale.
 from __future__ import annotations
 
 import math
-import os
 from typing import NamedTuple
 
 import torch
@@ -42,10 +41,6 @@ from qwenlm.kernels.kv_int8 import dequantize_rows
 if triton is not None:
     from qwenlm.kernels.attention_kernels import _paged_decode_kernel, _paged_decode_mma_kernel, _paged_decode_v2_kernel
     from qwenlm.kernels.attention_splits import _split_reduce_kernel
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter cannot run inline PTX
-# The mma kernel loads its first K/V tile before waiting for the kernel before (`_paged_decode_mma_kernel`).
-PRELOAD = True
 
 
 def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, max_len: int | None = None,
@@ -93,8 +88,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, out=
     int8) and attended to as the last context position (context_lens includes it), as store-then-attend would.
     config: DecodeConfig (default: decode_config(B, int8), chosen by batch size, so a CUDA graph captured for
     one batch bucket always runs one kernel shape); block_n overrides its block_n.
-    counters: int32 zeros, at least B * heads / config.heads (`split_counters`): with context splits, the last
-    split of each program group combines the partials, instead of a second launch. The kernel leaves them zero.
+    counters: int32 zeros, at least B * heads (`PagedAttention._split_counters`): with context splits, the last
+    split of each (sequence, head) combines the partials, instead of a second launch. The kernel leaves them zero.
     prefetch=(tensor, nbytes): the mma kernel on sm_90+ also sends the first nbytes of tensor (a later kernel's
     weights) into L2, shared out over its programs, before they wait for the kernel before (with PDL that one is
     still running; most of the programs then read little or nothing at batch 1). 0.5% more Int4 tok/s at batch 1
@@ -129,9 +124,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, out=
             block_tables.stride(0), PAGE=k_cache.shape[1], HEAD_DIM=D, BLOCK_N=block_n, KV_INT8=int8,
             FUSED_STORE=fused, num_warps=cfg.num_warps, **extra)
         return out
-    assert cfg.kernel != "mma" or (cfg.heads == 1 and block_n >= 16 and D >= 16), "mma: heads 1, tiles >= 16"
-    assert H % cfg.heads == 0 and cfg.heads & (cfg.heads - 1) == 0, \
-        f"DecodeConfig.heads={cfg.heads} must be a power of two dividing the {H} heads"
+    assert cfg.kernel != "mma" or (block_n >= 16 and D >= 16), "mma: tiles >= 16"
     split = cfg.splits > 1
     parts = partials and split and cfg.kernel == "mma"
     if split:
@@ -142,8 +135,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, out=
         part_m = part_l = part_acc = out
     fused_reduce = split and counters is not None and not parts
     if fused_reduce:
-        assert counters.dtype == torch.int32 and counters.numel() >= B * (H // cfg.heads)
-    kernel, kw = _paged_decode_v2_kernel, dict(HEADS=cfg.heads)
+        assert counters.dtype == torch.int32 and counters.numel() >= B * H
+    kernel, kw = _paged_decode_v2_kernel, {}
     if cfg.kernel == "mma":
         op_dtype = k_cache.dtype
         if int8:  # uint8 values are exact in bf16 and fp16: the query's own dtype where it is one of them
@@ -155,20 +148,17 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, out=
         if prefetch is not None and sync.pdl(q.device):  # bulk prefetch: sm_90+, not the interpreter
             pf = prefetch[0].reshape(-1).view(torch.int8)
             unit = 16 * cfg.num_warps * 32  # 16-byte pieces, one per thread
-            pf_bytes = min(prefetch[1], pf.numel()) // (B * (H // cfg.heads) * cfg.splits) // unit * unit
+            pf_bytes = min(prefetch[1], pf.numel()) // (B * H * cfg.splits) // unit * unit
             assert pf.data_ptr() % 16 == 0
-        kw.update(PF=pf, pf_bytes=pf_bytes, PREFETCH=pf_bytes > 0, PF_THREADS=cfg.num_warps * 32,
-                  PRELOAD=PRELOAD, PARTS=parts)
-    kw.update(sync.trace_launch(q))
-    kernel[(B, H // cfg.heads, cfg.splits)](
+        kw.update(PF=pf, pf_bytes=pf_bytes, PREFETCH=pf_bytes > 0, PF_THREADS=cfg.num_warps * 32, PARTS=parts)
+    kernel[(B, H, cfg.splits)](
         q, k_cache, v_cache, *kszv, kn, vn, slots if fused else context_lens, out, part_m, part_l, part_acc,
         counters if fused_reduce else context_lens, block_tables, context_lens, 1.0 / math.sqrt(D),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *sz_strides,
         kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         PAGE=k_cache.shape[1], HEAD_DIM=D, BLOCK_N=block_n, KV_INT8=int8, FUSED_STORE=fused,
         SPLIT=split, FUSED_REDUCE=fused_reduce, MIN_CHUNK=cfg.min_chunk if fused_reduce else 0,
-        BLOCK_S=triton.next_power_of_2(cfg.splits), ASM=not INTERPRET,
-        FENCE=sync.PER_THREAD_FENCE, PDL=sync.pdl(q.device), num_warps=cfg.num_warps, **kw, **extra,
+        BLOCK_S=triton.next_power_of_2(cfg.splits), PDL=sync.pdl(q.device), num_warps=cfg.num_warps, **kw, **extra,
         **sync.pdl_launch(q.device))
     if parts:
         return SplitPartials(part_ml, part_acc, cfg.splits)

@@ -1,5 +1,5 @@
-"""Launch settings of the paged decode kernels (`qwenlm.kernels.attention`): which kernel, heads per program, context
-splits and tiles run for a batch size and pool dtype, chosen from H100 sweeps."""
+"""Launch settings of the paged decode kernels (`qwenlm.kernels.attention`): which kernel, context splits and tiles
+run for a batch size and pool dtype, chosen from H100 sweeps."""
 
 from __future__ import annotations
 
@@ -10,10 +10,9 @@ import torch
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """How paged_decode_attention runs: kernel "v2" (heads per program, context splits, fused store) or "v1"
-    (one program per (sequence, head), K/V stored by separate launches before it)."""
-    kernel: str = "v2"  # "v1", "v2" or "mma" (v2's program with tensor-core products; heads 1)
-    heads: int = 1
+    """How paged_decode_attention runs: kernel "v1" (one program per (sequence, head)), "v2" (per (sequence, head,
+    context split)) or "mma" (v2's program with tensor-core products)."""
+    kernel: str = "v2"
     splits: int = 1
     block_n: int = 128
     num_warps: int = 4
@@ -30,7 +29,7 @@ class DecodeConfig:
 # small programs as the batch grows (one warp, 32-token tiles from 64: 128 x 640 in 258 us, 2.77 TB/s, vs 324
 # with 4 warps and 128-token tiles: more programs resident per SM, more loads in flight). Batch 1 uses a split only
 # per 64 positions of context (min_chunk): at context 16 one program per head, 4.3 us instead of 5.9 for 16 splits
-# mostly empty; 80-272: 0.2 us less; 528 and 1,024 within 0.1 us (bench/bench_fused.py, docs/benchmarks.md).
+# mostly empty; 80-272: 0.2 us less; 528 and 1,024 within 0.1 us (docs/benchmarks.md).
 _MMA = dict(kernel="mma", block_n=64, num_stages=2)
 DECODE_CONFIGS = {
     "bf16": [(1, DecodeConfig(splits=16, min_chunk=64, **_MMA)), (2, DecodeConfig(splits=8, **_MMA)),

@@ -8,7 +8,7 @@ import triton.language as tl
 
 from qwenlm.kernels.attention_splits import _finish, _span, _store_partial
 from qwenlm.kernels.kv_int8 import _quantize_rows
-from qwenlm.kernels.sync import _pdl_start, _prefetch_l2, _trace, _trace_after
+from qwenlm.kernels.sync import _pdl_start, _prefetch_l2
 
 
 @triton.jit
@@ -63,7 +63,7 @@ def _paged_decode_kernel(Q, K, V, KSZ, VSZ, Kin, Vin, Slots, Out, BlockTables, C
                                              stride_sp, stride_sh, stride_knb, stride_knh, stride_vnb,
                                              stride_vnh, PAGE, KV_INT8)
     _finish(Out, Out, Out, Out, Out, b, hh, 0, d, m1, l1, acc1, 0, 1, n_used, stride_ob, stride_oh, HEAD_DIM,
-            False, False, 1, False, False)
+            False, False, 1)
 
 
 @triton.jit
@@ -116,34 +116,29 @@ def _paged_decode_v2_kernel(Q, K, V, KSZ, VSZ, Kin, Vin, Slots, Out, PartM, Part
                             stride_knb, stride_knh, stride_vnb, stride_vnh,
                             stride_ob, stride_oh, stride_bt,
                             PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                            HEADS: tl.constexpr, KV_INT8: tl.constexpr, FUSED_STORE: tl.constexpr,
+                            KV_INT8: tl.constexpr, FUSED_STORE: tl.constexpr,
                             SPLIT: tl.constexpr, FUSED_REDUCE: tl.constexpr, MIN_CHUNK: tl.constexpr,
-                            BLOCK_S: tl.constexpr, ASM: tl.constexpr, FENCE: tl.constexpr, PDL: tl.constexpr,
-                            TR, TR_OFF, TRACE: tl.constexpr):
-    """Program (sequence b, heads hg*HEADS.., split sp). HEADS adjacent heads share a program: a token's rows
-    of those heads are one contiguous HEADS*HEAD_DIM run (and, int8, one run of (scale, zero) pairs).
+                            BLOCK_S: tl.constexpr, PDL: tl.constexpr):
+    """Program (sequence b, head h, split sp), the head kept as an axis of one (hh [1]) so that the tiles are
+    [BLOCK_N, 1, HEAD_DIM] as in the helpers it shares with the other kernels.
     SPLIT: the context is cut into num_programs(2) ranges whose partial (max, sum, acc) the last split to
     finish (FUSED_REDUCE) or a second kernel combines (flash-decoding). FUSED_STORE: the new token (position
     ctx_len - 1) comes from Kin / Vin, not from the pool; split 0 writes it into slot Slots[b] (quantized for
     int8) and attends to it as stored, so the store launches disappear and no program reads the slot being
     written. PDL: waits for the kernel before first (`sync._pdl_start`)."""
-    idx = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
-    _trace(TR, TR_OFF, idx, 0, TRACE)
-    _trace(TR, TR_OFF, idx, 1, TRACE)
     _pdl_start(PDL)
-    _trace(TR, TR_OFF, idx, 2, TRACE)
     b = tl.program_id(0)
-    hg = tl.program_id(1)
+    h = tl.program_id(1)
     sp = tl.program_id(2)
     n_splits = tl.num_programs(2)
     ctx_len, start, end, n_used = _span(ContextLens, b, sp, n_splits, BLOCK_N, FUSED_STORE, SPLIT, MIN_CHUNK)
-    hh = hg * HEADS + tl.arange(0, HEADS)
+    hh = h + tl.arange(0, 1)
     d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b * stride_qb + hh[:, None] * stride_qh + d[None, :]).to(tl.float32) * scale  # [HB,D]
+    q = tl.load(Q + b * stride_qb + hh[:, None] * stride_qh + d[None, :]).to(tl.float32) * scale  # [1,D]
     q_sum = tl.sum(q, 1)
-    m = tl.full([HEADS], float("-inf"), tl.float32)
-    l_sum = tl.zeros([HEADS], tl.float32)
-    acc = tl.zeros([HEADS, HEAD_DIM], tl.float32)
+    m = tl.full([1], float("-inf"), tl.float32)
+    l_sum = tl.zeros([1], tl.float32)
+    acc = tl.zeros([1, HEAD_DIM], tl.float32)
     for s0 in range(start, end, BLOCK_N):
         n = s0 + tl.arange(0, BLOCK_N)
         valid = n < end
@@ -175,9 +170,8 @@ def _paged_decode_v2_kernel(Q, K, V, KSZ, VSZ, Kin, Vin, Slots, Out, PartM, Part
                                               ctx_len, stride_kb, stride_kp, stride_kh, stride_sb, stride_sp,
                                               stride_sh, stride_knb, stride_knh, stride_vnb, stride_vnh,
                                               PAGE, KV_INT8)
-    _finish(Out, PartM, PartL, PartAcc, Counters, b, hh, sp, d, m, l_sum, acc, tl.num_programs(1) * HEADS,
-            n_splits, n_used, stride_ob, stride_oh, HEAD_DIM, SPLIT, FUSED_REDUCE, BLOCK_S, ASM, FENCE)
-    _trace(TR, TR_OFF, idx, 3, TRACE)
+    _finish(Out, PartM, PartL, PartAcc, Counters, b, hh, sp, d, m, l_sum, acc, tl.num_programs(1),
+            n_splits, n_used, stride_ob, stride_oh, HEAD_DIM, SPLIT, FUSED_REDUCE, BLOCK_S)
 
 
 @triton.jit
@@ -244,10 +238,9 @@ def _paged_decode_mma_kernel(Q, K, V, KSZ, VSZ, Kin, Vin, Slots, Out, PartM, Par
                              PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                              KV_INT8: tl.constexpr, FUSED_STORE: tl.constexpr, SPLIT: tl.constexpr,
                              OP: tl.constexpr, Q_LO: tl.constexpr, FUSED_REDUCE: tl.constexpr,
-                             MIN_CHUNK: tl.constexpr,
-                             BLOCK_S: tl.constexpr, ASM: tl.constexpr, FENCE: tl.constexpr,
+                             MIN_CHUNK: tl.constexpr, BLOCK_S: tl.constexpr,
                              PDL: tl.constexpr, PREFETCH: tl.constexpr, PF_THREADS: tl.constexpr,
-                             PRELOAD: tl.constexpr, TR, TR_OFF, TRACE: tl.constexpr, PARTS: tl.constexpr):
+                             PARTS: tl.constexpr):
     """v2's program (sequence b, head h, split sp) with both products on tensor cores: q.K^T as K[BN,D] @
     Q[D,16] and p.V as P[16,BN] @ V[BN,D], where only column / row 0 of the padded operand is nonzero.
     Decode attention stays bound by reading K/V; the point is what the tensor-core path does to that read:
@@ -257,14 +250,11 @@ def _paged_decode_mma_kernel(Q, K, V, KSZ, VSZ, Kin, Vin, Slots, Out, PartM, Par
     dtype if bf16 or fp16 (both hold every uint8 exactly), else fp16. A query not exact in OP (Q_LO) and
     the weights p are split into a high and a low part (two products), so the result keeps ~16 bits where
     one bf16 operand would keep 8. PDL: as v2. PREFETCH: before waiting for the kernel before, each program
-    sends its share of pf_bytes from PF (another kernel's weights) into L2. PRELOAD: its first tile of K/V rows
-    is loaded before that wait, so that at short contexts only the query is read after it. PARTS: every split
-    writes its partial state (`SplitPartials`) and none combines them. TRACE: `sync.TRACE`'s points 4-6 are the
-    query read, the products done and the new row attended; 7 holds the splits in use."""
-    idx = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
-    _trace(TR, TR_OFF, idx, 0, TRACE)
-    _trace(TR, TR_OFF, idx, 1, TRACE)
+    sends its share of pf_bytes from PF (another kernel's weights) into L2. The first tile of K/V rows is loaded
+    before that wait too, so that at short contexts only the query is read after it. PARTS: every split writes its
+    partial state (`SplitPartials`) and none combines them."""
     if PREFETCH:
+        idx = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
         _prefetch_l2(PF + idx.to(tl.int64) * pf_bytes, pf_bytes, PF_THREADS)
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -277,13 +267,11 @@ def _paged_decode_mma_kernel(Q, K, V, KSZ, VSZ, Kin, Vin, Slots, Out, PartM, Par
     hh = h + tl.arange(0, 1)
     d = tl.arange(0, HEAD_DIM)
     c = tl.arange(0, 16)
-    if PRELOAD:  # the first tile's rows load while the kernel before (c_attn) ends
-        valid0, k0, v0, ksc0, kzr0, vsc0, vzr0 = _mma_tile_load(K, V, KSZ, VSZ, BlockTables, b, h, start, end, d,
-                                                                stride_kb, stride_kp, stride_kh, stride_sb,
-                                                                stride_sp, stride_sh, stride_bt, PAGE, BLOCK_N,
-                                                                KV_INT8)
+    # the first tile's rows load while the kernel before (c_attn) ends
+    valid0, k0, v0, ksc0, kzr0, vsc0, vzr0 = _mma_tile_load(K, V, KSZ, VSZ, BlockTables, b, h, start, end, d,
+                                                            stride_kb, stride_kp, stride_kh, stride_sb,
+                                                            stride_sp, stride_sh, stride_bt, PAGE, BLOCK_N, KV_INT8)
     _pdl_start(PDL)
-    _trace(TR, TR_OFF, idx, 2, TRACE)
     qf = tl.load(Q + b * stride_qb + h * stride_qh + d).to(tl.float32)  # [D], unscaled
     q_hi = qf.to(OP)
     q_mat = tl.where(c[None, :] == 0, q_hi[:, None], 0.0).to(OP)  # [D,16]
@@ -291,24 +279,19 @@ def _paged_decode_mma_kernel(Q, K, V, KSZ, VSZ, Kin, Vin, Slots, Out, PartM, Par
     if Q_LO:
         q_mat_lo = tl.where(c[None, :] == 0, (qf - q_hi.to(tl.float32)).to(OP)[:, None], 0.0).to(OP)
     q_sum = tl.sum(qf, 0)
-    _trace_after(TR, TR_OFF, idx, 4, TRACE, tl.zeros([1], tl.int32) + q_sum.to(tl.int32, bitcast=True))
     m = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), 0)
     l_sum = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)
     acc = tl.zeros([16, HEAD_DIM], tl.float32)  # row 0 is the output; the others stay 0
-    lo = start
-    if PRELOAD:
-        if start < end:  # (an empty tile would turn the state into NaN)
-            m, l_sum, acc = _mma_tile_step(valid0, k0, v0, ksc0, kzr0, vsc0, vzr0, q_mat, q_mat_lo, q_sum, scale,
-                                           m, l_sum, acc, c, OP, Q_LO, KV_INT8)
-        lo = start + BLOCK_N
-    for s0 in range(lo, end, BLOCK_N):
+    if start < end:  # (an empty tile would turn the state into NaN)
+        m, l_sum, acc = _mma_tile_step(valid0, k0, v0, ksc0, kzr0, vsc0, vzr0, q_mat, q_mat_lo, q_sum, scale,
+                                       m, l_sum, acc, c, OP, Q_LO, KV_INT8)
+    for s0 in range(start + BLOCK_N, end, BLOCK_N):
         valid, k, v, ksc, kzr, vsc, vzr = _mma_tile_load(K, V, KSZ, VSZ, BlockTables, b, h, s0, end, d,
                                                            stride_kb, stride_kp, stride_kh, stride_sb, stride_sp,
                                                            stride_sh, stride_bt, PAGE, BLOCK_N, KV_INT8)
         m, l_sum, acc = _mma_tile_step(valid, k, v, ksc, kzr, vsc, vzr, q_mat, q_mat_lo, q_sum, scale, m, l_sum,
                                        acc, c, OP, Q_LO, KV_INT8)
     acc_row = tl.sum(acc, 0)[None, :]  # [1,D]
-    _trace_after(TR, TR_OFF, idx, 5, TRACE, tl.zeros([1], tl.int32) + tl.sum(acc_row, 1).to(tl.int32, bitcast=True))
     m1 = m + tl.zeros([1], tl.float32)
     l1 = l_sum + tl.zeros([1], tl.float32)
     if FUSED_STORE:
@@ -317,13 +300,9 @@ def _paged_decode_mma_kernel(Q, K, V, KSZ, VSZ, Kin, Vin, Slots, Out, PartM, Par
                                                 stride_kb, stride_kp, stride_kh, stride_sb, stride_sp,
                                                 stride_sh, stride_knb, stride_knh, stride_vnb, stride_vnh,
                                                 PAGE, KV_INT8)
-    _trace_after(TR, TR_OFF, idx, 6, TRACE, l1.to(tl.int32, bitcast=True))
     if PARTS:  # every split's state, combined by the consumer (an unused split's: max -inf, sum 0, acc 0)
         _store_partial(PartM, PartL, PartAcc, b, hh, sp, d, m1, l1, acc_row, tl.num_programs(1), n_splits,
                        HEAD_DIM)
     else:
         _finish(Out, PartM, PartL, PartAcc, Counters, b, hh, sp, d, m1, l1, acc_row, tl.num_programs(1),
-                n_splits, n_used, stride_ob, stride_oh, HEAD_DIM, SPLIT, FUSED_REDUCE, BLOCK_S, ASM, FENCE)
-    _trace(TR, TR_OFF, idx, 3, TRACE)
-    if TRACE:
-        tl.store(TR + TR_OFF + idx.to(tl.int64) * 8 + 7 + tl.arange(0, 1), n_used + tl.zeros([1], tl.int64))
+                n_splits, n_used, stride_ob, stride_oh, HEAD_DIM, SPLIT, FUSED_REDUCE, BLOCK_S)

@@ -13,7 +13,6 @@ except ImportError:  # CPU installs without triton use the torch path
     triton = None
 
 if triton is not None:
-    from qwenlm.kernels.sync import _fence_gpu
 
     @triton.jit
     def _span(ContextLens, b, sp, n_splits, BLOCK_N: tl.constexpr, FUSED_STORE: tl.constexpr, SPLIT: tl.constexpr,
@@ -77,7 +76,7 @@ if triton is not None:
     @triton.jit
     def _finish(Out, PartM, PartL, PartAcc, Counters, b, hh, sp, d, m, l_sum, acc, n_heads, n_splits, n_used,
                 stride_ob, stride_oh, HEAD_DIM: tl.constexpr, SPLIT: tl.constexpr, FUSED_REDUCE: tl.constexpr,
-                BLOCK_S: tl.constexpr, ASM: tl.constexpr, FENCE: tl.constexpr):
+                BLOCK_S: tl.constexpr):
         """Write heads hh of sequence b: acc / l_sum, or with SPLIT the partial (m, l_sum, acc) of split sp.
         FUSED_REDUCE: the last split of (b, program's heads) to finish, counted in Counters (kept at zero between
         calls), combines the partials itself: no second launch. n_used < n_splits (`_span`'s MIN_CHUNK, with
@@ -89,9 +88,7 @@ if triton is not None:
             elif sp < n_used:
                 _store_partial(PartM, PartL, PartAcc, b, hh, sp, d, m, l_sum, acc, n_heads, n_splits, HEAD_DIM)
                 if FUSED_REDUCE:
-                    if ASM and FENCE:
-                        _fence_gpu()  # this thread's partials are visible GPU-wide before the count
-                    tl.debug_barrier()
+                    tl.debug_barrier()  # every thread's partials are stored before the count (`sync`'s docstring)
                     grp = b * tl.num_programs(1) + tl.program_id(1)
                     arrived = tl.atomic_add(Counters + grp, 1)  # acq_rel, gpu scope
                     if arrived == n_used - 1:

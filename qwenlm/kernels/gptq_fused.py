@@ -3,8 +3,8 @@ GEMV launches (plus attention) instead of about ten.
 
 `fused_int4_gemv` runs `_fused_int4_kernel`: the arithmetic of `gptq_int4._gemv_kernel_v4` (4 columns and a
 whole group per thread, half2 unpacking) on a stream-K grid: a fixed number of programs (2 per SM, rounded down to
-a multiple of the column blocks: `ALIGN_RUNS`) each take an equal run of consecutive (column block, K tile) work
-units, pipelined, and add their partial sums into a float32 workspace once per column block they touch. v4's grid
+a multiple of the column blocks) each take an equal run of consecutive (column block, K tile) work units,
+pipelined, and add their partial sums into a float32 workspace once per column block they touch. v4's grid
 of a program per (column block, K split) gives each program 2 tiles at the Qwen-7B shapes, so all of them load,
 then all compute; here the unpacking overlaps the next tiles' loads (4% more tok/s through the engine,
 docs/benchmarks.md quantization run 12). Fused in:
@@ -13,9 +13,9 @@ docs/benchmarks.md quantization run 12). Fused in:
   c_attn / gate_up), the attention's context splits combined (`SplitPartials`, attn c_proj), or the inputs as they
   are (mlp c_proj: +1.6% tok/s against reading them in place, run 18). The row is written in the unpacking's
   lane-pair order (x0 x4 x1 x5 x2 x6 x3 x7 in each run of 8, a permutation in registers), so the loop reads the
-  pairs as they are, one 16-byte row of them per load (`X_PAIRS`: +0.7% tok/s through the engine for the order,
-  docs/benchmarks.md run 16, and +2.6% for the 16-byte loads, run 17: a tile's copies into shared memory 21
-  instead of 45);
+  pairs as they are, one 16-byte row of them per load (+0.7% tok/s through the engine for the order against
+  regrouping them in registers, docs/benchmarks.md run 16, and +2.6% for the 16-byte loads, run 17: a tile's
+  copies into shared memory 21 instead of 45);
 - an epilogue run by the program that completes a column block's K tiles: bias; NeoX RoPE on the q and k
   columns (a head's partner column lies in the same block) and the LogN query scale; up * silu(gate) for
   gate_up, whose column blocks take matching halves of up and gate, so the MLP's c_proj reads the activation
@@ -50,7 +50,7 @@ if triton is not None:
     import triton.language as tl
 
     from qwenlm.kernels.gptq_int4 import _w_dot, _w_tile
-    from qwenlm.kernels.sync import _fence_gpu, _trace, _trace_after, gdc_launch_dependents, gdc_wait
+    from qwenlm.kernels.sync import gdc_launch_dependents, gdc_wait
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -81,16 +81,11 @@ if triton is not None:
                            BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PRO: tl.constexpr,
                            K_POW2: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr, ROPE_N: tl.constexpr,
                            Q_N: tl.constexpr, LOGN: tl.constexpr, HEAD: tl.constexpr, ASM: tl.constexpr,
-                           FENCE: tl.constexpr, PDL: tl.constexpr, XP: tl.constexpr, TR, TR_OFF,
-                           TRACE: tl.constexpr, SPLITS: tl.constexpr, RUN_MAX: tl.constexpr):
+                           PDL: tl.constexpr, SPLITS: tl.constexpr, RUN_MAX: tl.constexpr):
         ROWS: tl.constexpr = BLOCK_K // 8
         SUB: tl.constexpr = GROUP // BLOCK_K
         DT = out_ptr.dtype.element_ty  # the model dtype
         pid = tl.program_id(0)
-        # TRACE (`sync.TRACE`) points 4-7: the held tiles summed, the loop done, the arrival counted, and whether
-        # this program completed its column block
-        _trace(TR, TR_OFF, pid, 0, TRACE)
-        _trace(TR, TR_OFF, pid, 1, TRACE)
         KT = K // BLOCK_K  # K tiles per column block
         start = pid * (NBLK * KT) // P  # this program's run of work units t = column block * KT + K tile
         end = (pid + 1) * (NBLK * KT) // P
@@ -105,8 +100,8 @@ if triton is not None:
                                       mask0, N, ROWS, SUB)
         if PDL:  # weights are never written by a kernel; everything else is read after this
             gdc_wait()
-        _trace(TR, TR_OFF, pid, 2, TRACE)
-        # The inputs go into an fp16 scratch row (XP >= 2: in the unpacking's lane-pair order), read by the tiles.
+        # The inputs go into an fp16 scratch row in the unpacking's lane-pair order (`_x_lane_pairs`), read by the
+        # tiles.
         if PRO >= 2:  # this program's K tiles only (RUN_MAX of them at most), into the fp16 scratch row
             j = tl.arange(0, RUN_MAX * BLOCK_K)
             ka = ((start % KT + j // BLOCK_K) % KT) * BLOCK_K + j % BLOCK_K
@@ -123,9 +118,8 @@ if triton is not None:
                 w = tl.exp(pm - tl.where(m_max == float("-inf"), 0.0, m_max)[None, :])
                 total = tl.sum(pl * w, 0)
                 xh = (tl.sum(pa * w, 0) / tl.where(total > 0, total, 1.0)).to(DT).to(tl.float16)
-            if XP >= 2:  # lane-pair order, as below
-                xh = tl.reshape(tl.permute(tl.reshape(xh, [RUN_MAX * BLOCK_K // 8, 2, 4]), (0, 2, 1)),
-                                [RUN_MAX * BLOCK_K])
+            # lane-pair order within each run of 8, a permutation in registers
+            xh = tl.reshape(tl.permute(tl.reshape(xh, [RUN_MAX * BLOCK_K // 8, 2, 4]), (0, 2, 1)), [RUN_MAX * BLOCK_K])
             tl.store(xs_ptr + ka, xh, mask=ok)
             tl.debug_barrier()  # the scratch row is written before any thread of this program reads it
             x32 = xs_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
@@ -137,9 +131,7 @@ if triton is not None:
             xa = ((xf * inv).to(DT).to(tl.float32) * nw).to(DT)
             # the K tiles of this program's run, from its first (a run of KT or more covers the row)
             need = ((ka // BLOCK_K - start % KT + KT) % KT) < tl.minimum(end - start, KT)
-            xh = xa.to(tl.float16)
-            if XP >= 2:  # lane-pair order within each run of 8 (`_x_lane_pairs`), a permutation in registers
-                xh = tl.reshape(tl.permute(tl.reshape(xh, [K_POW2 // 8, 2, 4]), (0, 2, 1)), [K_POW2])
+            xh = tl.reshape(tl.permute(tl.reshape(xa.to(tl.float16), [K_POW2 // 8, 2, 4]), (0, 2, 1)), [K_POW2])
             tl.store(xs_ptr + ka, xh, mask=(ka < K) & need)
             tl.debug_barrier()  # the scratch row is written before any thread of this program reads it
             x32 = xs_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
@@ -164,36 +156,27 @@ if triton is not None:
             acc = tl.zeros([BLOCK_N], dtype=tl.float32)
             k_loop = k0
             if t == start:  # the tiles loaded first
-                acc = _w_dot(qw0, s0, zlo0, zhi0, x32, k0, rows, ROWS, ASM, False, XP)
+                acc = _w_dot(qw0, s0, zlo0, zhi0, x32, k0, rows, ROWS, ASM, True)
                 k_loop = k0 + 1
                 if first_len > 1:
-                    acc += _w_dot(qw1, s1, zlo1, zhi1, x32, k0 + 1, rows, ROWS, ASM, False, XP)
+                    acc += _w_dot(qw1, s1, zlo1, zhi1, x32, k0 + 1, rows, ROWS, ASM, True)
                     k_loop = k0 + 2
                 if PDL:  # only now the next kernel may launch (5% more tok/s than at the start: run 13)
                     gdc_launch_dependents()
-                _trace_after(TR, TR_OFF, pid, 4, TRACE, tl.zeros([1], tl.int32) + tl.sum(acc, 0).to(tl.int32,
-                                                                                                 bitcast=True))
             for it in tl.range(k_loop, k1, num_stages=STAGES):
                 qw, s, zlo, zhi = _w_tile(qw_ptr, qz_ptr, s_ptr, it, rows, offs_n, n_mask, N, ROWS, SUB)
-                acc += _w_dot(qw, s, zlo, zhi, x32, it, rows, ROWS, ASM, False, XP)
-            _trace_after(TR, TR_OFF, pid, 5, TRACE, tl.zeros([1], tl.int32) + tl.sum(acc, 0).to(tl.int32, bitcast=True))
+                acc += _w_dot(qw, s, zlo, zhi, x32, it, rows, ROWS, ASM, True)
             if HAS_BIAS:
                 if k0 == 0:
                     acc += bias
-            # Split-K reduction (sync._store_output's relaxed form): partial sums into a float32 workspace kept
+            # Split-K reduction (as sync._store_output, with relaxed partial sums): into a float32 workspace kept
             # at zero between calls; the counter adds up K tiles, and the program completing them finishes it.
             if ASM:
                 tl.atomic_add(ws_ptr + offs_n, acc, mask=n_mask, sem="relaxed")
-                if FENCE:
-                    _fence_gpu()
             else:
                 tl.atomic_add(ws_ptr + offs_n, acc, mask=n_mask)
             tl.debug_barrier()
             arrived = tl.atomic_add(cnt_ptr + cb, k1 - k0)  # acq_rel, gpu scope
-            _trace_after(TR, TR_OFF, pid, 6, TRACE, tl.zeros([1], tl.int32) + arrived)
-            if TRACE:
-                tl.store(TR + TR_OFF + pid.to(tl.int64) * 8 + 7 + tl.arange(0, 1),
-                         (arrived + (k1 - k0) == KT).to(tl.int64) + tl.zeros([1], tl.int64))
             if arrived + (k1 - k0) == KT:  # this segment completes the column block
                 # The sums are read with relaxed atomics (the counter's acquire orders them after every partial
                 # sum; relaxed, they need not wait on each other): the linear's output, gate, RoPE partner.
@@ -224,7 +207,6 @@ if triton is not None:
                 tl.store(ws_ptr + offs_n, zero, mask=n_mask)
                 tl.store(cnt_ptr + cb, 0)
             t = cb * KT + k1
-        _trace(TR, TR_OFF, pid, 3, TRACE)
 
 
 def fusable(layer) -> bool:
@@ -236,23 +218,10 @@ def fusable(layer) -> bool:
             and layer.out_features % 128 == 0 and layer.in_features % 128 == 0)
 
 
-# Launch settings per (N, K) for the fused kernel: (BLOCK_N, BLOCK_K, programs per SM, num_warps, num_stages);
-# missing shapes take FUSED_DEFAULT, the fastest setting at every Qwen-7B shape in `bench/bench_streamk.py` on an
-# H100 (docs/benchmarks.md, quantization run 12), and again through the engine with the later launch signal (run 13).
-FUSED_CONFIGS: dict[tuple[int, int], tuple] = {}
-# How the kernel gets the inputs' lane pairs (`gptq_int4._x_lane_pairs`): 3 the prologue writes its scratch row in
-# pair order, read one 16-byte row of pairs at a time; 2 the same with four 4-byte loads per row; 1 natural order,
-# regrouped by PRMT; 0 by shifts and masks.
-X_PAIRS = 3
-# Programs per launch rounded down to a multiple of the column blocks, so that every program's run of K tiles lies in
-# one column block: a run spanning two restarts its pipeline and adds a second reduction, and made those programs
-# (38 of gate_up's 264) the last to finish by ~2 us (`bench/bench_trace.py`, docs/benchmarks.md run 18).
-ALIGN_RUNS = True
-FUSED_DEFAULT = (512, 64, 2, 4, 3)
-
-
-def fused_config(n: int, k: int) -> tuple:
-    return FUSED_CONFIGS.get((n, k), FUSED_DEFAULT)
+# Launch settings of the fused kernel: (BLOCK_N, BLOCK_K, programs per SM, num_warps, num_stages), the fastest at
+# every Qwen-7B shape on an H100 (docs/benchmarks.md, quantization run 12), and again through the engine with the
+# later launch signal (run 13).
+FUSED_CONFIG = (512, 64, 2, 4, 3)
 
 
 @functools.lru_cache(maxsize=None)
@@ -274,7 +243,7 @@ def fused_int4_gemv(x, layer, *, norm_weight=None, eps: float = 0.0, glu: int = 
       residual: + residual [N];  rope=(cos [HEAD], sin [HEAD], q_scale or None, rope_n, q_n, head): RoPE on the
       columns < rope_n in heads of `head`, and the LogN scale on the columns < q_n."""
     K, N = layer.in_features, layer.out_features
-    block_n, block_k, per_sm, warps, stages = config or fused_config(N, K)
+    block_n, block_k, per_sm, warps, stages = config or FUSED_CONFIG
     while glu and glu % (block_n // 2) and warps > 1:  # gate_up's blocks: whole halves of up and gate
         block_n, warps = block_n // 2, warps // 2
     g = layer.group_size
@@ -308,7 +277,10 @@ def fused_int4_gemv(x, layer, *, norm_weight=None, eps: float = 0.0, glu: int = 
     nblk = triton.cdiv(glu, block_n // 2) if glu else triton.cdiv(N, block_n)
     kt = K // block_k
     programs = min(nblk * kt, per_sm * _sm_count(x.device))
-    if ALIGN_RUNS and programs >= nblk:  # a whole number of programs per column block: no run spans two blocks
+    # A whole number of programs per column block, so that every program's run of K tiles lies in one column block:
+    # a run spanning two restarts its pipeline and adds a second reduction, and made those programs (38 of gate_up's
+    # 264) the last to finish by ~2 us (docs/benchmarks.md run 18).
+    if programs >= nblk:
         programs -= programs % nblk
     run_max = triton.cdiv(kt, programs // nblk) if programs % nblk == 0 else kt  # K tiles a program's run reads
     if parts is not None:
@@ -320,8 +292,7 @@ def fused_int4_gemv(x, layer, *, norm_weight=None, eps: float = 0.0, glu: int = 
         sin if sin is not None else any_ptr, q_scale if q_scale is not None else any_ptr, N, K, glu, eps, nblk,
         programs, GROUP=g, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
         PRO=pro, K_POW2=triton.next_power_of_2(K), GLU=glu > 0, RES=residual is not None, ROPE_N=rope_n, Q_N=q_n,
-        LOGN=q_scale is not None, HEAD=head, ASM=not INTERPRET, FENCE=sync.PER_THREAD_FENCE, PDL=sync.pdl(x.device),
-        XP=X_PAIRS, **sync.trace_launch(out), SPLITS=splits,
+        LOGN=q_scale is not None, HEAD=head, ASM=not INTERPRET, PDL=sync.pdl(x.device), SPLITS=splits,
         RUN_MAX=triton.next_power_of_2(run_max) if pro >= 2 else 1,
         num_warps=warps, num_stages=stages, **sync.pdl_launch(x.device))
     return out

@@ -6,9 +6,9 @@ and their launch table (H100 measurements, docs/benchmarks.md).
   lane becomes a float by an exponent trick instead of a conversion instruction.
 - `_gemv_kernel_v2` (M == 1, shapes where it measured faster): the same grid and in-kernel split-K reduction,
   with cheaper unpacking -- UNPACK 1 leaves each lane in place in a float's mantissa (one LOP3 + FADD per
-  weight, no shift), UNPACK 2 (Int4) uses half2 math as Marlin/exllama do (`_int4_word_dot`, ~2.4 instructions
-  per weight instead of ~7; products summed in fp16 over the 8 lanes of a word, then fp32) -- optionally
-  prefetching the next K block into registers.
+  weight, no shift), UNPACK 2 (Int4, the fallback of v4's table entries for groups v4 cannot take) uses half2
+  math as Marlin/exllama do (`_int4_word_dot`, ~2.4 instructions per weight instead of ~7; products summed in
+  fp16 over the 8 lanes of a word, then fp32).
 - `qwenlm.kernels.gptq_int4._gemv_kernel_v4` (Int4, M == 1; the table's choice at every Qwen-7B shape): every
   row of a group inside the thread, summed in half2 in registers.
 The split-K epilogue they share is `qwenlm.kernels.sync._store_output`.
@@ -136,7 +136,7 @@ if triton is not None:
             z = (tl.load(qz_ptr + g * (N // PER) + offs_n // PER, mask=n_mask, other=0) >> z_shift) & MASK
             acc += s[None, :] * (part - xs[:, None] * (z + 1).to(tl.float32)[None, :])
         _store_output(tl.sum(acc, axis=0), b_ptr, out_ptr, ws_ptr, cnt_ptr, offs_n, n_mask, pid_n, pid_k,
-                      HAS_BIAS, SPLIT_K, FUSED_REDUCE, BLOCK_N, False)
+                      HAS_BIAS, SPLIT_K, FUSED_REDUCE, BLOCK_N)
 
     @triton.jit
     def _load_block(qw_ptr, s_ptr, qz_ptr, kb, rows, offs_n, n_mask, N, K, group_size, PER: tl.constexpr):
@@ -155,7 +155,7 @@ if triton is not None:
     def _gemv_kernel_v2(x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, N, K, group_size,
                      BITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, FUSED_REDUCE: tl.constexpr,
-                     UNPACK: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr):
+                     UNPACK: tl.constexpr, ASM: tl.constexpr):
         PER: tl.constexpr = 32 // BITS
         MASK: tl.constexpr = (1 << BITS) - 1
         ROWS: tl.constexpr = BLOCK_K // PER
@@ -170,19 +170,11 @@ if triton is not None:
         # Partial sums stay per packed row until the end: no cross-thread reduction inside the loop.
         acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
         STEP: tl.constexpr = BLOCK_K * SPLIT_K
-        if PREFETCH:  # the next block's loads are issued before this block's arithmetic (registers, 2 deep)
-            qw_n, s_n, z_n = _load_block(qw_ptr, s_ptr, qz_ptr, pid_k * BLOCK_K, rows, offs_n, n_mask,
-                                         N, K, group_size, PER)
         for kb in range(pid_k * BLOCK_K, K, STEP):
             r = kb // PER + rows  # packed rows of this block
             r_mask = r < K // PER
-            if PREFETCH:
-                qw, s, zw = qw_n, s_n, z_n
-                qw_n, s_n, z_n = _load_block(qw_ptr, s_ptr, qz_ptr, kb + STEP, rows, offs_n, n_mask,
-                                             N, K, group_size, PER)
-            else:
-                qw, s, zw = _load_block(qw_ptr, s_ptr, qz_ptr, kb, rows, offs_n, n_mask,
-                                        N, K, group_size, PER)  # [ROWS, BLOCK_N], each word read once
+            qw, s, zw = _load_block(qw_ptr, s_ptr, qz_ptr, kb, rows, offs_n, n_mask,
+                                    N, K, group_size, PER)  # [ROWS, BLOCK_N], each word read once
             s = s.to(tl.float32)
             z = (zw >> z_shift) & MASK
             if UNPACK == 2:  # Int4, half2 math (_int4_word_dot)
@@ -195,47 +187,34 @@ if triton is not None:
                 zz = zz | (zz << 16)
                 dot = _int4_word_dot(qw, x04[:, None], x15[:, None], x26[:, None], x37[:, None], zz[None, :], ASM)
                 acc += s[None, :] * dot
-            else:
-                if UNPACK == 1:
-                    # The upper lanes moved into the low 20 (Int4) / 16 (Int8) bits by one shift per word.
-                    hi = qw >> HI_SHIFT
+            else:  # UNPACK 1
+                # The upper lanes moved into the low 20 (Int4) / 16 (Int8) bits by one shift per word.
+                hi = qw >> HI_SHIFT
                 part = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
                 xs = tl.zeros((ROWS,), dtype=tl.float32)
                 for j in tl.static_range(PER):  # lane j of every word: input kb + row*PER + j
                     xj = tl.load(x_ptr + kb + rows * PER + j, mask=r_mask, other=0.0).to(tl.float32)
-                    if UNPACK == 1:
-                        # Lane left in place at bit p of the mantissa: (word & (MASK << p)) | 0x4B000000 is the float
-                        # 2^23 + q * 2^p exactly (p + BITS <= 23), so one LOP3 + one FADD give q * 2^p, and the
-                        # 2^-p goes into x (per row, not per weight). No per-lane shift.
-                        if j < LOW:
-                            wq = ((qw & (MASK << (j * BITS))) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                            part += (xj * (1.0 / (1 << (j * BITS))))[:, None] * wq
-                        else:
-                            lo = j * BITS - HI_SHIFT
-                            wq = ((hi & (MASK << lo)) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                            part += (xj * (1.0 / (1 << lo)))[:, None] * wq
-                    elif BITS == 4:
-                        # int -> float without a conversion instruction (those issue at 1/8 the FMA rate on sm_90):
-                        # 0x4B000000 | q is the float 2^23 + q, exactly. (Int8 keeps the conversion: sm_90 converts a
-                        # selected byte in one instruction, which measured faster than this.)
-                        wq = (((qw >> (j * BITS)) & MASK) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                        part += xj[:, None] * wq
+                    # Lane left in place at bit p of the mantissa: (word & (MASK << p)) | 0x4B000000 is the float
+                    # 2^23 + q * 2^p exactly (p + BITS <= 23), so one LOP3 + one FADD give q * 2^p, and the
+                    # 2^-p goes into x (per row, not per weight). No per-lane shift.
+                    if j < LOW:
+                        wq = ((qw & (MASK << (j * BITS))) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                        part += (xj * (1.0 / (1 << (j * BITS))))[:, None] * wq
                     else:
-                        wq = ((qw >> (j * BITS)) & MASK).to(tl.float32)
-                        part += xj[:, None] * wq
+                        lo = j * BITS - HI_SHIFT
+                        wq = ((hi & (MASK << lo)) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                        part += (xj * (1.0 / (1 << lo)))[:, None] * wq
                     xs += xj
                 acc += s[None, :] * (part - xs[:, None] * (z + 1).to(tl.float32)[None, :])
         _store_output(tl.sum(acc, axis=0), b_ptr, out_ptr, ws_ptr, cnt_ptr, offs_n, n_mask, pid_n, pid_k,
-                      HAS_BIAS, SPLIT_K, FUSED_REDUCE, BLOCK_N, False)
+                      HAS_BIAS, SPLIT_K, FUSED_REDUCE, BLOCK_N)
 
 
-
-# Launch settings per (bits, N, K) for batch 1, from `bench/bench_quant.py --gemv-sweep` / `--gemv-graph` on an
-# H100 (2026-11-22; docs/benchmarks.md): (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages[, KERNEL[, FLAGS]]).
-# KERNEL 0 (without PREFETCH) = `_gemv_kernel`; 1 / 2 = `_gemv_kernel_v2` with mantissa / half2 unpacking (FLAGS
-# = PREFETCH); 4 = `_gemv_kernel_v4` (Int4; BLOCK_K inputs per iteration, at most a group; BLOCK_N = 128 x warps;
-# FLAGS bit 0 relaxed split-K epilogue, bit 1 every load first). Int4 uses v4 at every Qwen-7B shape
-# (run 5, back to back in a CUDA graph: 10-27% faster than the previous table, c_proj even); Int8 keeps its own.
+# Launch settings per (bits, N, K) for batch 1, from GEMV sweeps on an H100 (2026-11-22; docs/benchmarks.md):
+# (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages[, KERNEL]). KERNEL 0 = `_gemv_kernel`; 1 / 2 =
+# `_gemv_kernel_v2` with mantissa / half2 unpacking; 4 = `_gemv_kernel_v4` (Int4; BLOCK_K inputs per iteration,
+# at most a group; BLOCK_N = 128 x warps). Int4 uses v4 at every Qwen-7B shape (run 5, back to back in a CUDA
+# graph: 10-27% faster than the previous table, c_proj even); Int8 keeps its own.
 GEMV_CONFIGS: dict[tuple[int, int, int], tuple] = {  # (bits, N, K)
     (4, 12288, 4096): (512, 128, 16, 4, 2, 4),
     (4, 4096, 4096): (256, 128, 16, 2, 3, 4),
@@ -273,13 +252,12 @@ def gemv(x: torch.Tensor, qweight, qzeros, scales, group_size: int, bits: int, b
     cfg = tuple(config) if config is not None else gemv_config(bits, N, K)
     block_n, block_k, split_k, warps, stages = cfg[:5]
     unpack = cfg[5] if len(cfg) > 5 else 0
-    prefetch = bool(cfg[6]) if len(cfg) > 6 else False
-    flags = cfg[6] if len(cfg) > 6 else 0  # v4: 1 relaxed split-K epilogue, 2 every load first
     if unpack == 4 and (bits != 4 or K % group_size or group_size & (group_size - 1)
                         or group_size > 256):
         # v4 reads the official layout of whole power-of-two groups of at most 256 (a group's rows sit in
         # one thread's registers); the other kernels do the rest
-        unpack, prefetch = (2 if bits == 4 else 0), False
+        unpack = 2 if bits == 4 else 0
+    assert unpack in (0, 1, 2, 4) and (unpack != 2 or bits == 4), f"GEMV config {cfg}: KERNEL 0, 1, 2 (Int4) or 4"
     if unpack == 4:
         block_k = 1 << (max(8, min(block_k, group_size)).bit_length() - 1)  # a power of two: divides the group
         split_k = max(1, min(split_k, K // block_k))
@@ -298,16 +276,15 @@ def gemv(x: torch.Tensor, qweight, qzeros, scales, group_size: int, bits: int, b
         x16 = x if x.dtype == torch.float16 else x.half()  # v4 reads the inputs as fp16 pairs
         _gemv_kernel_v4[grid](x16, qweight, qzeros, scales, b, out, ws, cnt, N, K, GROUP=group_size,
                               HAS_BIAS=has_bias, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
-                              FUSED_REDUCE=fused, ASM=not INTERPRET, STAGES=stages,
-                              RELAXED=bool(flags & 1) and not INTERPRET, EARLY=bool(flags & 2), num_warps=warps,
+                              FUSED_REDUCE=fused, ASM=not INTERPRET, STAGES=stages, num_warps=warps,
                               num_stages=stages)
-    elif unpack == 0 and not prefetch:
+    elif unpack == 0:
         _gemv_kernel[grid](x, qweight, qzeros, scales, b, out, ws, cnt, N, K, group_size, BITS=bits,
                            HAS_BIAS=has_bias, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
                            FUSED_REDUCE=fused, num_warps=warps, num_stages=stages)
     else:
         _gemv_kernel_v2[grid](x, qweight, qzeros, scales, b, out, ws, cnt, N, K, group_size, BITS=bits,
                               HAS_BIAS=has_bias, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
-                              FUSED_REDUCE=fused, UNPACK=unpack, ASM=not INTERPRET,
-                              PREFETCH=prefetch, num_warps=warps, num_stages=stages)
+                              FUSED_REDUCE=fused, UNPACK=unpack, ASM=not INTERPRET, num_warps=warps,
+                              num_stages=stages)
     return out if (split_k == 1 or fused) else out.to(x.dtype)

@@ -19,17 +19,6 @@ if triton is not None:
     from qwenlm.kernels.sync import _store_output
 
     @triton.jit
-    def _opaque_zero():
-        """[1] int32 zero the compiler cannot see through (%nsmid >> 31), to order work after a dependency."""
-        return tl.inline_asm_elementwise("{ .reg .u32 t; mov.u32 t, %nsmid; shr.u32 t, t, 31; add.u32 $0, t, $1; }",
-                                         "=r,r", [tl.zeros([1], dtype=tl.int32)], dtype=tl.int32, is_pure=True,
-                                         pack=1)
-
-    @triton.jit
-    def _xor(a, b):
-        return a ^ b
-
-    @triton.jit
     def _int4_word_fma(qw, x04, x15, x26, x37, zlo, zhi, h, ASM: tl.constexpr):
         """h + sum over the 8 lanes of each Int4 word of x_l * (q_l - z) / 256, h a half2 accumulator (int32
         bits; fp32 when ASM is False, for the interpreter). Marlin's unpacking: w & 0x000F000F | 0x64006400 is
@@ -76,26 +65,14 @@ if triton is not None:
                                          pack=1)
 
     @triton.jit
-    def _lo_halves(a, b):
-        """(low half of a, low half of b) in one PRMT."""
-        return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x5410;", "=r,r,r", [a, b], dtype=tl.int32,
-                                         is_pure=True, pack=1)
-
-    @triton.jit
-    def _hi_halves(a, b):
-        """(high half of a, high half of b) in one PRMT."""
-        return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7632;", "=r,r,r", [a, b], dtype=tl.int32,
-                                         is_pure=True, pack=1)
-
-    @triton.jit
-    def _x_lane_pairs(x32, r, XP: tl.constexpr = 0):
+    def _x_lane_pairs(x32, r, PAIRED: tl.constexpr):
         """The fp16 inputs of packed rows r as the lane pairs (i, i + 4) of a packed word: (x0, x4), (x1, x5),
-        (x2, x6), (x3, x7), each as int32 bits. XP 0: read in order as four int32 pairs (x0 x1 | x2 x3 | x4 x5 |
-        x6 x7) and regrouped by shifts and masks; 1: the same with one PRMT per pair; 2: stored already in pair
-        order (within each run of 8: x0 x4 x1 x5 x2 x6 x3 x7), read as they are; 3: as 2, each row's four pairs in
-        one 16-byte load (a [rows, 4] tile split into its columns): a tile's inputs in 8 asynchronous copies
-        instead of 32 in the fused kernels' pipelined loop."""
-        if XP == 3:
+        (x2, x6), (x3, x7), each as int32 bits. PAIRED: stored already in pair order (within each run of 8: x0 x4
+        x1 x5 x2 x6 x3 x7, as the fused kernels write their scratch row), each row's four pairs in one 16-byte load
+        (a [rows, 4] tile split into its columns): a tile's inputs in 8 asynchronous copies instead of 32 in the
+        fused kernels' pipelined loop. Else read in order as four int32 pairs (x0 x1 | x2 x3 | x4 x5 | x6 x7) and
+        regrouped by shifts and masks."""
+        if PAIRED:
             a02, a13 = tl.split(tl.reshape(tl.load(x32 + r * 4 + tl.arange(0, 4)[None, :]), [r.shape[0], 2, 2]))
             p0, p2 = tl.split(a02)
             p1, p3 = tl.split(a13)
@@ -104,10 +81,6 @@ if triton is not None:
         p1 = tl.load(x32 + r * 4 + 1)
         p2 = tl.load(x32 + r * 4 + 2)
         p3 = tl.load(x32 + r * 4 + 3)
-        if XP == 2:
-            return p0, p1, p2, p3
-        if XP == 1:
-            return _lo_halves(p0, p2), _hi_halves(p0, p2), _lo_halves(p1, p3), _hi_halves(p1, p3)
         return ((p0 & 0xFFFF) | (p2 << 16), ((p0 >> 16) & 0xFFFF) | (p2 & -65536),
                 (p1 & 0xFFFF) | (p3 << 16), ((p1 >> 16) & 0xFFFF) | (p3 & -65536))
 
@@ -124,18 +97,12 @@ if triton is not None:
         return qw, s, (zlo | (zlo << 16))[None, :], (zhi | (zhi << 16))[None, :]
 
     @triton.jit
-    def _w_dot(qw, s, zlo, zhi, x32, it, rows, ROWS: tl.constexpr, ASM: tl.constexpr, EARLY: tl.constexpr,
-               XP: tl.constexpr = 0):
+    def _w_dot(qw, s, zlo, zhi, x32, it, rows, ROWS: tl.constexpr, ASM: tl.constexpr, PAIRED: tl.constexpr):
         """sum over the tile's inputs of x_k * w_kn for each column: [BLOCK_N] fp32 (x32: the fp16 inputs read
-        as int32 pairs, `_x_lane_pairs`). EARLY: the sums start from an opaque zero that depends on every word of
-        the tile, so ptxas issues all its loads before any arithmetic. XP: how the inputs are stored and regrouped
-        (`_x_lane_pairs`)."""
-        x04, x15, x26, x37 = _x_lane_pairs(x32, it * ROWS + rows, XP if ASM or XP >= 2 else 0)
+        as int32 pairs; PAIRED: how they are stored, `_x_lane_pairs`)."""
+        x04, x15, x26, x37 = _x_lane_pairs(x32, it * ROWS + rows, PAIRED)
         if ASM:
-            h0 = qw * 0
-            if EARLY:
-                h0 += (tl.reduce(qw, 0, _xor) & _opaque_zero())[None, :]
-            h = tl.reduce(_int4_word_fma(qw, x04, x15, x26, x37, zlo, zhi, h0, ASM), 0, _hadd2)
+            h = tl.reduce(_int4_word_fma(qw, x04, x15, x26, x37, zlo, zhi, qw * 0, ASM), 0, _hadd2)
             lo = (h & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
             hi = ((h >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
             return s * (lo + hi)
@@ -145,15 +112,13 @@ if triton is not None:
     @triton.jit
     def _gemv_kernel_v4(x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, N, K,
                         GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        SPLIT_K: tl.constexpr, FUSED_REDUCE: tl.constexpr, ASM: tl.constexpr, STAGES: tl.constexpr,
-                        RELAXED: tl.constexpr, EARLY: tl.constexpr):
+                        SPLIT_K: tl.constexpr, FUSED_REDUCE: tl.constexpr, ASM: tl.constexpr, STAGES: tl.constexpr):
         """Int4 GEMV, BLOCK_K inputs (a group or a part of one) per iteration on a tile [BLOCK_K/8 rows, BLOCK_N]
         of packed words. With BLOCK_N = 128 x num_warps Triton gives each thread 4 columns (one 16-byte load per
         row) and every row, so the thread sums the block's rows in half2 (`_int4_word_fma`, 13 instructions per
         word, then one HADD2 per row) and applies the group's scale once per block: no reduction across threads
         until the end. Iterations go through `tl.range(num_stages=STAGES)` (cp.async into shared memory ahead of
-        use when STAGES > 1), each a `_w_tile` and a `_w_dot`. EARLY: every load of a tile issued before its
-        arithmetic (`_w_dot`); RELAXED: the split-K epilogue of `_store_output`."""
+        use when STAGES > 1), each a `_w_tile` and a `_w_dot` (inputs in natural order)."""
         ROWS: tl.constexpr = BLOCK_K // 8  # packed rows per iteration
         SUB: tl.constexpr = GROUP // BLOCK_K  # iterations per group
         pid_n = tl.program_id(0)
@@ -165,6 +130,6 @@ if triton is not None:
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for it in tl.range(pid_k, K // BLOCK_K, SPLIT_K, num_stages=STAGES):
             qw, s, zlo, zhi = _w_tile(qw_ptr, qz_ptr, s_ptr, it, rows, offs_n, n_mask, N, ROWS, SUB)
-            acc += _w_dot(qw, s, zlo, zhi, x32, it, rows, ROWS, ASM, EARLY)
+            acc += _w_dot(qw, s, zlo, zhi, x32, it, rows, ROWS, ASM, False)
         _store_output(acc, b_ptr, out_ptr, ws_ptr, cnt_ptr, offs_n, n_mask, pid_n, pid_k, HAS_BIAS, SPLIT_K,
-                      FUSED_REDUCE, BLOCK_N, RELAXED)
+                      FUSED_REDUCE, BLOCK_N)

@@ -2,15 +2,14 @@
 
 GPTQ tensors (spec §10.4, AutoGPTQ "cuda-old" layout) are kept exactly as stored; the loader fills them by
 name. On CPU the forward dequantizes and runs a plain matmul. On CUDA `finalize` switches every layer to the
-Triton kernel of `qwenlm.kernels.gptq_matmul` (or, for Int4, to torch's tinygemm kernel when
-QWENLM_GPTQ_KERNEL=tinygemm), after bringing act-order (desc_act) checkpoints to contiguous groups.
+Triton kernels of `qwenlm.kernels.gptq_matmul`, after bringing act-order (desc_act) checkpoints to contiguous
+groups.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 
 import torch
 from torch import nn
@@ -68,10 +67,9 @@ class GPTQLinear(nn.Module):
         self.register_buffer("scales", torch.zeros(groups, out_features, dtype=dtype, device=device))
         self.register_buffer("g_idx", torch.arange(in_features, dtype=torch.int32, device=device) // self.group_size)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
-        self.backend = "dequant"  # "triton" / "tinygemm" once finalized on CUDA
+        self.backend = "dequant"  # "triton" once finalized on CUDA
         self.perm = None  # input permutation that makes act-order groups contiguous
         self._kernel_bias = None
-        self._tinygemm = None
         self._workspace = None  # batch-1 split-K reduction buffers of the Triton GEMV
 
     def extra_repr(self) -> str:
@@ -93,20 +91,13 @@ class GPTQLinear(nn.Module):
         else:
             if self.perm is not None:
                 x2 = x2.index_select(1, self.perm)
-            if self.backend == "tinygemm":
-                packed, scales_and_zeros = self._tinygemm
-                out = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), packed,
-                                                         self.group_size, scales_and_zeros).to(x.dtype)
-                if self._kernel_bias is not None:
-                    out = out + self._kernel_bias.to(x.dtype)
-            else:
-                out = kernels.gptq_matmul(x2.contiguous(), self.qweight, self.qzeros, self.scales,
-                                          self.group_size, self.bits, self._kernel_bias, workspace=self._workspace)
+            out = kernels.gptq_matmul(x2.contiguous(), self.qweight, self.qzeros, self.scales,
+                                      self.group_size, self.bits, self._kernel_bias, workspace=self._workspace)
         return out.view(*lead, self.out_features)
 
     @torch.no_grad()
-    def prepare_kernel(self, backend: str = "triton") -> None:
-        """Switch to a CUDA kernel: make groups contiguous (act-order), drop an all-zero bias."""
+    def prepare_kernel(self) -> None:
+        """Switch to the Triton kernels: make groups contiguous (act-order), drop an all-zero bias."""
         expected = torch.arange(self.in_features, device=self.g_idx.device) // self.group_size
         if not torch.equal(self.g_idx.long(), expected):
             perm = torch.argsort(self.g_idx.long(), stable=True)
@@ -120,10 +111,7 @@ class GPTQLinear(nn.Module):
             self.perm = perm
         has_bias = self.bias is not None and bool(self.bias.any())
         self._kernel_bias = self.bias if has_bias else None
-        if backend == "tinygemm" and self.bits == 4:
-            self._tinygemm = to_tinygemm(self.qweight, self.qzeros, self.scales, self.group_size)
-            self.backend = "tinygemm"
-        elif kernels.triton is not None and self.group_size % 32 == 0:
+        if kernels.triton is not None and self.group_size % 32 == 0:
             self.backend = "triton"
             self._workspace = gptq_gemv.gemv_workspace(self.out_features, self.qweight.device)
 
@@ -155,29 +143,12 @@ def concat_gptq_linears(a: GPTQLinear, b: GPTQLinear) -> GPTQLinear:
     out.scales = torch.cat((a.scales, b.scales), dim=1)
     out.g_idx = a.g_idx.clone()
     out.bias = torch.cat((bias_of(a), bias_of(b))) if has_bias else None
-    out.backend, out.perm, out._tinygemm = a.backend, a.perm, None
+    out.backend, out.perm = a.backend, a.perm
     if a._kernel_bias is not None or b._kernel_bias is not None:
         out._kernel_bias = out.bias
     if a.backend == "triton":
         out._workspace = gptq_gemv.gemv_workspace(out.out_features, a.qweight.device)
-    elif a.backend == "tinygemm":  # tinygemm's packed copy is rebuilt from the concatenated GPTQ tensors
-        out._tinygemm = to_tinygemm(out.qweight, out.qzeros, out.scales, out.group_size)
     return out
-
-
-def to_tinygemm(qweight, qzeros, scales, group_size: int, inner_k_tiles: int = 8):
-    """Repack an Int4 GPTQ layer for torch.ops.aten._weight_int4pack_mm (CUDA, bf16 activations).
-
-    tinygemm computes w = (q - 8) * scale + zero; GPTQ's w = scale * (q - z), so zero = scale * (8 - z).
-    Since torch 2.5 the packer takes [N, K/2] uint8 with the even input index in the high nibble.
-    """
-    q = unpack_rows(qweight, 4).t().contiguous()  # [N, K]
-    w_uint8 = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8)
-    packed = torch.ops.aten._convert_weight_to_int4pack(w_uint8, inner_k_tiles)
-    z = (unpack_cols(qzeros, 4) + 1).float()  # [G, N]
-    s = scales.float()
-    scales_and_zeros = torch.stack([s, s * (8 - z)], dim=-1).to(torch.bfloat16).contiguous()  # [G, N, 2]
-    return packed, scales_and_zeros
 
 
 def _blocks(model):
@@ -211,20 +182,15 @@ def _gptq_layers(model: nn.Module):
 
 
 def finalize(model: nn.Module, device, dtype) -> None:
-    """After loading: on CUDA switch every GPTQ layer to the fast kernel; on CPU keep the dequantize path."""
+    """After loading: on CUDA switch every GPTQ layer to the Triton kernels; on CPU keep the dequantize path."""
     device = torch.device(device)
     if device.type != "cuda":
         return
-    backend = os.environ.get("QWENLM_GPTQ_KERNEL", "triton")
-    if backend not in ("triton", "tinygemm", "dequant"):
-        raise ValueError(f"QWENLM_GPTQ_KERNEL={backend!r}: expected triton, tinygemm or dequant")
-    if backend == "dequant":
-        return
-    if kernels.triton is None and backend == "triton":
+    if kernels.triton is None:
         log.warning("triton is not installed: GPTQ layers use the (slow) dequantize path")
         return
     for layer in _gptq_layers(model):
-        layer.prepare_kernel(backend)
+        layer.prepare_kernel()
 
 
 @torch.no_grad()
@@ -254,7 +220,7 @@ def quantize_int8_(model: nn.Module) -> nn.Module:
             if isinstance(lin, nn.Linear):
                 layer = int8_linear_from_float(lin)
                 if on_cuda:
-                    layer.prepare_kernel("triton")
+                    layer.prepare_kernel()
                 setattr(parent, attr, layer)
     return model
 
