@@ -6,6 +6,7 @@ import select
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -122,3 +123,26 @@ def test_make_tiny_writes_a_loadable_official_folder(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
                                                      "qwen.tiktoken", "tokenizer_config.json"]
     assert qwenlm.load(str(out), device="cpu", progress=False).chat("hi", max_new_tokens=2)[1][0][0] == "hi"
+
+
+def test_serve_names_a_dot_model_after_its_folder(tiny_ckpt):
+    import httpx
+    from qwenlm.server.launch import free_port
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(qwenlm.__file__).parents[1])}
+    proc = subprocess.Popen(QWENLM + ["serve", "--model", ".", "--device", "cpu", "--port", str(port)], cwd=tiny_ckpt,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                models = httpx.get(f"http://127.0.0.1:{port}/v1/models")
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.stdout.read().decode()
+                assert time.monotonic() < deadline, "qwenlm serve did not come up in 120 s"
+                time.sleep(0.2)
+        assert [m["id"] for m in models.json()["data"]] == [tiny_ckpt.name]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
