@@ -53,7 +53,7 @@ def cmd_generate(args) -> int:
 
 def cmd_make_tiny(args) -> int:
     from qwenlm.testing import make_tiny_checkpoint
-    out = make_tiny_checkpoint(args.out_dir, layout=args.layout, seed=args.seed)
+    out = make_tiny_checkpoint(args.out_dir, layout=args.layout, seed=args.seed, force=args.force)
     print(f"wrote a tiny random Qwen v1 checkpoint to {out} (try: qwenlm chat --model {out})")
     return 0
 
@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--layout", default="safetensors", choices=["safetensors", "sharded", "bin", "sharded-bin"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="write into a folder that already holds files, "
+                                                        "replacing those of the same names")
     p.set_defaults(func=cmd_make_tiny)
 
     p = sub.add_parser("serve", help="OpenAI-compatible API server and web chat")
