@@ -126,7 +126,7 @@ def check_args(args) -> None:
     from qwenlm.sampling import check_seed
     check_device(getattr(args, "device", None))
     parse_dtype(getattr(args, "dtype", None))
-    if args.command == "chat":
+    if args.command in ("chat", "make-tiny"):
         check_seed("seed", args.seed)
     elif args.command == "generate":
         GenerationConfig().replace(**_generate_overrides(args))  # the rules every setting goes through

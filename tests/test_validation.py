@@ -102,6 +102,14 @@ def test_python_api_errors_are_param_errors_before_any_work(llm, call, field):
     assert not llm.engine.requests  # nothing was queued
 
 
+def test_load_checks_its_arguments_before_reading_the_folder():
+    for kwargs, field in [(dict(device="tpu"), "device"), (dict(dtype="int3"), "dtype"),
+                          (dict(quantize="int2"), "quantize")]:
+        with pytest.raises(ParamError) as e:
+            qwenlm.load("/no/such/model", **kwargs)
+        assert e.value.field == field
+
+
 def test_api_seed_at_the_int64_edge_runs(llm):
     # a batch offsets the seed per prompt; at the edge that must wrap, not overflow the sampler's int64
     a = llm.generate(["Hello", "Hi"], seed=2 ** 63 - 1, max_new_tokens=3)
@@ -166,6 +174,7 @@ def test_server_good_values_and_completion_max_tokens():
     (["generate", "x", "--top-p", "2"], "top_p must be a number in (0, 1], got 2.0"),
     (["generate", "x", "--seed", str(2 ** 70)], "seed must be at most 2**63 - 1"),
     (["chat", "--seed", str(2 ** 64)], "seed must be at most 2**63 - 1"),
+    (["make-tiny", "/no/such/out", "--seed", str(2 ** 64)], "seed must be at most 2**63 - 1"),
     (["chat", "--device", "tpu"], "device 'tpu' is not one of cpu, cuda, cuda:N"),
     (["chat", "--device", "mps"], "device 'mps': qwenlm runs on cpu or cuda"),
     (["generate", "x", "--dtype", "int3"], "dtype 'int3' is not one of"),
@@ -175,7 +184,8 @@ def test_server_good_values_and_completion_max_tokens():
 ])
 def test_cli_arguments_fail_before_the_model_loads(argv, message, capsys):
     # the model does not exist: an error about the argument shows it was checked first
-    assert cli.main([argv[0], "--model", "/no/such/model", *argv[1:]]) == 2
+    model = [] if argv[0] == "make-tiny" else ["--model", "/no/such/model"]
+    assert cli.main([argv[0], *model, *argv[1:]]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "/no/such/model" not in err
 

@@ -217,7 +217,7 @@ def main(args) -> int:
                             getattr(args, "max_samples", None), getattr(args, "device", None))
     except KeyboardInterrupt:
         return 130
-    except (ValueError, FileExistsError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # they name the file, sample or setting: no traceback
         print(f"qwenlm quantize: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path}")
