@@ -9,12 +9,12 @@ from pathlib import Path
 import torch
 
 from qwenlm.chat import DEFAULT_SYSTEM, History, build_chat_prompt, chat_stop_ids, validate_history
-from qwenlm.config import GenerationConfig
+from qwenlm.config import CHAT_FORMATS, GenerationConfig
 from qwenlm.engine import EngineConfig, LLMEngine
 from qwenlm.hub import DEFAULT_MODEL
 from qwenlm.loading import load_checkpoint
 from qwenlm.model.qwen import QWenLMHeadModel
-from qwenlm.sampling import SamplingParams
+from qwenlm.sampling import ParamError, SamplingParams, check_int, wrap_seed
 from qwenlm.tokenizer import Tokenizer
 
 
@@ -43,13 +43,21 @@ class QwenLM:
     # ---- settings ----
     def sampling_params(self, **overrides) -> SamplingParams:
         """SamplingParams from the generation config plus per-call overrides (GenerationConfig names such as
-        top_p, temperature, max_new_tokens, do_sample, or SamplingParams names such as max_tokens, stop)."""
+        top_p, temperature, max_new_tokens, do_sample, or SamplingParams names such as max_tokens, stop).
+        A bad name or value is a ParamError naming it, raised before any work starts."""
         gen_names = {f.name for f in dataclasses.fields(GenerationConfig)}
-        gen = self.generation_config.replace(**{k: v for k, v in overrides.items() if k in gen_names})
+        param_names = {f.name for f in dataclasses.fields(SamplingParams)}
         rest = {k: v for k, v in overrides.items() if k not in gen_names}
+        unknown = sorted(set(rest) - param_names)
+        if unknown:
+            raise ParamError(unknown[0], f"unknown generation setting(s): {', '.join(unknown)}; known: "
+                                         f"{', '.join(sorted(gen_names | param_names))}")
+        gen = self.generation_config.replace(**{k: v for k, v in overrides.items() if k in gen_names})
         if "temperature" in overrides and overrides["temperature"] == 0:
             gen = gen.replace(do_sample=False)
-        return SamplingParams.from_generation_config(gen, **rest)
+        params = SamplingParams.from_generation_config(gen, **rest)
+        params.check_vocab(self.tokenizer.n_vocab)
+        return params
 
     # ---- text streams ----
     @property
@@ -70,7 +78,7 @@ class QwenLM:
         rids = []
         try:
             for i, prompt in enumerate(prompts):
-                seed = None if params.seed is None else params.seed + i
+                seed = None if params.seed is None else wrap_seed(params.seed + i)
                 rids.append(engine.add_request(None, prompt, dataclasses.replace(params, seed=seed)))
                 self._inbox[rids[-1]] = []
             done = [False] * len(rids)
@@ -98,11 +106,15 @@ class QwenLM:
         """Complete raw text (base models) or, with chat_format="chatml", answer each prompt as a chat query.
         Batches are left-padded and run together; each row gives what it would give alone."""
         single = isinstance(prompt, str)
+        if not single and not (isinstance(prompt, (list, tuple)) and all(isinstance(p, str) for p in prompt)):
+            raise ParamError("prompt", f"prompt must be a string or a list of strings, got {prompt!r:.80}")
+        if chat_format not in (None, *CHAT_FORMATS):
+            raise ParamError("chat_format", f"chat_format must be None, 'raw' or 'chatml', got {chat_format!r}")
         prompts = [prompt] if single else list(prompt)
+        params = self.sampling_params(**overrides)
         chat = chat_format == "chatml"
         ids = [build_chat_prompt(self.tokenizer, p, max_window_size=self.generation_config.max_window_size)[1]
                if chat else self.tokenizer.encode(p) for p in prompts]
-        params = self.sampling_params(**overrides)
         stop_ids = chat_stop_ids(self.tokenizer) if chat else {self.tokenizer.eod_id}
         texts = ["" for _ in prompts]
         for step in self._stream_texts(ids, params, stop_ids):
@@ -113,11 +125,19 @@ class QwenLM:
 
     def chat_stream(self, query: str, history: History | None = None, system: str = DEFAULT_SYSTEM,
                     **overrides) -> Iterator[str]:
-        """Yield the reply as text deltas. The caller appends (query, reply) to its history."""
+        """Yield the reply as text deltas. The caller appends (query, reply) to its history.
+        Arguments are checked when called, before the first delta is asked for."""
+        for name, value in (("query", query), ("system", system)):
+            if not isinstance(value, str):
+                raise ParamError(name, f"{name} must be a string, got {value!r:.80}")
         history = validate_history(history)
-        window = overrides.pop("max_window_size", self.generation_config.max_window_size)
-        _, ids = build_chat_prompt(self.tokenizer, query, history, system, window)
+        window = check_int("max_window_size", overrides.pop("max_window_size",
+                                                            self.generation_config.max_window_size), 1)
         params = self.sampling_params(**overrides)
+        _, ids = build_chat_prompt(self.tokenizer, query, history, system, window)
+        return self._reply_deltas(ids, params)
+
+    def _reply_deltas(self, ids: list[int], params: SamplingParams) -> Iterator[str]:
         started = False
         for step in self._stream_texts([ids], params, chat_stop_ids(self.tokenizer)):
             delta = step[0][0]

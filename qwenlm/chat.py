@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from qwenlm.sampling import ParamError
 from qwenlm.tokenizer import Tokenizer
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
@@ -46,9 +47,11 @@ def validate_history(history) -> History:
     """History as a list of (query, response) string pairs; a clear error otherwise."""
     if history is None:
         return []
+    if not isinstance(history, (list, tuple)):
+        raise ParamError("history", f"history must be a list of (query, response) pairs, got {history!r:.80}")
     out = []
     for i, item in enumerate(history):
         if not (isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(s, str) for s in item)):
-            raise ValueError(f"history[{i}] must be a (query, response) pair of strings, got {item!r}")
+            raise ParamError("history", f"history[{i}] must be a (query, response) pair of strings, got {item!r:.80}")
         out.append((item[0], item[1]))
     return out

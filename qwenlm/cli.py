@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from qwenlm.hub import DEFAULT_MODEL
 
@@ -33,10 +35,14 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def _generate_overrides(args) -> dict:
+    return {k: v for k, v in dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                  top_p=args.top_p, top_k=args.top_k, seed=args.seed).items() if v is not None}
+
+
 def cmd_generate(args) -> int:
     llm = _load(args)
-    overrides = {k: v for k, v in dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                       top_p=args.top_p, top_k=args.top_k, seed=args.seed).items() if v is not None}
+    overrides = _generate_overrides(args)
     if args.chat:
         text = "".join(llm.chat_stream(args.prompt, system=args.system, **overrides))
     else:
@@ -47,13 +53,15 @@ def cmd_generate(args) -> int:
 
 def cmd_make_tiny(args) -> int:
     from qwenlm.testing import make_tiny_checkpoint
-    out = make_tiny_checkpoint(args.out_dir, layout=args.layout, seed=args.seed)
+    out = make_tiny_checkpoint(args.out_dir, layout=args.layout, seed=args.seed, force=args.force)
     print(f"wrote a tiny random Qwen v1 checkpoint to {out} (try: qwenlm chat --model {out})")
     return 0
 
 
 def cmd_serve(args) -> int:
     from qwenlm.server.api import serve
+    if Path(args.model).is_dir():  # the model is served under the folder's name, which "." does not show
+        args.model = os.path.abspath(args.model)
     return serve(args) or 0
 
 
@@ -88,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--layout", default="safetensors", choices=["safetensors", "sharded", "bin", "sharded-bin"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="write into a folder that already holds files, "
+                                                        "replacing those of the same names")
     p.set_defaults(func=cmd_make_tiny)
 
     p = sub.add_parser("serve", help="OpenAI-compatible API server and web chat")
@@ -109,9 +119,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_args(args) -> None:
+    """Every argument checked before a model loads (which can take minutes): one clear error, exit 2."""
+    from qwenlm.config import GenerationConfig
+    from qwenlm.loading import check_device, parse_dtype
+    from qwenlm.sampling import check_seed
+    check_device(getattr(args, "device", None))
+    parse_dtype(getattr(args, "dtype", None))
+    if args.command in ("chat", "make-tiny"):
+        check_seed("seed", args.seed)
+    elif args.command == "generate":
+        GenerationConfig().replace(**_generate_overrides(args))  # the rules every setting goes through
+    elif args.command == "serve":
+        from qwenlm.server.launch import check_listen_address
+        check_listen_address(args.host, args.port)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_args(args)
         return args.func(args)
     except (ValueError, FileNotFoundError, OSError) as e:  # our errors name the file/field; no traceback
         print(f"qwenlm: error: {e}", file=sys.stderr)

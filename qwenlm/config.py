@@ -9,6 +9,10 @@ from pathlib import Path
 
 import torch
 
+from qwenlm.sampling import ParamError, check_bool, check_int, check_param, check_real, check_token_ids
+
+CHAT_FORMATS = ("chatml", "raw")
+
 
 class ConfigError(ValueError):
     """A config file or field is missing or wrong; the message names the file and the field."""
@@ -23,6 +27,29 @@ _OLD_KEYS = {
     "padded_vocab_size": "vocab_size",
     "n_positions": "max_position_embeddings",
 }
+
+
+# Keys a folder must give (current names; the Aug-2023 names are mapped first).
+_REQUIRED = ("seq_length", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+             "intermediate_size")
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_channels",
+                  "intermediate_size", "seq_length", "max_position_embeddings")
+_BOOLS = ("use_dynamic_ntk", "use_logn_attn", "no_bias", "bf16", "fp16", "fp32", "tie_word_embeddings")
+
+
+def _check_config_value(name: str, value):
+    """One config.json value checked for type and range (ParamError naming the key otherwise)."""
+    if name in _POSITIVE_INTS:
+        return check_int(name, value, 1)
+    if name in _BOOLS:
+        return check_bool(name, value)
+    if name in ("rotary_emb_base", "layer_norm_epsilon"):
+        return check_real(name, value, lambda x: x > 0, "a number > 0")
+    if name == "rotary_pct":
+        return check_real(name, value, lambda x: 0 < x <= 1, "a number in (0, 1]")
+    if name == "quantization_config" and value is not None and not isinstance(value, dict):
+        raise ParamError(name, f"quantization_config must be an object, got {value!r}")
+    return value
 
 
 @dataclass
@@ -70,18 +97,26 @@ class ModelConfig:
         for old, new in _OLD_KEYS.items():
             if old in raw and new not in raw:
                 raw[new] = raw[old]
-        if "seq_length" not in raw:
-            raise ConfigError(f"{source}: missing field 'seq_length' (the official code requires it)")
+        old_names = {new: old for old, new in _OLD_KEYS.items()}
+        for name in _REQUIRED:  # a default here would build a different network and blame a tensor shape
+            if name not in raw:
+                alt = f" (or {old_names[name]!r})" if name in old_names else ""
+                why = " (the official code requires it)" if name == "seq_length" else ""
+                raise ConfigError(f"{source}: missing field {name!r}{alt}{why}")
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in raw.items() if k in names}
+        try:
+            for name, value in kwargs.items():
+                kwargs[name] = _check_config_value(name, value)
+        except ParamError as e:
+            raise ConfigError(f"{source}: {e}") from None
         cfg = cls(**kwargs)
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
-            value = getattr(cfg, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"{source}: field {name!r} must be a positive integer, got {value!r}")
         if cfg.hidden_size % cfg.num_attention_heads:
             raise ConfigError(f"{source}: hidden_size {cfg.hidden_size} is not divisible by "
                               f"num_attention_heads {cfg.num_attention_heads}")
+        if cfg.kv_channels * cfg.num_attention_heads != cfg.hidden_size:
+            raise ConfigError(f"{source}: kv_channels {cfg.kv_channels} x num_attention_heads "
+                              f"{cfg.num_attention_heads} must equal hidden_size {cfg.hidden_size}")
         if sum([cfg.bf16, cfg.fp16, cfg.fp32]) > 1:
             raise ConfigError(f"{source}: at most one of bf16/fp16/fp32 may be true")
         return cfg
@@ -116,11 +151,12 @@ class ModelConfig:
 
 @dataclass
 class GenerationConfig:
-    """generation_config.json; defaults are Qwen-7B-Chat's (spec §12.3)."""
+    """generation_config.json; defaults are Qwen-7B-Chat's (spec §12.3). Values are checked when made
+    (from the file, `replace`, `:conf`) by the same rules as SamplingParams; null means the default."""
 
     chat_format: str = "chatml"
     eos_token_id: int = 151643
-    pad_token_id: int = 151643
+    pad_token_id: int | None = 151643
     max_window_size: int = 6144
     max_new_tokens: int = 512
     do_sample: bool = True
@@ -131,21 +167,51 @@ class GenerationConfig:
     stop_words_ids: list = field(default_factory=list)
     seed: int | None = None
 
+    def __post_init__(self):
+        for f in dataclasses.fields(self):  # transformers writes null for "not set": the default applies
+            if getattr(self, f.name) is None and f.name not in ("pad_token_id", "seed"):
+                setattr(self, f.name, f.default_factory() if f.default_factory is not dataclasses.MISSING
+                        else f.default)
+        if self.chat_format not in CHAT_FORMATS:
+            raise ParamError("chat_format", f"chat_format must be one of {', '.join(map(repr, CHAT_FORMATS))}, "
+                                            f"got {self.chat_format!r}")
+        if isinstance(self.eos_token_id, list):  # transformers allows several
+            self.eos_token_id = check_token_ids("eos_token_id", self.eos_token_id)
+        else:
+            self.eos_token_id = check_int("eos_token_id", self.eos_token_id, 0)
+        if self.pad_token_id is not None:
+            self.pad_token_id = check_int("pad_token_id", self.pad_token_id, 0)
+        self.max_window_size = check_int("max_window_size", self.max_window_size, 1)
+        self.max_new_tokens = check_param("max_new_tokens", self.max_new_tokens, rule="max_tokens")
+        self.do_sample = check_bool("do_sample", self.do_sample)
+        for name in ("top_k", "top_p", "temperature", "repetition_penalty", "seed"):
+            setattr(self, name, check_param(name, getattr(self, name)))
+        if not isinstance(self.stop_words_ids, list):
+            raise ParamError("stop_words_ids", f"stop_words_ids must be a list of token id lists, "
+                                               f"got {self.stop_words_ids!r}")
+        self.stop_words_ids = [check_token_ids("stop_words_ids", ids, f"stop_words_ids[{i}]")
+                               for i, ids in enumerate(self.stop_words_ids)]
+
     @classmethod
-    def from_dict(cls, raw: dict) -> "GenerationConfig":
+    def from_dict(cls, raw: dict, source: str | None = None) -> "GenerationConfig":
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in names})
+        try:
+            return cls(**{k: v for k, v in raw.items() if k in names})
+        except ParamError as e:
+            if source is None:
+                raise
+            raise ConfigError(f"{source}: {e}") from None
 
     @classmethod
     def from_file(cls, path: str | Path) -> "GenerationConfig":
-        return cls.from_dict(_read_json(path))
+        return cls.from_dict(_read_json(path), str(path))
 
     def replace(self, **overrides) -> "GenerationConfig":
         names = {f.name for f in dataclasses.fields(self)}
-        unknown = set(overrides) - names
+        unknown = sorted(set(overrides) - names)
         if unknown:
-            raise ConfigError(f"unknown generation setting(s): {', '.join(sorted(unknown))}; "
-                              f"known: {', '.join(sorted(names))}")
+            raise ParamError(unknown[0], f"unknown generation setting(s): {', '.join(unknown)}; "
+                                         f"known: {', '.join(sorted(names))}")
         return dataclasses.replace(self, **overrides)
 
     def to_dict(self) -> dict:

@@ -14,6 +14,7 @@ from qwenlm.hub import DEFAULT_MODEL, resolve_model
 from qwenlm.model import quant
 from qwenlm.model.loader import load_model
 from qwenlm.model.qwen import QWenLMHeadModel
+from qwenlm.sampling import ParamError
 from qwenlm.tokenizer import Tokenizer
 
 _DTYPES = {"auto": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
@@ -24,8 +25,30 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in _DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+        raise ParamError("dtype", f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
     return _DTYPES[dtype]
+
+
+def check_device(device: str | torch.device | None) -> None:
+    """The device asked for exists on this machine: checked before anything loads, so a typo or a missing GPU
+    is one clear error rather than a failure minutes into loading."""
+    if device is None:
+        return
+    text = str(device)
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        raise ParamError("device", f"device {text!r} is not one of cpu, cuda, cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ParamError("device", f"device {text!r}: qwenlm runs on cpu or cuda")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ParamError("device", f"device {text!r}: no CUDA GPU is available here "
+                                       "(torch.cuda.is_available() is False); use cpu")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ParamError("device", f"device {text!r}: this machine has {count} CUDA device(s), "
+                                       f"cuda:0..cuda:{count - 1}")
 
 
 def default_device() -> str:
@@ -46,9 +69,14 @@ def load_checkpoint(name_or_path: str = DEFAULT_MODEL, device: str | None = None
                     quantize: str | None = None) -> Checkpoint:
     """A Qwen v1 checkpoint folder (or hub name) loaded onto `device` (default: CUDA where present).
     quantize="int8" turns a bf16/fp16 folder's block linears into per-channel int8 after loading."""
+    check_device(device)  # the arguments first: resolving may download, loading takes minutes
+    dtype = parse_dtype(dtype)
+    if quantize not in (None, *quant.QUANTIZE_METHODS):
+        raise ParamError("quantize", f"quantize={quantize!r} is not supported; choose one of "
+                                     f"{', '.join(quant.QUANTIZE_METHODS)} or None")
     folder = resolve_model(name_or_path)
-    model = load_model(folder, device=device or default_device(), dtype=parse_dtype(dtype), progress=progress)
-    quant.apply_quantize(model, quantize, str(folder))
-    gen_file = folder / "generation_config.json"
+    gen_file = folder / "generation_config.json"  # read before the weights: a bad value fails in a second
     gen = GenerationConfig.from_file(gen_file) if gen_file.is_file() else GenerationConfig()
+    model = load_model(folder, device=device or default_device(), dtype=dtype, progress=progress)
+    quant.apply_quantize(model, quantize, str(folder))
     return Checkpoint(model, Tokenizer.from_folder(folder), gen, folder)

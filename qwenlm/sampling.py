@@ -1,13 +1,120 @@
-"""SamplingParams and the reference (per-row, plain torch) logits processing with transformers' semantics.
+"""SamplingParams, the rules every generation setting is checked by, and the reference (per-row, plain torch)
+logits processing with transformers' semantics.
 
-The engine's batched GPU sampler is tested against `process_logits` here.
+The Python API, the CLI, the terminal chat's `:conf`, generation_config.json and the server's request fields
+all check values with the rules here, so a bad value is one `ParamError` naming the setting, raised before
+any work starts. The engine's batched GPU sampler is tested against `process_logits` here.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
+
+# The engine's sampler holds seeds and top_k in int64 tensors: a larger value would fail the batched step
+# of every request in it, so it is refused here.
+INT64_MIN, INT64_MAX = -2 ** 63, 2 ** 63 - 1
+
+
+class ParamError(ValueError):
+    """A setting has the wrong type or value. `field` names it (the keyword argument, the
+    generation_config.json key, the server request's field); the message says what is allowed."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+def _fail(name: str, allowed: str, value):
+    raise ParamError(name, f"{name} must be {allowed}, got {value!r}")
+
+
+def check_int(name: str, value, lo: int | None = None, allowed: str | None = None) -> int:
+    """An integer (not a bool, not 2.5) >= lo that fits int64."""
+    allowed = allowed or ("an integer" if lo is None else f"an integer >= {lo}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        _fail(name, allowed, value)
+    value = int(value)
+    if lo is not None and value < lo:
+        _fail(name, allowed, value)
+    if value > INT64_MAX:
+        _fail(name, "at most 2**63 - 1 (int64)", value)
+    return value
+
+
+def check_real(name: str, value, ok, allowed: str) -> float:
+    """A finite number (int or float, not a bool or a string) for which ok(value) holds."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+            or not ok(value):
+        _fail(name, allowed, value)
+    return float(value)
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        _fail(name, "true or false", value)
+    return value
+
+
+def check_seed(name: str, value) -> int | None:
+    if value is None:
+        return None
+    return check_int(name, value, INT64_MIN, "an integer in [-2**63, 2**63 - 1] (int64)")
+
+
+def wrap_seed(seed: int) -> int:
+    """A seed derived by offsetting a valid one (seed + i), brought back into int64. The sampler uses only
+    its low 32 bits, which wrapping keeps, so the draw is what the unwrapped value would give."""
+    return (seed - INT64_MIN) % 2 ** 64 + INT64_MIN
+
+
+def check_token_ids(name: str, value, label: str | None = None) -> list[int]:
+    """A list of token ids; `label` is how the message shows the list (default: name)."""
+    label = label or name
+    if not isinstance(value, (list, tuple)):
+        raise ParamError(name, f"{label} must be a list of token ids, got {value!r}")
+    for i, t in enumerate(value):
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t <= INT64_MAX:
+            raise ParamError(name, f"{label}[{i}] must be a token id (an integer >= 0), got {t!r}")
+    return [int(t) for t in value]
+
+
+def check_stop(name: str, value) -> list[str]:
+    """Stop strings: one string or a list of them, none empty (an empty one would stop at once)."""
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, (list, tuple)):
+        _fail(name, "a string or a list of strings", value)
+    for i, s in enumerate(stops):
+        if not isinstance(s, str) or not s:
+            raise ParamError(name, f"{name}[{i}] must be a non-empty string, got {s!r}")
+    return list(stops)
+
+
+# The sampling settings, by the name SamplingParams gives them; other names for the same setting
+# (GenerationConfig's max_new_tokens, the server's max_completion_tokens) use these rules under their own name.
+RULES = {
+    "temperature": lambda n, v: check_real(n, v, lambda x: x >= 0, "a number >= 0 (0 means greedy)"),
+    "top_p": lambda n, v: check_real(n, v, lambda x: 0 < x <= 1, "a number in (0, 1]"),
+    "top_k": lambda n, v: check_int(n, v, -1, "an integer >= -1 (0 or -1 disables)"),
+    "repetition_penalty": lambda n, v: check_real(n, v, lambda x: x > 0, "a number > 0 (1 disables)"),
+    "max_tokens": lambda n, v: check_int(n, v, 1),
+    "n": lambda n, v: check_int(n, v, 1),
+    "seed": check_seed,
+    "stop": check_stop,
+    "stop_token_ids": check_token_ids,
+    "logprobs": check_bool,
+    "ignore_eos": check_bool,
+    "skip_special_tokens": check_bool,
+}
+
+
+def check_param(name: str, value, rule: str | None = None):
+    """`value` checked by the rule for `rule` (default: `name`) and normalised (ints, floats, lists);
+    a ParamError naming `name` otherwise."""
+    return RULES[rule or name](name, value)
 
 
 @dataclass
@@ -26,19 +133,15 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self):
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        checks = [
-            (self.temperature >= 0, "temperature must be >= 0"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (self.top_k >= -1, "top_k must be >= -1 (0 or -1 disables)"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
-            (self.max_tokens >= 1, "max_tokens must be >= 1"),
-            (self.n >= 1, "n must be >= 1"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(f"SamplingParams: {msg}")
+        for name in RULES:
+            setattr(self, name, check_param(name, getattr(self, name)))
+
+    def check_vocab(self, n_vocab: int) -> None:
+        """Stop token ids must be ids of this model's vocabulary (checked where a request meets the model)."""
+        for i, t in enumerate(self.stop_token_ids):
+            if t >= n_vocab:
+                raise ParamError("stop_token_ids", f"stop_token_ids[{i}] is {t}, outside the vocabulary "
+                                                   f"(0..{n_vocab - 1})")
 
     @property
     def greedy(self) -> bool:
@@ -49,9 +152,9 @@ class SamplingParams:
         """Map a GenerationConfig (do_sample/top_k/top_p/temperature/...) onto SamplingParams."""
         params = dict(
             temperature=gen.temperature if gen.do_sample else 0.0,
-            top_p=gen.top_p if gen.top_p is not None else 1.0,
-            top_k=gen.top_k or 0,
-            repetition_penalty=gen.repetition_penalty or 1.0,
+            top_p=gen.top_p,
+            top_k=gen.top_k,
+            repetition_penalty=gen.repetition_penalty,
             max_tokens=gen.max_new_tokens,
             seed=gen.seed,
         )

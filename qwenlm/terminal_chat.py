@@ -5,6 +5,9 @@ from __future__ import annotations
 import ast
 import dataclasses
 import sys
+import time
+
+from qwenlm.sampling import check_seed
 
 HELP = """\
 Commands:
@@ -16,7 +19,9 @@ Commands:
   :seed                      show the seed;  :seed N  set it
   :conf                      show generation settings;  :conf key=value ...  change them
   :reset-conf                restore the settings the chat started with
-Ctrl-C stops the reply being written; Ctrl-D or :exit leaves."""
+Ctrl-C stops the reply being written; at the prompt, Ctrl-C twice, Ctrl-D or :exit leaves."""
+
+QUIT_WINDOW_S = 3.0  # a second Ctrl-C at the prompt within this many seconds leaves
 
 
 class TerminalChat:
@@ -53,9 +58,9 @@ class TerminalChat:
         elif name == ":seed":
             if arg:
                 try:
-                    self.seed = int(arg)
+                    self.seed = check_seed("seed", int(arg))
                 except ValueError:
-                    self.say(f"[error] seed must be an integer, got {arg!r}")
+                    self.say(f"[error] seed must be an integer in [-2**63, 2**63 - 1], got {arg!r}")
                     return True
             self.say(f"[seed] {self.seed}")
         elif name == ":conf":
@@ -81,10 +86,10 @@ class TerminalChat:
                 updates[key] = ast.literal_eval(raw)
             except (ValueError, SyntaxError):
                 updates[key] = raw  # a bare word such as chatml
-        try:
+        try:  # checked by the rules every setting goes through; nothing changes unless all are valid
             self.llm.generation_config = self.llm.generation_config.replace(**updates)
-        except (ValueError, TypeError) as e:
-            self.say(f"[error] {e}")
+        except ValueError as e:
+            self.say(f"[error] {e}; settings unchanged")
 
     def reply(self, query: str) -> None:
         self.say("Qwen: ", end="")
@@ -96,17 +101,31 @@ class TerminalChat:
         except KeyboardInterrupt:
             self.say("\n[generation interrupted]")
             return
+        except Exception as e:  # the conversation so far matters more than this turn: report and go on
+            self.say(f"\n[error] {e if isinstance(e, ValueError) else f'{type(e).__name__}: {e}'}")
+            self.say("[this message was not answered; the conversation is kept]")
+            return
         self.say()
         self.history.append((query, "".join(parts).strip()))
 
-    def run(self, read=input) -> None:
+    def run(self, read=input, clock=time.monotonic) -> None:
         self.say("Welcome to Qwen chat. Type a message, :help for commands, :exit to leave.")
+        interrupted_at = None
         while True:
             try:
                 line = read("User> ")
-            except (EOFError, KeyboardInterrupt):
+            except EOFError:
                 self.say()
                 return
+            except KeyboardInterrupt:  # a stray Ctrl-C must not throw the conversation away
+                now = clock()
+                if interrupted_at is not None and now - interrupted_at <= QUIT_WINDOW_S:
+                    self.say()
+                    return
+                interrupted_at = now
+                self.say(f"\n[press Ctrl-C again within {QUIT_WINDOW_S:g} s to leave, or type :exit]")
+                continue
+            interrupted_at = None
             if not line.strip():
                 continue
             if line.startswith(":"):

@@ -7,12 +7,13 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from qwenlm.config import GenerationConfig, ModelConfig
+from qwenlm.files import atomic_path, save_safetensors, write_text
 from qwenlm.model.qwen import QWenLMHeadModel
 
 VOCAB_FILE = Path(__file__).with_name("qwen.tiktoken")
+LAYOUTS = ("safetensors", "sharded", "bin", "sharded-bin")
 
 TINY = dict(vocab_size=151936, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, kv_channels=16,
             intermediate_size=256, seq_length=8192, max_position_embeddings=32768)
@@ -57,41 +58,52 @@ def random_state_dict(cfg: ModelConfig, seed: int = 0, dtype=torch.float32) -> d
 
 
 def make_tiny_checkpoint(out_dir: str | Path, layout: str = "safetensors", seed: int = 0,
-                         dtype: torch.dtype = torch.float32, **overrides) -> Path:
-    """Write a random Qwen v1 checkpoint folder. layout: "safetensors", "sharded", "bin" or "sharded-bin"."""
+                         dtype: torch.dtype = torch.float32, force: bool = False, **overrides) -> Path:
+    """Write a random Qwen v1 checkpoint folder. layout: "safetensors", "sharded", "bin" or "sharded-bin".
+
+    A folder that already holds files is refused unless force=True: pointed at a real model by mistake,
+    this would replace its config.json and weights. Each file is written under a temporary name first."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise FileExistsError(f"{out}: folder is not empty; writing a tiny checkpoint there would replace its "
+                              "config.json and weights (choose an empty or new folder, or pass --force)")
     out.mkdir(parents=True, exist_ok=True)
     cfg = ModelConfig.from_dict({**TINY, **overrides})
     state = random_state_dict(cfg, seed, dtype)
-    (out / "config.json").write_text(json.dumps(official_config_dict(cfg), indent=2))
+    write_text(out / "config.json", json.dumps(official_config_dict(cfg), indent=2))
     gen = GenerationConfig().to_dict()
     del gen["seed"], gen["stop_words_ids"], gen["temperature"]
-    (out / "generation_config.json").write_text(json.dumps({**gen, "transformers_version": "4.31.0"}, indent=2))
-    (out / "tokenizer_config.json").write_text(json.dumps(
+    write_text(out / "generation_config.json", json.dumps({**gen, "transformers_version": "4.31.0"}, indent=2))
+    write_text(out / "tokenizer_config.json", json.dumps(
         {"model_max_length": 32768, "tokenizer_class": "QWenTokenizer",
          "auto_map": {"AutoTokenizer": ["tokenization_qwen.QWenTokenizer", None]}}, indent=2))
-    shutil.copyfile(VOCAB_FILE, out / "qwen.tiktoken")
-    if layout == "safetensors":
-        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    elif layout == "bin":
-        torch.save(state, out / "pytorch_model.bin")
-    elif layout in ("sharded", "sharded-bin"):
+    with atomic_path(out / "qwen.tiktoken") as tmp:
+        shutil.copyfile(VOCAB_FILE, tmp)
+    if layout in ("safetensors", "bin"):
+        _save_weights(state, out / ("model.safetensors" if layout == "safetensors" else "pytorch_model.bin"))
+    else:
         names = list(state)
         halves = [names[: len(names) // 2], names[len(names) // 2:]]
         ext, prefix = ("safetensors", "model") if layout == "sharded" else ("bin", "pytorch_model")
         weight_map = {}
         for i, part in enumerate(halves, 1):
             fname = f"{prefix}-{i:05d}-of-00002.{ext}"
-            shard = {k: state[k] for k in part}
-            if ext == "safetensors":
-                save_file(shard, str(out / fname), metadata={"format": "pt"})
-            else:
-                torch.save(shard, out / fname)
+            _save_weights({k: state[k] for k in part}, out / fname)
             weight_map.update({k: fname for k in part})
         total = sum(t.numel() * t.element_size() for t in state.values())
         index_name = "model.safetensors.index.json" if ext == "safetensors" else "pytorch_model.bin.index.json"
-        (out / index_name).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                 indent=2))
-    else:
-        raise ValueError(f"unknown layout {layout!r}")
+        write_text(out / index_name, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                indent=2))
     return out
+
+
+def _save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
+    if path.suffix == ".safetensors":
+        save_safetensors(state, path, metadata={"format": "pt"})
+    else:
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)

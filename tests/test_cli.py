@@ -6,10 +6,12 @@ import select
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 import qwenlm
+from qwenlm import cli
 
 QWENLM = [sys.executable, "-m", "qwenlm.cli"]
 
@@ -122,3 +124,57 @@ def test_make_tiny_writes_a_loadable_official_folder(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
                                                      "qwen.tiktoken", "tokenizer_config.json"]
     assert qwenlm.load(str(out), device="cpu", progress=False).chat("hi", max_new_tokens=2)[1][0][0] == "hi"
+
+
+def test_make_tiny_refuses_a_folder_with_files_unless_forced(tmp_path):
+    model = tmp_path / "Qwen-7B-Chat"
+    model.mkdir()
+    (model / "config.json").write_text('{"real": "model"}')
+    (model / "model.safetensors").write_bytes(b"real weights")
+    proc = subprocess.run(QWENLM + ["make-tiny", str(model)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"{model}: folder is not empty" in proc.stderr and "--force" in proc.stderr
+    assert (model / "config.json").read_text() == '{"real": "model"}'
+    assert (model / "model.safetensors").read_bytes() == b"real weights"
+    assert cli.main(["make-tiny", str(model), "--force"]) == 0
+    assert '"real"' not in (model / "config.json").read_text()
+    assert not [p for p in model.iterdir() if ".tmp-" in p.name]  # written under temporary names, renamed
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli.main(["make-tiny", str(empty)]) == 0
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_written_files_get_the_umask_mode(tmp_path, mask):
+    from qwenlm.testing import make_tiny_checkpoint
+    old = os.umask(mask)
+    try:
+        out = make_tiny_checkpoint(tmp_path / "tiny", layout="sharded")
+        make_tiny_checkpoint(tmp_path / "bin", layout="bin")
+    finally:
+        os.umask(old)
+    files = list(out.iterdir()) + list((tmp_path / "bin").iterdir())
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(0o666 & ~mask) for p in files}
+
+
+def test_serve_names_a_dot_model_after_its_folder(tiny_ckpt):
+    import httpx
+    from qwenlm.server.launch import free_port
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(qwenlm.__file__).parents[1])}
+    proc = subprocess.Popen(QWENLM + ["serve", "--model", ".", "--device", "cpu", "--port", str(port)], cwd=tiny_ckpt,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                models = httpx.get(f"http://127.0.0.1:{port}/v1/models")
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.stdout.read().decode()
+                assert time.monotonic() < deadline, "qwenlm serve did not come up in 120 s"
+                time.sleep(0.2)
+        assert [m["id"] for m in models.json()["data"]] == [tiny_ckpt.name]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from qwenlm.config import ModelConfig
 from qwenlm.hub import ModelNotFoundError, resolve_model
 from qwenlm.model.loader import CheckpointError, load_model
+from qwenlm.testing import TINY, official_config_dict
 
 
 @pytest.fixture
@@ -124,3 +125,48 @@ def test_hub_name_without_network_says_how_to_pass_a_folder(monkeypatch, tmp_pat
         resolve_model("Qwen/Qwen-7B-Chat")
     with pytest.raises(ModelNotFoundError, match="no such checkpoint folder"):
         resolve_model(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda c: c.pop("num_attention_heads"), r"config\.json: missing field 'num_attention_heads' \(or 'n_head'\)"),
+    (lambda c: c.pop("vocab_size"), r"config\.json: missing field 'vocab_size' \(or 'padded_vocab_size'\)"),
+    (lambda c: c.update(num_attention_heads="4"), r"config\.json: num_attention_heads must be an integer >= 1, got '4'"),
+    (lambda c: c.update(hidden_size=0), r"config\.json: hidden_size must be an integer >= 1, got 0"),
+    (lambda c: c.update(num_hidden_layers=2.5), r"config\.json: num_hidden_layers must be an integer >= 1, got 2\.5"),
+    (lambda c: c.update(rotary_pct=0), r"config\.json: rotary_pct must be a number in \(0, 1\], got 0"),
+    (lambda c: c.update(layer_norm_epsilon="1e-6"), r"config\.json: layer_norm_epsilon must be a number > 0"),
+    (lambda c: c.update(use_dynamic_ntk="true"), r"config\.json: use_dynamic_ntk must be true or false, got 'true'"),
+    (lambda c: c.update(kv_channels=32), r"config\.json: kv_channels 32 x num_attention_heads 4 must equal hidden_size 64"),
+    (lambda c: c.pop("kv_channels"), r"config\.json: kv_channels 128 x num_attention_heads 4 must equal hidden_size 64"),
+])
+def test_config_json_keys_and_values_are_checked_before_any_tensor(ckpt, change, message):
+    path = ckpt / "config.json"
+    config = json.loads(path.read_text())
+    change(config)
+    path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=message):
+        load_model(ckpt, progress=False)
+
+
+def test_bad_generation_config_fails_at_load_naming_file_and_key(ckpt, monkeypatch):
+    import qwenlm
+    from qwenlm import loading
+    path = ckpt / "generation_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "top_p": "high"}))
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("weights loaded before the check"))
+    with pytest.raises(ValueError, match=r"ckpt/generation_config\.json: top_p must be a number in \(0, 1\], got 'high'"):
+        qwenlm.load(str(ckpt), device="cpu", progress=False)
+
+
+def test_official_key_sets_still_load():
+    new = json.loads(json.dumps(official_config_dict(ModelConfig.from_dict({**TINY}))))
+    assert ModelConfig.from_dict(new).num_attention_heads == 4
+    old = {"n_embd": 64, "n_head": 4, "n_layer": 2, "ffn_hidden_size": 256, "padded_vocab_size": 151936,
+           "vocab_size": 151936, "n_positions": 6144, "seq_length": 2048, "kv_channels": 16, "rotary_pct": 1.0,
+           "rotary_emb_base": 10000, "layer_norm_epsilon": 1e-05, "bf16": False, "fp16": False, "fp32": False,
+           "no_bias": True, "use_dynamic_ntk": True, "use_logn_attn": True, "onnx_safe": None,
+           "use_flash_attn": "auto", "params_dtype": "torch.bfloat16", "model_type": "qwen",
+           "quantization_config": {"bits": 4}}
+    cfg = ModelConfig.from_dict(old)
+    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.kv_channels, cfg.quantization_config) == (64, 4, 16,
+                                                                                                  {"bits": 4})

@@ -1,11 +1,15 @@
 """GPTQ algorithm and `quantize_model`: beats round-to-nearest, official folder layout, reload, act-order, interrupts."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors import safe_open
 
+from qwenlm import files
 from qwenlm.model.loader import load_model
 from qwenlm.model.qwen import DenseKVCache
 from qwenlm.quantize import quantize_model
@@ -144,7 +148,7 @@ def test_interrupted_quantize_leaves_nothing(outlier_ckpt, tmp_path, monkeypatch
         raise OSError("disk full")
 
     monkeypatch.setattr(qrun, "gptq_quantize", real)
-    monkeypatch.setattr(qrun, "save_file", fail_on_write)
+    monkeypatch.setattr(qrun, "save_safetensors", fail_on_write)
     with pytest.raises(OSError):
         quantize_model(outlier_ckpt, CALIB, 4, 32, tmp_path / "out", max_len=64, progress=False)
     assert list(tmp_path.iterdir()) == []
@@ -158,3 +162,67 @@ def test_conversation_calibration_tokens_follow_finetune_format():
                     "<|im_end|>\n<|im_start|>assistant\n" + "answer number 0 " * 10 + "<|im_end|>\n")
     assert ids[:1] == [151644] and tok.encode("<|im_start|>user", allowed_special="all") == [151644, 872]
     assert len(conversation_ids(tok, CONVS[0]["conversations"], 10)) == 10
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("roles.json", [{"conversations": [{"role": "user", "content": "hi"}]}],
+     r"roles\.json: sample 0, conversations\[0\]: missing 'from' \(the official format is .*keys 'role', 'content'\)"),
+    ("empty-conv.json", [CONVS[0], {"conversations": []}],
+     r"empty-conv\.json: sample 1: 'conversations' must be a non-empty list"),
+    ("sharegpt.json", [{"conversations": [{"from": "human", "value": "hi"}]}],
+     r"sharegpt\.json: sample 0, conversations\[0\]: 'from' is 'human'; expected 'user' or 'assistant'"),
+    ("novalue.json", [{"conversations": [{"from": "user", "value": 3}]}],
+     r"novalue\.json: sample 0, conversations\[0\]: 'value' must be a string, got 3"),
+    ("dicts.json", [{"text": "hello"}], r"dicts\.json: sample 0: expected a string or an object with a "
+                                        r"'conversations' list, got an object with keys 'text'"),
+    ("blank.json", ["text", "  "], r"blank\.json: sample 1: empty text"),
+    ("none.json", [], r"none\.json: no calibration samples"),
+    ("object.json", {"conversations": []}, r"object\.json: expected a JSON list of conversations or strings"),
+    ("data.csv", "a,b\n1,2\n", r"data\.csv: calibration data must be a \.json or \.jsonl file .* got a '\.csv' file"),
+    ("weights.bin", b"\x00\xff", r"weights\.bin: calibration data must be"),
+    ("binary.txt", b"PK\x03\x04\xff\xfe", r"binary\.txt: not UTF-8 text \(byte 4\); is it a binary file\?"),
+    ("lines.jsonl", '"ok"\n{bad\n', r"lines\.jsonl: line 2 is not valid JSON"),
+])
+def test_bad_calibration_data_is_an_error_naming_file_sample_and_field(tmp_path, name, content, message):
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content if isinstance(content, str) else json.dumps(content))
+    with pytest.raises(ValueError, match=message):
+        load_calibration(str(path), Tokenizer.from_file())
+
+
+def test_cli_quantize_bad_data_fails_before_loading_the_model(outlier_ckpt, tmp_path, capsys, monkeypatch):
+    from qwenlm import cli
+    monkeypatch.setattr(qrun, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    data = tmp_path / "calib.json"
+    data.write_text(json.dumps([{"conversations": [{"role": "user", "content": "hi"}]}]))
+    assert cli.main(["quantize", "--model", str(outlier_ckpt), "--data", str(data), "--out",
+                     str(tmp_path / "out")]) == 2
+    assert "calib.json: sample 0, conversations[0]: missing 'from'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_quantize_reports_calibration_size_removes_stale_partials_and_writes_umask_modes(outlier_ckpt, tmp_path,
+                                                                                      capsys):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".out.incomplete-{dead.pid}"
+    running = tmp_path / f".out.incomplete-{os.getppid()}"  # a live process: its run may still be going
+    others = [tmp_path / ".out.incomplete-notapid", tmp_path / ".other.incomplete-1", tmp_path / "notes.txt"]
+    for d in (stale, running, others[0], others[1]):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"partial")
+    others[2].write_text("mine")
+    out = quantize_model(outlier_ckpt, CONVS[:2], 4, 32, tmp_path / "out", max_len=16, progress=True)
+    err = capsys.readouterr().err
+    assert "calibrating on 2 samples, 32 tokens" in err
+    assert f"removed {stale}, the partial output of an earlier run that did not finish (process {dead.pid} is gone)" in err
+    assert not stale.exists() and (running / "model.safetensors").exists()
+    assert all(p.exists() for p in others) and others[2].read_text() == "mine"
+    mode = oct(0o666 & ~files.umask())
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir() if p.name.endswith("json") or
+            p.name == "model.safetensors"} == {n: mode for n in ("config.json", "generation_config.json",
+                                                                 "model.safetensors", "quantize_config.json",
+                                                                 "tokenizer_config.json")}

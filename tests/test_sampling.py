@@ -6,7 +6,7 @@ from transformers.generation.logits_process import (
     RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
 from qwenlm.config import GenerationConfig
-from qwenlm.sampling import SamplingParams, process_logits
+from qwenlm.sampling import ParamError, SamplingParams, process_logits
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p,penalty", [
@@ -42,5 +42,6 @@ def test_generation_config_defaults_and_mapping():
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(max_tokens=0), dict(n=0)])
 def test_bad_params_rejected(bad):
-    with pytest.raises(ValueError, match="SamplingParams"):
+    with pytest.raises(ParamError) as e:
         SamplingParams(**bad)
+    assert e.value.field == next(iter(bad)) and isinstance(e.value, ValueError)

@@ -37,41 +37,86 @@ def text_ids(tok: Tokenizer, text: str, max_len: int) -> list[list[int]]:
     return [ids[i:i + max_len] for i in range(0, len(ids), max_len)]
 
 
-def load_calibration(source, tok: Tokenizer, max_len: int = 8192, max_samples: int | None = None) -> list[list[int]]:
-    """Token id lists from: a path (.json list of conversations or strings, or .txt), or such a list itself."""
-    where = "calibration data"
-    if isinstance(source, (str, Path)) and Path(source).suffix in (".json", ".txt", ".jsonl"):
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"calibration file not found: {path}")
-        where = str(path)
-        text = path.read_text(encoding="utf-8")
-        if path.suffix == ".txt":
-            items = [text]
-        elif path.suffix == ".jsonl":
-            items = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            try:
-                items = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not valid JSON ({e})") from None
-    elif isinstance(source, str):
-        items = [source]
-    else:
-        items = list(source)
+def _read_items(path: Path) -> list:
+    """The samples of a calibration file: a .json list, .jsonl lines, or one .txt text."""
+    if path.suffix not in (".json", ".jsonl", ".txt"):
+        raise ValueError(f"{path}: calibration data must be a .json or .jsonl file of conversations "
+                         f"(the fine-tuning format) or strings, or a .txt file of plain text; got a "
+                         f"{path.suffix or 'suffix-less'!r} file")
+    if not path.is_file():
+        raise FileNotFoundError(f"calibration file not found: {path}")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); is it a binary file?") from None
+    if path.suffix == ".txt":
+        return [text]
+    if path.suffix == ".jsonl":
+        items = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    items.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}: line {n} is not valid JSON ({e.msg})") from None
+        return items
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(items, list):
-        raise ValueError(f"{where}: expected a JSON list of conversations or strings")
-    samples: list[list[int]] = []
+        raise ValueError(f"{path}: expected a JSON list of conversations or strings, got a {type(items).__name__}")
+    return items
+
+
+def check_sample(where: str, i: int, item) -> None:
+    """A string with text, or {"conversations": [{"from": "user"|"assistant", "value": str}, ...]} (the
+    official fine-tuning format); anything else would calibrate on almost nothing, so it is an error."""
+    at = f"{where}: sample {i}"
+    if isinstance(item, str):
+        if not item.strip():
+            raise ValueError(f"{at}: empty text")
+        return
+    if not isinstance(item, dict) or "conversations" not in item:
+        got = f"an object with keys {', '.join(map(repr, item))}" if isinstance(item, dict) else type(item).__name__
+        raise ValueError(f"{at}: expected a string or an object with a 'conversations' list, got {got}")
+    conv = item["conversations"]
+    if not isinstance(conv, list) or not conv:
+        raise ValueError(f"{at}: 'conversations' must be a non-empty list of messages, got {conv!r:.60}")
+    for j, msg in enumerate(conv):
+        where_msg = f"{at}, conversations[{j}]"
+        if not isinstance(msg, dict):
+            raise ValueError(f"{where_msg}: expected an object {{\"from\": ..., \"value\": ...}}, got {msg!r:.60}")
+        for key in ("from", "value"):
+            if key not in msg:
+                raise ValueError(f"{where_msg}: missing {key!r} (the official format is {{\"from\": \"user\" or "
+                                 f"\"assistant\", \"value\": text}}; this message has keys "
+                                 f"{', '.join(map(repr, msg)) or 'none'})")
+        if msg["from"] not in ROLES:
+            raise ValueError(f"{where_msg}: 'from' is {msg['from']!r}; expected 'user' or 'assistant'")
+        if not isinstance(msg["value"], str):
+            raise ValueError(f"{where_msg}: 'value' must be a string, got {msg['value']!r:.60}")
+
+
+def load_calibration(source, tok: Tokenizer, max_len: int = 8192, max_samples: int | None = None) -> list[list[int]]:
+    """Token id lists from a path (.json list of conversations or strings, .jsonl, or .txt), or from such a
+    list itself. Every sample is checked first: an error names the file, the sample and the field."""
+    if isinstance(source, (str, Path)):
+        where = str(source)
+        items = _read_items(Path(source))
+    else:
+        where = "calibration data"
+        items = list(source)
+    if not items:
+        raise ValueError(f"{where}: no calibration samples")
     for i, item in enumerate(items):
+        check_sample(where, i, item)
+    samples: list[list[int]] = []
+    for item in items:
         if isinstance(item, str):
             samples += text_ids(tok, item, max_len)
-        elif isinstance(item, dict) and isinstance(item.get("conversations"), list):
-            samples.append(conversation_ids(tok, item["conversations"], max_len))
         else:
-            raise ValueError(f"{where}: item {i} is neither a string nor an object with a 'conversations' list")
-    samples = [s for s in samples if s]
+            samples.append(conversation_ids(tok, item["conversations"], max_len))
     if max_samples is not None:
         samples = samples[:max_samples]
-    if not samples:
-        raise ValueError(f"{where}: no calibration samples")
     return samples

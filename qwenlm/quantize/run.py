@@ -4,11 +4,13 @@ As AutoGPTQ with Qwen's run_gptq.py settings: each calibration sample runs alone
 block the linears are quantized in true-sequential order [c_attn], [attn.c_proj], [w1, w2], [mlp.c_proj],
 each group seeing the outputs of the already-quantized ones; the next block is fed the quantized block's
 outputs. The folder is written under a hidden ".<name>.incomplete-<pid>" sibling and renamed into place
-only once complete, so an interrupted run never leaves a folder that looks finished.
+only once complete, so an interrupted run never leaves a folder that looks finished; a run that was killed
+outright leaves that sibling behind, and the next run for the same output removes it.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -17,9 +19,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from tqdm import tqdm
 
+from qwenlm.config import ModelConfig
+from qwenlm.files import save_safetensors, write_text
+from qwenlm.loading import check_device
 from qwenlm.model.loader import checkpoint_files, load_model
 from qwenlm.model.qwen import QWenLMHeadModel, logn_scale, ntk_alpha
 from qwenlm.model.quant import SEQUENTIAL_GROUPS, pack_cols, pack_rows
@@ -118,10 +122,37 @@ def _write_folder(tmp: Path, model_dir: Path, state: dict, qconfig: dict) -> Non
     config.pop("quantization_config", None)
     config.update({"fp16": True, "bf16": False, "fp32": False, "torch_dtype": "float16",
                    "quantization_config": qconfig})
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_text(tmp / "config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     qc = {k: v for k, v in qconfig.items() if k != "quant_method"}
-    (tmp / "quantize_config.json").write_text(json.dumps(qc, indent=2) + "\n", encoding="utf-8")
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    write_text(tmp / "quantize_config.json", json.dumps(qc, indent=2) + "\n")
+    save_safetensors(state, tmp / "model.safetensors", metadata={"format": "pt"})
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_partials(out_dir: Path) -> None:
+    """Remove the ".<name>.incomplete-<pid>" folders that killed runs for this same output left behind, once
+    their process has ended. Only that exact name pattern is touched, never anything else in the folder."""
+    prefix = f".{out_dir.name}.incomplete-"
+    for path in sorted(out_dir.parent.glob(glob.escape(prefix) + "*")):
+        pid = path.name[len(prefix):]
+        if not pid.isdigit() or int(pid) <= 0 or path.is_symlink() or not path.is_dir():
+            continue
+        if int(pid) != os.getpid() and _process_alive(int(pid)):
+            print(f"qwenlm quantize: {path} belongs to a run still in progress (process {pid}); left alone",
+                  file=sys.stderr)
+            continue
+        shutil.rmtree(path)
+        print(f"qwenlm quantize: removed {path}, the partial output of an earlier run that did not finish "
+              f"(process {pid} is gone)", file=sys.stderr)
 
 
 def quantize_model(model_dir, calib_texts_or_conversations, bits: int, group_size: int, out_dir,
@@ -140,11 +171,15 @@ def quantize_model(model_dir, calib_texts_or_conversations, bits: int, group_siz
         raise FileExistsError(f"output folder {out_dir} already exists; choose a new --out")
     if not out_dir.parent.is_dir():
         raise FileNotFoundError(f"parent folder of the output {out_dir.parent} does not exist")
-    raw_config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    if raw_config.get("quantization_config"):
+    if ModelConfig.from_file(model_dir / "config.json").quantization_config:
         raise ValueError(f"{model_dir}: already quantized (config.json has quantization_config)")
+    check_device(device)
+    remove_stale_partials(out_dir)
     tok = Tokenizer.from_folder(model_dir)
     samples = load_calibration(calib_texts_or_conversations, tok, max_len=max_len, max_samples=max_samples)
+    if progress:
+        print(f"qwenlm quantize: calibrating on {len(samples)} samples, {sum(map(len, samples))} tokens",
+              file=sys.stderr)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     tmp = out_dir.parent / f".{out_dir.name}.incomplete-{os.getpid()}"
@@ -182,7 +217,7 @@ def main(args) -> int:
                             getattr(args, "max_samples", None), getattr(args, "device", None))
     except KeyboardInterrupt:
         return 130
-    except (ValueError, FileExistsError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # they name the file, sample or setting: no traceback
         print(f"qwenlm quantize: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path}")

@@ -8,6 +8,26 @@ import time
 
 import uvicorn
 
+from qwenlm.sampling import ParamError
+
+
+def check_listen_address(host: str, port: int) -> None:
+    """Fail now, before a model loads for minutes, where the server could not listen on host:port:
+    a port outside 0..65535 (0 picks a free one), a host that does not resolve, an address in use."""
+    if not 0 <= port <= 65535:
+        raise ParamError("port", f"port must be in 0..65535, got {port}")
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise ParamError("host", f"host {host!r} does not resolve to an address to listen on ({e})") from None
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a TIME_WAIT port is free
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise ParamError("port", f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:

@@ -1,0 +1,53 @@
+"""Writing files: under a temporary name renamed into place (a crash never leaves a half-written file under
+the real name), with the permissions the user's umask gives (safetensors' own writer leaves 0600)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+
+def umask() -> int:
+    """The process umask, read without changing it where Linux tells it (os.umask would set it for a moment,
+    racing other threads that create files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def file_mode() -> int:
+    """What open() gives a new file: 0666 less the umask (0644 under the usual 022)."""
+    return 0o666 & ~umask()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """`with atomic_path(p) as tmp: <write tmp>`: on success tmp gets the umask's mode and replaces p;
+    on any error tmp is removed and p is left as it was."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def save_safetensors(tensors: dict, path: str | Path, metadata: dict | None = None) -> None:
+    from safetensors.torch import save_file
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
