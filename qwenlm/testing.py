@@ -1,4 +1,5 @@
-"""Tiny random checkpoints in the exact official folder layout, for trying qwenlm anywhere and for tests."""
+"""Random checkpoints in the exact official folder layout (bf16/fp32, or GPTQ Int4/Int8), for trying qwenlm
+anywhere, for tests (tiny) and for benchmarks (the real shape)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from qwenlm.config import GenerationConfig, ModelConfig
-from qwenlm.model.qwen import QWenLMHeadModel
+from qwenlm.model.loader import build_model
 
 VOCAB_FILE = Path(__file__).with_name("qwen.tiktoken")
 
@@ -35,35 +36,63 @@ def official_config_dict(cfg: ModelConfig) -> dict:
         "tie_word_embeddings": False, "tokenizer_class": "QWenTokenizer", "transformers_version": "4.32.0",
         "use_cache": True, "use_dynamic_ntk": cfg.use_dynamic_ntk, "use_flash_attn": "auto",
         "use_logn_attn": cfg.use_logn_attn, "vocab_size": cfg.vocab_size,
+        **({"torch_dtype": "float16", "quantization_config": cfg.quantization_config}
+           if cfg.quantization_config else {}),  # spec §10.1
     }
 
 
-def random_state_dict(cfg: ModelConfig, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
-    """Random weights with the official init (spec §2): N(0, 0.02), c_proj scaled, norms 1, biases small."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in QWenLMHeadModel(cfg).state_dict().items()}
+def random_state_dict(cfg: ModelConfig, seed: int = 0, dtype=torch.float32,
+                      device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Random weights with the official init (spec §2): N(0, 0.02), c_proj scaled, norms 1, biases small.
+
+    With cfg.quantization_config the block linears are GPTQ tensors (spec §10.4): random packed weights,
+    symmetric zeros (stored zero - 1), scales giving the same weight spread, trivial g_idx, fp16 scales.
+    device: where the numbers are drawn (a GPU draws a 7B model in seconds); the tensors stay there."""
+    gen = torch.Generator(device).manual_seed(seed)
+    shapes = {k: (v.shape, v.dtype) for k, v in build_model(cfg).state_dict().items()}
+    qc = cfg.quantization_config or {}
+    bits, group = int(qc.get("bits", 4)), int(qc.get("group_size", 128))
     state = {}
-    for name, shape in shapes.items():
+    for name, (shape, stored) in shapes.items():
+        std = 0.02 / (2 * cfg.num_hidden_layers) ** 0.5 if ".c_proj." in name else 0.02
         if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name.endswith("ln_f.weight"):
-            t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+            t = 1.0 + 0.1 * torch.randn(shape, generator=gen, device=device)
+        elif name.endswith(".qweight"):
+            t = torch.randint(-2**31, 2**31 - 1, shape, generator=gen, device=device, dtype=torch.int32)
+        elif name.endswith(".qzeros"):
+            lane = 2 ** (bits - 1) - 1  # the symmetric zero 2^(b-1), stored minus one, in every lane of a word
+            t = torch.full(shape, sum(lane << (bits * j) for j in range(32 // bits)), device=device,
+                           dtype=torch.int32)
+        elif name.endswith(".g_idx"):
+            t = (torch.arange(shape[0], device=device) // group).int()
+        elif name.endswith(".scales"):  # uniform codes have std 2^b / sqrt(12)
+            t = (std * 12 ** 0.5 / 2**bits * (0.75 + 0.5 * torch.rand(shape, generator=gen, device=device))).half()
+        elif name.endswith(".bias") and qc and ".c_attn." not in name:
+            t = torch.zeros(shape, device=device)  # AutoGPTQ stores zeros for the linears that have no bias
         elif name.endswith(".bias"):
-            t = 0.02 * torch.randn(shape, generator=gen)  # nonzero so the bias path is exercised
+            t = 0.02 * torch.randn(shape, generator=gen, device=device)  # nonzero so the bias path is exercised
         else:
-            std = 0.02 / (2 * cfg.num_hidden_layers) ** 0.5 if name.endswith("c_proj.weight") else 0.02
-            t = std * torch.randn(shape, generator=gen)
-        state[name] = t.to(dtype).contiguous()
+            t = std * torch.randn(shape, generator=gen, device=device)
+        # packed ints stay int32, scales fp16 (as the official files hold them), every other tensor `dtype`
+        want = stored if not stored.is_floating_point else torch.float16 if name.endswith(".scales") else dtype
+        state[name] = t.to(want).contiguous()
     return state
 
 
 def make_tiny_checkpoint(out_dir: str | Path, layout: str = "safetensors", seed: int = 0,
-                         dtype: torch.dtype = torch.float32, **overrides) -> Path:
-    """Write a random Qwen v1 checkpoint folder. layout: "safetensors", "sharded", "bin" or "sharded-bin"."""
+                         dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                         num_shards: int = 2, **overrides) -> Path:
+    """Write a random Qwen v1 checkpoint folder. layout: "safetensors", "sharded", "bin" or "sharded-bin"
+    (num_shards files + index). overrides: config.json values over TINY (the real shape: ModelConfig()'s);
+    quantization_config makes a GPTQ folder (pass dtype=torch.float16, fp16=True as the official ones)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = ModelConfig.from_dict({**TINY, **overrides})
-    state = random_state_dict(cfg, seed, dtype)
+    state = random_state_dict(cfg, seed, dtype, device)
     (out / "config.json").write_text(json.dumps(official_config_dict(cfg), indent=2))
+    if cfg.quantization_config:
+        qc = {k: v for k, v in cfg.quantization_config.items() if k != "quant_method"}
+        (out / "quantize_config.json").write_text(json.dumps(qc, indent=2))
     gen = GenerationConfig().to_dict()
     del gen["seed"], gen["stop_words_ids"], gen["temperature"]
     (out / "generation_config.json").write_text(json.dumps({**gen, "transformers_version": "4.31.0"}, indent=2))
@@ -71,27 +100,25 @@ def make_tiny_checkpoint(out_dir: str | Path, layout: str = "safetensors", seed:
         {"model_max_length": 32768, "tokenizer_class": "QWenTokenizer",
          "auto_map": {"AutoTokenizer": ["tokenization_qwen.QWenTokenizer", None]}}, indent=2))
     shutil.copyfile(VOCAB_FILE, out / "qwen.tiktoken")
-    if layout == "safetensors":
-        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    elif layout == "bin":
-        torch.save(state, out / "pytorch_model.bin")
-    elif layout in ("sharded", "sharded-bin"):
-        names = list(state)
-        halves = [names[: len(names) // 2], names[len(names) // 2:]]
-        ext, prefix = ("safetensors", "model") if layout == "sharded" else ("bin", "pytorch_model")
-        weight_map = {}
-        for i, part in enumerate(halves, 1):
-            fname = f"{prefix}-{i:05d}-of-00002.{ext}"
-            shard = {k: state[k] for k in part}
-            if ext == "safetensors":
-                save_file(shard, str(out / fname), metadata={"format": "pt"})
-            else:
-                torch.save(shard, out / fname)
-            weight_map.update({k: fname for k in part})
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        index_name = "model.safetensors.index.json" if ext == "safetensors" else "pytorch_model.bin.index.json"
+    if layout not in ("safetensors", "bin", "sharded", "sharded-bin"):
+        raise ValueError(f"unknown layout {layout!r}")
+    ext, prefix = ("safetensors", "model") if layout in ("safetensors", "sharded") else ("bin", "pytorch_model")
+    names = list(state)
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    if not layout.startswith("sharded"):
+        files = {f"{prefix}.{ext}": names}
+    else:
+        files = {f"{prefix}-{i + 1:05d}-of-{num_shards:05d}.{ext}":
+                 names[i * len(names) // num_shards:(i + 1) * len(names) // num_shards] for i in range(num_shards)}
+    for fname, part in files.items():
+        shard = {k: state.pop(k).cpu() for k in part}  # one file's tensors on the host at a time
+        if ext == "safetensors":
+            save_file(shard, str(out / fname), metadata={"format": "pt"})
+        else:
+            torch.save(shard, out / fname)
+    if layout.startswith("sharded"):
+        weight_map = {k: fname for fname, part in files.items() for k in part}
+        index_name = f"{prefix}.{ext}.index.json"
         (out / index_name).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                  indent=2))
-    else:
-        raise ValueError(f"unknown layout {layout!r}")
     return out
