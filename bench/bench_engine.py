@@ -15,7 +15,7 @@ A bf16 checkpoint folder in the official layout (random weights at the real shap
                      tokens (~12 tok/s: bounded), throughput at batch 32 (128 would take minutes), TTFT, peak memory
   bound              a decode step's bytes (weights + KV read) at the measured copy bandwidth
 
-    python bench/bench_engine.py            # H100: ~6 minutes (~1 of it the first compile, ~1 writing the folder)
+    python bench/bench_engine.py            # H100: ~6 minutes (the first run ~1 of it writing the folder)
     python bench/bench_engine.py --tiny     # tiny shapes on the CPU: checks the script end to end
 
 Prints one table (figure | qwenlm | transformers | bound); writes the JSON and a PNG of the same figures.

@@ -15,7 +15,7 @@ fresh process.
   transformers     bf16 only, as the reference row: GPTQ in transformers needs auto-gptq / gptqmodel, which do
                    not install here; batch-1 decode over 64 new tokens
 
-    python bench/bench_quant.py            # H100: ~5 minutes (~1.5 of it writing the Int8 / Int4 folders once)
+    python bench/bench_quant.py            # H100: ~5 minutes (the first run ~1 of it writing the folders)
     python bench/bench_quant.py --tiny     # tiny shapes on the CPU: checks the script end to end
 """
 
@@ -96,7 +96,7 @@ def main() -> int:
         b1 = r.get("b1_decode_tok_s")
         cell = None if b1 is None else f"{b1['median']:,.1f} ({b1['min']:,.1f}-{b1['max']:,.1f})"
         share = None if b1 is None else f"{100 * b1['median'] / r['bound_tok_s']:.0f}%"
-        table.append([name, cell, r["bound_tok_s"], share, r["gb_read_per_token"], r.get("peak_memory_gb"),
+        table.append([name, cell, r["bound_tok_s"], share, f"{r['gb_read_per_token']:.2f}", r.get("peak_memory_gb"),
                       r["readme_a100_tok_s"], r["readme_a100_peak_gb"]])
     print_table(f"batch-1 decode and memory by weight format: {results['header']['device']}, "
                 f"qwenlm {results['header']['qwenlm']}",
