@@ -22,12 +22,16 @@ import shutil
 import statistics
 import struct
 import subprocess
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
 
+# `python bench/<script>.py` from a checkout finds its qwenlm without installing it; an installed qwenlm or one on
+# PYTHONPATH comes first (appended, not prepended)
+sys.path.append(str(Path(__file__).resolve().parent.parent))
 T0 = float(os.environ.setdefault("QWENLM_BENCH_T0", str(time.time())))  # inherited: one clock for every part
 RESULTS_DIR = Path(__file__).with_name("results")  # gitignored
 
