@@ -1,4 +1,5 @@
-"""Tiny random checkpoints in the exact official folder layout, for trying qwenlm anywhere and for tests."""
+"""Random checkpoints in the exact official folder layout (bf16/fp32, or GPTQ Int4/Int8), for trying qwenlm
+anywhere, for tests (tiny) and for benchmarks (the real shape)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 from qwenlm.config import GenerationConfig, ModelConfig
 from qwenlm.files import atomic_path, save_safetensors, write_text
-from qwenlm.model.qwen import QWenLMHeadModel
+from qwenlm.model.loader import build_model
 
 VOCAB_FILE = Path(__file__).with_name("qwen.tiktoken")
 LAYOUTS = ("safetensors", "sharded", "bin", "sharded-bin")
@@ -36,30 +37,55 @@ def official_config_dict(cfg: ModelConfig) -> dict:
         "tie_word_embeddings": False, "tokenizer_class": "QWenTokenizer", "transformers_version": "4.32.0",
         "use_cache": True, "use_dynamic_ntk": cfg.use_dynamic_ntk, "use_flash_attn": "auto",
         "use_logn_attn": cfg.use_logn_attn, "vocab_size": cfg.vocab_size,
+        **({"torch_dtype": "float16", "quantization_config": cfg.quantization_config}
+           if cfg.quantization_config else {}),  # spec §10.1
     }
 
 
-def random_state_dict(cfg: ModelConfig, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
-    """Random weights with the official init (spec §2): N(0, 0.02), c_proj scaled, norms 1, biases small."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in QWenLMHeadModel(cfg).state_dict().items()}
+def random_state_dict(cfg: ModelConfig, seed: int = 0, dtype=torch.float32,
+                      device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Random weights with the official init (spec §2): N(0, 0.02), c_proj scaled, norms 1, biases small.
+
+    With cfg.quantization_config the block linears are GPTQ tensors (spec §10.4): random packed weights,
+    symmetric zeros (stored zero - 1), scales giving the same weight spread, trivial g_idx, fp16 scales.
+    device: where the numbers are drawn (a GPU draws a 7B model in seconds); the tensors stay there."""
+    gen = torch.Generator(device).manual_seed(seed)
+    shapes = {k: (v.shape, v.dtype) for k, v in build_model(cfg).state_dict().items()}
+    qc = cfg.quantization_config or {}
+    bits, group = int(qc.get("bits", 4)), int(qc.get("group_size", 128))
     state = {}
-    for name, shape in shapes.items():
+    for name, (shape, stored) in shapes.items():
+        std = 0.02 / (2 * cfg.num_hidden_layers) ** 0.5 if ".c_proj." in name else 0.02
         if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name.endswith("ln_f.weight"):
-            t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+            t = 1.0 + 0.1 * torch.randn(shape, generator=gen, device=device)
+        elif name.endswith(".qweight"):
+            t = torch.randint(-2**31, 2**31 - 1, shape, generator=gen, device=device, dtype=torch.int32)
+        elif name.endswith(".qzeros"):
+            lane = 2 ** (bits - 1) - 1  # the symmetric zero 2^(b-1), stored minus one, in every lane of a word
+            t = torch.full(shape, sum(lane << (bits * j) for j in range(32 // bits)), device=device,
+                           dtype=torch.int32)
+        elif name.endswith(".g_idx"):
+            t = (torch.arange(shape[0], device=device) // group).int()
+        elif name.endswith(".scales"):  # uniform codes have std 2^b / sqrt(12)
+            t = (std * 12 ** 0.5 / 2**bits * (0.75 + 0.5 * torch.rand(shape, generator=gen, device=device))).half()
+        elif name.endswith(".bias") and qc and ".c_attn." not in name:
+            t = torch.zeros(shape, device=device)  # AutoGPTQ stores zeros for the linears that have no bias
         elif name.endswith(".bias"):
-            t = 0.02 * torch.randn(shape, generator=gen)  # nonzero so the bias path is exercised
+            t = 0.02 * torch.randn(shape, generator=gen, device=device)  # nonzero so the bias path is exercised
         else:
-            std = 0.02 / (2 * cfg.num_hidden_layers) ** 0.5 if name.endswith("c_proj.weight") else 0.02
-            t = std * torch.randn(shape, generator=gen)
-        state[name] = t.to(dtype).contiguous()
+            t = std * torch.randn(shape, generator=gen, device=device)
+        # packed ints stay int32, scales fp16 (as the official files hold them), every other tensor `dtype`
+        want = stored if not stored.is_floating_point else torch.float16 if name.endswith(".scales") else dtype
+        state[name] = t.to(want).contiguous()
     return state
 
 
 def make_tiny_checkpoint(out_dir: str | Path, layout: str = "safetensors", seed: int = 0,
-                         dtype: torch.dtype = torch.float32, force: bool = False, **overrides) -> Path:
-    """Write a random Qwen v1 checkpoint folder. layout: "safetensors", "sharded", "bin" or "sharded-bin".
+                         dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                         num_shards: int = 2, force: bool = False, **overrides) -> Path:
+    """Write a random Qwen v1 checkpoint folder. layout: "safetensors", "sharded", "bin" or "sharded-bin"
+    (num_shards files + index). overrides: config.json values over TINY (the real shape: ModelConfig()'s);
+    quantization_config makes a GPTQ folder (pass dtype=torch.float16, fp16=True as the official ones).
 
     A folder that already holds files is refused unless force=True: pointed at a real model by mistake,
     this would replace its config.json and weights. Each file is written under a temporary name first."""
@@ -73,8 +99,11 @@ def make_tiny_checkpoint(out_dir: str | Path, layout: str = "safetensors", seed:
                               "config.json and weights (choose an empty or new folder, or pass --force)")
     out.mkdir(parents=True, exist_ok=True)
     cfg = ModelConfig.from_dict({**TINY, **overrides})
-    state = random_state_dict(cfg, seed, dtype)
+    state = random_state_dict(cfg, seed, dtype, device)
     write_text(out / "config.json", json.dumps(official_config_dict(cfg), indent=2))
+    if cfg.quantization_config:
+        qc = {k: v for k, v in cfg.quantization_config.items() if k != "quant_method"}
+        write_text(out / "quantize_config.json", json.dumps(qc, indent=2))
     gen = GenerationConfig().to_dict()
     del gen["seed"], gen["stop_words_ids"], gen["temperature"]
     write_text(out / "generation_config.json", json.dumps({**gen, "transformers_version": "4.31.0"}, indent=2))
@@ -83,21 +112,20 @@ def make_tiny_checkpoint(out_dir: str | Path, layout: str = "safetensors", seed:
          "auto_map": {"AutoTokenizer": ["tokenization_qwen.QWenTokenizer", None]}}, indent=2))
     with atomic_path(out / "qwen.tiktoken") as tmp:
         shutil.copyfile(VOCAB_FILE, tmp)
-    if layout in ("safetensors", "bin"):
-        _save_weights(state, out / ("model.safetensors" if layout == "safetensors" else "pytorch_model.bin"))
+    ext, prefix = ("safetensors", "model") if layout in ("safetensors", "sharded") else ("bin", "pytorch_model")
+    names = list(state)
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    if not layout.startswith("sharded"):
+        files = {f"{prefix}.{ext}": names}
     else:
-        names = list(state)
-        halves = [names[: len(names) // 2], names[len(names) // 2:]]
-        ext, prefix = ("safetensors", "model") if layout == "sharded" else ("bin", "pytorch_model")
-        weight_map = {}
-        for i, part in enumerate(halves, 1):
-            fname = f"{prefix}-{i:05d}-of-00002.{ext}"
-            _save_weights({k: state[k] for k in part}, out / fname)
-            weight_map.update({k: fname for k in part})
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        index_name = "model.safetensors.index.json" if ext == "safetensors" else "pytorch_model.bin.index.json"
-        write_text(out / index_name, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                indent=2))
+        files = {f"{prefix}-{i + 1:05d}-of-{num_shards:05d}.{ext}":
+                 names[i * len(names) // num_shards:(i + 1) * len(names) // num_shards] for i in range(num_shards)}
+    for fname, part in files.items():  # one file's tensors on the host at a time
+        _save_weights({k: state.pop(k).cpu() for k in part}, out / fname)
+    if layout.startswith("sharded"):
+        weight_map = {k: fname for fname, part in files.items() for k in part}
+        write_text(out / f"{prefix}.{ext}.index.json",
+                   json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     return out
 
 

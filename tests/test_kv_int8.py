@@ -155,7 +155,7 @@ def test_triton_int8_kernels_match_reference_in_interpreter():
                 torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
         # the store's dequantized copy of the new rows is exactly what reading them back from the pool gives
         # (fp16 here: the interpreter's fp32 -> bf16 cast does not round to nearest as the GPU's does;
-        # bench/bench_attention.py checks bf16 on the GPU)
+        # bench/check_gpu.py checks bf16 on the GPU)
         again = [torch.zeros_like(t) for t in pools]
         kd, vd = quantize_store_kv(k.half(), v.half(), *again, slots, use_triton=True, dequantized=True)
         for rows, cache, sz in ((kd, again[0], again[2]), (vd, again[1], again[3])):

@@ -1,0 +1,249 @@
+"""The GPU correctness checks CI cannot run (it has no GPU): the Triton kernels against their torch references on
+the device, and the engine's GPU path (CUDA graphs, compiled regions, overlapped steps) against itself without
+them. Exits non-zero when a check fails.
+
+  kernels      int8 KV store == its reference, and its dequantized rows == the pool read back (bf16, bit for bit);
+               paged decode attention, the default kernel for batch 1, 4 and 32, bf16 pool (the new token's K/V
+               stored by the call) and int8 pool == the reference
+  act_order    a GPTQ layer with shuffled g_idx (desc_act) on the Triton kernel == the dequantize path
+  fused_int4   the fused batch-1 Int4 step (qwenlm.engine.fused_decode, the engine's default for GPTQ Int4) == the
+               model's own step: 2 layers at the Qwen-7B shape, 3 repeats (split-K sums land in any order)
+  overlap      overlapped steps give the tokens and finish reasons of synchronous ones (sampling, stop ids,
+               logprobs, n=2, preemptions), and no KV block is leaked
+  compiled     the compiled regions serve prompts of 2-64 tokens, chunked, without a compile after engine start
+               (GPU only: Inductor on the CPU takes minutes)
+
+    python bench/check_gpu.py            # H100: ~2 minutes
+    python bench/check_gpu.py --tiny     # tiny shapes on the CPU, kernels in Triton's interpreter
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import time
+import warnings
+
+if "--tiny" in sys.argv and os.environ.get("TRITON_INTERPRET") != "1":  # must be set before triton is imported
+    os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, "TRITON_INTERPRET": "1"})
+
+import torch  # noqa: E402
+
+from benchlib import arg_parser, checkpoint, device_of, header, log, print_table, results_path, write_json  # noqa: E402
+
+
+def rel_err(out, ref) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def check_kernels(workdir, device, tiny) -> dict:
+    from qwenlm.kernels.attention import paged_decode_attention, paged_decode_attention_ref
+    from qwenlm.kernels.kv_int8 import dequantize_rows, quantize_store_kv, quantize_store_kv_ref
+    g = torch.Generator(device).manual_seed(0)
+    H, D, bs, ctx_blocks = (4, 64, 4, 6) if tiny else (32, 128, 16, 40)
+    dtype = torch.float32 if tiny else torch.bfloat16  # the interpreter's bf16 casts do not round as a GPU's do
+    batches = (1, 4) if tiny else (1, 4, 32)
+    nb = max(batches) * ctx_blocks + 1
+    rand = lambda *s: torch.randn(*s, generator=g, device=device, dtype=dtype)  # noqa: E731
+    # the store: K/V as the model hands them (v a strided slice of the fused projection)
+    n = 40 if tiny else 2000
+    k, v = rand(n, H, D) * 3, rand(n, 3, H, D)[:, 1]
+    slots = torch.randperm(nb * bs, generator=g, device=device)[:n]
+    pools = [torch.zeros(nb, bs, H, D, dtype=torch.uint8, device=device) for _ in range(2)]
+    pools += [torch.zeros(nb, bs, H, 2, device=device) for _ in range(2)]
+    ref = [t.clone() for t in pools]
+    quantize_store_kv(k, v, *pools, slots, use_triton=True)
+    quantize_store_kv_ref(k, v, *ref, slots)
+    res = {"store_q_max_diff": max((a.int() - b.int()).abs().max().item() for a, b in zip(pools[:2], ref[:2])),
+           "store_scale_zero_max_rel_diff": max(((a - b).abs() / b.abs().clamp(min=1e-6)).max().item()
+                                               for a, b in zip(pools[2:], ref[2:]))}
+    # the rows the store hands back dequantized (attention reads them instead of the pool) == reading the pool back,
+    # bit for bit in the model's dtype (the interpreter tests cover fp16 only)
+    again = [torch.zeros_like(t) for t in pools]
+    rows = quantize_store_kv(k, v, *again, slots, use_triton=True, dequantized=True)
+    res["store_dequantized_exact"] = all(
+        torch.equal(r, dequantize_rows(c.view(-1, H, D)[slots], sz.view(-1, H, 2)[slots], dtype))
+        for r, c, sz in zip(rows, again[:2], again[2:]))
+    ok = res["store_q_max_diff"] <= 1 and res["store_scale_zero_max_rel_diff"] < 1e-3 and res["store_dequantized_exact"]
+    # decode attention: every slot of the int8 pools holds data
+    kq, vq = (torch.randint(0, 256, (nb, bs, H, D), generator=g, device=device, dtype=torch.uint8) for _ in range(2))
+    ks, vs = (torch.rand(nb, bs, H, 2, generator=g, device=device) * torch.tensor([0.03, 50.0], device=device)
+              + torch.tensor([1e-3, 100.0], device=device) for _ in range(2))
+    for B in batches:
+        tables = torch.randperm(nb - 1, generator=g, device=device)[:B * ctx_blocks].view(B, ctx_blocks).int()
+        lens = torch.randint(1, ctx_blocks * bs + 1, (B,), generator=g, device=device).int()
+        lens[0] = ctx_blocks * bs
+        q = rand(B, H, D)
+        kc, vc = rand(nb, bs, H, D), rand(nb, bs, H, D)
+        kn, vn = rand(B, H, D), rand(B, 3, H, D)[:, 1]
+        pos = (lens - 1).long()
+        slot = tables.long()[torch.arange(B, device=device), pos // bs] * bs + pos % bs
+        want_k, want_v = kc.clone(), vc.clone()
+        want_k.view(-1, H, D)[slot], want_v.view(-1, H, D)[slot] = kn, vn
+        out = paged_decode_attention(q, kc, vc, tables, lens, k_new=kn, v_new=vn, slots=slot)
+        want = paged_decode_attention_ref(q.float(), want_k.float(), want_v.float(), tables, lens)
+        res[f"bf16_b{B}_rel_err"] = rel_err(out, want)
+        res[f"bf16_b{B}_store_exact"] = torch.equal(kc, want_k) and torch.equal(vc, want_v)
+        out = paged_decode_attention(q, kq, vq, tables, lens, k_sz=ks, v_sz=vs)
+        want = paged_decode_attention_ref(q.float(), kq, vq, tables, lens, k_sz=ks, v_sz=vs)
+        res[f"int8_b{B}_rel_err"] = rel_err(out, want)
+        ok &= res[f"bf16_b{B}_rel_err"] < 2e-2 and res[f"bf16_b{B}_store_exact"] and res[f"int8_b{B}_rel_err"] < 2e-2
+    return {"ok": ok, **res}
+
+
+def check_act_order(workdir, device, tiny) -> dict:
+    from qwenlm.model import quant
+    g = torch.Generator(device).manual_seed(1)
+    k, n = (256, 128) if tiny else (4096, 4096)
+    layer = quant.GPTQLinear(k, n, 4, 128, device=device)
+    layer.qweight = torch.randint(-2**31, 2**31 - 1, (k // 8, n), generator=g, device=device, dtype=torch.int32)
+    layer.qzeros = quant.pack_cols(torch.randint(5, 10, (k // 128, n), generator=g, device=device), 4)
+    layer.scales = (torch.rand(k // 128, n, generator=g, device=device) * 0.004 + 0.001).half()
+    layer.g_idx = (torch.randperm(k, generator=g, device=device) // 128).int()
+    layer.bias.normal_(generator=g)
+    x = torch.randn(3, 1, k, generator=g, device=device).half()
+    ref = layer(x).float()  # the dequantize path
+    layer.prepare_kernel()
+    res = {f"m{m}_max_err": (layer(x[:m]).float() - ref[:m]).abs().max().item() for m in (1, 3)}
+    tol = 2e-3 * ref.abs().max().item() + 2e-3
+    return {"ok": all(e <= tol for e in res.values()), "tol": tol, **res}
+
+
+def check_fused_int4(workdir, device, tiny) -> dict:
+    from qwenlm.engine import compiled_decode, fused_decode
+    from qwenlm.engine.fusion import fuse_gate_up
+    from qwenlm.model import quant
+    from qwenlm.model.loader import load_model
+    from qwenlm.model.qwen import DenseKVCache
+    folder = checkpoint(workdir, "int4", tiny, device, num_hidden_layers=2, vocab_size=4096)
+    model = load_model(folder, device, progress=False)
+    if device != "cuda":  # on a GPU the loader switches the layers to the kernels
+        for m in model.modules():
+            if isinstance(m, quant.GPTQLinear):
+                m.prepare_kernel()
+    fuse_gate_up(model)
+    if not fused_decode.supports(model):
+        return {"ok": False, "error": "fused_decode.supports() is False for a GPTQ Int4 model"}
+    T = 12 if tiny else 40
+    g = torch.Generator(device).manual_seed(2)
+    ids = torch.randint(0, 4096, (1, T), generator=g, device=device)
+    pos = torch.arange(T, device=device)[None]
+    inv = model.inv_freq([1.0], device)
+
+    with torch.no_grad():
+        prefix = DenseKVCache(2)  # the first T - 1 tokens, copied for each step below (a step appends to it)
+        prefix.begin(torch.ones(1, T - 1, dtype=torch.bool, device=device))
+        model(ids[:, :-1], pos[:, :-1], prefix, inv, use_logn=True)
+        prefix.begin(torch.ones(1, 1, dtype=torch.bool, device=device))
+        ref = model(ids[:, -1:], pos[:, -1:], copy.deepcopy(prefix), inv, use_logn=True)[0, 0].float()
+        x, cos, sin, qs = compiled_decode.prologue(model, ids[:, -1:], pos[:, -1:], inv, True)
+        step = fused_decode.FusedInt4Blocks(model)
+        outs = [model.transformer.ln_f(step(copy.deepcopy(prefix), x, cos, sin, qs))[0, 0].float()
+                for _ in range(2 if tiny else 3)]
+    res = {"vs_model_max_diff": max((o - ref).abs().max().item() for o in outs),
+           "between_repeats_max_diff": max((o - outs[0]).abs().max().item() for o in outs),
+           "tol": 4e-3 * ref.abs().max().item()}
+    return {"ok": res["vs_model_max_diff"] <= res["tol"] and res["between_repeats_max_diff"] <= res["tol"], **res}
+
+
+def _tiny_model(workdir, device):
+    """A tiny float32 model for the engine checks (exactness and compiles, not speed)."""
+    from qwenlm.model.loader import load_model
+    return load_model(checkpoint(workdir, "bf16", True, device), device, torch.float32, progress=False)
+
+
+def check_overlap(workdir, device, tiny) -> dict:
+    from qwenlm.engine import EngineConfig, LLMEngine, SamplingParams
+    model = _tiny_model(workdir, device)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (9, 30, 4, 17, 22, 6, 40, 3)]
+    params = [SamplingParams(temperature=0.8, top_p=0.9, seed=5, max_tokens=40, logprobs=True),
+              SamplingParams(temperature=0, max_tokens=33, ignore_eos=True),
+              SamplingParams(temperature=1.0, top_k=20, seed=6, max_tokens=50, stop_token_ids=[17, 400, 901]),
+              SamplingParams(temperature=0, max_tokens=12, repetition_penalty=1.3, ignore_eos=True),
+              SamplingParams(temperature=0.7, seed=7, max_tokens=45, ignore_eos=True, n=2),
+              SamplingParams(temperature=0, max_tokens=25, ignore_eos=True, logprobs=True),
+              SamplingParams(temperature=0.9, seed=8, max_tokens=60, stop_token_ids=list(range(0, 1000, 37))),
+              SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)]
+    runs, leaked = {}, False
+    for overlap in (True, False):
+        for blocks in (256, 40):  # 40 blocks of 4 tokens: preemptions
+            engine = LLMEngine(model, None, EngineConfig(overlap_steps=overlap, num_blocks=blocks, block_size=4,
+                                                         max_num_batched_tokens=32, max_num_seqs=16,
+                                                         compile_decode=False))
+            outs = engine.generate(prompts, params)
+            runs[overlap, blocks] = [[(o.token_ids, o.logprobs, o.finish_reason) for o in r.outputs] for r in outs]
+            stats = engine.stats()
+            leaked |= stats["num_free_blocks"] != stats["num_blocks"]
+            del engine
+    same, lp_diff = True, 0.0
+    for blocks in (256, 40):
+        for ra, rb in zip(runs[True, blocks], runs[False, blocks]):
+            for (ta, la, fa), (tb, lb, fb) in zip(ra, rb):
+                same &= ta == tb and fa == fb
+                lp_diff = max([lp_diff] + [abs(x - y) for x, y in zip(la or [], lb or [])])
+    # logprobs: the batches around a request may differ (a step's finishes are known one step later), so float
+    # summation order may too; tokens and finish reasons must not
+    return {"ok": same and not leaked, "same_tokens_and_finish": same, "blocks_leaked": leaked,
+            "max_logprob_diff": lp_diff}
+
+
+def check_compiled(workdir, device, tiny) -> dict:
+    if device != "cuda":
+        return {"ok": True, "skipped": "GPU only"}
+    from torch._dynamo.utils import counters
+    from qwenlm.engine import EngineConfig, LLMEngine, SamplingParams
+    model = _tiny_model(workdir, device)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (3, 17, 40, 5, 64, 2, 33)]
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    outs, after_start = {}, None
+    for compiled in (True, False):
+        engine = LLMEngine(model, None, EngineConfig(num_blocks=256, block_size=4, max_num_batched_tokens=48,
+                                                     max_num_seqs=8, compile_decode=compiled))
+        graphs = counters["stats"]["unique_graphs"]
+        outs[compiled] = [r.outputs[0].token_ids for r in engine.generate(prompts, greedy)]
+        if compiled:
+            after_start = counters["stats"]["unique_graphs"] - graphs
+        del engine
+    # tokens against the eager engine are reported, not required: Inductor's fused fp32 kernels may round differently
+    return {"ok": after_start == 0, "graphs_compiled_after_start": after_start,
+            "same_tokens_as_eager": outs[True] == outs[False]}
+
+
+CHECKS = {"kernels": check_kernels, "act_order": check_act_order, "fused_int4": check_fused_int4,
+          "overlap": check_overlap, "compiled": check_compiled}
+
+
+def main() -> int:
+    ap = arg_parser(__doc__)
+    ap.add_argument("--only", help="comma-separated checks: " + ",".join(CHECKS))
+    args = ap.parse_args()
+    device = device_of(args)
+    if args.tiny:  # numpy overflow warnings of Triton's interpreter on the packed int32 words; results are checked
+        warnings.filterwarnings("ignore", category=RuntimeWarning, module="triton.runtime.interpreter")
+    results = {"name": "check_gpu", "header": header(device), "checks": {}}
+    log(" | ".join(f"{k} {v}" for k, v in results["header"].items()))
+    for name in args.only.split(",") if args.only else CHECKS:
+        t = time.time()
+        try:
+            r = CHECKS[name](args.workdir, device, args.tiny)
+        except Exception as e:  # noqa: BLE001 (a check that cannot run has failed)
+            r = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:1000]}"}
+        r["seconds"] = time.time() - t
+        results["checks"][name] = r
+        log(f"{name}: {'ok' if r['ok'] else 'FAILED'} {r}")
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    write_json(results, results_path("check_gpu", args.json))
+    rows = [[name, "ok" if r["ok"] else "FAILED", ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                                          for k, v in r.items() if k not in ("ok", "seconds"))]
+            for name, r in results["checks"].items()]
+    print_table(f"GPU checks: {results['header']['device']}, qwenlm {results['header']['qwenlm']}",
+                ["check", "result", "note"], rows)
+    return 0 if all(r["ok"] for r in results["checks"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
