@@ -17,6 +17,7 @@ A bf16 checkpoint folder in the official layout (random weights at the real shap
 
     python bench/bench_engine.py            # H100: ~6 minutes (the first run ~1 of it writing the folder)
     python bench/bench_engine.py --tiny     # tiny shapes on the CPU: checks the script end to end
+    python bench/bench_engine.py --only qwenlm,int8_kv   # parts: qwenlm, int8_kv, memory, transformers
 
 Prints one table (figure | qwenlm | transformers | bound); writes the JSON and a PNG of the same figures.
 """
@@ -31,7 +32,7 @@ import torch
 
 from benchlib import (arg_parser, checkpoint, copy_bandwidth, decode_bound, decode_rate, device_of, greedy, header,
                       isolated, kv_bytes_per_token, log, peak_memory_gb, print_table, prompts, results_path,
-                      safetensors_bytes, spread, throughput, time_to_first_token, write_json)
+                      safetensors_bytes, selected, spread, throughput, time_to_first_token, write_json)
 
 SIZES = dict(b1_new=256, repeats=5, batch=128, prompt_len=512, new_tokens=256, ttft_lens={"short": 16, "long": 2048},
              ttft_repeats=5, encode_len=2048, hf_b1_new=64, hf_repeats=3, hf_batch=32)
@@ -157,11 +158,14 @@ def main() -> int:
     log(f"device-to-device copy: {bw / 1e9:.0f} GB/s (read + write)")
     folder = checkpoint(args.workdir, "bf16", args.tiny, device)
     results["folder"] = str(folder)
+    runs = {"qwenlm": ("qwenlm", engine_part, folder, "auto", sizes, True, device),
+            "int8_kv": ("qwenlm_int8_kv", engine_part, folder, "int8", sizes, False, device),
+            "memory": ("memory", memory_part, folder, sizes, device),
+            "transformers": ("transformers", transformers_part, folder, sizes, device)}
     parts = results["parts"] = {}
-    parts["qwenlm"] = isolated(device, engine_part, folder, "auto", sizes, True, device)
-    parts["qwenlm_int8_kv"] = isolated(device, engine_part, folder, "int8", sizes, False, device)
-    parts["memory"] = isolated(device, memory_part, folder, sizes, device)
-    parts["transformers"] = isolated(device, transformers_part, folder, sizes, device)
+    for name in selected(args, list(runs)):
+        key, fn, *fn_args = runs[name]
+        parts[key] = isolated(device, fn, *fn_args)
     figs = results["figures"] = figures(parts, bw, folder, sizes)
     path = write_json(results, results_path("bench_engine", args.json))
     rows = []

@@ -17,6 +17,7 @@ fresh process.
 
     python bench/bench_quant.py            # H100: ~5 minutes (the first run ~1 of it writing the folders)
     python bench/bench_quant.py --tiny     # tiny shapes on the CPU: checks the script end to end
+    python bench/bench_quant.py --only int4,bf16   # parts: bf16, int8, int4, int4_kv8, transformers
 """
 
 from __future__ import annotations
@@ -28,14 +29,16 @@ import time
 import torch
 
 from benchlib import (arg_parser, checkpoint, copy_bandwidth, decode_bound, decode_rate, device_of, greedy, header,
-                      isolated, log, peak_memory_gb, print_table, prompts, results_path, spread,
+                      isolated, log, peak_memory_gb, print_table, prompts, results_path, selected, spread,
                       weight_bytes_per_step, write_json)
 
 SIZES = dict(b1_new=256, repeats=5, encode_len=2048, hf_b1_new=64, hf_repeats=3)
 TINY_SIZES = dict(b1_new=16, repeats=3, encode_len=128, hf_b1_new=8, hf_repeats=2)
 # (row, folder kind, kv_cache_dtype, Qwen README's A100 figures for Qwen-7B-Chat: tok/s, GB encoding 2,048 tokens)
-FORMATS = [("bf16", "bf16", "auto", 40.93, 16.99), ("GPTQ Int8", "int8", "auto", 37.47, 11.20),
-           ("GPTQ Int4", "int4", "auto", 50.09, 8.21), ("GPTQ Int4, int8 KV", "int4", "int8", None, None)]
+FORMATS = {"bf16": ("bf16", "bf16", "auto", 40.93, 16.99),
+           "int8": ("GPTQ Int8", "int8", "auto", 37.47, 11.20),
+           "int4": ("GPTQ Int4", "int4", "auto", 50.09, 8.21),
+           "int4_kv8": ("GPTQ Int4, int8 KV", "int4", "int8", None, None)}
 
 
 def format_part(folder, kv_cache_dtype: str, sizes: dict, device: str) -> dict:
@@ -76,19 +79,23 @@ def main() -> int:
     bw = copy_bandwidth(device)
     results["copy_bandwidth_gb_s"] = bw / 1e9
     log(f"device-to-device copy: {bw / 1e9:.0f} GB/s (read + write)")
-    folders = {kind: checkpoint(args.workdir, kind, args.tiny, device) for kind in ("bf16", "int8", "int4")}
+    parts = selected(args, list(FORMATS) + ["transformers"])
+    kinds = {FORMATS[p][1] for p in parts if p in FORMATS} | ({"bf16"} if "transformers" in parts else set())
+    folders = {kind: checkpoint(args.workdir, kind, args.tiny, device) for kind in sorted(kinds)}
     context = 16 + sizes["b1_new"] / 2  # mean context of the timed decode steps
     rows = results["rows"] = {}
-    for name, kind, kv, readme_tok_s, readme_gb in FORMATS:
+    for name, kind, kv, readme_tok_s, readme_gb in (FORMATS[p] for p in parts if p in FORMATS):
         r = isolated(device, format_part, folders[kind], kv, sizes, device)
         r.update(folder=str(folders[kind]), kv_cache_dtype=kv, readme_a100_tok_s=readme_tok_s,
                  readme_a100_peak_gb=readme_gb, gb_read_per_token=weight_bytes_per_step(folders[kind]) / 1e9,
                  bound_tok_s=decode_bound(bw, folders[kind], 1, context, kv))
         rows[name] = r
-    hf = isolated(device, transformers_part, folders["bf16"], sizes, device)
-    hf.update(bound_tok_s=rows["bf16"]["bound_tok_s"], gb_read_per_token=rows["bf16"]["gb_read_per_token"],
-              readme_a100_tok_s=None, readme_a100_peak_gb=None)
-    rows["transformers bf16"] = hf
+    if "transformers" in parts:
+        hf = isolated(device, transformers_part, folders["bf16"], sizes, device)
+        hf.update(bound_tok_s=decode_bound(bw, folders["bf16"], 1, context),
+                  gb_read_per_token=weight_bytes_per_step(folders["bf16"]) / 1e9, readme_a100_tok_s=None,
+                  readme_a100_peak_gb=None)
+        rows["transformers bf16"] = hf
     path = write_json(results, results_path("bench_quant", args.json))
 
     table = []

@@ -56,7 +56,19 @@ def arg_parser(doc: str) -> argparse.ArgumentParser:
     ap.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU: checks that the script runs")
     ap.add_argument("--workdir", default="/tmp/qwenlm-bench", help="where checkpoint folders are written and reused")
     ap.add_argument("--json", help="results file (default bench/results/<name>-<date>.json; a PNG goes beside it)")
+    ap.add_argument("--only", help="comma-separated parts to run (default: all; the script's docstring names them)")
     return ap
+
+
+def selected(args, parts: list[str]) -> list[str]:
+    """The parts --only names (all by default), in the script's order; an unknown name is an error."""
+    if not args.only:
+        return parts
+    asked = args.only.split(",")
+    unknown = [p for p in asked if p not in parts]
+    if unknown:
+        raise SystemExit(f"--only: unknown part(s) {', '.join(unknown)}; the parts are {', '.join(parts)}")
+    return [p for p in parts if p in asked]
 
 
 def device_of(args) -> str:
