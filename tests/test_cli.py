@@ -61,45 +61,57 @@ class TerminalReader:
     def __init__(self, fd):
         self.fd, self.buf = fd, b""
 
-    def wait_for(self, needle: bytes, timeout: float) -> bytes:
-        end = time.time() + timeout
-        while needle not in self.buf:
-            if time.time() > end:
-                raise AssertionError(f"timed out waiting for {needle!r}; got {self.buf[-500:]!r}")
+    def _read_until(self, done, what: str, timeout: float) -> None:
+        end = time.monotonic() + timeout
+        while not done():
+            if time.monotonic() > end:
+                raise AssertionError(f"timed out waiting for {what}; got {self.buf[-500:]!r}")
             ready, _, _ = select.select([self.fd], [], [], 0.5)
             if ready:
                 try:
                     self.buf += os.read(self.fd, 4096)
                 except OSError:  # the program closed the terminal
-                    raise AssertionError(f"terminal closed while waiting for {needle!r}; got {self.buf[-500:]!r}")
+                    raise AssertionError(f"terminal closed while waiting for {what}; got {self.buf[-500:]!r}")
+
+    def wait_for(self, needle: bytes, timeout: float) -> bytes:
+        self._read_until(lambda: needle in self.buf, repr(needle), timeout)
         cut = self.buf.index(needle) + len(needle)
         seen, self.buf = self.buf[:cut], self.buf[cut:]
         return seen
+
+    def wait_for_bytes(self, n: int, timeout: float) -> None:
+        """Until n bytes past the last needle have arrived (kept for the next wait)."""
+        self._read_until(lambda: len(self.buf) >= n, f"{n} bytes", timeout)
 
 
 def test_ctrl_c_stops_the_reply_not_the_program(tiny_ckpt):
     # The chat runs on a pseudo-terminal that is its controlling terminal (`setsid --ctty`), so the
     # Ctrl-C byte written to the terminal reaches it as SIGINT, exactly as a keypress would.
+    # `env --default-signal=INT`: as an interactive shell starts it. A test run started in the background of a
+    # non-interactive shell has SIGINT ignored, which every child inherits (Python then installs no
+    # KeyboardInterrupt handler and Ctrl-C does nothing).
     # (subprocess forks in C: no Python runs in the child of this multi-threaded test process.)
+    # Generous waits: a loaded 2-core machine loads the model and streams slowly; passing runs don't wait them out.
     master, slave = pty.openpty()
-    proc = subprocess.Popen(["setsid", "--ctty", *QWENLM, "chat", "--model", str(tiny_ckpt), "--device", "cpu"],
-                            stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+    proc = subprocess.Popen(["setsid", "--ctty", "env", "--default-signal=INT", *QWENLM, "chat", "--model",
+                             str(tiny_ckpt), "--device", "cpu"], stdin=slave, stdout=slave, stderr=slave,
+                            close_fds=True)
     os.close(slave)
     term = TerminalReader(master)
     try:
         term.wait_for(b"User> ", 300)
-        os.write(master, b":conf max_new_tokens=100000\n")
-        term.wait_for(b"User> ", 30)
+        os.write(master, b":conf max_new_tokens=100000\n")  # the reply runs until interrupted
+        term.wait_for(b"User> ", 120)
         os.write(master, b"tell me everything\n")
-        term.wait_for(b"Qwen: ", 30)
-        time.sleep(1.0)
+        term.wait_for(b"Qwen: ", 120)
+        term.wait_for_bytes(40, 120)  # the reply is being written
         os.write(master, b"\x03")  # Ctrl-C from the terminal
-        term.wait_for(b"[generation interrupted]", 30)
-        term.wait_for(b"User> ", 30)
+        assert b"User> " not in term.wait_for(b"[generation interrupted]", 120)
+        term.wait_for(b"User> ", 120)
         os.write(master, b":his\n")
-        term.wait_for(b"[history is empty]", 30)
+        term.wait_for(b"[history is empty]", 120)  # the interrupted turn is not kept
         os.write(master, b":exit\n")
-        assert proc.wait(timeout=60) == 0
+        assert proc.wait(timeout=120) == 0
     finally:
         proc.kill()
         os.close(master)

@@ -12,6 +12,12 @@ from qwenlm.engine.fusion import GateUpMLP, fuse_gate_up
 from qwenlm.model.qwen import DenseKVCache, QWenMLP
 from engine_helpers import random_prompts, reference_ids, tiny_engine, tiny_model
 
+# The transforms compute the model's function with other matmul shapes or calls (one [2F, H] GEMM for w1 and w2;
+# mm + add for addmm), whose summation order the BLAS may choose by shape, CPU and thread count: logits (|x| < 0.7
+# here) and hidden states (|x| < 4) agree to a few ulps. 1e-5 leaves room for that and still fails a fusion that
+# swaps gate and up (1.3e-2) or a prefill region that drops LogN (1.6e-3).
+ATOL = 1e-5
+
 
 def _prefill_then_decode(model, prompts, next_ids, decode=None):
     """Logits of a full prompt forward and of one decode step after it (DenseKVCache, equal lengths)."""
@@ -32,7 +38,7 @@ def _prefill_then_decode(model, prompts, next_ids, decode=None):
     return prefill, step
 
 
-def test_gate_up_fusion_gives_identical_logits_on_cpu():
+def test_gate_up_fusion_gives_the_same_logits():
     model = tiny_model(num_hidden_layers=3)
     fused = copy.deepcopy(model)
     assert fuse_gate_up(fused) == 3
@@ -40,7 +46,7 @@ def test_gate_up_fusion_gives_identical_logits_on_cpu():
     assert fuse_gate_up(fused) == 0  # idempotent
     prompts, nxt = random_prompts([9, 9]), [5, 7]
     for a, b in zip(_prefill_then_decode(model, prompts, nxt), _prefill_then_decode(fused, prompts, nxt)):
-        assert torch.equal(a, b)
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
 
 
 def test_fused_mlp_keeps_the_official_state_dict_names():
@@ -82,12 +88,13 @@ def test_quantized_gate_up_gives_identical_logits():
     assert type(mlp) is GateUpMLP and type(mlp.gate_up) is GPTQLinear
     prompts, nxt = random_prompts([9, 9]), [5, 7]
     for a, b in zip(_prefill_then_decode(model, prompts, nxt), _prefill_then_decode(fused, prompts, nxt)):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
 
 
 def test_compiled_decode_regions_equal_the_model_and_are_shared_by_layers():
-    """Regions traced with the "eager" backend run the model's exact ops: bitwise equal logits, for batch 1
-    (static regions) and batch 3 (dynamic regions), with LogN on; one graph per region whatever the depth."""
+    """Regions traced with the "eager" backend run the model's ops (biased linears as mm + add): the same logits
+    to ATOL, for batch 1 (static regions) and batch 3 (dynamic regions), with LogN on; one graph per
+    region whatever the depth."""
     from torch._dynamo.utils import counters
 
     model = tiny_model(num_hidden_layers=4)
@@ -98,14 +105,15 @@ def test_compiled_decode_regions_equal_the_model_and_are_shared_by_layers():
         prompts = random_prompts(lengths, seed=len(lengths))
         _, ref = _prefill_then_decode(model, prompts, nxt)
         _, got = _prefill_then_decode(model, prompts, nxt, lambda c: CompiledDecode(model, c, backend="eager"))
-        assert torch.equal(ref, got)
+        torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
     assert counters["stats"]["unique_graphs"] == 10  # 5 regions x (static, dynamic), not x layers
 
 
 def test_compiled_prefill_regions_equal_the_model_with_logn_and_ntk():
-    """The prefill regions (flat row [1, T], per-token RoPE rows, LogN always on) give the model's exact hidden
-    states, also past seq_length (LogN active) and with two NTK alphas in one row; one graph for every T >= 2,
-    also when the first T equals a model size (16 = head_dim here: the compiler must not tie T to it)."""
+    """The prefill regions (flat row [1, T], per-token RoPE rows, LogN always on) give the model's hidden states
+    (to ATOL: biased linears as mm + add), also past seq_length (LogN active) and with two NTK alphas in one row;
+    one graph for every T >= 2, also when the first T equals a model size (16 = head_dim here: the compiler must
+    not tie T to it)."""
     from torch._dynamo.utils import counters
 
     model = tiny_model(num_hidden_layers=3, seq_length=16)
@@ -125,7 +133,7 @@ def test_compiled_prefill_regions_equal_the_model_with_logn_and_ntk():
             cache.begin(torch.ones(1, T, dtype=torch.bool))
             ref = model(ids, pos, ref_cache, inv_tok, use_logn=start + T > 16)
             got = model.transformer.ln_f(compiled.prefill(cache, ids, pos, inv_tok))
-        assert torch.equal(ref, got)
+        torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
     assert counters["stats"]["unique_graphs"] == 4  # prologue, attn_in, attn_out, mlp_out: one graph each
 
 

@@ -7,7 +7,7 @@ before it), so a silent fallback to synchronous steps would fail them.
 
 import pytest
 
-from engine_helpers import random_prompts, reference_ids, tiny_engine, tiny_model
+from engine_helpers import assert_same_completions, random_prompts, reference_ids, tiny_engine, tiny_model
 from qwenlm.engine import SamplingParams
 from qwenlm.engine.sequence import PENDING
 from qwenlm.tokenizer import Tokenizer
@@ -113,7 +113,8 @@ def test_abort_during_in_flight_step_frees_blocks_at_once(model):
 
 def test_overlap_equals_synchronous_steps_for_mixed_requests(model):
     """Sampled and greedy rows, logprobs, repetition penalty (synchronous fallback), stop ids, chunked
-    prefill arriving between decodes and preemption: token for token the same as without overlap."""
+    prefill arriving between decodes and preemption: token for token the same as without overlap (logprobs to
+    LOGPROB_ATOL: the four runs batch the rows differently)."""
     prompts = random_prompts([9, 30, 4, 17, 22, 6], seed=24)
     params = [SamplingParams(temperature=0.8, top_p=0.9, seed=5, max_tokens=14, logprobs=True),
               SamplingParams(temperature=0, max_tokens=11, ignore_eos=True),
@@ -127,12 +128,13 @@ def test_overlap_equals_synchronous_steps_for_mixed_requests(model):
             engine = tiny_engine(model, overlap_steps=overlap, num_blocks=num_blocks, max_num_batched_tokens=16)
             launched = count_decode_launches(engine)
             outs = engine.generate(prompts, params)
-            results.append([[(o.token_ids, o.logprobs, o.finish_reason) for o in r.outputs] for r in outs])
+            results.append(outs)
             assert_no_leaks(engine)
             assert launched
-    assert results[0] == results[1] == results[2] == results[3]
-    greedy = results[0][1][0][0]
-    assert greedy == reference_ids(model, prompts[1], params[1])
+    for other in results[1:]:
+        for got, want in zip(other, results[0], strict=True):
+            assert_same_completions(got.outputs, want.outputs)
+    assert results[0][1].outputs[0].token_ids == reference_ids(model, prompts[1], params[1])
 
 
 def test_overlap_happens_in_steady_decode(model):

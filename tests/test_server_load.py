@@ -28,7 +28,7 @@ def metric(text: str, name: str, labels: str = "") -> float:
     return float(m.group(1)) if m else 0.0
 
 
-def wait_idle(engine, timeout=10.0):
+def wait_idle(engine, timeout=60.0):  # generous for a loaded machine; an idle engine returns at once
     core = engine.engine
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -64,7 +64,7 @@ def test_64_concurrent_streams_with_early_disconnects(engine):
 
         async def main():
             jobs = [client(i, leave_early=(i % 4 == 0)) for i in range(64)]
-            return await asyncio.wait_for(asyncio.gather(*jobs), timeout=120)
+            return await asyncio.wait_for(asyncio.gather(*jobs), timeout=300)
 
         usages = asyncio.run(main())
         wait_idle(engine)  # every request finished or aborted; every KV block back in the free pool

@@ -27,7 +27,8 @@ def web(tiny_ckpt):
         # the page's own requests carry the key the browser was given for the site (HTTP Basic)
         context = browser.new_context(http_credentials={"username": "user", "password": KEY})
         page = context.new_page()
-        page.set_default_timeout(30_000)
+        page.set_default_timeout(60_000)
+        expect.set_options(timeout=60_000)  # replies stream slowly on a loaded machine (expect's default: 5 s)
         page.goto(srv.url + "/")
         expect(page.locator("#model-name")).to_have_text("tiny")
         expect(page.locator("#settings")).to_be_hidden()  # folded away until asked for
@@ -37,7 +38,7 @@ def web(tiny_ckpt):
     engine.inner.shutdown()
 
 
-def wait_idle(engine, timeout=10.0):
+def wait_idle(engine, timeout=60.0):  # generous for a loaded machine; an idle engine returns at once
     core = engine.engine
     deadline = time.monotonic() + timeout
     while core.requests or core.blocks.num_free_blocks != core.blocks.num_blocks:
