@@ -9,7 +9,7 @@
 The compiled regions (qwenlm.engine.compiled_decode) run the same math in about ten kernels per layer, each
 GEMV a separate Triton launch Inductor cannot fuse into; at batch 1 the step is a chain of small dependent
 kernels whose fixed costs add up. Here the norms, RoPE, LogN, SiLU * up and residual adds ride inside the
-GEMVs (1.12x the compiled regions at batch 1 on an H100, docs/benchmarks.md quantization run 8).
+GEMVs (1.12x the compiled regions at batch 1 on an H100, docs/performance-notes.md quantization run 8).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from qwenlm.kernels.gptq_fused import fusable, fused_int4_gemv
 from qwenlm.model.quant import GPTQLinear
 
 # MiB of gate_up's weights the decode attention sends into L2 (`paged_decode_attention(prefetch=)`): 0.5% more
-# tok/s at 16 (docs/benchmarks.md, run 15), and 8 ~0.9% more than 16 since the GEMVs read 16-byte input rows
+# tok/s at 16 (docs/performance-notes.md, run 15), and 8 ~0.9% more than 16 since the GEMVs read 16-byte input rows
 # (run 17).
 PREFETCH_MB = 8
 

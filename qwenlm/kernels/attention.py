@@ -93,7 +93,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, out=
     prefetch=(tensor, nbytes): the mma kernel on sm_90+ also sends the first nbytes of tensor (a later kernel's
     weights) into L2, shared out over its programs, before they wait for the kernel before (with PDL that one is
     still running; most of the programs then read little or nothing at batch 1). 0.5% more Int4 tok/s at batch 1
-    with gate_up's first 16 MiB (docs/benchmarks.md, run 15); the fused step now sends 8 (run 17).
+    with gate_up's first 16 MiB (docs/performance-notes.md, run 15); the fused step now sends 8 (run 17).
     partials=True: where the launch is the mma kernel with context splits, it returns the splits' `SplitPartials`
     instead of combining them (for a consumer that combines them as it reads them: `gptq_fused`); else the output.
     """

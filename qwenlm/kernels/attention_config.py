@@ -20,7 +20,7 @@ class DecodeConfig:
     min_chunk: int = 0  # with in-kernel combination: use only the splits that get >= min_chunk positions each
 
 
-# Chosen per pool dtype and batch size from the H100 kernel sweeps (bench/bench_attention.py, docs/benchmarks.md
+# Chosen per pool dtype and batch size from the H100 kernel sweeps (docs/performance-notes.md
 # engine runs 5 and 6; contexts 640 / 2048, and 160 at batch 128): (smallest batch it applies from, config); the
 # last entry whose batch <= B wins. Small batches split the context (one program per head leaves most of the GPU
 # idle: bf16 batch 1, context 640: 48 -> 11 us). bf16: mma with 64-token tiles and 2 stages won at every batch
@@ -29,7 +29,7 @@ class DecodeConfig:
 # small programs as the batch grows (one warp, 32-token tiles from 64: 128 x 640 in 258 us, 2.77 TB/s, vs 324
 # with 4 warps and 128-token tiles: more programs resident per SM, more loads in flight). Batch 1 uses a split only
 # per 64 positions of context (min_chunk): at context 16 one program per head, 4.3 us instead of 5.9 for 16 splits
-# mostly empty; 80-272: 0.2 us less; 528 and 1,024 within 0.1 us (docs/benchmarks.md).
+# mostly empty; 80-272: 0.2 us less; 528 and 1,024 within 0.1 us (docs/performance-notes.md).
 _MMA = dict(kernel="mma", block_n=64, num_stages=2)
 DECODE_CONFIGS = {
     "bf16": [(1, DecodeConfig(splits=16, min_chunk=64, **_MMA)), (2, DecodeConfig(splits=8, **_MMA)),
@@ -43,7 +43,7 @@ DECODE_CONFIGS = {
 # Batch 1 on a 16-bit pool when the splits are handed out uncombined (`paged_decode_attention(partials=True)`, the
 # fused Int4 step): 32-position tiles, in the 16 splits (a split per 32 positions up to 512): +3.3% Int4 tok/s at
 # prompt 16, +1.1% at 1,024, +0.3% at 3,072 against 64-position tiles; 16-position tiles or 32 splits were slower
-# (docs/benchmarks.md, quantization run 18).
+# (docs/performance-notes.md, quantization run 18).
 PARTIALS_BATCH1 = DecodeConfig(**{**_MMA, "block_n": 32}, splits=16)
 
 

@@ -7,14 +7,14 @@ a multiple of the column blocks) each take an equal run of consecutive (column b
 pipelined, and add their partial sums into a float32 workspace once per column block they touch. v4's grid
 of a program per (column block, K split) gives each program 2 tiles at the Qwen-7B shapes, so all of them load,
 then all compute; here the unpacking overlaps the next tiles' loads (4% more tok/s through the engine,
-docs/benchmarks.md quantization run 12). Fused in:
+docs/performance-notes.md quantization run 12). Fused in:
 - a prologue that writes the inputs of the program's own K tiles into an fp16 scratch row (programs sharing a K
   tile write the same values there), its first two weight tiles already loading: RMSNorm (ln_1 / ln_2 before
   c_attn / gate_up), the attention's context splits combined (`SplitPartials`, attn c_proj), or the inputs as they
   are (mlp c_proj: +1.6% tok/s against reading them in place, run 18). The row is written in the unpacking's
   lane-pair order (x0 x4 x1 x5 x2 x6 x3 x7 in each run of 8, a permutation in registers), so the loop reads the
   pairs as they are, one 16-byte row of them per load (+0.7% tok/s through the engine for the order against
-  regrouping them in registers, docs/benchmarks.md run 16, and +2.6% for the 16-byte loads, run 17: a tile's
+  regrouping them in registers, docs/performance-notes.md run 16, and +2.6% for the 16-byte loads, run 17: a tile's
   copies into shared memory 21 instead of 45);
 - an epilogue run by the program that completes a column block's K tiles: bias; NeoX RoPE on the q and k
   columns (a head's partner column lies in the same block) and the LogN query scale; up * silu(gate) for
@@ -23,8 +23,8 @@ docs/benchmarks.md quantization run 12). Fused in:
 - the epilogue's operands loaded as a column block starts, while the weights stream;
 - programmatic dependent launch on sm_90+ (`sync.pdl`): the first two weight tiles are loaded before waiting
   for the kernel before, and the next kernel may launch once they are summed (not at the start: 5% more tok/s
-  through the engine, docs/benchmarks.md run 13).
-Measured and not kept (docs/benchmarks.md): an L2 prefetch of the next GEMV's first weights, 7% slower (run 8);
+  through the engine, docs/performance-notes.md run 13).
+Measured and not kept (docs/performance-notes.md): an L2 prefetch of the next GEMV's first weights, 7% slower (run 8);
 the next RMSNorm's sum of squares added up by the GEMV writing x, ~1 µs less per norm alone, nothing measurable
 through the engine (run 12); one pipelined loop over the run's units across column blocks (commit 20d0dd2), equal
 without PDL and slower with it, and the first tiles prefetched into L2 instead of held in registers (commit
@@ -219,7 +219,7 @@ def fusable(layer) -> bool:
 
 
 # Launch settings of the fused kernel: (BLOCK_N, BLOCK_K, programs per SM, num_warps, num_stages), the fastest at
-# every Qwen-7B shape on an H100 (docs/benchmarks.md, quantization run 12), and again through the engine with the
+# every Qwen-7B shape on an H100 (docs/performance-notes.md, quantization run 12), and again through the engine with the
 # later launch signal (run 13).
 FUSED_CONFIG = (512, 64, 2, 4, 3)
 
@@ -279,7 +279,7 @@ def fused_int4_gemv(x, layer, *, norm_weight=None, eps: float = 0.0, glu: int = 
     programs = min(nblk * kt, per_sm * _sm_count(x.device))
     # A whole number of programs per column block, so that every program's run of K tiles lies in one column block:
     # a run spanning two restarts its pipeline and adds a second reduction, and made those programs (38 of gate_up's
-    # 264) the last to finish by ~2 us (docs/benchmarks.md run 18).
+    # 264) the last to finish by ~2 us (docs/performance-notes.md run 18).
     if programs >= nblk:
         programs -= programs % nblk
     run_max = triton.cdiv(kt, programs // nblk) if programs % nblk == 0 else kt  # K tiles a program's run reads

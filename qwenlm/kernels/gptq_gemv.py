@@ -1,5 +1,5 @@
 """Batch-1 (M == 1) GPTQ GEMVs: the Triton kernels that stream the official packed tensors at decode time,
-and their launch table (H100 measurements, docs/benchmarks.md).
+and their launch table (H100 measurements, docs/performance-notes.md).
 
 - `_gemv_kernel` (M == 1): loads each packed word once, unpacks its lanes one at a time with plain FMAs
   into a per-row accumulator reduced once at the end; split-K over the grid keeps every SM busy. Each Int4
@@ -14,7 +14,7 @@ and their launch table (H100 measurements, docs/benchmarks.md).
 The split-K epilogue they share is `qwenlm.kernels.sync._store_output`.
 The GEMVs use  sum_k x_k * s * (q_kn - z_n) = s * (sum_k x_k q_kn - z_n * sum_k x_k)  per group (or subtract z
 per weight in half2), so the scale is applied once per block instead of once per weight.
-Measured (H100, docs/benchmarks.md run 5): back to back in a CUDA graph the v4 GEMVs take ~5 us plus ~0.39
+Measured (H100, docs/performance-notes.md run 5): back to back in a CUDA graph the v4 GEMVs take ~5 us plus ~0.39
 us/MB (2.6 TB/s) -- the fixed part (launch gap, first loads, the split-K epilogue's atomics) is now most of
 what separates them from the bandwidth bound at these sizes (8-45 MB).
 
@@ -210,7 +210,7 @@ if triton is not None:
                       HAS_BIAS, SPLIT_K, FUSED_REDUCE, BLOCK_N)
 
 
-# Launch settings per (bits, N, K) for batch 1, from GEMV sweeps on an H100 (2026-11-22; docs/benchmarks.md):
+# Launch settings per (bits, N, K) for batch 1, from GEMV sweeps on an H100 (2026-11-22; docs/performance-notes.md):
 # (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages[, KERNEL]). KERNEL 0 = `_gemv_kernel`; 1 / 2 =
 # `_gemv_kernel_v2` with mantissa / half2 unpacking; 4 = `_gemv_kernel_v4` (Int4; BLOCK_K inputs per iteration,
 # at most a group; BLOCK_N = 128 x warps). Int4 uses v4 at every Qwen-7B shape (run 5, back to back in a CUDA

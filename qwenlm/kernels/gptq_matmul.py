@@ -88,7 +88,7 @@ def gptq_matmul(x: torch.Tensor, qweight, qzeros, scales, group_size: int, bits:
     if M == 1:
         return gemv(x, qweight, qzeros, scales, group_size, bits, bias, config, workspace)
     # Several rows: dequantize once, then cuBLAS. On the H100 a fused tl.dot kernel measured 2-4x an fp16
-    # matmul at 4 and 16 rows; this path costs 1.15-1.3x at 2048 rows (docs/benchmarks.md).
+    # matmul at 4 and 16 rows; this path costs 1.15-1.3x at 2048 rows (docs/performance-notes.md).
     w = torch.empty((K, N), device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(K // (32 // bits), 16), triton.cdiv(N, 128))
     _dequant_kernel[grid](qweight, qzeros, scales, w, N, K, group_size, BITS=bits, BLOCK_R=16, BLOCK_N=128)

@@ -6,7 +6,7 @@ The last-arriving-program reductions (split-K GEMVs, split decode attention) ord
 arrival count by a CTA barrier plus the count's release by the one thread that performs it: a PTX release is
 cumulative over what the barrier ordered before it (CUTLASS's split-K semaphore works the same way). A gpu-scope
 fence in every thread instead measured 0.3-0.6 us more per GEMV and per attention call on an H100, with results
-identical bit for bit (docs/benchmarks.md)."""
+identical bit for bit (docs/performance-notes.md)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ except ImportError:  # pragma: no cover - older triton or none: PDL off
 # (never written by a kernel) before `gdc_wait`, which returns once the kernel before has finished and its writes
 # are visible, and then lets the next one launch (the attention at once, a fused GEMV once its first two weight
 # tiles are summed, which measured 5% faster than at once: run 13); a kernel launched after one that never signals
-# starts when that one ends, as without PDL. 1.5% more Int4 tok/s at batch 1 on an H100 (docs/benchmarks.md, run 12)
+# starts when that one ends, as without PDL. 1.5% more Int4 tok/s at batch 1 on an H100 (docs/performance-notes.md, run 12)
 # and with the later signal 9% (run 13: 397.5 and 400.2 against 364.9).
 @functools.lru_cache(maxsize=None)
 def pdl(device: torch.device) -> bool:
