@@ -30,9 +30,9 @@ import time
 
 import torch
 
-from benchlib import (arg_parser, checkpoint, copy_bandwidth, decode_bound, decode_rate, device_of, greedy, header,
-                      isolated, kv_bytes_per_token, log, peak_memory_gb, print_table, prompts, results_path,
-                      safetensors_bytes, selected, spread, throughput, time_to_first_token, write_json)
+from benchlib import (checkpoint, decode_bound, decode_rate, greedy, isolated, kv_bytes_per_token, log,
+                      peak_memory_gb, print_table, prompts, results_path, safetensors_bytes, selected, spread, start,
+                      throughput, time_to_first_token, write_json)
 
 SIZES = dict(b1_new=256, repeats=5, batch=128, prompt_len=512, new_tokens=256, ttft_lens={"short": 16, "long": 2048},
              ttft_repeats=5, encode_len=2048, hf_b1_new=64, hf_repeats=3, hf_batch=32)
@@ -148,14 +148,7 @@ def plot(figs: dict, path, title: str) -> None:
 
 
 def main() -> int:
-    args = arg_parser(__doc__).parse_args()
-    device = device_of(args)
-    sizes = TINY_SIZES if args.tiny else SIZES
-    results = {"name": "bench_engine", "header": header(device), "sizes": sizes}
-    log(" | ".join(f"{k} {v}" for k, v in results["header"].items()))
-    bw = copy_bandwidth(device)
-    results["copy_bandwidth_gb_s"] = bw / 1e9
-    log(f"device-to-device copy: {bw / 1e9:.0f} GB/s (read + write)")
+    args, device, sizes, results, bw = start("bench_engine", __doc__, SIZES, TINY_SIZES)
     folder = checkpoint(args.workdir, "bf16", args.tiny, device)
     results["folder"] = str(folder)
     runs = {"qwenlm": ("qwenlm", engine_part, folder, "auto", sizes, True, device),

@@ -28,9 +28,8 @@ import time
 
 import torch
 
-from benchlib import (arg_parser, checkpoint, copy_bandwidth, decode_bound, decode_rate, device_of, greedy, header,
-                      isolated, log, peak_memory_gb, print_table, prompts, results_path, selected, spread,
-                      weight_bytes_per_step, write_json)
+from benchlib import (checkpoint, decode_bound, decode_rate, greedy, isolated, log, peak_memory_gb, print_table,
+                      prompts, results_path, selected, spread, start, weight_bytes_per_step, write_json)
 
 SIZES = dict(b1_new=256, repeats=5, encode_len=2048, hf_b1_new=64, hf_repeats=3)
 TINY_SIZES = dict(b1_new=16, repeats=3, encode_len=128, hf_b1_new=8, hf_repeats=2)
@@ -71,14 +70,7 @@ def transformers_part(folder, sizes: dict, device: str) -> dict:
 
 
 def main() -> int:
-    args = arg_parser(__doc__).parse_args()
-    device = device_of(args)
-    sizes = TINY_SIZES if args.tiny else SIZES
-    results = {"name": "bench_quant", "header": header(device), "sizes": sizes}
-    log(" | ".join(f"{k} {v}" for k, v in results["header"].items()))
-    bw = copy_bandwidth(device)
-    results["copy_bandwidth_gb_s"] = bw / 1e9
-    log(f"device-to-device copy: {bw / 1e9:.0f} GB/s (read + write)")
+    args, device, sizes, results, bw = start("bench_quant", __doc__, SIZES, TINY_SIZES)
     parts = selected(args, list(FORMATS) + ["transformers"])
     kinds = {FORMATS[p][1] for p in parts if p in FORMATS} | ({"bf16"} if "transformers" in parts else set())
     folders = {kind: checkpoint(args.workdir, kind, args.tiny, device) for kind in sorted(kinds)}

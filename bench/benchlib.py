@@ -60,6 +60,19 @@ def arg_parser(doc: str) -> argparse.ArgumentParser:
     return ap
 
 
+def start(name: str, doc: str, sizes: dict, tiny_sizes: dict):
+    """Parse the arguments, log the run header and the copy bandwidth: (args, device, sizes, results, bandwidth)."""
+    args = arg_parser(doc).parse_args()
+    device = device_of(args)
+    sizes = tiny_sizes if args.tiny else sizes
+    results = {"name": name, "header": header(device), "sizes": sizes}
+    log(" | ".join(f"{k} {v}" for k, v in results["header"].items()))
+    bw = copy_bandwidth(device)
+    results["copy_bandwidth_gb_s"] = bw / 1e9
+    log(f"device-to-device copy: {bw / 1e9:.0f} GB/s (read + write)")
+    return args, device, sizes, results, bw
+
+
 def selected(args, parts: list[str]) -> list[str]:
     """The parts --only names (all by default), in the script's order; an unknown name is an error."""
     if not args.only:
