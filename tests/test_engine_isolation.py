@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
-from engine_helpers import random_prompts, reference_ids, tiny_engine, tiny_model
+from engine_helpers import EXPLODE_SEED, break_text_handling, random_prompts, reference_ids, tiny_engine, \
+    tiny_model
 from qwenlm.engine import AsyncEngine, SamplingParams
-from qwenlm.engine import engine as engine_module
 from qwenlm.engine.outputs import EngineStopped, RequestError
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -19,29 +19,12 @@ def model():
     return tiny_model()
 
 
-EXPLODE_SEED = 666  # requests with this seed get text handling that breaks (greedy ones ignore the seed)
 EXPLODING = SamplingParams(temperature=0, max_tokens=12, seed=EXPLODE_SEED)
 
 
 @pytest.fixture
 def exploding_text(monkeypatch):
-    """The text handling (detokenizer + stop strings) of requests seeded EXPLODE_SEED raises at the 4th token."""
-    push = engine_module._TextState.push
-
-    def exploding(self, token_id):
-        self.calls = getattr(self, "calls", 0) + 1
-        if self.params.seed == EXPLODE_SEED and self.calls > 3:
-            raise UnicodeError("detokenizer broke")
-        return push(self, token_id)
-
-    init = engine_module._TextState.__init__
-
-    def remember(self, tokenizer, params):
-        init(self, tokenizer, params)
-        self.params = params
-
-    monkeypatch.setattr(engine_module._TextState, "push", exploding)
-    monkeypatch.setattr(engine_module._TextState, "__init__", remember)
+    break_text_handling(monkeypatch)
 
 
 def test_unbuildable_sampling_row_fails_at_add_and_the_step_goes_on(model):
