@@ -1,5 +1,7 @@
 """Shared by the server tests: the real AsyncEngine, wrapped to record what the server sends it."""
 
+import contextlib
+
 from qwenlm.engine import AsyncEngine
 
 
@@ -16,9 +18,10 @@ class RecordingEngine:
     async def stream(self, req):
         call = [list(req.prompt_token_ids), req.params, None]
         self.calls.append(call)
-        async for out in self.inner.stream(req):
-            call[2] = out
-            yield out
+        async with contextlib.aclosing(self.inner.stream(req)) as outs:
+            async for out in outs:
+                call[2] = out
+                yield out
 
     def abort_nowait(self, request_id):
         self.inner.abort_nowait(request_id)

@@ -41,3 +41,14 @@ def test_prompt_leaving_no_room_raises_at_add_with_the_numbers(model):
     with pytest.raises(ValueError, match=r"prompt of 256 tokens.*context is 256 tokens"):
         engine.add_request(None, list(range(256)), SamplingParams(max_tokens=1))
     assert not engine.has_unfinished()
+
+
+def test_python_api_reply_past_the_pool_ends_at_the_context(tiny_ckpt):
+    import qwenlm
+
+    llm = qwenlm.load(str(tiny_ckpt), device="cpu", progress=False)
+    prompt = "hello " * 8000
+    n = len(llm.tokenizer.encode(prompt))
+    text = llm.generate(prompt, max_new_tokens=500, temperature=0)  # 8001 + 500 > the 8192 the pool holds
+    room = llm.engine.max_model_len - n
+    assert room == 191 and abs(len(llm.tokenizer.encode(text)) - room) <= 4  # re-encoding text may merge tokens

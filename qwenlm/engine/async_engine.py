@@ -13,6 +13,7 @@ every open stream with EngineStopped, so no consumer is ever left waiting.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 import uuid
@@ -99,8 +100,9 @@ class AsyncEngine:
     async def generate(self, prompt: list[int] | str, params: SamplingParams | None = None,
                        request_id: str | None = None):
         """Yield RequestOutputs (text_delta holds each step's new text) until the request finishes."""
-        async for out in self.stream(self.make_request(prompt, params, request_id)):
-            yield out
+        async with contextlib.aclosing(self.stream(self.make_request(prompt, params, request_id))) as outs:
+            async for out in outs:  # aclosing: a consumer that leaves aborts the request now, not at GC
+                yield out
 
     async def stream(self, req: Request):
         """Run a request made by `make_request`; yield its RequestOutputs. Raises RequestError if it fails

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
 
 from qwenlm.chat import build_chat_prompt
@@ -194,12 +195,13 @@ class EngineRun:
 
     async def stream(self):
         try:
-            async for out in self.state.engine.stream(self.request):
-                self.timer.tokens(sum(len(c.token_ids) for c in out.outputs))
-                if out.finished:
-                    self.finished = True
-                    self.reasons = [c.finish_reason or "stop" for c in out.outputs]
-                yield out
+            async with contextlib.aclosing(self.state.engine.stream(self.request)) as outs:
+                async for out in outs:
+                    self.timer.tokens(sum(len(c.token_ids) for c in out.outputs))
+                    if out.finished:
+                        self.finished = True
+                        self.reasons = [c.finish_reason or "stop" for c in out.outputs]
+                    yield out
         except RequestError as e:
             raise engine_error(e) from None
         finally:
