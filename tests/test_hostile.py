@@ -58,6 +58,7 @@ BAD = {
     "top_p zero": (CHAT, chat(top_p=0), {}, 400, "top_p"),
     "empty stop": (CHAT, chat(stop=[""]), {}, 400, "stop"),
     "seed past int64": (CHAT, chat(seed=2 ** 64, temperature=1.0, max_tokens=1), {}, 400, "seed"),
+    "top_k past int64": (CHAT, chat(top_k=2 ** 70, temperature=1.0, max_tokens=1), {}, 400, ANY),
     "unknown tool choice": (CHAT, chat(tools=[{"type": "function", "function": WEATHER}],
                                        tool_choice={"type": "function", "function": {"name": "nope"}}), {}, 400,
                             "tool_choice"),
