@@ -88,7 +88,7 @@ def main() -> int:
                   gb_read_per_token=weight_bytes_per_step(folders["bf16"]) / 1e9, readme_a100_tok_s=None,
                   readme_a100_peak_gb=None)
         rows["transformers bf16"] = hf
-    path = write_json(results, results_path("bench_quant", args.json))
+    write_json(results, results_path("bench_quant", args.json))
 
     table = []
     for name, r in rows.items():

@@ -102,9 +102,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="OpenAI-compatible API server and web chat")
     _model_args(p)
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1, this machine only; 0.0.0.0 exposes the model to the "
+                        "network: set a key)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require this key (or set QWENLM_API_KEY)")
+    p.add_argument("--api-key", default=None, help="require this key (or set QWENLM_API_KEY); empty is an error")
+    p.add_argument("--allowed-origins", default=None, metavar="ORIGIN[,ORIGIN...]",
+                   help="web pages of these origins (https://app.example.com, or *) may call the API (CORS); "
+                        "default none: browser requests from other sites get 403")
+    p.add_argument("--allowed-hosts", default=None, metavar="HOST[,HOST...]",
+                   help="Host header names to accept besides localhost/127.0.0.1/::1 when bound to a loopback "
+                        "address (e.g. behind a local reverse proxy); elsewhere, the only names accepted")
+    p.add_argument("--timeout-graceful-shutdown", type=float, default=10.0, metavar="SECONDS",
+                   help="on SIGTERM, let running requests finish for this long, then end them (default 10)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("quantize", help="GPTQ-quantize a checkpoint into the official Int4/Int8 format")

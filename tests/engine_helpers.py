@@ -5,6 +5,7 @@ import torch
 
 from qwenlm.config import ModelConfig
 from qwenlm.engine import EngineConfig, LLMEngine
+from qwenlm.engine import engine as engine_module
 from qwenlm.generation import generate_ids
 from qwenlm.model.qwen import QWenLMHeadModel
 from qwenlm.testing import TINY, random_state_dict
@@ -47,3 +48,24 @@ def assert_same_completions(got, want):
         assert (a.logprobs is None) == (b.logprobs is None)
         if a.logprobs is not None:
             assert a.logprobs == pytest.approx(b.logprobs, rel=0, abs=LOGPROB_ATOL)
+
+
+EXPLODE_SEED = 666  # requests with this seed get text handling that breaks (greedy ones ignore the seed)
+
+
+def break_text_handling(monkeypatch, after: int = 3) -> None:
+    """The text handling (detokenizer + stop strings) of requests seeded EXPLODE_SEED raises at token after+1."""
+    push, init = engine_module._TextState.push, engine_module._TextState.__init__
+
+    def exploding(self, token_id):
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.params.seed == EXPLODE_SEED and self.calls > after:
+            raise UnicodeError("detokenizer broke")
+        return push(self, token_id)
+
+    def remember(self, tokenizer, params):
+        init(self, tokenizer, params)
+        self.params = params
+
+    monkeypatch.setattr(engine_module._TextState, "push", exploding)
+    monkeypatch.setattr(engine_module._TextState, "__init__", remember)

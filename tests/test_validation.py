@@ -116,8 +116,6 @@ def test_api_seed_at_the_int64_edge_runs(llm):
     assert a == llm.generate(["Hello", "Hi"], seed=2 ** 63 - 1, max_new_tokens=3)
 
 
-@pytest.mark.xfail(strict=True, reason="LLMEngine.make_request offsets the seed per sample (seed + 1_000_003*i) "
-                                       "without wrapping it into int64 (qwenlm.sampling.wrap_seed)")
 def test_engine_samples_of_a_seed_at_the_int64_edge(tiny_ckpt):
     engine = LLM(tiny_ckpt, device="cpu")
     outs = engine.generate([[1, 2, 3]], SamplingParams(seed=2 ** 63 - 1, n=2, max_tokens=2, ignore_eos=True))

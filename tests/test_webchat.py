@@ -1,5 +1,6 @@
-"""The web chat at / in headless Chromium (Debian's package, driven by Playwright): streamed Markdown
-replies, stop, new chat, multi-turn history, settings. A missing Chromium fails here; it is never skipped."""
+"""The web chat at / in headless Chromium (Debian's package, driven by Playwright): the key prompt, streamed
+Markdown replies that the view follows, stop, new chat, multi-turn history without failed turns, settings.
+A missing Chromium fails here; it is never skipped."""
 
 import os
 import time
@@ -24,13 +25,11 @@ def web(tiny_ckpt):
     with ServerThread(app) as srv, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
                                      args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-        # the page's own requests carry the key the browser was given for the site (HTTP Basic)
-        context = browser.new_context(http_credentials={"username": "user", "password": KEY})
+        context = browser.new_context(viewport={"width": 900, "height": 500})
         page = context.new_page()
         page.set_default_timeout(60_000)
         expect.set_options(timeout=60_000)  # replies stream slowly on a loaded machine (expect's default: 5 s)
-        page.goto(srv.url + "/")
-        expect(page.locator("#model-name")).to_have_text("tiny")
+        page.goto(srv.url + "/")  # the page itself needs no key: it asks for one
         expect(page.locator("#settings")).to_be_hidden()  # folded away until asked for
         srv.page, srv.engine = page, engine
         yield srv
@@ -46,12 +45,37 @@ def wait_idle(engine, timeout=60.0):  # generous for a loaded machine; an idle e
         time.sleep(0.05)
 
 
+def enter_key(page, key=KEY):
+    expect(page.locator("#key-prompt")).to_be_visible()
+    page.fill("#key-input", key)
+    page.click("#key-save")
+
+
 def settings(page, **values):
     if page.locator("#settings").is_hidden():
         page.click("#toggle-settings")
         expect(page.locator("#settings")).to_be_visible()
     for key, value in values.items():
         page.fill(f"#{key}", str(value))
+
+
+def test_key_prompt_keeps_only_a_key_that_works(web):
+    page = web.page
+    expect(page.locator("#key-message")).to_contain_text("needs an API key")
+    enter_key(page, "wrong")
+    expect(page.locator("#key-message")).to_contain_text("refused")
+    enter_key(page)
+    expect(page.locator("#key-prompt")).to_be_hidden()
+    expect(page.locator("#model-name")).to_have_text("tiny")
+    assert page.evaluate("localStorage.getItem('qwenlm.api_key')") == KEY
+    settings(page, api_key="typo")  # a wrong key typed in Settings does not break the working session
+    page.locator("#api_key").dispatch_event("change")
+    expect(page.locator("#error")).to_contain_text("previous key is kept")
+    expect(page.locator("#api_key")).to_have_value(KEY)
+    assert page.evaluate("localStorage.getItem('qwenlm.api_key')") == KEY
+    page.reload()  # the kept key is used at once
+    expect(page.locator("#model-name")).to_have_text("tiny")
+    expect(page.locator("#key-prompt")).to_be_hidden()
 
 
 def test_chat_stop_and_new_chat(web):
@@ -102,3 +126,49 @@ def test_markdown_renderer_is_safe(web):
     assert "<ul><li>one</li><li>two</li></ul>" in html
     assert '<pre><code class="language-python">print(&#39;&lt;b&gt;hi&lt;/b&gt;&#39;)</code></pre>' in html
     assert "<script>" not in html and "<img" not in html and "&lt;script&gt;" in html
+
+
+def test_failed_sends_leave_no_trace(web):
+    page, tok = web.page, web.engine.engine.tokenizer
+    page.click("#new-chat")
+    settings(page, max_tokens=4, temperature=5)  # out of range: the server answers 400
+    page.fill("#input", "Refused question")
+    page.click("#send")
+    expect(page.locator("#error")).to_contain_text("temperature")
+    expect(page.locator(".msg")).to_have_count(0)  # neither the question nor an empty reply stays
+    expect(page.locator("#input")).to_have_value("Refused question")  # back in the box to retry
+
+    page.evaluate("localStorage.setItem('qwenlm.api_key', 'stale'); location.reload()")  # a key gone stale
+    enter_key_later = page.locator("#key-prompt")
+    expect(enter_key_later).to_be_visible()
+    settings(page, temperature=0)
+    page.fill("#input", "Asked without a key")
+    page.click("#send")  # 401: the prompt asks for the key, and the message is sent once it works
+    expect(page.locator(".msg")).to_have_count(0)
+    enter_key(page)
+    expect(page.locator(".msg.assistant").nth(0)).to_have_attribute("data-done", "true")
+    page.fill("#input", "Next question")
+    page.click("#send")
+    expect(page.locator(".msg.assistant").nth(1)).to_have_attribute("data-done", "true")
+    sent = tok.decode(web.engine.calls[-1][0])
+    assert "Asked without a key" in sent and "Next question" in sent and "Refused question" not in sent
+    assert sent.count("<|im_start|>assistant") == 2  # one earlier turn, no empty failed reply
+
+
+def test_the_view_follows_a_streamed_reply_until_scrolled_up(web):
+    page = web.page
+    page.click("#new-chat")
+    settings(page, max_tokens=2000, temperature=0)
+    page.click("#toggle-settings")
+    page.set_viewport_size({"width": 360, "height": 400})  # narrow: the reply soon outgrows the view
+    page.fill("#input", "Write a long story")
+    page.click("#send")
+    page.wait_for_function("document.documentElement.scrollHeight > 2 * window.innerHeight")
+    assert page.evaluate("atBottom() && window.scrollY > 0")  # followed the reply as it grew
+    page.evaluate("window.scrollTo(0, 0)")
+    height = page.evaluate("document.documentElement.scrollHeight")
+    page.wait_for_function(f"document.documentElement.scrollHeight > {height} + 100")
+    assert page.evaluate("window.scrollY") == 0  # the reader scrolled up: the view stays put
+    page.click("#stop")
+    wait_idle(web.engine)
+    page.set_viewport_size({"width": 900, "height": 500})

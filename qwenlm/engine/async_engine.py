@@ -4,17 +4,22 @@ The engine thread owns the engine: it applies queued adds and aborts between ste
 while there is work. Outputs go to each request's asyncio.Queue through its event loop's
 `call_soon_threadsafe`, so the event loop never waits on a GPU step. A consumer that stops iterating
 (break, cancellation, disconnect) aborts its request, which frees its blocks at the next step boundary.
+
+A request that fails (its add, its detokenizing or stop handling) raises RequestError to its own consumer
+only; a step that fails as a whole fails the requests then in the engine. `stop_all` and `shutdown` end
+every open stream with EngineStopped, so no consumer is ever left waiting.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 import uuid
 
-from qwenlm.engine.engine import LLMEngine
-from qwenlm.engine.outputs import RequestOutput
+from qwenlm.engine.engine import LLMEngine, Request
+from qwenlm.engine.outputs import EngineStopped, RequestError, RequestOutput
 from qwenlm.sampling import SamplingParams
 
 
@@ -23,6 +28,7 @@ class AsyncEngine:
         self.engine = engine
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._lock = threading.Lock()  # registering a stream vs. the final sweep at shutdown
         self._wake = threading.Event()
         self._closed = False
         self._error: BaseException | None = None
@@ -33,28 +39,43 @@ class AsyncEngine:
     def _run(self) -> None:
         while not self._closed:
             while not self._commands.empty():
-                kind, arg = self._commands.get()
-                if kind == "add":
-                    self.engine.add(arg)
-                else:
-                    out = self.engine.abort(arg)
-                    if out is not None:
-                        self._deliver(out)
+                self._apply(*self._commands.get())
             if not self.engine.has_unfinished():
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
             try:
                 outputs = self.engine.step()
-            except BaseException as e:  # a failed step fails every open stream rather than hanging them
+            except Exception as e:  # a failed step fails the requests in the engine rather than hanging them
                 self._error = e
-                for rid in list(self.engine.requests):
-                    self.engine.abort(rid)
-                for rid in list(self._streams):
-                    self._deliver_to(rid, e)
+                self._end_all(RequestError(f"engine step failed: {type(e).__name__}: {e}"))
                 continue
             for out in outputs:
                 self._deliver(out)
+        with self._lock:  # after this no stream can register (they check _closed under the lock)
+            self._end_all(EngineStopped("the engine is shut down"))
+
+    def _apply(self, kind: str, arg) -> None:
+        if kind == "add":
+            try:
+                self.engine.add(arg)
+            except Exception as e:  # only this request fails
+                self._deliver_to(arg.request_id, RequestError(f"the request could not be added: {e}"))
+                self._streams.pop(arg.request_id, None)
+        elif kind == "abort":
+            out = self.engine.abort(arg)
+            if out is not None:
+                self._deliver(out)
+        else:  # "stop_all"
+            self._end_all(EngineStopped(arg))
+
+    def _end_all(self, error: RequestError) -> None:
+        """Abort every request and hand `error` to every open stream."""
+        for rid in list(self.engine.requests):
+            self.engine.abort(rid)
+        for rid in list(self._streams):  # not clear(): a stream may register meanwhile, its add still queued
+            self._deliver_to(rid, error)
+            self._streams.pop(rid, None)
 
     def _deliver(self, out: RequestOutput) -> None:
         self._deliver_to(out.request_id, out)
@@ -71,27 +92,41 @@ class AsyncEngine:
                 self._streams.pop(request_id, None)
 
     # ---- the asyncio side -------------------------------------------------------------------------
+    def make_request(self, prompt: list[int] | str, params: SamplingParams | None = None,
+                     request_id: str | None = None) -> Request:
+        """Tokenize and validate now (ValueError for a request that can never run), to `stream` later."""
+        return self.engine.make_request(prompt, params, request_id or uuid.uuid4().hex)
+
     async def generate(self, prompt: list[int] | str, params: SamplingParams | None = None,
                        request_id: str | None = None):
         """Yield RequestOutputs (text_delta holds each step's new text) until the request finishes."""
-        if self._closed:
-            raise RuntimeError("AsyncEngine is shut down")
-        request_id = request_id or uuid.uuid4().hex
-        if request_id in self._streams:
-            raise ValueError(f"request id {request_id!r} is already streaming")
-        req = self.engine.make_request(prompt, params, request_id)
+        async with contextlib.aclosing(self.stream(self.make_request(prompt, params, request_id))) as outs:
+            async for out in outs:  # aclosing: a consumer that leaves aborts the request now, not at GC
+                yield out
+
+    async def stream(self, req: Request):
+        """Run a request made by `make_request`; yield its RequestOutputs. Raises RequestError if it fails
+        (EngineStopped when the engine is shut down or told to stop every request)."""
+        request_id = req.request_id
         q: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (asyncio.get_running_loop(), q)
+        with self._lock:
+            if self._closed:
+                raise EngineStopped("the engine is shut down")
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already streaming")
+            self._streams[request_id] = (asyncio.get_running_loop(), q)
         self._commands.put(("add", req))
         self._wake.set()
         finished = False
         try:
             while True:
                 item = await q.get()
-                if isinstance(item, BaseException):
+                if isinstance(item, RequestError):
                     finished = True
-                    raise RuntimeError(f"engine step failed: {item!r}") from item
+                    raise item
                 finished = item.finished
+                if item.error is not None:
+                    raise RequestError(item.error)
                 yield item
                 if finished:
                     return
@@ -107,6 +142,11 @@ class AsyncEngine:
 
     async def abort(self, request_id: str) -> None:
         self.abort_nowait(request_id)
+
+    def stop_all(self, reason: str = "the server is shutting down") -> None:
+        """End every running request from any thread: their streams raise EngineStopped(reason)."""
+        self._commands.put(("stop_all", reason))
+        self._wake.set()
 
     def stats(self) -> dict:
         return self.engine.stats()

@@ -23,13 +23,14 @@ from itertools import count
 from qwenlm.engine.config import EngineConfig
 from qwenlm.engine.fusion import fuse_gate_up
 from qwenlm.engine.kv_cache import BlockManager
-from qwenlm.engine.outputs import CompletionOutput, RequestOutput
+from qwenlm.engine.outputs import CompletionOutput, RequestError, RequestOutput
 from qwenlm.engine.runner import LaunchedStep, ModelRunner
+from qwenlm.engine.sampler import sampling_rows
 from qwenlm.engine.scheduler import Scheduler
 from qwenlm.engine.sequence import PENDING, Sequence
 from qwenlm.loading import load_checkpoint
 from qwenlm.model.qwen import ntk_alpha
-from qwenlm.sampling import SamplingParams
+from qwenlm.sampling import SamplingParams, wrap_seed
 from qwenlm.tokenizer import IncrementalDetokenizer, StopStringMatcher
 
 DEFAULT_EOS_ID = 151643  # <|endoftext|>, generation_config.json's eos_token_id (spec §12.3)
@@ -68,6 +69,7 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     seqs: list[Sequence] = field(default_factory=list)
+    error: str | None = None  # set when the request failed alone (finish_reason "error")
 
     @property
     def finished(self) -> bool:
@@ -80,12 +82,15 @@ class LLMEngine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         cfg = model.config
-        self.max_model_len = self.config.max_model_len or cfg.max_position_embeddings
+        model_len = self.config.max_model_len or cfg.max_position_embeddings
         self.eos_token_id = getattr(tokenizer, "eos_id", DEFAULT_EOS_ID)
         if self.config.fuse_mlp:
             fuse_gate_up(self.model)  # in place; the state dict keeps the official w1 / w2 names
-        self.runner = ModelRunner(model, self.config, self.max_model_len)
+        self.runner = ModelRunner(model, self.config, model_len)
         self.blocks = BlockManager(self.runner.num_blocks, self.config.block_size, self.config.enable_prefix_caching)
+        # The true context: prompt + reply tokens one sequence can reach, the model's limit or what the whole
+        # KV pool holds, whichever is smaller. A sequence that reaches it finishes with "length".
+        self.max_model_len = min(model_len, self.blocks.num_blocks * self.config.block_size)
         self.scheduler = Scheduler(self.config, self.blocks, self.max_model_len)
         self._in_flight: LaunchedStep | None = None  # launched, its tokens not yet processed
         self.last_step_was_prefill = False  # kind of the step whose tokens the last step() processed
@@ -109,10 +114,9 @@ class LLMEngine:
         if not prompt_ids:
             raise ValueError("prompt is empty: at least one token is needed")
         if len(prompt_ids) >= self.max_model_len:
-            raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit max_model_len {self.max_model_len}")
-        capacity = self.blocks.num_blocks * self.config.block_size
-        if len(prompt_ids) + 1 > capacity:
-            raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit the KV cache ({capacity} tokens)")
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room for a reply: the context is "
+                             f"{self.max_model_len} tokens, prompt + reply (max_model_len: the model's limit or what "
+                             f"the KV cache of {self.blocks.num_blocks} x {self.config.block_size} tokens holds)")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; the engine has none")
         cfg = self.model.config
@@ -120,10 +124,14 @@ class LLMEngine:
         request_id = request_id if request_id is not None else f"req-{next(self._auto_ids)}"
         req = Request(request_id, prompt_ids, params)
         for i in range(params.n):
-            seed = (params.seed + 1_000_003 * i) if params.seed is not None else self._seeds.getrandbits(32)
+            seed = wrap_seed(params.seed + 1_000_003 * i) if params.seed is not None else self._seeds.getrandbits(32)
             seq = Sequence(request_id, i, prompt_ids, params, seed, alpha, req.seqs[0] if req.seqs else None)
             seq.detok = _TextState(self.tokenizer, params)
             req.seqs.append(seq)
+        try:  # the step builds every row of its batch at once: a row that cannot be built must fail here
+            sampling_rows(req.seqs[:1])
+        except Exception as e:
+            raise ValueError(f"the sampling parameters of request {request_id!r} cannot be used: {e}") from e
         return req
 
     def add(self, req: Request) -> None:
@@ -147,7 +155,10 @@ class LLMEngine:
         for seq in req.seqs:
             if not seq.is_finished:
                 self.scheduler.finish(seq, "abort")
-                seq.detok.close()
+                try:
+                    seq.detok.close()
+                except Exception:  # an abort always succeeds; the held-back text is dropped instead
+                    pass
         return self._output(req)
 
     def has_unfinished(self) -> bool:
@@ -194,8 +205,11 @@ class LLMEngine:
         for i, (seq, token) in enumerate(zip(step.sample_seqs, tokens)):
             if seq.is_finished:  # aborted, or finished by the step before: its token is discarded
                 continue
-            self._append(seq, token, None if logprobs is None else logprobs[i])
-            touched[seq.request_id] = self.requests[seq.request_id]
+            req = touched[seq.request_id] = self.requests[seq.request_id]
+            try:
+                self._append(seq, token, None if logprobs is None else logprobs[i])
+            except Exception as e:  # detokenizing or stop handling failed: this request alone fails
+                self._fail(req, e)
         for seq in step.batch.seqs:
             if not seq.is_finished:
                 self.blocks.commit(seq)  # after _append: the blocks it hashes hold no PENDING token
@@ -226,6 +240,12 @@ class LLMEngine:
         seq.detok.close()
         self.scheduler.finish(seq, reason)
 
+    def _fail(self, req: Request, exc: Exception) -> None:
+        req.error = f"{type(exc).__name__}: {exc}"
+        for seq in req.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "error")
+
     def _output(self, req: Request) -> RequestOutput:
         outs = []
         for seq in req.seqs:
@@ -235,11 +255,12 @@ class LLMEngine:
                                          seq.finish_reason))
             text.delta = ""
         return RequestOutput(req.request_id, req.prompt_token_ids, outs, req.finished,
-                             req.seqs[0].num_cached_tokens)
+                             req.seqs[0].num_cached_tokens, req.error)
 
     # ---- whole batches and stats ------------------------------------------------------------------
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Run prompts (token-id lists or strings) to completion; outputs in prompt order."""
+        """Run prompts (token-id lists or strings) to completion; outputs in prompt order. A request that failed
+        (finish_reason "error") raises RequestError once all have finished."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if params is None or isinstance(params, SamplingParams):
@@ -252,6 +273,9 @@ class LLMEngine:
             for out in self.step():
                 if out.finished:
                     final[out.request_id] = out
+        failed = [final[i] for i in ids if final[i].error]
+        if failed:
+            raise RequestError(f"request {failed[0].request_id!r} failed: {failed[0].error}")
         return [final[i] for i in ids]
 
     def stats(self) -> dict:

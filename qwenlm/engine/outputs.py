@@ -12,7 +12,7 @@ class CompletionOutput:
     text: str = ""  # all text so far, stop strings cut, never a broken UTF-8 character
     text_delta: str = ""  # text added by this step
     logprobs: list[float] | None = None  # logprob of each chosen token, when asked for
-    finish_reason: str | None = None  # None while running; "stop" | "length" | "abort"
+    finish_reason: str | None = None  # None while running; "stop" | "length" | "abort" | "error"
 
     @property
     def finished(self) -> bool:
@@ -26,3 +26,12 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    error: str | None = None  # why the request failed (finish_reason "error"); the other requests go on
+
+
+class RequestError(RuntimeError):
+    """A request failed in the engine (its own fault or a failed step); raised to that request's consumer."""
+
+
+class EngineStopped(RequestError):
+    """The engine was shut down (or told to end every request) while the request was running."""

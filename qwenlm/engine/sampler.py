@@ -37,6 +37,18 @@ def exponential_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) 
     return -torch.log(u)
 
 
+def sampling_rows(seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row parameters on the host: float32 [B, 4] (temperature, top_p, penalty, greedy) and int64 [B, 3]
+    (top_k, seed, position). The engine builds a request's row once at admission, so a value that cannot be
+    represented fails that request alone instead of a whole step."""
+    ps = [s.params for s in seqs]
+    floats = torch.tensor([[p.temperature if not p.greedy else 1.0, p.top_p, p.repetition_penalty,
+                            1.0 if p.greedy else 0.0] for p in ps], dtype=torch.float32)
+    ints = torch.tensor([[max(p.top_k, 0) if not p.greedy else 0, s.seed, len(s)] for s, p in zip(seqs, ps)],
+                        dtype=torch.int64)
+    return floats, ints
+
+
 class SamplingBatch:
     """Per-row sampling parameters of one step, as device tensors (built once per step)."""
 
@@ -52,10 +64,7 @@ class SamplingBatch:
         self.fast_greedy = self.all_greedy and not self.any_penalty and not self.want_logprobs
         if self.fast_greedy:
             return  # argmax only: no per-row tensors to build or copy
-        floats = torch.tensor([[p.temperature if not p.greedy else 1.0, p.top_p, p.repetition_penalty,
-                                1.0 if p.greedy else 0.0] for p in ps], dtype=torch.float32)
-        ints = torch.tensor([[max(p.top_k, 0) if not p.greedy else 0, s.seed, len(s)] for s, p in zip(seqs, ps)],
-                            dtype=torch.int64)
+        floats, ints = sampling_rows(seqs)
         floats, ints = floats.to(device, non_blocking=True), ints.to(device, non_blocking=True)
         self.temperature, self.top_p, self.penalty, self.greedy = floats.unbind(1)
         self.greedy = self.greedy.bool()

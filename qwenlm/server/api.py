@@ -7,9 +7,7 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import hmac
 import json
 import logging
 import os
@@ -21,53 +19,63 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 from qwenlm.config import GenerationConfig
 from qwenlm.server import handlers
 from qwenlm.server.metrics import CONTENT_TYPE, ServerMetrics
 from qwenlm.server.protocol import ApiError, ChatCompletionRequest, CompletionRequest, now, validation_error
-from qwenlm.server.serving import ServerState
+from qwenlm.server.security import ApiKeyMiddleware, OriginHostMiddleware, error_response, hosts_to_allow, \
+    is_loopback
+from qwenlm.server.serving import MAX_REQUEST_SEQS, ServerState
 
 log = logging.getLogger("qwenlm.server")
 STATIC_DIR = Path(__file__).with_name("static")
 API_KEY_ENV = "QWENLM_API_KEY"
-OPEN_PATHS = {"/health"}
+MAX_BODY_BYTES = 4 << 20
+MAX_JSON_DEPTH = 64  # arrays/objects inside each other; a request needs a handful (tool schemas a few more)
 
 
-def error_response(err: ApiError, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+def json_depth_over(data, limit: int) -> bool:
+    """True when JSON values nest deeper than `limit` (iterative: no recursion on hostile input)."""
+    stack = [(data, 1)] if isinstance(data, (dict, list)) else []
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
 
 
-def _key_of(authorization: str) -> str | None:
-    """The key in "Bearer KEY", or the password in "Basic base64(user:KEY)" (what a browser sends)."""
-    scheme, _, value = authorization.partition(" ")
-    if scheme.lower() == "bearer":
-        return value.strip()
-    if scheme.lower() == "basic":
-        try:
-            return base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")[2]
-        except (ValueError, UnicodeDecodeError):
-            return None
-    return None
+def require_json_media(content_type: str | None) -> None:
+    """415 unless the body is declared JSON (or undeclared, as some scripts send it): a form or text/plain
+    body is what a hostile page can make a browser send cross-site without a CORS preflight."""
+    media = (content_type or "application/json").split(";")[0].strip().lower()
+    if media != "application/json":
+        raise ApiError(415, f"Content-Type must be application/json, got {content_type!r}", param="Content-Type",
+                       code="unsupported_media_type")
 
 
-class ApiKeyMiddleware:
-    """Every route but /health needs the key; compared in constant time. Plain ASGI (no response wrapping),
-    so streamed responses and disconnects pass straight through."""
-
-    def __init__(self, app, api_key: str):
-        self.app, self.key = app, api_key.encode()
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
-            headers = dict(scope.get("headers") or [])
-            given = _key_of(headers.get(b"authorization", b"").decode("latin-1"))
-            if given is None or not hmac.compare_digest(given.encode(), self.key):
-                err = ApiError(401, "Invalid or missing API key: send 'Authorization: Bearer KEY'.",
-                               type="authentication_error", code="invalid_api_key")
-                response = error_response(err, headers={"WWW-Authenticate": 'Basic realm="qwenlm"'})
-                return await response(scope, receive, send)
-        return await self.app(scope, receive, send)
+def parse_json_body(body: bytes) -> dict:
+    """The request body as a JSON object, or a 400 saying what is wrong with it."""
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"request body is not valid UTF-8: {e}") from None
+    except json.JSONDecodeError as e:
+        raise ApiError(400, f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        data = None  # nested past the interpreter's limit: the depth check below names the limit
+    if data is None or json_depth_over(data, MAX_JSON_DEPTH):
+        raise ApiError(400, f"request body nests arrays/objects deeper than {MAX_JSON_DEPTH} levels")
+    if not isinstance(data, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    try:  # JSON escapes can smuggle in lone surrogates ("\ud800"), which are not text
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(400, f"request body holds invalid Unicode: {e.reason}") from None
+    return data
 
 
 class DisconnectAbortingResponse(StreamingResponse):
@@ -114,24 +122,35 @@ async def _until_disconnect(request: Request, coro):
 
 def create_app(engine, tokenizer, model_name: str, api_key: str | None = None,
                generation_config: GenerationConfig | None = None, max_model_len: int | None = None,
-               max_pending: int = 512, max_body_bytes: int = 4 << 20) -> FastAPI:
-    """The API and web chat around `engine` (an AsyncEngine: generate / abort / stats).
+               max_pending: int = 512, max_body_bytes: int = MAX_BODY_BYTES, max_request_seqs: int = MAX_REQUEST_SEQS,
+               allowed_origins: list[str] | None = None, allowed_hosts: list[str] | None = None) -> FastAPI:
+    """The API and web chat around `engine` (an AsyncEngine: make_request / stream / abort_nowait / stats).
 
-    max_model_len: prompt + reply tokens per request (default: the engine's `max_model_len`, else 8192).
+    api_key: None serves without a key; an empty key is an error, never a silent "no key".
+    max_model_len: prompt + reply tokens per request, capped to the engine's true `max_model_len`.
     max_pending: engine requests admitted at once (running + queued); beyond it requests get 429.
+    max_request_seqs: sequences one request may create (prompts x n); beyond it a 400.
+    allowed_origins: other sites whose pages may call the API (CORS; "*" for any); others get 403.
+    allowed_hosts: Host header names accepted (None: any); see security.hosts_to_allow.
     """
     core = getattr(engine, "engine", engine)  # AsyncEngine wraps an LLMEngine
-    if max_model_len is None:
-        max_model_len = getattr(core, "max_model_len", None) or 8192
-    blocks = getattr(core, "blocks", None)
-    kv_capacity = blocks.num_blocks * blocks.block_size if blocks is not None else None
+    engine_len = getattr(core, "max_model_len", None) or 8192
+    max_model_len = min(max_model_len or engine_len, engine_len)
+    if api_key is not None and not api_key.strip():
+        raise ValueError("the API key is empty; give a non-empty key, or None to serve without one")
     state = ServerState(engine=engine, tokenizer=tokenizer, model_name=model_name,
                         generation_config=generation_config or GenerationConfig(), max_model_len=max_model_len,
-                        max_pending=max_pending, kv_capacity=kv_capacity, metrics=ServerMetrics(engine, model_name))
+                        max_pending=max_pending, max_request_seqs=max_request_seqs,
+                        metrics=ServerMetrics(engine, model_name))
     app = FastAPI(title="qwenlm", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.qwenlm = state
-    if api_key:
+    app.state.end_requests = state.end_requests  # GracefulServer calls it when the grace period is over
+    if api_key is not None:  # (the last added is the outermost)
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+    if allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(OriginHostMiddleware, allowed_origins=allowed_origins, allowed_hosts=allowed_hosts)
 
     @app.exception_handler(ApiError)
     async def on_api_error(request, exc: ApiError):
@@ -147,6 +166,7 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None,
         return error_response(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
 
     async def read_json(request: Request, model):
+        require_json_media(request.headers.get("content-type"))
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
             raise ApiError(413, f"request body of {declared} bytes is over the limit of {max_body_bytes} bytes")
@@ -156,18 +176,7 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None,
             if size > max_body_bytes:
                 raise ApiError(413, f"request body is over the limit of {max_body_bytes} bytes")
             chunks.append(chunk)
-        try:
-            data = json.loads(b"".join(chunks).decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise ApiError(400, f"request body is not valid UTF-8: {e}") from None
-        except json.JSONDecodeError as e:
-            raise ApiError(400, f"request body is not valid JSON: {e}") from None
-        if not isinstance(data, dict):
-            raise ApiError(400, "request body must be a JSON object")
-        try:  # JSON escapes can smuggle in lone surrogates ("\ud800"), which are not text
-            json.dumps(data, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise ApiError(400, f"request body holds invalid Unicode: {e.reason}") from None
+        data = parse_json_body(b"".join(chunks))
         try:
             req = model.model_validate(data)
         except ValidationError as e:
@@ -225,23 +234,40 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None,
 
 def serve(args) -> int:
     """`qwenlm serve`: args.model, args.device, args.dtype, args.quantize, args.kv_cache_dtype, args.host,
-    args.port, args.api_key."""
+    args.port, args.api_key, args.allowed_origins, args.allowed_hosts, args.timeout_graceful_shutdown."""
     import uvicorn
 
     from qwenlm.api import load
     from qwenlm.engine import AsyncEngine, EngineConfig
+    from qwenlm.server.launch import GracefulServer
 
+    api_key = getattr(args, "api_key", None)
+    if api_key is None:
+        api_key = os.environ.get(API_KEY_ENV)
+    if api_key is not None and not api_key.strip():  # before loading: never serve open by mistake
+        raise ValueError(f"the API key (--api-key or {API_KEY_ENV}) is empty; give a key, or leave both unset "
+                         "to serve without one")
     llm = load(args.model, device=getattr(args, "device", None), dtype=getattr(args, "dtype", "auto"),
                quantize=getattr(args, "quantize", None),
                engine_config=EngineConfig(kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto")))
     engine = AsyncEngine(llm.engine)
-    api_key = getattr(args, "api_key", None) or os.environ.get(API_KEY_ENV) or None
     # a local folder is served under its name ("Qwen-7B-Chat"), a hub model under the name it was asked by
     model_name = Path(args.model).name if Path(args.model).is_dir() else args.model
     app = create_app(engine, llm.tokenizer, model_name=model_name, api_key=api_key,
-                     generation_config=llm.generation_config)
+                     generation_config=llm.generation_config, allowed_origins=split_list(getattr(args, "allowed_origins", None)),
+                     allowed_hosts=hosts_to_allow(args.host, split_list(getattr(args, "allowed_hosts", None))))
+    if api_key is None and not is_loopback(args.host):
+        log.warning("serving on %s without an API key: anyone who can reach this address can use the model",
+                    args.host)
+    server = GracefulServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"),
+                            grace=getattr(args, "timeout_graceful_shutdown", 10.0))
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
+        server.run()
     finally:
         engine.shutdown()
     return 0
+
+
+def split_list(value: str | None) -> list[str]:
+    """"a,b, c" -> ["a", "b", "c"] (comma-separated option values)."""
+    return [v.strip() for v in (value or "").split(",") if v.strip()]

@@ -3,14 +3,36 @@
 from __future__ import annotations
 
 import json
+import logging
 
 from qwenlm.server.protocol import ApiError, ChatCompletionRequest, CompletionRequest, new_id, now, usage
 from qwenlm.server.serving import EngineRun, ServerState, build_chat, merge_runs, sampling_params
 from qwenlm.tools import ParsedReply, ReactStreamParser, parse_react_reply
 
 
+log = logging.getLogger("qwenlm.server")
+DONE = "data: [DONE]\n\n"
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
 def sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def ended_properly(events):
+    """The SSE events of `events` (which end with [DONE]); a failure after the headers went out ends the
+    stream with an OpenAI-style error event and [DONE] instead of a cut connection."""
+    try:
+        async for event in events:
+            yield event
+    except Exception as e:
+        if not isinstance(e, ApiError):
+            log.exception("stream failed")
+            e = ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
+        yield sse(e.body())
+        yield DONE
+    finally:  # also when the client left: the inner generator's `finally` aborts the engine request now
+        await events.aclose()
 
 
 def _token_text(tok, token_id: int) -> tuple[str, list[int]]:
@@ -119,6 +141,7 @@ def chat_stream(state: ServerState, req: ChatCompletionRequest):
     async def body():
         parsers = {i: ReactStreamParser() for i in range(params.n)} if style else {}
         sent_tokens = [0] * params.n
+        finished = set()  # choices whose finish_reason went out (later outputs still list them)
         total = 0
         try:
             for i in range(params.n):
@@ -127,6 +150,8 @@ def chat_stream(state: ServerState, req: ChatCompletionRequest):
                 total = sum(len(c.token_ids) for c in out.outputs)
                 for c in out.outputs:
                     i = c.index
+                    if i in finished:
+                        continue
                     new_ids = c.token_ids[sent_tokens[i]:]
                     lps = chat_logprobs(state.tokenizer, new_ids,
                                         None if c.logprobs is None else c.logprobs[sent_tokens[i]:])
@@ -135,6 +160,7 @@ def chat_stream(state: ServerState, req: ChatCompletionRequest):
                     if text or lps and lps["content"]:
                         yield chunk(i, {"content": text}, logprobs=lps, tokens=total)
                     if c.finish_reason is not None:
+                        finished.add(i)
                         finish = c.finish_reason
                         if style:
                             deltas, finish = react_final_deltas(parsers[i].finish(), style, finish)
@@ -143,19 +169,22 @@ def chat_stream(state: ServerState, req: ChatCompletionRequest):
                         yield chunk(i, {}, finish=finish, tokens=total)
             if include_usage:
                 yield sse({**head, "choices": [], "usage": usage(len(prompt_ids), total)})
-            yield "data: [DONE]\n\n"
+            yield DONE
         finally:
             run.close()
 
-    return body()
+    return ended_properly(body())
 
 
 def _completion_prompts(state: ServerState, req: CompletionRequest) -> list[list[int]]:
+    """Token ids of each prompt. Text is raw text with special tokens: "<|im_start|>" typed in is the control
+    token, as OpenAI-style servers and the official Qwen server encode a completion prompt (chat message
+    content, by contrast, is always plain text)."""
     p = req.prompt
     if isinstance(p, str):
-        prompts = [state.tokenizer.encode(p)]
+        prompts = [state.tokenizer.encode(p, allowed_special="all")]
     elif p and all(isinstance(x, str) for x in p):
-        prompts = [state.tokenizer.encode(x) for x in p]
+        prompts = [state.tokenizer.encode(x, allowed_special="all") for x in p]
     elif p and all(isinstance(x, int) for x in p):
         prompts = [list(p)]
     else:
@@ -177,12 +206,19 @@ def prepare_completion(state: ServerState, req: CompletionRequest):
     if req.best_of not in (None, req.n):
         raise ApiError(400, "best_of is not supported (use n)", param="best_of")
     prompts = _completion_prompts(state, req)
-    params = [sampling_params(state, req, len(p), max_tokens=req.max_tokens, logprobs=req.logprobs is not None)
+    state.admit(len(prompts), req.n)
+    max_tokens = req.max_tokens if "max_tokens" in req.model_fields_set else None  # else the capped default
+    params = [sampling_params(state, req, len(p), max_tokens=max_tokens, logprobs=req.logprobs is not None,
+                              default_max_tokens=DEFAULT_COMPLETION_MAX_TOKENS, prompt_param="prompt")
               for p in prompts]
-    if state.pending + len(prompts) > state.max_pending:
-        raise ApiError(429, f"The server is busy: {state.pending} requests are running or queued (limit "
-                            f"{state.max_pending}). Retry later.", type="rate_limit_exceeded", code="rate_limit_exceeded")
-    runs = [EngineRun(state, p, sp) for p, sp in zip(prompts, params)]
+    runs = []
+    try:
+        for p, sp in zip(prompts, params):
+            runs.append(EngineRun(state, p, sp))
+    except BaseException:
+        for run in runs:
+            run.close()
+        raise
     echoes = [state.tokenizer.decode(p) if req.echo else "" for p in prompts]
     return prompts, runs, echoes
 
@@ -209,12 +245,17 @@ def completion_stream(state: ServerState, req: CompletionRequest):
 
     async def body():
         sent = {}  # (k, i) -> tokens sent
+        finished = set()  # (k, i) whose finish_reason went out (later outputs still list them)
         totals = [0] * len(runs)
         try:
             async for k, out in merge_runs(runs):
                 totals[k] = sum(len(c.token_ids) for c in out.outputs)
                 for c in out.outputs:
                     key = (k, c.index)
+                    if key in finished:
+                        continue
+                    if c.finish_reason is not None:
+                        finished.add(key)
                     text = c.text_delta
                     offset = 0
                     if key not in sent:
@@ -231,9 +272,9 @@ def completion_stream(state: ServerState, req: CompletionRequest):
                         yield sse({**head, "choices": [choice], **({"usage": None} if include_usage else {})})
             if include_usage:
                 yield sse({**head, "choices": [], "usage": usage(sum(map(len, prompts)), sum(totals))})
-            yield "data: [DONE]\n\n"
+            yield DONE
         finally:
             for run in runs:
                 run.close()
 
-    return body()
+    return ended_properly(body())

@@ -1,7 +1,9 @@
-"""Run the app under uvicorn in a background thread (notebooks, embedding, tests), on a free port."""
+"""Run the app under uvicorn: `GracefulServer` (stops in bounded time, streams end with a final event) and
+`ServerThread` (a background thread on a free port, for notebooks, embedding and tests)."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -9,6 +11,8 @@ import time
 import uvicorn
 
 from qwenlm.sampling import ParamError
+
+FINAL_EVENT_SECONDS = 5.0  # after the grace period: time for ended streams to write their last events
 
 
 def check_listen_address(host: str, port: int) -> None:
@@ -35,13 +39,32 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+class GracefulServer(uvicorn.Server):
+    """uvicorn's server; once told to stop (SIGTERM, SIGINT, `should_exit`) it stops accepting connections,
+    lets running requests go on for `grace` seconds, then calls the app's `state.end_requests()`, which ends
+    each one with a final event (streams: an error event and [DONE]; others: 503). uvicorn cancels whatever
+    is still open FINAL_EVENT_SECONDS later, so the process always exits."""
+
+    def __init__(self, config: uvicorn.Config, grace: float = 10.0):
+        config.timeout_graceful_shutdown = grace + FINAL_EVENT_SECONDS
+        super().__init__(config)
+        self.grace = grace
+
+    async def shutdown(self, sockets=None):
+        end = getattr(getattr(self.config.app, "state", None), "end_requests", None)
+        if end is not None:
+            asyncio.get_running_loop().call_later(self.grace, end)
+        await super().shutdown(sockets)
+
+
 class ServerThread:
     """`with ServerThread(app) as srv: ... srv.url ...` serves `app` until the block ends."""
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int | None = None, log_level: str = "warning"):
+    def __init__(self, app, host: str = "127.0.0.1", port: int | None = None, log_level: str = "warning",
+                 grace: float = 2.0):
         self.host, self.port = host, port or free_port(host)
-        self.server = uvicorn.Server(uvicorn.Config(app, host=self.host, port=self.port, log_level=log_level,
-                                                    timeout_graceful_shutdown=2))
+        self.server = GracefulServer(uvicorn.Config(app, host=self.host, port=self.port, log_level=log_level),
+                                     grace=grace)
         self.thread = threading.Thread(target=self.server.run, name="qwenlm-server", daemon=True)
 
     @property
@@ -59,7 +82,7 @@ class ServerThread:
 
     def stop(self) -> None:
         self.server.should_exit = True
-        self.thread.join(timeout=10)
+        self.thread.join(timeout=self.server.grace + FINAL_EVENT_SECONDS + 5)
 
     def __enter__(self) -> "ServerThread":
         return self.start()

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
 
 from qwenlm.chat import build_chat_prompt
 from qwenlm.config import GenerationConfig
+from qwenlm.engine.outputs import EngineStopped, RequestError
 from qwenlm.sampling import SamplingParams
 from qwenlm.server.metrics import RequestTimer, ServerMetrics
 from qwenlm.server.protocol import ApiError, ChatCompletionRequest, SamplingFields, new_id
 from qwenlm.tools import OBSERVATION_STOP, ChatTurns, MessagesError, functions_from_tools, function_name, \
     messages_to_turns
+
+
+MAX_REQUEST_SEQS = 256  # sequences (prompts x n) one request may create
 
 
 @dataclass
@@ -20,16 +25,36 @@ class ServerState:
     tokenizer: object
     model_name: str
     generation_config: GenerationConfig
-    max_model_len: int
+    max_model_len: int  # prompt + reply tokens of one sequence (the engine's true context)
     max_pending: int  # engine requests admitted at once (running + queued); more get 429
-    kv_capacity: int | None  # tokens the KV cache holds; a longer prompt can never run
+    max_request_seqs: int  # sequences one request may create (prompts x n); more is a 400
     metrics: ServerMetrics
     pending: int = 0
+
+    def admit(self, num_requests: int, n: int) -> None:
+        """400 for a request that could never be admitted, 429 while the queue is too full for it now."""
+        if num_requests > self.max_pending or num_requests * n > self.max_request_seqs:
+            raise ApiError(400, f"The request asks for {num_requests} prompt(s) x n={n} = {num_requests * n} "
+                                f"sequences; a request may create at most {self.max_request_seqs} sequences and "
+                                f"{self.max_pending} prompts.", param="prompt" if num_requests > 1 else "n")
+        if self.pending + num_requests > self.max_pending:
+            raise ApiError(429, f"The server is busy: {self.pending} requests are running or queued (limit "
+                                f"{self.max_pending}). Retry later.", type="rate_limit_exceeded",
+                           code="rate_limit_exceeded")
+
+    def end_requests(self) -> None:
+        """End every running request now (shutdown): streams get a final error event, others a 503."""
+        stop_all = getattr(self.engine, "stop_all", None)
+        if stop_all is not None:
+            stop_all("the server is shutting down")
 
 
 def chat_functions(req: ChatCompletionRequest) -> tuple[list[dict], str | None]:
     """The functions to put in the ReAct prompt, and "tools" / "functions" for how to answer a call."""
-    functions = functions_from_tools(req.tools, req.functions)
+    try:
+        functions = functions_from_tools(req.tools, req.functions)
+    except MessagesError as e:
+        raise ApiError(400, str(e), param=e.param) from None
     if not functions:
         if req.tool_choice not in (None, "none", "auto") or isinstance(req.function_call, dict):
             raise ApiError(400, "tool_choice/function_call names a tool but no tools were given", param="tool_choice")
@@ -77,17 +102,16 @@ def extra_stop_words(stops: list[str]) -> list[str]:
 
 
 def sampling_params(state: ServerState, req: SamplingFields, prompt_len: int, with_tools: bool = False,
-                    max_tokens: int | None = None, logprobs: bool = False) -> SamplingParams:
+                    max_tokens: int | None = None, logprobs: bool = False, default_max_tokens: int | None = None,
+                    prompt_param: str = "messages") -> SamplingParams:
+    """SamplingParams for one prompt. max_tokens None: the default (`default_max_tokens`, else the checkpoint's
+    max_new_tokens), capped to the room the context leaves; an explicit max_tokens past it is a 400."""
     gen = state.generation_config
     room = state.max_model_len - prompt_len
     if room <= 0:
         raise ApiError(400, f"This model's maximum context length is {state.max_model_len} tokens. However, your "
                             f"prompt has {prompt_len} tokens. Please reduce the length of the messages or prompt.",
-                       param="messages", code="context_length_exceeded")
-    if state.kv_capacity is not None and prompt_len + 1 > state.kv_capacity:
-        raise ApiError(400, f"The prompt has {prompt_len} tokens but the KV cache of this server holds "
-                            f"{state.kv_capacity} tokens. Please reduce the length of the messages or prompt.",
-                       param="messages", code="context_length_exceeded")
+                       param=prompt_param, code="context_length_exceeded")
     if req.max_length is not None and max_tokens is None:
         max_tokens = req.max_length - prompt_len
         if max_tokens < 1:
@@ -115,16 +139,28 @@ def sampling_params(state: ServerState, req: SamplingFields, prompt_len: int, wi
         temperature = 0.0
     if temperature < 0.01:  # the official server's rule: such temperatures mean greedy
         temperature = 0.0
-    return SamplingParams(
-        temperature=temperature,
-        top_p=gen.top_p if req.top_p is None else req.top_p,
-        top_k=(gen.top_k or 0) if req.top_k is None else req.top_k,
-        repetition_penalty=(gen.repetition_penalty or 1.0) if req.repetition_penalty is None
-        else req.repetition_penalty,
-        max_tokens=max_tokens if max_tokens is not None else min(gen.max_new_tokens, room),
-        stop=stops, stop_token_ids=sorted(set(stop_ids)), seed=req.seed, n=req.n, logprobs=logprobs,
-        ignore_eos=req.ignore_eos, skip_special_tokens=req.skip_special_tokens,
-    )
+    if max_tokens is None:
+        max_tokens = min(default_max_tokens or gen.max_new_tokens, room)
+    try:
+        return SamplingParams(
+            temperature=temperature,
+            top_p=gen.top_p if req.top_p is None else req.top_p,
+            top_k=(gen.top_k or 0) if req.top_k is None else req.top_k,
+            repetition_penalty=(gen.repetition_penalty or 1.0) if req.repetition_penalty is None
+            else req.repetition_penalty,
+            max_tokens=max_tokens, stop=stops, stop_token_ids=sorted(set(stop_ids)), seed=req.seed, n=req.n,
+            logprobs=logprobs, ignore_eos=req.ignore_eos, skip_special_tokens=req.skip_special_tokens,
+        )
+    except ValueError as e:  # SamplingParams holds the range rules; its errors name the field
+        raise ApiError(400, str(e), param=getattr(e, "field", None)) from None
+
+
+def engine_error(e: RequestError) -> ApiError:
+    """A request that failed in the engine, as the client sees it."""
+    if isinstance(e, EngineStopped):
+        return ApiError(503, f"The request was ended: {e}. Retry later.", type="server_error",
+                        code="server_shutting_down")
+    return ApiError(500, f"The request failed: {e}", type="server_error")
 
 
 def abort_request(engine, request_id: str) -> None:
@@ -137,19 +173,21 @@ def abort_request(engine, request_id: str) -> None:
 
 
 class EngineRun:
-    """One engine request: admission (429 when full), metrics, and abort when the caller stops early.
+    """One engine request: validated by the engine and admitted (429 when full) before any work starts,
+    metrics, abort when the caller stops early, and engine failures as ApiErrors.
 
     `close()` is synchronous so it can run in a `finally` under cancellation (client disconnects).
     """
 
     def __init__(self, state: ServerState, prompt_ids: list[int], params: SamplingParams):
-        if state.pending >= state.max_pending:
-            raise ApiError(429, f"The server is busy: {state.pending} requests are running or queued (limit "
-                                f"{state.max_pending}). Retry later.", type="rate_limit_exceeded",
-                           code="rate_limit_exceeded")
+        state.admit(1, params.n)
+        self.request_id = new_id("req")
+        try:
+            self.request = state.engine.make_request(prompt_ids, params, self.request_id)
+        except ValueError as e:
+            raise ApiError(400, str(e), param=getattr(e, "field", None)) from None
         state.pending += 1
         self.state, self.prompt_ids, self.params = state, prompt_ids, params
-        self.request_id = new_id("req")
         self.timer = RequestTimer(state.metrics, len(prompt_ids))
         self.finished = False
         self.closed = False
@@ -157,12 +195,15 @@ class EngineRun:
 
     async def stream(self):
         try:
-            async for out in self.state.engine.generate(self.prompt_ids, self.params, self.request_id):
-                self.timer.tokens(sum(len(c.token_ids) for c in out.outputs))
-                if out.finished:
-                    self.finished = True
-                    self.reasons = [c.finish_reason or "stop" for c in out.outputs]
-                yield out
+            async with contextlib.aclosing(self.state.engine.stream(self.request)) as outs:
+                async for out in outs:
+                    self.timer.tokens(sum(len(c.token_ids) for c in out.outputs))
+                    if out.finished:
+                        self.finished = True
+                        self.reasons = [c.finish_reason or "stop" for c in out.outputs]
+                    yield out
+        except RequestError as e:
+            raise engine_error(e) from None
         finally:
             self.close()
 
