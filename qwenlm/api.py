@@ -93,6 +93,8 @@ class QwenLM:
                     for out in self._inbox[rid]:
                         delta += out.outputs[0].text_delta
                         reason = out.outputs[0].finish_reason
+                        if reason == "error":  # never hand back a cut reply as if it were whole
+                            raise RuntimeError(f"generation failed: {out.error}")
                     self._inbox[rid].clear()
                     done[b] = done[b] or reason is not None
                     step.append((delta, reason))

@@ -138,3 +138,12 @@ def test_stop_all_and_shutdown_end_every_stream(model):
     core = engine.engine
     assert not core.requests and core.blocks.num_free_blocks == core.blocks.num_blocks
     assert isinstance(asyncio.run(_consume(engine, engine.make_request(prompts[0], long))), EngineStopped)
+
+
+def test_python_api_raises_for_a_failed_request_instead_of_a_cut_reply(tiny_ckpt, monkeypatch):
+    import qwenlm
+    llm = qwenlm.load(str(tiny_ckpt), device="cpu")
+    break_text_handling(monkeypatch)
+    with pytest.raises(RuntimeError, match="generation failed: .*detokenizer broke"):
+        llm.generate("Hello", seed=EXPLODE_SEED, max_new_tokens=8, ignore_eos=True)
+    assert llm.generate("Hello", seed=1, max_new_tokens=8) is not None  # the engine goes on
