@@ -30,7 +30,7 @@ if "--tiny" in sys.argv and os.environ.get("TRITON_INTERPRET") != "1":  # must b
 
 import torch  # noqa: E402
 
-from benchlib import arg_parser, checkpoint, device_of, header, log, print_table, results_path, write_json  # noqa: E402
+from benchlib import arg_parser, checkpoint, device_of, header, log, print_table, results_path, selected, write_json  # noqa: E402
 
 
 def rel_err(out, ref) -> float:
@@ -217,15 +217,13 @@ CHECKS = {"kernels": check_kernels, "act_order": check_act_order, "fused_int4": 
 
 
 def main() -> int:
-    ap = arg_parser(__doc__)
-    ap.add_argument("--only", help="comma-separated checks: " + ",".join(CHECKS))
-    args = ap.parse_args()
+    args = arg_parser(__doc__).parse_args()
     device = device_of(args)
     if args.tiny:  # numpy overflow warnings of Triton's interpreter on the packed int32 words; results are checked
         warnings.filterwarnings("ignore", category=RuntimeWarning, module="triton.runtime.interpreter")
     results = {"name": "check_gpu", "header": header(device), "checks": {}}
     log(" | ".join(f"{k} {v}" for k, v in results["header"].items()))
-    for name in args.only.split(",") if args.only else CHECKS:
+    for name in selected(args, list(CHECKS)):
         t = time.time()
         try:
             r = CHECKS[name](args.workdir, device, args.tiny)
