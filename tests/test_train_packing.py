@@ -127,3 +127,25 @@ def test_packed_attention_mask_is_block_diagonal_causal():
                          [0, 0, 1, 1, 1]], dtype=torch.bool)
     assert torch.equal(ctx.mask[0, 0], want)
     assert PackedAttention(torch.zeros(2, 4, dtype=torch.long)).mask is None  # one sample per row: causal
+
+
+def test_packed_loss_and_grads_match_transformers_qwen2(samples):
+    # Independent oracle: transformers' Qwen2ForCausalLM on the mapped weights, which splits a row into
+    # samples where position_ids restart (its packed-sequence mask, used with no attention_mask and no
+    # cache) and computes the loss itself.
+    from test_model import to_qwen2
+
+    small = tiny_model().train()  # vocab 1000: the samples' ids folded into it
+    batch = collate_packed(samples)
+    batch["input_ids"] = batch["input_ids"] % 1000
+    batch["labels"] = torch.where(batch["labels"] == IGNORE_TOKEN_ID, IGNORE_TOKEN_ID, batch["labels"] % 1000)
+    hf = to_qwen2(small).float().train()
+    ours = causal_lm_loss(small.logits(training_hidden(small, batch)), batch["labels"])
+    theirs = hf(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
+                use_cache=False).loss
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
+    ours.backward()
+    theirs.backward()
+    torch.testing.assert_close(small.transformer.h[0].mlp.w1.weight.grad, hf.model.layers[0].mlp.up_proj.weight.grad,
+                               rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(small.lm_head.weight.grad, hf.lm_head.weight.grad, rtol=1e-4, atol=1e-6)
