@@ -182,7 +182,8 @@ def test_report_counts_trained_tokens(tok, tmp_path):
     assert report.samples == 2 and report.dropped_first_turn == 1
     assert report.tokens == sum(len(s.input_ids) for s in samples)
     # Listing above: 5 turns x 3 structural + "Ahoy, matey!" + "Fair winds."; the second sample: 2 turns x 3.
-    trained = 15 + len(tok.encode("Ahoy, matey!")) + len(tok.encode("Fair winds.")) + 6
+    # The first <|im_start|> of each sample is never a loss target (nothing precedes it): one less each.
+    trained = 15 + len(tok.encode("Ahoy, matey!")) + len(tok.encode("Fair winds.")) + 6 - 2
     assert report.trained_tokens == trained
     assert report.trained_share == pytest.approx(trained / report.tokens)
     assert "2 samples" in report.summary()

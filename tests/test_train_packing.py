@@ -60,6 +60,8 @@ def test_collate_positions_restart_and_boundaries(samples):
     for start, s in zip(batch["cu_seqlens"][:-1].tolist(), samples):
         assert batch["labels"][0, start] == IGNORE_TOKEN_ID
         assert batch["labels"][0, start + 1: start + len(s.labels)].tolist() == s.labels[1:]
+    # Packing loses no loss target: the dropped first labels were never targets.
+    assert trained_token_count(batch["labels"]) == sum(trained_token_count(torch.tensor([s.labels])) for s in samples)
     stats = pack_stats(samples, [[0, 1], [2]], budget=100)
     assert stats.packs == 2 and stats.fill == pytest.approx(sum(lengths) / 200)
 

@@ -33,7 +33,7 @@ class Sample:
 class DataReport:
     samples: int = 0  # kept
     tokens: int = 0
-    trained_tokens: int = 0  # labels != IGNORE_TOKEN_ID
+    trained_tokens: int = 0  # loss targets: labels != IGNORE_TOKEN_ID after the first (never predicted)
     truncated: int = 0
     skipped_long: int = 0
     dropped_first_turn: int = 0  # conversations that opened with an assistant turn (official: dropped)
@@ -46,7 +46,7 @@ class DataReport:
     def add(self, sample: Sample) -> None:
         self.samples += 1
         self.tokens += len(sample.input_ids)
-        self.trained_tokens += sum(1 for t in sample.labels if t != IGNORE_TOKEN_ID)
+        self.trained_tokens += sum(1 for t in sample.labels[1:] if t != IGNORE_TOKEN_ID)
 
     def summary(self) -> str:
         return (f"{self.samples} samples, {self.tokens} tokens, {self.trained_tokens} trained "
