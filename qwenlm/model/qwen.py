@@ -1,9 +1,10 @@
 """The Qwen (v1) network in one file, with the official tensor names (spec §2-§6).
 
 The attention *storage* is not part of the network: every layer hands its rotated q, k, v to an
-attention context (`DenseKVCache` here, the engine's paged cache elsewhere) through
-`ctx.attend(layer_idx, q, k, v)`. Positions and NTK frequencies are inputs, so the same module serves
-a left-padded batch, a flat varlen batch and a CUDA-graph decode step.
+attention context (`DenseKVCache` here, `PackedAttention` for training, the engine's paged cache
+elsewhere) through `ctx.attend(layer_idx, q, k, v)`. Positions and NTK frequencies are inputs, so the
+same module serves a left-padded batch, a flat varlen batch, a packed training batch and a CUDA-graph
+decode step.
 """
 
 from __future__ import annotations
@@ -220,3 +221,37 @@ class DenseKVCache:
         self.k = [None if t is None else t[rows] for t in self.k]
         self.v = [None if t is None else t[rows] for t in self.v]
         self.valid = self.valid[rows]
+
+
+class PackedAttention:
+    """Causal attention that never crosses a sample boundary, for packed training batches.
+
+    `segment_ids` [B,T] numbers the samples within each row (pads may share the last sample's id: they
+    come after it, so causality keeps real tokens from seeing them). Positions restarting per sample are
+    passed to `forward` as usual. The block-diagonal mask goes through SDPA's attn_mask, which costs
+    O(T^2) memory per row; a varlen/FlexAttention kernel can take its place without touching the model.
+    """
+
+    def __init__(self, segment_ids: torch.Tensor):
+        B, T = segment_ids.shape
+        if bool((segment_ids == segment_ids[:, :1]).all()):
+            self.mask = None  # one sample per row: plain causal, the fast SDPA path
+            return
+        causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()  # [T,T]
+        same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B,T,T]
+        self.mask = (same & causal)[:, None]  # [B,1,T,T]
+
+    @classmethod
+    def from_cu_seqlens(cls, cu_seqlens: torch.Tensor) -> PackedAttention:
+        """One packed row from sample boundaries [0, n1, n1+n2, ..., T] (flash-attn varlen style)."""
+        lengths = torch.diff(cu_seqlens.long())
+        segment_ids = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)  # [T]
+        return cls(segment_ids[None, :])
+
+    def attend(self, layer: int, q, k, v):
+        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B,h,T,d]
+        if self.mask is None:
+            out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=self.mask)
+        return out.transpose(1, 2)  # [B,T,h,d]
