@@ -4,6 +4,7 @@ the real name), with the permissions the user's umask gives (safetensors' own wr
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
 
@@ -51,3 +52,16 @@ def save_safetensors(tensors: dict, path: str | Path, metadata: dict | None = No
     from safetensors.torch import save_file
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+
+
+def read_json_lines(lines, fail) -> list[tuple[int, object]]:
+    """(line number, value) of each non-blank line of JSON Lines text; a line that is not JSON raises
+    fail(line number, index among the values, json's message), the caller's own error naming its file."""
+    out = []
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                out.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise fail(n, len(out), e.msg) from None
+    return out

@@ -36,6 +36,20 @@ def _row_generator(params: SamplingParams, device) -> torch.Generator | None:
     return gen
 
 
+def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A left-padded batch: ids [B,T], valid [B,T] (False on padding), each token's true position [B,T]."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    B, T = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    valid = torch.zeros((B, T), dtype=torch.bool)
+    for b, p in enumerate(prompts):
+        ids[b, T - len(p):] = torch.tensor(p)
+        valid[b, T - len(p):] = True
+    ids, valid = ids.to(device), valid.to(device)
+    return ids, valid, (valid.long().cumsum(1) - 1).clamp(min=0)
+
+
 @torch.inference_mode()
 def stream_tokens(model: QWenLMHeadModel, prompts: list[list[int]], params: list[SamplingParams],
                   stop_token_ids: set[int], pad_id: int = 151643) -> Iterator[list[StepToken | None]]:
@@ -43,19 +57,10 @@ def stream_tokens(model: QWenLMHeadModel, prompts: list[list[int]], params: list
 
     Stop ids end a row and are never reported as tokens. The caller may stop iterating at any time.
     """
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
     cfg = model.config
     device = model.lm_head.weight.device
     B = len(prompts)
-    T = max(len(p) for p in prompts)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    valid = torch.zeros((B, T), dtype=torch.bool)
-    for b, p in enumerate(prompts):
-        ids[b, T - len(p):] = torch.tensor(p)
-        valid[b, T - len(p):] = True
-    ids, valid = ids.to(device), valid.to(device)
-    positions = (valid.long().cumsum(1) - 1).clamp(min=0)  # [B,T] true position of each token
+    ids, valid, positions = left_pad(prompts, pad_id, device)
     alphas = [ntk_alpha(len(p), cfg.seq_length) if cfg.use_dynamic_ntk else 1.0 for p in prompts]
     inv_freq = model.inv_freq(alphas, device)  # [B,1,r/2], frozen for the whole generation
     generators = [_row_generator(p, device) for p in params]

@@ -68,15 +68,13 @@ def test_gsm8k_and_humaneval_readers(tmp_path):
         "Write a Python function `add(a: int, b: int) -> int` to solve the following problem:\n"
         "Add two numbers.\n>>> add(1, 2)\n3\n\n" + tasks[0].prompt)
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"question": "q", "answer": "#### 1"}\n{"question": "q"}\n')
-    with pytest.raises(EvalDataError, match=r"bad\.jsonl: line 2: field 'answer' is missing"):
-        read_gsm8k(bad)
-    bad.write_text('{"question": "q", "answer": "no final"}\n')
-    with pytest.raises(EvalDataError, match=r"line 1: field 'answer' has no '#### N'"):
-        read_gsm8k(bad)
-    bad.write_text("{not json\n")
-    with pytest.raises(EvalDataError, match=r"bad\.jsonl: line 1: not valid JSON"):
-        read_humaneval(bad)
-    bad.write_text('{"task_id": "t", "prompt": "p", "canonical_solution": "", "test": 3, "entry_point": "f"}\n')
-    with pytest.raises(EvalDataError, match=r"line 1: field 'test' is a int"):
-        read_humaneval(bad)
+    for text, error, reader in [
+            ('{"question": "q", "answer": "#### 1"}\n{"question": "q"}\n',
+             r"bad\.jsonl: line 2: field 'answer' is missing", read_gsm8k),
+            ('{"question": "q", "answer": "no final"}\n', r"line 1: field 'answer' has no '#### N'", read_gsm8k),
+            ("{not json\n", r"bad\.jsonl: line 1: not valid JSON", read_humaneval),
+            ('{"task_id": "t", "prompt": "p", "canonical_solution": "", "test": 3, "entry_point": "f"}\n',
+             r"line 1: field 'test' is a int", read_humaneval)]:
+        bad.write_text(text)
+        with pytest.raises(EvalDataError, match=error):
+            reader(bad)

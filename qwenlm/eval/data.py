@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import csv
 import gzip
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from qwenlm.eval.subjects import SUBJECTS
+from qwenlm.files import read_json_lines
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -126,16 +126,11 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     out = []
     try:
         with opener(path, "rt", encoding="utf-8") as f:
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise EvalDataError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
-                if not isinstance(obj, dict):
-                    raise EvalDataError(f"{path}: line {n}: expected a JSON object")
-                out.append((n, obj))
+            lines = read_json_lines(f, lambda n, _, msg: EvalDataError(f"{path}: line {n}: not valid JSON ({msg})"))
+        for n, obj in lines:
+            if not isinstance(obj, dict):
+                raise EvalDataError(f"{path}: line {n}: expected a JSON object")
+            out.append((n, obj))
     except (OSError, UnicodeDecodeError) as e:  # a bad gzip stream or bytes
         raise EvalDataError(f"{path}: cannot read ({e})") from None
     return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from qwenlm.eval.choice import NextTokenLogprobs
+from qwenlm.generation import left_pad
 from qwenlm.model.qwen import DenseKVCache, QWenLMHeadModel, ntk_alpha
 from qwenlm.tokenizer import Tokenizer
 
@@ -22,18 +23,9 @@ def truncate_left(ids: list[int], max_seq_len: int) -> list[int]:
 @torch.inference_mode()
 def last_position_logprobs(model: QWenLMHeadModel, prompts: list[list[int]], pad_id: int = 151646) -> torch.Tensor:
     """log_softmax of the next-token logits after each prompt, [B,V] fp32 (pad: <|extra_0|>, as officially)."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
     cfg = model.config
     device = model.lm_head.weight.device
-    B, T = len(prompts), max(len(p) for p in prompts)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    valid = torch.zeros((B, T), dtype=torch.bool)
-    for b, p in enumerate(prompts):
-        ids[b, T - len(p):] = torch.tensor(p)
-        valid[b, T - len(p):] = True
-    ids, valid = ids.to(device), valid.to(device)
-    positions = (valid.long().cumsum(1) - 1).clamp(min=0)  # [B,T]
+    ids, valid, positions = left_pad(prompts, pad_id, device)
     # Each row's NTK alpha from its own length: what a one-prompt forward of the official model uses.
     alphas = [ntk_alpha(len(p), cfg.seq_length) if cfg.use_dynamic_ntk else 1.0 for p in prompts]
     cache = DenseKVCache(cfg.num_hidden_layers)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from qwenlm.files import read_json_lines
 from qwenlm.tokenizer import Tokenizer
 
 SYSTEM_MESSAGE = "You are a helpful assistant."  # fixed by the official finetune.py, never read from data
@@ -52,14 +53,8 @@ def _read_items(path: Path) -> list:
     if path.suffix == ".txt":
         return [text]
     if path.suffix == ".jsonl":
-        items = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    items.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}: line {n} is not valid JSON ({e.msg})") from None
-        return items
+        return [v for _, v in read_json_lines(
+            text.splitlines(), lambda n, _, msg: ValueError(f"{path}: line {n} is not valid JSON ({msg})"))]
     try:
         items = json.loads(text)
     except json.JSONDecodeError as e:

@@ -17,6 +17,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from qwenlm.files import read_json_lines
 from qwenlm.tools import DEFAULT_SYSTEM, MessagesError, functions_from_tools, messages_to_turns
 
 
@@ -51,14 +52,8 @@ def read_samples(path: str | Path) -> list[dict]:
         except json.JSONDecodeError as e:
             raise DataError(path, None, None, f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     else:
-        samples = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                samples.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(path, len(samples), None, f"invalid JSON on line {lineno}: {e.msg}") from None
+        samples = [v for _, v in read_json_lines(text.splitlines(), lambda n, index, msg: DataError(
+            path, index, None, f"invalid JSON on line {n}: {msg}"))]
     for i, sample in enumerate(samples):
         if not isinstance(sample, dict):
             raise DataError(path, i, None, f"a sample must be a JSON object, got {type(sample).__name__}")
