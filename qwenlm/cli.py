@@ -72,7 +72,11 @@ def cmd_quantize(args) -> int:
 
 def cmd_eval(args) -> int:
     from qwenlm.eval.run import run
-    run(args, lambda: _load(args))
+    try:
+        run(args, lambda: _load(args))
+    except KeyboardInterrupt as e:
+        print(f"\nqwenlm: interrupted: {e}", file=sys.stderr)
+        return 130
     return 0
 
 

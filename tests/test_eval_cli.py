@@ -136,3 +136,22 @@ def test_humaneval_pass_at_1_from_scripted_completions(tiny_ckpt, tmp_path, monk
     assert seen and all(s == (None, ["\n\n", "def "], 0) for s in seen)
     rows = items(tmp_path, "humaneval-base")
     assert [r["status"] for r in rows] == ["passed" if right else "failed"] * 2
+
+
+def test_ctrl_c_keeps_finished_items_and_says_how_to_go_on(tiny_ckpt, mmlu, tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def interrupted(model, tokenizer, **kw):
+        backend = model_next_token_logprobs(model, tokenizer, **kw)
+
+        def next_token_logprobs(prompts, ids):
+            calls.append(prompts)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return backend(prompts, ids)
+        return next_token_logprobs
+    monkeypatch.setattr(eval_run, "model_next_token_logprobs", interrupted)
+    assert eval_cli(tiny_ckpt, "mmlu", "--data", str(mmlu), "--subjects", SUBJECTS, "--batch-size", "1",
+                    "--out", str(tmp_path)) == 130
+    assert len(items(tmp_path, "mmlu-base")) == 1
+    assert "run the same command again" in capsys.readouterr().err

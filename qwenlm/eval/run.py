@@ -168,7 +168,8 @@ def settings(args) -> dict:
     return dict(benchmark=args.benchmark, chat=args.chat, model=model,
                 shots=None if args.chat or args.benchmark not in CHOICE else
                 (prompts.N_SHOT if args.shots is None else args.shots),
-                max_new_tokens=args.max_new_tokens, fewshot_prompt=args.fewshot_prompt)
+                max_new_tokens=args.max_new_tokens,
+                fewshot_prompt=args.fewshot_prompt and os.path.abspath(args.fewshot_prompt))
 
 
 def run(args, load_model) -> dict:
@@ -183,10 +184,15 @@ def run(args, load_model) -> dict:
     llm = load_model() if todo else None
     with tqdm(total=len(items), initial=len(items) - len(todo), desc=task_name(args), unit="item") as bar:
         if todo:
-            if args.benchmark in CHOICE and not args.chat:
-                _score_base_choice(llm, args, todo, dev, cache, bar)
-            else:
-                _score_generated(llm, args, todo, cache, bar, fewshot)
+            try:
+                if args.benchmark in CHOICE and not args.chat:
+                    _score_base_choice(llm, args, todo, dev, cache, bar)
+                else:
+                    _score_generated(llm, args, todo, cache, bar, fewshot)
+            except KeyboardInterrupt:
+                bar.close()
+                raise KeyboardInterrupt(f"{len(cache.done)} items kept in {cache.path}; "
+                                        f"run the same command again to go on") from None
     return write_summary(args, folder, [cache.done[k] for k, _ in items])
 
 
