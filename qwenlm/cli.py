@@ -1,4 +1,4 @@
-"""The `qwenlm` command: chat, generate, serve, quantize, make-tiny."""
+"""The `qwenlm` command: chat, generate, serve, quantize, eval, make-tiny."""
 
 from __future__ import annotations
 
@@ -70,6 +70,16 @@ def cmd_quantize(args) -> int:
     return quantize_main(args) or 0
 
 
+def cmd_eval(args) -> int:
+    from qwenlm.eval.run import run
+    try:
+        run(args, lambda: _load(args))
+    except KeyboardInterrupt as e:
+        print(f"\nqwenlm: interrupted: {e}", file=sys.stderr)
+        return 130
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwenlm", description="Run, serve and quantize Qwen (v1) chat models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -126,6 +136,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("eval", help="the official benchmarks: MMLU, C-Eval, CMMLU, GSM8K, HumanEval")
+    p.add_argument("benchmark", choices=["mmlu", "ceval", "cmmlu", "gsm8k", "humaneval"])
+    _model_args(p)
+    p.add_argument("--data", required=True, help="the benchmark's folder (mmlu, ceval, cmmlu) or .jsonl file "
+                                                 "(gsm8k, humaneval), in the official layout (docs/eval.md)")
+    p.add_argument("--chat", action="store_true", help="a chat model: 0-shot questions, greedy replies, "
+                                                       "the official answer extraction")
+    p.add_argument("--shots", type=int, default=None, help="few-shot examples for base-model multiple choice "
+                                                           "(default 5; -1: the whole dev split)")
+    p.add_argument("--fewshot-prompt", default=None, metavar="FILE",
+                   help="base-model GSM8K: the 8-shot prompt file (the official gsm8k_prompt.txt)")
+    p.add_argument("--subjects", default=None, metavar="A,B", help="only these subjects (default: all)")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="only the first N items of each subject (or of the file)")
+    p.add_argument("--out", default="qwenlm-eval", metavar="DIR",
+                   help="results folder; <DIR>/<benchmark>-<base|chat>/ keeps the items, so a rerun resumes "
+                        "(default qwenlm-eval)")
+    p.add_argument("--batch-size", type=int, default=8, help="items per forward or engine batch (default 8)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="generation length limit (default: the checkpoint's generation_config)")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 
@@ -140,6 +172,9 @@ def check_args(args) -> None:
         check_seed("seed", args.seed)
     elif args.command == "generate":
         GenerationConfig().replace(**_generate_overrides(args))  # the rules every setting goes through
+    elif args.command == "eval":
+        from qwenlm.eval.run import check_args as check_eval_args
+        check_eval_args(args)
     elif args.command == "serve":
         from qwenlm.server.launch import check_listen_address
         check_listen_address(args.host, args.port)
