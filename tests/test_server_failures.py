@@ -17,7 +17,8 @@ from qwenlm.server.api import create_app
 from qwenlm.server.launch import ServerThread
 
 MODEL = "tiny"
-GOOD = {"messages": [{"role": "user", "content": "Tell me a story"}], "max_tokens": 80, "temperature": 0,
+# long enough to be still decoding when the bad one has failed, even on a fast idle machine (~4 steps)
+GOOD = {"messages": [{"role": "user", "content": "Tell me a story"}], "max_tokens": 600, "temperature": 0,
         "ignore_eos": True}
 BAD = {"messages": [{"role": "user", "content": "Break"}], "max_tokens": 24, "temperature": 0, "seed": EXPLODE_SEED}
 
@@ -48,7 +49,10 @@ def test_a_breaking_request_fails_alone(engine, monkeypatch, stream):
         async def both():
             async with httpx.AsyncClient(base_url=srv.url, timeout=120) as client:
                 good = asyncio.ensure_future(client.post("/v1/chat/completions", json={**GOOD, "stream": stream}))
-                await asyncio.sleep(0.3)  # the good one is decoding when the bad one joins its steps
+                deadline = time.monotonic() + 120
+                while not engine.engine.requests:  # the good one is decoding when the bad one joins its steps
+                    assert time.monotonic() < deadline, "the good request never reached the engine"
+                    await asyncio.sleep(0.01)
                 bad = await client.post("/v1/chat/completions", json={**BAD, "stream": stream})
                 assert not good.done()  # it ran beside the bad one all along
                 return await good, bad
