@@ -71,7 +71,10 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from qwenlm.eval.run import run
+    if args.benchmark == "ppl":
+        from qwenlm.eval.ppl import run
+    else:
+        from qwenlm.eval.run import run
     try:
         run(args, lambda: _load(args))
     except KeyboardInterrupt as e:
@@ -137,11 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_quantize)
 
-    p = sub.add_parser("eval", help="the official benchmarks: MMLU, C-Eval, CMMLU, GSM8K, HumanEval")
-    p.add_argument("benchmark", choices=["mmlu", "ceval", "cmmlu", "gsm8k", "humaneval"])
+    p = sub.add_parser("eval", help="the official benchmarks: MMLU, C-Eval, CMMLU, GSM8K, HumanEval; "
+                                    "long-context perplexity (ppl)")
+    p.add_argument("benchmark", choices=["mmlu", "ceval", "cmmlu", "gsm8k", "humaneval", "ppl"])
     _model_args(p)
     p.add_argument("--data", required=True, help="the benchmark's folder (mmlu, ceval, cmmlu) or .jsonl file "
-                                                 "(gsm8k, humaneval), in the official layout (docs/eval.md)")
+                                                 "(gsm8k, humaneval), in the official layout (docs/eval.md); "
+                                                 "ppl: a plain text file")
+    p.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768", metavar="L,L",
+                   help="ppl: context lengths in tokens (default 1024,...,32768)")
     p.add_argument("--chat", action="store_true", help="a chat model: 0-shot questions, greedy replies, "
                                                        "the official answer extraction")
     p.add_argument("--shots", type=int, default=None, help="few-shot examples for base-model multiple choice "
@@ -172,6 +179,9 @@ def check_args(args) -> None:
         check_seed("seed", args.seed)
     elif args.command == "generate":
         GenerationConfig().replace(**_generate_overrides(args))  # the rules every setting goes through
+    elif args.command == "eval" and args.benchmark == "ppl":
+        from qwenlm.eval.ppl import check_args as check_ppl_args
+        check_ppl_args(args)
     elif args.command == "eval":
         from qwenlm.eval.run import check_args as check_eval_args
         check_eval_args(args)
