@@ -122,7 +122,8 @@ def test_text_shorter_than_a_length_is_a_clear_error(ckpt, llm, tmp_path, capsys
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("lengths, message", [("1024,x", "comma-separated"), ("1,8", "at least 2"), (",", "at least one")])
+@pytest.mark.parametrize("lengths, message",
+                         [("1024,x", "comma-separated"), ("1,8", "at least 2"), (",", "at least one")])
 def test_bad_lengths_fail_before_loading(tmp_path, text, capsys, lengths, message):
     assert cli.main(["eval", "ppl", "--model", str(tmp_path / "missing"), "--data", str(text),
                      "--lengths", lengths]) == 2
