@@ -123,9 +123,10 @@ def test_text_shorter_than_a_length_is_a_clear_error(ckpt, llm, tmp_path, capsys
 
 
 @pytest.mark.parametrize("lengths, message",
-                         [("1024,x", "comma-separated"), ("1,8", "at least 2"), (",", "at least one")])
-def test_bad_lengths_fail_before_loading(tmp_path, text, capsys, lengths, message):
+                         [("1024,x", "--lengths 1024,x: give comma-separated"), ("1,8", "--lengths: each length must be at least 2"),
+                          (",", "--lengths: give at least one"), ("8 --chat", "--chat: not used by ppl")])
+def test_bad_arguments_fail_before_loading(tmp_path, text, capsys, lengths, message):
     assert cli.main(["eval", "ppl", "--model", str(tmp_path / "missing"), "--data", str(text),
-                     "--lengths", lengths]) == 2
+                     "--lengths", *lengths.split()]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("qwenlm: error: --lengths") and message in err and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"qwenlm: error: {message}") and len(err.strip().splitlines()) == 1

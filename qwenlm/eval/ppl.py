@@ -49,6 +49,10 @@ def check_args(args) -> None:
     if not Path(args.data).is_file():
         raise FileNotFoundError(f"--data {args.data}: no such file (ppl needs a plain text file)")
     parse_lengths(args.lengths)
+    for flag, value in (("--chat", args.chat), ("--shots", args.shots), ("--subjects", args.subjects),
+                        ("--fewshot-prompt", args.fewshot_prompt), ("--limit", args.limit)):
+        if value not in (None, False):  # silently ignoring a benchmark option would mislead
+            raise ValueError(f"{flag}: not used by ppl (the text is scored as is)")
 
 
 def read_tokens(path: str | Path, tokenizer) -> list[int]:
