@@ -12,6 +12,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from qwenlm.chat import build_chat_prompt
+from qwenlm.tokenizer import Tokenizer
+
 DEFAULT_SYSTEM = "You are a helpful assistant."
 OBSERVATION_STOP = "Observation:"
 
@@ -202,6 +205,14 @@ def messages_to_turns(messages: list[dict], functions: list[dict] | None = None)
         else:
             query = f"{instruction}\n\nQuestion: {query}"
     return ChatTurns(system=system, history=history, query=query, continuation=continuation)
+
+
+def turns_prompt_ids(tok: Tokenizer, turns: ChatTurns, max_window_size: int) -> list[int]:
+    """The token ids of the ChatML prompt for `turns` (the server and the agent share this)."""
+    _, ids = build_chat_prompt(tok, turns.query, turns.history, turns.system, max_window_size=max_window_size)
+    if turns.continuation is not None:  # the prompt ends inside the assistant turn (after a tool result)
+        ids = ids + tok.encode(turns.continuation)
+    return ids
 
 
 @dataclass

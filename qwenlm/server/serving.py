@@ -6,14 +6,13 @@ import asyncio
 import contextlib
 from dataclasses import dataclass
 
-from qwenlm.chat import build_chat_prompt
 from qwenlm.config import GenerationConfig
 from qwenlm.engine.outputs import EngineStopped, RequestError
 from qwenlm.sampling import SamplingParams
 from qwenlm.server.metrics import RequestTimer, ServerMetrics
 from qwenlm.server.protocol import ApiError, ChatCompletionRequest, SamplingFields, new_id
 from qwenlm.tools import OBSERVATION_STOP, ChatTurns, MessagesError, functions_from_tools, function_name, \
-    messages_to_turns
+    messages_to_turns, turns_prompt_ids
 
 
 MAX_REQUEST_SEQS = 256  # sequences (prompts x n) one request may create
@@ -74,11 +73,7 @@ def chat_functions(req: ChatCompletionRequest) -> tuple[list[dict], str | None]:
 
 
 def chat_prompt_ids(state: ServerState, turns: ChatTurns) -> list[int]:
-    _, ids = build_chat_prompt(state.tokenizer, turns.query, turns.history, turns.system,
-                               max_window_size=state.generation_config.max_window_size)
-    if turns.continuation is not None:  # the prompt ends inside the assistant turn (after a tool result)
-        ids = ids + state.tokenizer.encode(turns.continuation)
-    return ids
+    return turns_prompt_ids(state.tokenizer, turns, state.generation_config.max_window_size)
 
 
 def build_chat(state: ServerState, req: ChatCompletionRequest) -> tuple[list[int], list[dict], str | None]:
