@@ -69,3 +69,22 @@ def break_text_handling(monkeypatch, after: int = 3) -> None:
 
     monkeypatch.setattr(engine_module._TextState, "push", exploding)
     monkeypatch.setattr(engine_module._TextState, "__init__", remember)
+
+
+class ScriptedHead:
+    """Replaces model.logits so the tiny model writes a chosen reply: each time the engine asks for logits, the
+    next token of the script gets all the probability, then <|im_end|>."""
+
+    def __init__(self, tokenizer, vocab_size):
+        self.tok, self.vocab_size = tokenizer, vocab_size
+        self.tokens, self.i = [], 0
+
+    def say(self, text: str) -> None:
+        self.tokens, self.i = self.tok.encode(text) + [self.tok.im_end_id], 0
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = torch.full((hidden.shape[0], self.vocab_size), -100.0, device=hidden.device)
+        for row in range(hidden.shape[0]):
+            logits[row, self.tokens[min(self.i, len(self.tokens) - 1)]] = 100.0
+            self.i += 1
+        return logits

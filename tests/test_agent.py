@@ -6,31 +6,13 @@ prompt and the parser are the product's.
 """
 
 import pytest
-import torch
 
 import qwenlm
+from engine_helpers import ScriptedHead
 from qwenlm.agent import Agent, AgentResult, Step, parse_arguments, tool
 
 WEATHER = {"name": "get_weather", "description": "Get the weather of a city.",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
-
-
-class ScriptedHead:
-    """Replaces model.logits: emits the current script's tokens in order, then <|im_end|>."""
-
-    def __init__(self, tokenizer, vocab_size):
-        self.tok, self.vocab_size = tokenizer, vocab_size
-        self.tokens, self.i = [], 0
-
-    def say(self, text: str) -> None:
-        self.tokens, self.i = self.tok.encode(text) + [self.tok.im_end_id], 0
-
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = torch.full((hidden.shape[0], self.vocab_size), -100.0, device=hidden.device)
-        for row in range(hidden.shape[0]):
-            logits[row, self.tokens[min(self.i, len(self.tokens) - 1)]] = 100.0
-            self.i += 1
-        return logits
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import json
 
 import openai
 import pytest
-import torch
 
+from engine_helpers import ScriptedHead
 from qwenlm.engine import LLM, AsyncEngine
 from qwenlm.server.api import create_app
 from qwenlm.server.launch import ServerThread
@@ -19,24 +19,6 @@ WEATHER = {"name": "get_weather", "description": "Get the weather of a city.",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
 CALL = 'Thought: I should look up the weather.\nAction: get_weather\nAction Input: {"city": "Paris"}\nObservation: rain'
 ANSWER = "Thought: I now know the final answer\nFinal Answer: It is sunny in Paris."
-
-
-class ScriptedHead:
-    """Replaces model.logits: emits the script's tokens in order, then <|im_end|>."""
-
-    def __init__(self, tokenizer, vocab_size):
-        self.tok, self.vocab_size = tokenizer, vocab_size
-        self.tokens, self.i = [], 0
-
-    def say(self, text: str) -> None:
-        self.tokens, self.i = self.tok.encode(text) + [self.tok.im_end_id], 0
-
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = torch.full((hidden.shape[0], self.vocab_size), -100.0, device=hidden.device)
-        for row in range(hidden.shape[0]):
-            logits[row, self.tokens[min(self.i, len(self.tokens) - 1)]] = 100.0
-            self.i += 1
-        return logits
 
 
 @pytest.fixture(scope="module")
