@@ -239,3 +239,22 @@ def test_bad_completion_prompts(served):
         assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
     assert served.http.get("/nope").status_code == 404
     assert "error" in served.http.get("/nope").json()
+
+
+def test_tokenize_and_detokenize_routes(served):
+    http = served.http
+    # chat messages: the spec's ChatML vector for "你好", the ids a chat completion sends to the model
+    r = http.post("/tokenize", json={"model": MODEL, "messages": [{"role": "user", "content": "你好"}]})
+    assert r.status_code == 200 and r.json() == {"count": len(NIHAO_PROMPT), "max_model_len": 8192,
+                                                 "tokens": NIHAO_PROMPT}
+    # a completion prompt: raw text in which typed special tokens are the control tokens
+    r = http.post("/tokenize", json={"prompt": "<|im_start|>user\nHi"})
+    assert r.json()["tokens"] == [151644, 872, 198, 13048]
+    assert http.post("/detokenize", json={"tokens": r.json()["tokens"]}).json() == {"prompt": "<|im_start|>user\nHi"}
+    for body, param in [({}, "prompt"), ({"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, "prompt"),
+                        ({"messages": [{"role": "wizard", "content": "b"}]}, None)]:
+        r = http.post("/tokenize", json=body)
+        assert r.status_code == 400 and (param is None or r.json()["error"]["param"] == param), r.text
+    err = http.post("/detokenize", json={"tokens": [1, 10 ** 9]}).json()["error"]
+    assert err["param"] == "tokens" and "1000000000" in err["message"]
+    assert httpx.post(served.url + "/tokenize", json={"prompt": "a"}).status_code == 401  # behind the key

@@ -24,7 +24,8 @@ from starlette.middleware.cors import CORSMiddleware
 from qwenlm.config import GenerationConfig
 from qwenlm.server import handlers
 from qwenlm.server.metrics import CONTENT_TYPE, ServerMetrics
-from qwenlm.server.protocol import ApiError, ChatCompletionRequest, CompletionRequest, now, validation_error
+from qwenlm.server.protocol import ApiError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, \
+    TokenizeRequest, now, validation_error
 from qwenlm.server.security import ApiKeyMiddleware, OriginHostMiddleware, error_response, hosts_to_allow, \
     is_loopback
 from qwenlm.server.serving import MAX_REQUEST_SEQS, ServerState
@@ -219,6 +220,14 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None,
     async def completions(request: Request):
         req = await read_json(request, CompletionRequest)
         return await respond(request, req, handlers.completion_full, handlers.completion_stream)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        return handlers.tokenize(state, await read_json(request, TokenizeRequest))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        return handlers.detokenize(state, await read_json(request, DetokenizeRequest))
 
     @app.get("/metrics")
     async def metrics():

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import logging
 
-from qwenlm.server.protocol import ApiError, ChatCompletionRequest, CompletionRequest, new_id, now, usage
+from qwenlm.server.protocol import ApiError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, \
+    TokenizeRequest, new_id, now, usage
 from qwenlm.server.serving import EngineRun, ServerState, build_chat, merge_runs, sampling_params
 from qwenlm.tools import ParsedReply, ReactStreamParser, parse_react_reply
 
@@ -278,3 +279,24 @@ def completion_stream(state: ServerState, req: CompletionRequest):
                 run.close()
 
     return ended_properly(body())
+
+
+def tokenize(state: ServerState, req: TokenizeRequest) -> dict:
+    """The ids a completion (`prompt`) or chat completion (`messages`) request would give the model: the same
+    encoding, so clients (lm-eval among them) can count and align tokens with the server's."""
+    if (req.prompt is None) == (req.messages is None):
+        raise ApiError(400, "give either prompt or messages", param="prompt")
+    if req.prompt is not None:
+        ids = _completion_prompts(state, CompletionRequest(prompt=req.prompt))[0]
+    else:
+        ids = build_chat(state, ChatCompletionRequest(messages=req.messages, tools=req.tools))[0]
+    return {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids}
+
+
+def detokenize(state: ServerState, req: DetokenizeRequest) -> dict:
+    n_vocab = state.tokenizer.n_vocab
+    bad = [t for t in req.tokens if not 0 <= t < n_vocab]
+    if bad:
+        raise ApiError(400, f"tokens: token id {bad[0]} is outside the vocabulary (0..{n_vocab - 1})",
+                       param="tokens")
+    return {"prompt": state.tokenizer.decode(req.tokens)}

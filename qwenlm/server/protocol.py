@@ -115,6 +115,21 @@ class CompletionRequest(SamplingFields):
     best_of: int | None = None
 
 
+class TokenizeRequest(BaseModel):
+    """`POST /tokenize` (vLLM's route): a completion `prompt`, or chat `messages` (and `tools`) -> their ids."""
+    model_config = ConfigDict(strict=True, extra="ignore")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    model: str | None = None
+    tokens: list[int]
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
 
