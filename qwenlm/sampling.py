@@ -82,6 +82,13 @@ def check_token_ids(name: str, value, label: str | None = None) -> list[int]:
     return [int(t) for t in value]
 
 
+def check_in_vocab(name: str, ids, n_vocab: int) -> None:
+    """Every id one of the model's vocabulary, 0..n_vocab - 1 (known only where a request meets the model)."""
+    for i, t in enumerate(ids):
+        if not 0 <= t < n_vocab:
+            raise ParamError(name, f"{name}[{i}] is {t}, outside the vocabulary (0..{n_vocab - 1})")
+
+
 def check_stop(name: str, value) -> list[str]:
     """Stop strings: one string or a list of them, none empty (an empty one would stop at once)."""
     stops = [value] if isinstance(value, str) else value
@@ -138,10 +145,7 @@ class SamplingParams:
 
     def check_vocab(self, n_vocab: int) -> None:
         """Stop token ids must be ids of this model's vocabulary (checked where a request meets the model)."""
-        for i, t in enumerate(self.stop_token_ids):
-            if t >= n_vocab:
-                raise ParamError("stop_token_ids", f"stop_token_ids[{i}] is {t}, outside the vocabulary "
-                                                   f"(0..{n_vocab - 1})")
+        check_in_vocab("stop_token_ids", self.stop_token_ids, n_vocab)
 
     @property
     def greedy(self) -> bool:

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from qwenlm.config import GenerationConfig
+from qwenlm.sampling import ParamError
 from qwenlm.server import handlers
 from qwenlm.server.metrics import CONTENT_TYPE, ServerMetrics
 from qwenlm.server.protocol import ApiError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, \
@@ -156,6 +157,10 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None,
     @app.exception_handler(ApiError)
     async def on_api_error(request, exc: ApiError):
         return error_response(exc)
+
+    @app.exception_handler(ParamError)
+    async def on_param_error(request, exc: ParamError):  # the shared rules: a 400 naming the field
+        return error_response(ApiError(400, str(exc), param=exc.field))
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request, exc: StarletteHTTPException):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
+from qwenlm.sampling import check_in_vocab
 from qwenlm.server.protocol import ApiError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, \
     TokenizeRequest, new_id, now, usage
 from qwenlm.server.serving import EngineRun, ServerState, build_chat, merge_runs, sampling_params
@@ -192,12 +193,8 @@ def _completion_prompts(state: ServerState, req: CompletionRequest) -> list[list
         prompts = [list(x) for x in p]
     if not prompts or any(len(x) == 0 for x in prompts):
         raise ApiError(400, "prompt must not be empty", param="prompt")
-    n_vocab = state.tokenizer.n_vocab
     for x in prompts:
-        bad = [t for t in x if not 0 <= t < n_vocab]
-        if bad:
-            raise ApiError(400, f"prompt: token id {bad[0]} is outside the vocabulary (0..{n_vocab - 1})",
-                           param="prompt")
+        check_in_vocab("prompt", x, state.tokenizer.n_vocab)
     return prompts
 
 
@@ -294,9 +291,5 @@ def tokenize(state: ServerState, req: TokenizeRequest) -> dict:
 
 
 def detokenize(state: ServerState, req: DetokenizeRequest) -> dict:
-    n_vocab = state.tokenizer.n_vocab
-    bad = [t for t in req.tokens if not 0 <= t < n_vocab]
-    if bad:
-        raise ApiError(400, f"tokens: token id {bad[0]} is outside the vocabulary (0..{n_vocab - 1})",
-                       param="tokens")
+    check_in_vocab("tokens", req.tokens, state.tokenizer.n_vocab)
     return {"prompt": state.tokenizer.decode(req.tokens)}

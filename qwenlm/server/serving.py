@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from qwenlm.config import GenerationConfig
 from qwenlm.engine.outputs import EngineStopped, RequestError
-from qwenlm.sampling import SamplingParams
+from qwenlm.sampling import SamplingParams, check_in_vocab
 from qwenlm.server.metrics import RequestTimer, ServerMetrics
 from qwenlm.server.protocol import ApiError, ChatCompletionRequest, SamplingFields, new_id
 from qwenlm.tools import OBSERVATION_STOP, ChatTurns, MessagesError, functions_from_tools, function_name, \
@@ -125,10 +125,8 @@ def sampling_params(state: ServerState, req: SamplingFields, prompt_len: int, wi
         stops.append(OBSERVATION_STOP)
     tok = state.tokenizer
     stop_ids = [tok.im_end_id, tok.im_start_id] + ([] if req.ignore_eos else [tok.eod_id])
-    for i in req.stop_token_ids or []:
-        if not 0 <= i < tok.n_vocab:
-            raise ApiError(400, f"stop_token_ids: {i} is not a token id (0..{tok.n_vocab - 1})", param="stop_token_ids")
-        stop_ids.append(i)
+    check_in_vocab("stop_token_ids", req.stop_token_ids or [], tok.n_vocab)
+    stop_ids += req.stop_token_ids or []
     temperature = gen.temperature if req.temperature is None else req.temperature
     if not gen.do_sample and req.temperature is None:
         temperature = 0.0
