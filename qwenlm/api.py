@@ -11,6 +11,7 @@ import torch
 from qwenlm.chat import DEFAULT_SYSTEM, History, build_chat_prompt, chat_stop_ids, validate_history
 from qwenlm.config import CHAT_FORMATS, GenerationConfig
 from qwenlm.engine import EngineConfig, LLMEngine
+from qwenlm.engine.outputs import RequestError
 from qwenlm.hub import DEFAULT_MODEL
 from qwenlm.loading import load_checkpoint
 from qwenlm.model.qwen import QWenLMHeadModel
@@ -94,7 +95,7 @@ class QwenLM:
                         delta += out.outputs[0].text_delta
                         reason = out.outputs[0].finish_reason
                         if reason == "error":  # never hand back a cut reply as if it were whole
-                            raise RuntimeError(f"generation failed: {out.error}")
+                            raise RequestError(f"generation failed: {out.error}")
                     self._inbox[rid].clear()
                     done[b] = done[b] or reason is not None
                     step.append((delta, reason))
