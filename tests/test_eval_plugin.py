@@ -121,6 +121,16 @@ def test_resume_skips_done_items_and_gives_the_same_totals(llm, data, tmp_path):
     assert len(loads) == 2
 
 
+def test_cli_runs_the_benchmark(tiny_ckpt, data, tmp_path):
+    # The command itself, with its own (unscripted, random) model: wiring, cache and summary files.
+    assert cli.main(["eval", "plugin", "--model", str(tiny_ckpt), "--device", "cpu", "--data", str(data),
+                     "--out", str(tmp_path), "--limit", "1", "--max-new-tokens", "3"]) == 0
+    summary = json.loads((tmp_path / "plugin-chat" / "summary.json").read_text())
+    assert (summary["positive_count"], summary["negative_count"]) == (1, 1)
+    assert summary["official"] == {"action_right_rate": 95.5, "action_input_rouge": 0.9, "bad_rate": 11.6}
+    assert [r["key"] for r in lines(tmp_path)] == ["positive/1", "negative/1"]
+
+
 def test_cli_checks_and_single_files(tiny_ckpt, data, tmp_path, capsys):
     base = ["eval", "plugin", "--model", str(tiny_ckpt), "--device", "cpu", "--out", str(tmp_path)]
     assert cli.main(base + ["--data", str(tmp_path)]) == 2

@@ -181,8 +181,10 @@ def run(args, load_model) -> dict:
                                     f"run the same command again to go on") from None
     summary = summarize([cache.done[k] for k, _ in items])
     table = markdown_table(summary)
+    official = dict(zip(("action_right_rate", "action_input_rouge", "bad_rate"), OFFICIAL["Qwen-7B-Chat"]))
     write_text(folder / "summary.json", json.dumps(dict(benchmark="plugin", chat=True, **summary,
-                                                        official_model="Qwen-7B-Chat"), indent=1) + "\n")
+                                                        official_model="Qwen-7B-Chat", official=official),
+                                                   indent=1) + "\n")
     write_text(folder / "summary.md", f"# plugin (chat), {summary['positive_count']} positive and "
                                       f"{summary['negative_count']} negative items\n\n{table}")
     print(table, end="")
