@@ -193,8 +193,9 @@ def messages_to_turns(messages: list[dict], functions: list[dict] | None = None)
     continuation = None
     if turns[-1][0] == "assistant":  # continue the last assistant turn (after a tool result: "Thought:")
         continuation = turns.pop()[1]
-        if reply_prefix(messages):
-            continuation += "\n" + reply_prefix(messages)
+        prefix = reply_prefix(messages)
+        if prefix:
+            continuation += "\n" + prefix
     query = turns.pop()[1]
     history = [(turns[k][1], turns[k + 1][1]) for k in range(0, len(turns), 2)]
     if functions:  # the instruction goes into the last history turn, else the query (official policy)
