@@ -140,17 +140,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_quantize)
 
-    p = sub.add_parser("eval", help="the official benchmarks: MMLU, C-Eval, CMMLU, GSM8K, HumanEval; "
-                                    "long-context perplexity (ppl)")
-    p.add_argument("benchmark", choices=["mmlu", "ceval", "cmmlu", "gsm8k", "humaneval", "ppl"])
+    p = sub.add_parser("eval", help="the official benchmarks: MMLU, C-Eval, CMMLU, GSM8K, HumanEval, tool use "
+                                    "(plugin); long-context perplexity (ppl)")
+    p.add_argument("benchmark", choices=["mmlu", "ceval", "cmmlu", "gsm8k", "humaneval", "plugin", "ppl"])
     _model_args(p)
     p.add_argument("--data", required=True, help="the benchmark's folder (mmlu, ceval, cmmlu) or .jsonl file "
                                                  "(gsm8k, humaneval), in the official layout (docs/eval.md); "
-                                                 "ppl: a plain text file")
+                                                 "plugin: the folder of the two exam_plugin jsonl files, or one "
+                                                 "of them; ppl: a plain text file")
     p.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768", metavar="L,L",
                    help="ppl: context lengths in tokens (default 1024,...,32768)")
     p.add_argument("--chat", action="store_true", help="a chat model: 0-shot questions, greedy replies, "
-                                                       "the official answer extraction")
+                                                       "the official answer extraction (plugin: always)")
     p.add_argument("--shots", type=int, default=None, help="few-shot examples for base-model multiple choice "
                                                            "(default 5; -1: the whole dev split)")
     p.add_argument("--fewshot-prompt", default=None, metavar="FILE",

@@ -193,8 +193,9 @@ def messages_to_turns(messages: list[dict], functions: list[dict] | None = None)
     continuation = None
     if turns[-1][0] == "assistant":  # continue the last assistant turn (after a tool result: "Thought:")
         continuation = turns.pop()[1]
-        if messages[-1].get("role") in ("tool", "function"):
-            continuation += "\nThought:"
+        prefix = reply_prefix(messages)
+        if prefix:
+            continuation += "\n" + prefix
     query = turns.pop()[1]
     history = [(turns[k][1], turns[k + 1][1]) for k in range(0, len(turns), 2)]
     if functions:  # the instruction goes into the last history turn, else the query (official policy)
@@ -205,6 +206,12 @@ def messages_to_turns(messages: list[dict], functions: list[dict] | None = None)
         else:
             query = f"{instruction}\n\nQuestion: {query}"
     return ChatTurns(system=system, history=history, query=query, continuation=continuation)
+
+
+def reply_prefix(messages: list[dict]) -> str:
+    """The start of the reply that the prompt already holds: after a tool result the model continues
+    "Observation: ...\nThought:", so its reply reads as the rest of a Thought."""
+    return "Thought:" if messages[-1].get("role") in ("tool", "function") else ""
 
 
 def turns_prompt_ids(tok: Tokenizer, turns: ChatTurns, max_window_size: int) -> list[int]:
@@ -260,10 +267,12 @@ class ReactStreamParser:
 
     _MARKERS = ("Thought:", "Action:", "Final Answer:")
 
-    def __init__(self):
-        self.text = ""
+    def __init__(self, prefix: str = ""):
+        """prefix: `reply_prefix` of the request (the reply is read as if it followed it)."""
+        self.prefix = prefix
+        self.text = prefix
         self.mode = "undecided"  # -> "answer" | "plain" | "call"
-        self.sent = 0  # chars of self.text already handed out as content (or skipped)
+        self.sent = len(prefix)  # chars of self.text already handed out as content (or skipped)
         self.started = False  # whether any content was handed out (leading blanks are dropped)
 
     def feed(self, delta: str) -> str:
@@ -295,4 +304,4 @@ class ReactStreamParser:
         """At the end: the content not streamed yet, and the tool call if the reply is one."""
         if self.mode in ("answer", "plain"):
             return ParsedReply(content="")
-        return parse_react_reply(self.text)
+        return parse_react_reply(self.text[len(self.prefix):])  # what the whole reply gives unstreamed

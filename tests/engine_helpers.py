@@ -88,3 +88,43 @@ class ScriptedHead:
             logits[row, self.tokens[min(self.i, len(self.tokens) - 1)]] = 100.0
             self.i += 1
         return logits
+
+
+class PromptScriptedHead:
+    """Replaces model.logits so that each request writes the reply `reply(prompt_text)` chooses for its own
+    prompt, token by token, then <|im_end|> — also when the engine batches requests. The runner's `launch` is
+    wrapped to see which sequences a step's logits rows belong to (rows follow the batch's sample_seqs)."""
+
+    def __init__(self, tokenizer, model, runner, reply=None):
+        self.tok, self.vocab_size = tokenizer, model.config.vocab_size
+        self.use(reply)
+        self.seqs = []
+        launch = runner.launch
+
+        def tracking_launch(batch, prev=None):
+            self.seqs = batch.sample_seqs
+            return launch(batch, prev)
+
+        runner.launch = tracking_launch
+        model.logits = self
+
+    def use(self, reply) -> None:
+        """Write the replies of `reply` from now on (forgetting the prompts seen)."""
+        self.reply = reply
+        self.scripts: dict[tuple, list[int]] = {}
+        self.prompts: list[str] = []  # each distinct prompt, in the order first seen
+
+    def _script(self, seq) -> list[int]:
+        key = tuple(seq.token_ids[:seq.num_prompt_tokens])
+        if key not in self.scripts:
+            text = self.tok.decode(list(key))
+            self.prompts.append(text)
+            self.scripts[key] = self.tok.encode(self.reply(text)) + [self.tok.im_end_id]
+        return self.scripts[key]
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = torch.full((hidden.shape[0], self.vocab_size), -100.0, device=hidden.device)
+        for row, seq in enumerate(self.seqs):
+            script = self._script(seq)
+            logits[row, script[min(len(seq) - seq.num_prompt_tokens, len(script) - 1)]] = 100.0
+        return logits

@@ -84,3 +84,52 @@ def write_jsonl(path: Path, rows, gz: bool = False) -> Path:
     else:
         path.write_text(text, encoding="utf-8")
     return path
+
+
+# The tool-use benchmark (exam_plugin_v20231206_react_{positive,negative}.jsonl): each prompt is the whole user
+# message, the ReAct instruction with the tools and then the question; each response the reference reply.
+PLUGIN_TOOLS = [
+    {"name": "get_weather", "description": "Get the weather of a city.",
+     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}},
+    {"name_for_model": "search", "name_for_human": "Web Search", "description_for_model": "Search the web.",
+     "parameters": [{"name": "query", "description": "keywords", "required": True, "schema": {"type": "string"}}]},
+    {"name": "calculator", "description": "Evaluate an arithmetic expression.",
+     "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}}},
+]
+
+
+def _react_prompt(question: str) -> str:
+    from qwenlm.tools import build_react_instruction
+    return f"{build_react_instruction(PLUGIN_TOOLS)}\n\nQuestion: {question}"
+
+
+def _call(thought, action, action_input, observation, answer):
+    return (f"Thought: {thought}\nAction: {action}\nAction Input: {action_input}\nObservation: {observation}\n"
+            f"Thought: I now know the final answer\nFinal Answer: {answer}")
+
+
+PLUGIN_POSITIVE = [  # (question, tool, reference reply)
+    ("What is the weather in Paris?", "get_weather",
+     _call("I need the weather.", "get_weather", '{"city": "Paris"}', "sunny", "It is sunny in Paris.")),
+    ("Is it raining in Berlin?", "get_weather",
+     _call("Look it up.", "get_weather", '{"city": "Berlin"}', "rain", "Yes.")),
+    ("Who made Qwen?", "search",
+     _call("Search the web.", "search", '{"query": "qwen"}', "Alibaba Cloud", "Alibaba Cloud.")),
+    ("What is 2+2?", "calculator",
+     _call("Compute it.", "calculator", '{"expression": "2+2"}', "4", "4")),
+    ("How warm is Rome?", "get_weather",  # written with single quotes: json5 reads it
+     _call("Weather again.", "get_weather", "{'city': 'Rome'}", "20 C", "20 C.")),
+]
+PLUGIN_NEGATIVE = [  # (question, reference reply): no tool fits
+    ("Hello, who are you?", "Thought: No tool is needed.\nFinal Answer: I am a helpful assistant."),
+    ("Write a haiku about spring.", "Thought: I can write it myself.\nFinal Answer: Blossoms drift..."),
+    ("Translate 'cat' into French.", "Thought: I know this.\nFinal Answer: chat"),
+]
+
+
+def write_plugin(root: Path) -> Path:
+    write_jsonl(root / "exam_plugin_v20231206_react_positive.jsonl",
+                [{"prompt": _react_prompt(q), "response": r} for q, _, r in PLUGIN_POSITIVE])
+    write_jsonl(root / "exam_plugin_v20231206_react_negative.jsonl",
+                [{"prompt": _react_prompt(q), "response": r} for q, r in PLUGIN_NEGATIVE])
+    return root

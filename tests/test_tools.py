@@ -10,6 +10,7 @@ from qwenlm.tools import (
     functions_from_tools,
     messages_to_turns,
     parse_react_reply,
+    reply_prefix,
 )
 
 WEATHER = {"name": "get_weather", "description": "Get the weather of a city.",
@@ -144,6 +145,27 @@ def test_stream_parser_agrees_with_whole_reply_parser(text, step):
     assert (tail.name, tail.arguments) == (whole.name, whole.arguments)
     if whole.name:
         assert streamed == ""  # a call's Thought is never streamed before the call is known
+
+
+@pytest.mark.parametrize("text", [
+    " I now know the final answer\nFinal Answer: It is sunny.",
+    ' I need Berlin too.\nAction: get_weather\nAction Input: {"city": "Berlin"}\n',
+    " still thinking",
+])
+@pytest.mark.parametrize("step", [1, 1000])
+def test_stream_parser_after_a_tool_result(text, step):
+    # The prompt ends "Observation: ...\nThought:", so a real reply opens mid-Thought, without a marker.
+    messages = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+        {"role": "tool", "content": "sunny"}]
+    assert messages_to_turns(messages, [WEATHER]).continuation.endswith("\nObservation: sunny\nThought:")
+    parser = ReactStreamParser(reply_prefix(messages))
+    streamed = "".join(parser.feed(text[i:i + step]) for i in range(0, len(text), step))
+    tail, whole = parser.finish(), parse_react_reply(text)
+    assert (streamed + tail.content).strip() == whole.content and (tail.name, tail.arguments) == (
+        whole.name, whole.arguments)
+    assert "Final Answer" not in streamed and "Action" not in streamed
+    assert reply_prefix(messages[:1]) == ""
 
 
 def test_stream_parser_streams_the_answer_before_the_end():

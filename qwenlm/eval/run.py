@@ -24,7 +24,7 @@ from qwenlm.eval.sandbox import run_humaneval
 from qwenlm.eval.subjects import SUBJECTS
 from qwenlm.files import write_text
 
-BENCHMARKS = ("mmlu", "ceval", "cmmlu", "gsm8k", "humaneval")
+BENCHMARKS = ("mmlu", "ceval", "cmmlu", "gsm8k", "humaneval", "plugin")
 CHOICE = ("mmlu", "ceval", "cmmlu")
 # The split scored: C-Eval's test answers are not published, so its val split (as the chat figures are).
 SPLIT = {"mmlu": "test", "ceval": "val", "cmmlu": "test"}
@@ -32,6 +32,9 @@ SPLIT = {"mmlu": "test", "ceval": "val", "cmmlu": "test"}
 
 def check_args(args) -> None:
     """Everything that can be wrong before a model loads: one clear error naming the option."""
+    if args.benchmark == "plugin":
+        from qwenlm.eval import plugin
+        return plugin.check_args(args)
     if not Path(args.data).exists():
         raise FileNotFoundError(f"--data {args.data}: no such file or folder")
     if args.benchmark in CHOICE and not Path(args.data).is_dir():
@@ -175,6 +178,9 @@ def settings(args) -> dict:
 def run(args, load_model) -> dict:
     """Score the benchmark (loading the model through `load_model()` only when an item is left to do),
     write `summary.json` and `summary.md` under `<out>/<task>/`, and return the summary."""
+    if args.benchmark == "plugin":  # the tool-use benchmark: generated ReAct replies, its own scores
+        from qwenlm.eval import plugin
+        return plugin.run(args, load_model)
     check_args(args)
     items, dev = load_items(args)
     fewshot = Path(args.fewshot_prompt).read_text(encoding="utf-8") if args.fewshot_prompt else ""

@@ -9,7 +9,7 @@ from qwenlm.sampling import check_in_vocab
 from qwenlm.server.protocol import ApiError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, \
     TokenizeRequest, new_id, now, usage
 from qwenlm.server.serving import EngineRun, ServerState, build_chat, merge_runs, sampling_params
-from qwenlm.tools import ParsedReply, ReactStreamParser, parse_react_reply
+from qwenlm.tools import ParsedReply, ReactStreamParser, parse_react_reply, reply_prefix
 
 
 log = logging.getLogger("qwenlm.server")
@@ -141,7 +141,7 @@ def chat_stream(state: ServerState, req: ChatCompletionRequest):
         return sse(body)
 
     async def body():
-        parsers = {i: ReactStreamParser() for i in range(params.n)} if style else {}
+        parsers = {i: ReactStreamParser(reply_prefix(req.messages)) for i in range(params.n)} if style else {}
         sent_tokens = [0] * params.n
         finished = set()  # choices whose finish_reason went out (later outputs still list them)
         total = 0
