@@ -60,9 +60,13 @@ def arg_parser(doc: str) -> argparse.ArgumentParser:
     return ap
 
 
-def start(name: str, doc: str, sizes: dict, tiny_sizes: dict):
-    """Parse the arguments, log the run header and the copy bandwidth: (args, device, sizes, results, bandwidth)."""
-    args = arg_parser(doc).parse_args()
+def start(name: str, doc: str, sizes: dict, tiny_sizes: dict, add_args=None):
+    """Parse the arguments (add_args(parser) adds a script's own), log the run header and the copy bandwidth:
+    (args, device, sizes, results, bandwidth)."""
+    ap = arg_parser(doc)
+    if add_args is not None:
+        add_args(ap)
+    args = ap.parse_args()
     device = device_of(args)
     sizes = tiny_sizes if args.tiny else sizes
     results = {"name": name, "header": header(device), "sizes": sizes}
