@@ -43,7 +43,7 @@ def build_tp_model(cfg: ModelConfig, rank: int, world: int, group=None) -> QWenL
     model.transformer.wte = VocabParallelEmbedding(rows, cfg.hidden_size, rank * rows, group, device="meta")
     model.lm_head.out_features = rows
     gather_output(model.lm_head, group)
-    model.tp_rank, model.tp_world = rank, world
+    model.tp_rank, model.tp_world, model.tp_plan = rank, world, plan  # config keeps the whole model's numbers
     return model
 
 
