@@ -14,7 +14,7 @@ from qwenlm.config import ModelConfig
 from qwenlm.model.loader import load_model
 from qwenlm.model.qwen import DenseKVCache, ntk_alpha
 from qwenlm.model.quant import dequantize_weight
-from qwenlm.parallel.model import load_tp_model
+from qwenlm.parallel.model import check_gpus, load_tp_model
 from qwenlm.parallel.tp import TPError, TPPlan, shard_state_dict, unshard_state_dict
 from qwenlm.testing import TINY, make_tiny_checkpoint, random_state_dict, size_config
 
@@ -119,6 +119,14 @@ def test_sizes_that_do_not_split_give_a_clear_error():
         TPPlan(ModelConfig.from_dict({**_gptq_cfg().to_dict(), "hidden_size": 128, "kv_channels": 32}), 4)
     with pytest.raises(TPError, match="integer >= 1"):
         TPPlan(ModelConfig.from_dict(TINY), 0)
+    if not torch.cuda.is_available():
+        with pytest.raises(TPError, match="needs 2 GPUs on this host, 0 visible"):
+            check_gpus(2)
+
+
+def test_a_bad_size_fails_before_any_tensor_is_read(tiny_ckpt):
+    with pytest.raises(TPError, match="does not divide num_attention_heads 4"):
+        load_tp_model(tiny_ckpt, rank=0, world=3, progress=False)
 
 
 def test_real_sizes_split_as_published_checkpoints_allow():

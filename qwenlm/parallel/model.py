@@ -7,6 +7,7 @@ The process group must be initialised first (gloo on CPU, NCCL on GPUs): `torch.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -20,6 +21,15 @@ from qwenlm.model.loader import _IGNORED_SUFFIXES, CheckpointError, _assign, bui
 from qwenlm.model.qwen import QWenLMHeadModel
 from qwenlm.parallel.layers import VocabParallelEmbedding, all_reduce_output, gather_output
 from qwenlm.parallel.tp import TPError, TPPlan
+
+
+def check_gpus(local_world: int) -> None:
+    """Startup: this host shows at least `local_world` GPUs (its share of the ranks: LOCAL_WORLD_SIZE under
+    torchrun), else a TPError saying how many are visible and through which CUDA_VISIBLE_DEVICES."""
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if visible < local_world:
+        raise TPError(f"tensor parallelism needs {local_world} GPUs on this host, {visible} visible "
+                      f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
 
 
 def build_tp_model(cfg: ModelConfig, rank: int, world: int, group=None) -> QWenLMHeadModel:
@@ -60,6 +70,8 @@ def load_tp_model(folder: str | Path, rank: int | None = None, world: int | None
     rank = dist.get_rank(group) if rank is None else rank
     world = dist.get_world_size(group) if world is None else world
     device = torch.device(device)
+    if device.type == "cuda":
+        check_gpus(int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     dtype = dtype or cfg.auto_dtype(device)
     model = build_tp_model(cfg, rank, world, group)
     plan = TPPlan(cfg, world)
