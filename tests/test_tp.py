@@ -3,6 +3,7 @@ GPTQ definition (spec §10.4), shard -> unshard giving back every tensor, clear 
 split, and two gloo processes computing the same logits and greedy ids as one process."""
 
 import json
+import shutil
 import socket
 
 import pytest
@@ -11,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from qwenlm.config import ModelConfig
-from qwenlm.model.loader import load_model
+from qwenlm.model.loader import CheckpointError, load_model
 from qwenlm.model.qwen import DenseKVCache, ntk_alpha
 from qwenlm.model.quant import dequantize_weight
 from qwenlm.parallel.model import check_gpus, load_tp_model
@@ -124,9 +125,16 @@ def test_sizes_that_do_not_split_give_a_clear_error():
             check_gpus(2)
 
 
-def test_a_bad_size_fails_before_any_tensor_is_read(tiny_ckpt):
+def test_a_bad_size_fails_before_any_tensor_is_read(tiny_ckpt, tmp_path):
     with pytest.raises(TPError, match="does not divide num_attention_heads 4"):
         load_tp_model(tiny_ckpt, rank=0, world=3, progress=False)
+    folder = tmp_path / "other"  # a config.json that does not describe the tensors: named, before slicing
+    shutil.copytree(tiny_ckpt, folder)
+    raw = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**raw, "intermediate_size": 128}))
+    with pytest.raises(CheckpointError, match=r"'transformer\.h\.0\.mlp\.\w+\.weight' has shape \((128, 64|64, 128)\), "
+                                              r"config\.json implies \(64, 64\)"):
+        load_tp_model(folder, rank=1, world=2, progress=False)
 
 
 def test_real_sizes_split_as_published_checkpoints_allow():

@@ -12,12 +12,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError, safe_open
-from tqdm import tqdm
 
-from qwenlm.config import ConfigError, ModelConfig
+from qwenlm.config import ModelConfig
 from qwenlm.model import quant
-from qwenlm.model.loader import _IGNORED_SUFFIXES, CheckpointError, _assign, build_model, checkpoint_files
+from qwenlm.model.loader import CheckpointError, _assign, build_model, fill_model, read_config
 from qwenlm.model.qwen import QWenLMHeadModel
 from qwenlm.parallel.layers import VocabParallelEmbedding, all_reduce_output, gather_output
 from qwenlm.parallel.tp import TPError, TPPlan
@@ -60,13 +58,7 @@ def build_tp_model(cfg: ModelConfig, rank: int, world: int, group=None) -> QWenL
 def load_tp_model(folder: str | Path, rank: int | None = None, world: int | None = None, device="cpu",
                   dtype: torch.dtype | None = None, group=None, progress: bool = True) -> QWenLMHeadModel:
     """Rank `rank` of `world` (default: this process's rank and the group's size) from a checkpoint folder."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: checkpoint folder not found")
-    try:
-        cfg = ModelConfig.from_file(folder / "config.json")
-    except ConfigError as e:
-        raise CheckpointError(str(e)) from None
+    folder, cfg = read_config(folder)
     rank = dist.get_rank(group) if rank is None else rank
     world = dist.get_world_size(group) if world is None else world
     device = torch.device(device)
@@ -74,55 +66,13 @@ def load_tp_model(folder: str | Path, rank: int | None = None, world: int | None
         check_gpus(int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     dtype = dtype or cfg.auto_dtype(device)
     model = build_tp_model(cfg, rank, world, group)
-    plan = TPPlan(cfg, world)
-    expected = model.state_dict()
-    loaded: set[str] = set()
-    bar = tqdm(total=len(expected), desc=f"Loading {folder.name} (rank {rank}/{world})", unit="tensor",
-               disable=not progress)
-    for path in checkpoint_files(folder):
-        for name, whole in _sliceable_tensors(path):
-            if name.endswith(_IGNORED_SUFFIXES):
-                continue
-            if name not in expected:
-                raise CheckpointError(f"{path}: unexpected tensor {name!r} (not part of a Qwen v1 model "
-                                      f"with this config.json)")
-            full_shape = tuple(whole.shape) if isinstance(whole, torch.Tensor) else tuple(whole.get_shape())
-            want = expected[name]
-            try:
-                tensor = plan.shard(name, whole, rank)
-            except (RuntimeError, IndexError, ValueError) as e:
-                raise CheckpointError(f"{path}: tensor {name!r} of shape {full_shape} cannot be split: {e}") from None
-            if tuple(tensor.shape) != tuple(want.shape):
-                raise CheckpointError(f"{path}: tensor {name!r} has shape {full_shape}, which does not give rank "
-                                      f"{rank}'s {tuple(want.shape)} of the model config.json describes")
-            target = dtype if want.dtype.is_floating_point else want.dtype
-            _assign(model, name, tensor.to(device=device, dtype=target))
-            loaded.add(name)
-            bar.update(1)
-    bar.close()
-    missing = sorted(set(expected) - loaded)
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(f"{folder}: tensor {missing[0]!r} missing from the checkpoint{more}")
-    if cfg.quantization_config:
-        quant.finalize(model, device, dtype)
-    model.eval()
-    model.dtype = dtype
-    return model
+    plan = model.tp_plan
+    whole = {name: tuple(t.shape) for name, t in build_model(cfg, "meta").state_dict().items()}
 
+    def take(name, source):
+        shape = tuple(source.shape) if isinstance(source, torch.Tensor) else tuple(source.get_shape())
+        if shape != whole[name]:
+            raise CheckpointError(f"{folder}: tensor {name!r} has shape {shape}, config.json implies {whole[name]}")
+        return plan.shard(name, source, rank)
 
-def _sliceable_tensors(path: Path):
-    """(name, tensor or safetensors slice) of one weight file; a slice reads only the part indexed."""
-    if path.suffix == ".safetensors":
-        try:
-            f = safe_open(str(path), framework="pt", device="cpu")
-            for name in f.keys():
-                yield name, f.get_slice(name)
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{path}: cannot read safetensors file (truncated or corrupt?): {e}") from None
-        return
-    try:
-        state = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:  # torch raises many types for a bad pickle/zip
-        raise CheckpointError(f"{path}: cannot read PyTorch checkpoint (truncated or corrupt?): {e}") from None
-    yield from state.items()
+    return fill_model(model, folder, device, dtype, progress, take, label=f" (rank {rank} of {world})")
