@@ -34,8 +34,9 @@ import time
 
 import torch
 
-from benchlib import (checkpoint, decode_bound, decode_rate, isolated, log, print_table, prompts, results_path,
-                      selected, spread, start, throughput, weight_bytes_per_step, write_json)
+from benchlib import (GPTQ_CONFIG, TINY_SHAPE, checkpoint, decode_bound, decode_rate, exit_code, isolated, log,
+                      print_table, prompts, results_path, selected, spread, start, throughput, weight_bytes_per_step,
+                      write_json)
 
 SIZES = dict(b1_new=256, repeats=3, batch=128, prompt_len=512, new_tokens=256, encode_len=512, hf_b1_new=32,
              hf_repeats=2)
@@ -56,7 +57,6 @@ def shape_of(size: str, tiny: bool) -> dict:
 
 def folder_bytes(size: str, kind: str, tiny: bool) -> int:
     """Bytes the folder's tensors take (16-bit floats, packed int32): what the GPU must hold, and the disk."""
-    from benchlib import GPTQ_CONFIG, TINY_SHAPE
     from qwenlm.config import ModelConfig
     from qwenlm.model.loader import build_model
     extra = {} if kind == "bf16" else {"quantization_config": {**GPTQ_CONFIG, "bits": int(kind[3:])}}
@@ -128,7 +128,8 @@ def main() -> int:
             folders.append(folder)
             fn = transformers_part if name.endswith("transformers") else engine_part
             r = isolated(device, fn, folder, sizes, device)
-            r.update(folder=str(folder), readme_a100_tok_s=readme, gb_read_per_token=weight_bytes_per_step(folder) / 1e9,
+            r.update(folder=str(folder), readme_a100_tok_s=readme,
+                     gb_read_per_token=weight_bytes_per_step(folder) / 1e9,
                      bound_tok_s=decode_bound(bw, folder, 1, b1_context),
                      throughput_bound_tok_s=decode_bound(bw, folder, sizes["batch"], tp_context))
             rows[name] = r
@@ -143,16 +144,14 @@ def main() -> int:
         cell = None if b1 is None else f"{b1['median']:,.1f} ({b1['min']:,.1f}-{b1['max']:,.1f})"
         share = None if b1 is None else f"{100 * b1['median'] / r['bound_tok_s']:.0f}%"
         table.append([name, cell, r.get("bound_tok_s"), share, tp, r.get("throughput_bound_tok_s"),
-                      None if "gb_read_per_token" not in r else f"{r['gb_read_per_token']:.2f}", r["readme_a100_tok_s"], r.get("skipped") or r.get("error", "")])
+                      None if "gb_read_per_token" not in r else f"{r['gb_read_per_token']:.2f}",
+                      r["readme_a100_tok_s"], r.get("skipped") or r.get("error", "")])
     print_table(f"every size on one GPU: {results['header']['device']}, qwenlm {results['header']['qwenlm']}",
                 ["part", "batch-1 tok/s (min-max)", "bound tok/s", "of bound", f"{sizes['batch']}-stream tok/s",
                  "decode bound", "GB read/token", "README A100 tok/s", "note"], table)
     print(f"transformers: {sizes['hf_b1_new']} new tokens per request. README: Qwen's table, transformers on an A100 "
           "(72B bf16 on 2 GPUs; no Int8 figures beside these).")
-    errors = {k: v["error"] for k, v in rows.items() if "error" in v}
-    if errors:
-        print(f"failed: {errors}", file=sys.stderr)
-    return 1 if errors else 0
+    return exit_code(rows)
 
 
 if __name__ == "__main__":

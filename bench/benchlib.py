@@ -331,6 +331,14 @@ def results_path(name: str, given: str | None) -> Path:
     return RESULTS_DIR / f"{name}-{datetime.date.today().isoformat()}.json"
 
 
+def exit_code(parts: dict) -> int:
+    """1 if a part failed (its {"error": ...}), after naming the failures on stderr; else 0."""
+    errors = {k: v["error"] for k, v in parts.items() if "error" in v}
+    if errors:
+        print(f"failed parts: {errors}", file=sys.stderr)
+    return 1 if errors else 0
+
+
 def write_json(results: dict, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1))

@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from qwenlm.config import ModelConfig
+from qwenlm.engine.fusion import fuse_gate_up
 from qwenlm.model.loader import CheckpointError, load_model
 from qwenlm.model.qwen import DenseKVCache, ntk_alpha
 from qwenlm.model.quant import dequantize_weight
@@ -186,6 +187,9 @@ def _worker(rank, world, port, runs, out_path):
             model = load_tp_model(folder, device="cpu", dtype=torch.float32, progress=False)
             assert model.lm_head.weight.shape[0] == model.config.vocab_size // world  # only the rank's slice
             results[key] = greedy(model, prompt, 6)
+            if key.endswith("short"):  # the engine fuses w1 + w2 into gate_up: the c_proj all-reduce stays
+                assert fuse_gate_up(model) == model.config.num_hidden_layers
+                results[key + "-gate_up"] = greedy(model, prompt, 6)
         if rank == 0:
             torch.save(results, out_path)
     finally:
@@ -218,5 +222,6 @@ def test_two_processes_give_the_logits_and_greedy_ids_of_one(runs, tmp_path):
     got = torch.load(out)
     for key, (folder, prompt) in runs.items():
         logits, ids = greedy(load_model(folder, dtype=torch.float32, progress=False), prompt, 6)
-        torch.testing.assert_close(got[key][0], logits, atol=2e-5, rtol=0, msg=key)
-        assert got[key][1] == ids, key
+        for run in [key] + [key + "-gate_up"] * key.endswith("short"):
+            torch.testing.assert_close(got[run][0], logits, atol=2e-5, rtol=0, msg=run)
+            assert got[run][1] == ids, run

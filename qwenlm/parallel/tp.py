@@ -47,13 +47,14 @@ def _even(total: int, world: int, what: str) -> tuple[int, ...]:
 @dataclass(frozen=True)
 class Split:
     """How one tensor is cut: along `dim` into runs of `sizes` (per rank), in `parts` equal consecutive blocks
-    that are each cut so (c_attn's Q | K | V); dim None: every rank holds it whole (`rank0` : rank 0 holds it,
-    the others zeros). `group_base`: g_idx values are rebased by this many groups per rank's first row."""
+    that are each cut so (c_attn's Q | K | V); dim None: every rank holds it whole (with `rank0`: rank 0 holds
+    it, the others zeros). `group_size` (a GPTQ g_idx cut on group boundaries): its values are rebased to the
+    rank's first group, start // group_size."""
     dim: int | None
     sizes: tuple[int, ...] = ()
     parts: int = 1
     rank0: bool = False
-    group_size: int = 0  # g_idx of a cut GPTQ row split: rebase by start // group_size
+    group_size: int = 0
 
     def ranges(self, rank: int, length: int) -> list[tuple[int, int]]:
         """[start, stop) runs along dim (one per part) that rank `rank` holds of a tensor `length` long there."""
@@ -71,8 +72,9 @@ class TPPlan:
         self.cfg, self.world = cfg, world
         heads = cfg.num_attention_heads
         if heads % world:
+            fits = ", ".join(str(n) for n in range(1, heads + 1) if heads % n == 0)
             raise TPError(f"tensor_parallel_size {world} does not divide num_attention_heads {heads} "
-                          f"(config.json); choose one of {', '.join(str(n) for n in range(1, heads + 1) if heads % n == 0)}")
+                          f"(config.json); choose one of {fits}")
         self.heads = heads // world
         self.vocab = _even(cfg.vocab_size, world, "vocab_size")
         qc = cfg.quantization_config or {}
@@ -163,7 +165,8 @@ class TPPlan:
         return torch.cat([blocks[r][p] for p in range(sp.parts) for r in range(len(shards))], dim=sp.dim)
 
 
-def shard_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig, rank: int, world: int) -> dict[str, torch.Tensor]:
+def shard_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig, rank: int,
+                     world: int) -> dict[str, torch.Tensor]:
     """Rank `rank`'s tensors of a whole checkpoint state dict (official names) for `world` ranks."""
     plan = TPPlan(cfg, world)
     if not 0 <= rank < world:
