@@ -22,20 +22,14 @@ TINY = dict(vocab_size=151936, hidden_size=64, num_hidden_layers=2, num_attentio
 # Each size's config.json values (spec §1.1; the other keys are the 7B's, spec §1.2). UNVERIFIED in the spec
 # (taken from third-party summaries of the configs, not the files themselves): 1.8B's and 14B's
 # max_position_embeddings, and 14B's seq_length 2048.
-SIZES = {
-    "1_8b": dict(vocab_size=151936, hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, kv_channels=128,
-                 intermediate_size=11008, seq_length=8192, max_position_embeddings=8192, rotary_emb_base=10000,
-                 use_dynamic_ntk=True, use_logn_attn=True),
-    "7b": dict(vocab_size=151936, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, kv_channels=128,
-               intermediate_size=22016, seq_length=8192, max_position_embeddings=32768, rotary_emb_base=10000,
-               use_dynamic_ntk=True, use_logn_attn=True),
-    "14b": dict(vocab_size=152064, hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, kv_channels=128,
-                intermediate_size=27392, seq_length=2048, max_position_embeddings=8192, rotary_emb_base=10000,
-                use_dynamic_ntk=True, use_logn_attn=True),
-    "72b": dict(vocab_size=152064, hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, kv_channels=128,
-                intermediate_size=49152, seq_length=32768, max_position_embeddings=32768, rotary_emb_base=1000000,
-                use_dynamic_ntk=False, use_logn_attn=False),
-}
+_SIZE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size", "seq_length",
+              "max_position_embeddings", "rotary_emb_base", "use_dynamic_ntk")
+SIZES = {size: {**dict(zip(_SIZE_KEYS, row)), "kv_channels": 128, "use_logn_attn": row[-1]} for size, row in {
+    "1_8b": (2048, 24, 16, 11008, 151936, 8192, 8192, 10000, True),
+    "7b": (4096, 32, 32, 22016, 151936, 8192, 32768, 10000, True),
+    "14b": (5120, 40, 40, 27392, 152064, 2048, 8192, 10000, True),
+    "72b": (8192, 80, 64, 49152, 152064, 32768, 32768, 1000000, False),  # NTK and LogN both off
+}.items()}
 
 
 def size_config(size: str, tiny: bool = False) -> dict:
