@@ -75,7 +75,7 @@ def _iter_tensors(path: Path, take=None):
         except Exception as e:  # torch raises many types for a bad pickle/zip
             raise CheckpointError(f"{path}: cannot read PyTorch checkpoint (truncated or corrupt?): {e}") from None
         for name in list(state):
-            yield name, (lambda name=name: state[name]) if take is None else (lambda name=name: take(name, state[name]))
+            yield name, lambda name=name: state[name] if take is None else take(name, state[name])
 
 
 def build_model(cfg: ModelConfig, device="meta") -> QWenLMHeadModel:
