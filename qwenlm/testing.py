@@ -66,6 +66,8 @@ def official_config_dict(cfg: ModelConfig) -> dict:
         "use_logn_attn": cfg.use_logn_attn, "vocab_size": cfg.vocab_size,
         **({"torch_dtype": "float16", "quantization_config": cfg.quantization_config}
            if cfg.quantization_config else {}),  # spec §10.1
+        # Qwen-72B's config.json (the one size with another base) repeats it under the Llama name (spec §1.1)
+        **({"rope_theta": cfg.rotary_emb_base} if cfg.rotary_emb_base != 10000 else {}),
     }
 
 

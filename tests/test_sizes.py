@@ -61,6 +61,7 @@ def test_folder_holds_the_official_keys_of_the_size(sized):
                 "max_position_embeddings"):
         assert raw[key] == SIZES[size][key], key
     assert model.transformer.wte.weight.shape[0] == model.lm_head.weight.shape[0] == SIZES[size]["vocab_size"]
+    assert raw.get("rope_theta") == (1000000 if size == "72b" else None)
 
 
 def test_short_prompt_and_decode_match_transformers(sized):
