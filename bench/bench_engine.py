@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from benchlib import (checkpoint, decode_bound, decode_rate, greedy, isolated, kv_bytes_per_token, log,
+from benchlib import (checkpoint, decode_bound, decode_rate, exit_code, greedy, isolated, kv_bytes_per_token, log,
                       peak_memory_gb, print_table, prompts, results_path, safetensors_bytes, selected, spread, start,
                       throughput, time_to_first_token, write_json)
 
@@ -171,10 +171,7 @@ def main() -> int:
                 ["figure", "qwenlm", "transformers", "bound", "note"], rows)
     plot(figs, path.with_suffix(".png"), f"{results['header']['device']}, random weights at the "
                                          f"{'tiny' if args.tiny else 'Qwen-7B'} shape, bf16")
-    errors = {k: v["error"] for k, v in parts.items() if "error" in v}
-    if errors:
-        print(f"failed parts: {errors}", file=sys.stderr)
-    return 1 if errors else 0
+    return exit_code(parts)
 
 
 if __name__ == "__main__":

@@ -28,8 +28,8 @@ import time
 
 import torch
 
-from benchlib import (checkpoint, decode_bound, decode_rate, greedy, isolated, log, peak_memory_gb, print_table,
-                      prompts, results_path, selected, spread, start, weight_bytes_per_step, write_json)
+from benchlib import (checkpoint, decode_bound, decode_rate, exit_code, greedy, isolated, log, peak_memory_gb,
+                      print_table, prompts, results_path, selected, spread, start, weight_bytes_per_step, write_json)
 
 SIZES = dict(b1_new=256, repeats=5, encode_len=2048, hf_b1_new=64, hf_repeats=3)
 TINY_SIZES = dict(b1_new=16, repeats=3, encode_len=128, hf_b1_new=8, hf_repeats=2)
@@ -103,10 +103,7 @@ def main() -> int:
                  f"peak GB, {sizes['encode_len']} tokens", "README A100 tok/s", "README A100 GB"], table)
     print(f"transformers: {sizes['hf_b1_new']} new tokens per request; no GPTQ row (auto-gptq / gptqmodel do not "
           "install here). README: Qwen's own table, transformers + AutoGPTQ on an A100.")
-    errors = {k: v["error"] for k, v in rows.items() if "error" in v}
-    if errors:
-        print(f"failed: {errors}", file=sys.stderr)
-    return 1 if errors else 0
+    return exit_code(rows)
 
 
 if __name__ == "__main__":

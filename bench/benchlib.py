@@ -60,9 +60,13 @@ def arg_parser(doc: str) -> argparse.ArgumentParser:
     return ap
 
 
-def start(name: str, doc: str, sizes: dict, tiny_sizes: dict):
-    """Parse the arguments, log the run header and the copy bandwidth: (args, device, sizes, results, bandwidth)."""
-    args = arg_parser(doc).parse_args()
+def start(name: str, doc: str, sizes: dict, tiny_sizes: dict, add_args=None):
+    """Parse the arguments (add_args(parser) adds a script's own), log the run header and the copy bandwidth:
+    (args, device, sizes, results, bandwidth)."""
+    ap = arg_parser(doc)
+    if add_args is not None:
+        add_args(ap)
+    args = ap.parse_args()
     device = device_of(args)
     sizes = tiny_sizes if args.tiny else sizes
     results = {"name": name, "header": header(device), "sizes": sizes}
@@ -325,6 +329,14 @@ def results_path(name: str, given: str | None) -> Path:
     if given:
         return Path(given)
     return RESULTS_DIR / f"{name}-{datetime.date.today().isoformat()}.json"
+
+
+def exit_code(parts: dict) -> int:
+    """1 if a part failed (its {"error": ...}), after naming the failures on stderr; else 0."""
+    errors = {k: v["error"] for k, v in parts.items() if "error" in v}
+    if errors:
+        print(f"failed parts: {errors}", file=sys.stderr)
+    return 1 if errors else 0
 
 
 def write_json(results: dict, path: Path) -> Path:

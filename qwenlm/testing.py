@@ -19,6 +19,33 @@ LAYOUTS = ("safetensors", "sharded", "bin", "sharded-bin")
 TINY = dict(vocab_size=151936, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, kv_channels=16,
             intermediate_size=256, seq_length=8192, max_position_embeddings=32768)
 
+# Each size's config.json values (spec §1.1; the other keys are the 7B's, spec §1.2). UNVERIFIED in the spec
+# (taken from third-party summaries of the configs, not the files themselves): 1.8B's and 14B's
+# max_position_embeddings, and 14B's seq_length 2048.
+_SIZE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size", "seq_length",
+              "max_position_embeddings", "rotary_emb_base", "use_dynamic_ntk")
+SIZES = {size: {**dict(zip(_SIZE_KEYS, row)), "kv_channels": 128, "use_logn_attn": row[-1]} for size, row in {
+    "1_8b": (2048, 24, 16, 11008, 151936, 8192, 8192, 10000, True),
+    "7b": (4096, 32, 32, 22016, 151936, 8192, 32768, 10000, True),
+    "14b": (5120, 40, 40, 27392, 152064, 2048, 8192, 10000, True),
+    "72b": (8192, 80, 64, 49152, 152064, 32768, 32768, 1000000, False),  # NTK and LogN both off
+}.items()}
+
+
+def size_config(size: str, tiny: bool = False) -> dict:
+    """config.json values of one size ("1_8b", "7b", "14b", "72b"). tiny=True keeps what sets the size apart
+    (embedding rows, seq_length, rotary base, NTK / LogN, head count relative to the others) at a size a test
+    runs in milliseconds: heads / 8 of 16 dims, 2 layers, the MLP ~1/64 of the real width (a multiple of 8)."""
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
+    real = SIZES[size]
+    if not tiny:
+        return dict(real)
+    heads = real["num_attention_heads"] // 8
+    ffn = -(-real["intermediate_size"] // 2 // 512) * 8
+    return {**real, "hidden_size": heads * 16, "num_hidden_layers": 2, "num_attention_heads": heads,
+            "kv_channels": 16, "intermediate_size": 2 * ffn}
+
 
 def official_config_dict(cfg: ModelConfig) -> dict:
     """config.json with the official keys and values (spec §1.2)."""
@@ -39,6 +66,8 @@ def official_config_dict(cfg: ModelConfig) -> dict:
         "use_logn_attn": cfg.use_logn_attn, "vocab_size": cfg.vocab_size,
         **({"torch_dtype": "float16", "quantization_config": cfg.quantization_config}
            if cfg.quantization_config else {}),  # spec §10.1
+        # Qwen-72B's config.json (the one size with another base) repeats it under the Llama name (spec §1.1)
+        **({"rope_theta": cfg.rotary_emb_base} if cfg.rotary_emb_base != 10000 else {}),
     }
 
 
@@ -82,9 +111,10 @@ def random_state_dict(cfg: ModelConfig, seed: int = 0, dtype=torch.float32,
 
 def make_tiny_checkpoint(out_dir: str | Path, layout: str = "safetensors", seed: int = 0,
                          dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                         num_shards: int = 2, force: bool = False, **overrides) -> Path:
+                         num_shards: int = 2, force: bool = False, size: str | None = None, **overrides) -> Path:
     """Write a random Qwen v1 checkpoint folder. layout: "safetensors", "sharded", "bin" or "sharded-bin"
-    (num_shards files + index). overrides: config.json values over TINY (the real shape: ModelConfig()'s);
+    (num_shards files + index). size: start from that size's tiny config (`size_config`) instead of TINY.
+    overrides: config.json values over TINY (the real shape: ModelConfig()'s, or `size_config(size)`);
     quantization_config makes a GPTQ folder (pass dtype=torch.float16, fp16=True as the official ones).
 
     A folder that already holds files is refused unless force=True: pointed at a real model by mistake,
@@ -98,7 +128,7 @@ def make_tiny_checkpoint(out_dir: str | Path, layout: str = "safetensors", seed:
         raise FileExistsError(f"{out}: folder is not empty; writing a tiny checkpoint there would replace its "
                               "config.json and weights (choose an empty or new folder, or pass --force)")
     out.mkdir(parents=True, exist_ok=True)
-    cfg = ModelConfig.from_dict({**TINY, **overrides})
+    cfg = ModelConfig.from_dict({**(size_config(size, tiny=True) if size else TINY), **overrides})
     state = random_state_dict(cfg, seed, dtype, device)
     write_text(out / "config.json", json.dumps(official_config_dict(cfg), indent=2))
     if cfg.quantization_config:

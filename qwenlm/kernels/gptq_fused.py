@@ -212,10 +212,15 @@ if triton is not None:
 def fusable(layer) -> bool:
     """Whether a GPTQLinear can run through `fused_int4_gemv`: Int4 on the Triton backend, groups in order,
     official layout, whole power-of-two groups of at most 256, output a multiple of 128, a split-K workspace."""
-    g = layer.group_size
-    return (layer.bits == 4 and layer.backend == "triton" and layer.perm is None
-            and layer._workspace is not None and g & (g - 1) == 0 and g <= 256 and layer.in_features % g == 0
-            and layer.out_features % 128 == 0 and layer.in_features % 128 == 0)
+    return (layer.backend == "triton" and layer.perm is None and layer._workspace is not None
+            and fusable_shape(layer.bits, layer.group_size, layer.in_features, layer.out_features))
+
+
+def fusable_shape(bits: int, group_size: int, in_features: int, out_features: int) -> bool:
+    """`fusable`'s conditions on the layer's numbers alone (what each Qwen size's layers are checked against)."""
+    g = group_size
+    return (bits == 4 and g & (g - 1) == 0 and g <= 256 and in_features % g == 0
+            and out_features % 128 == 0 and in_features % 128 == 0)
 
 
 # Launch settings of the fused kernel: (BLOCK_N, BLOCK_K, programs per SM, num_warps, num_stages), the fastest at

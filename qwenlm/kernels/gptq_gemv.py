@@ -23,6 +23,7 @@ what separates them from the bandwidth bound at these sizes (8-45 MB).
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -227,12 +228,27 @@ GEMV_CONFIGS: dict[tuple[int, int, int], tuple] = {  # (bits, N, K)
     (8, 22016, 4096): (128, 128, 4, 4, 3, 1),
     (8, 4096, 11008): (64, 128, 32, 4, 3),
 }
-GEMV_DEFAULT = (128, 128, 8, 4, 3, 0)  # BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages, UNPACK
+SWEPT_CONFIGS = dict(GEMV_CONFIGS)  # the measured entries, which `gemv_config` scales to other shapes
 
 
 def gemv_config(bits: int, n: int, k: int) -> tuple:
-    cfg = tuple(GEMV_CONFIGS.get((bits, n, k), GEMV_DEFAULT))
+    """The table's launch for (bits, N, K), else `scaled_config`'s; always six fields (KERNEL last)."""
+    cfg = tuple(GEMV_CONFIGS.get((bits, n, k)) or scaled_config(bits, n, k))
     return cfg + (0,) if len(cfg) == 5 else cfg
+
+
+def scaled_config(bits: int, n: int, k: int) -> tuple:
+    """A shape the sweeps did not cover (Qwen-1.8B / 14B / 72B, tensor-parallel slices of any size): the launch of
+    the nearest swept shape of the same bits (distance in log N + log K), its kernel, tiles, warps and stages, with
+    SPLIT_K rescaled so the launch has about as many programs as the swept one (the GPU as full), and no more
+    splits than K tiles. Int4 thus stays on the v4 kernel at every Qwen size, Int8 on its layer's kernel."""
+    near = min((key for key in SWEPT_CONFIGS if key[0] == bits),
+               key=lambda key: (abs(math.log(key[1] / n)) + abs(math.log(key[2] / k)), key))
+    cfg = SWEPT_CONFIGS[near]
+    block_n, block_k, split_k = cfg[:3]
+    programs = -(-near[1] // block_n) * split_k
+    split_k = max(1, min(round(programs / -(-n // block_n)), -(-k // block_k)))
+    return (block_n, block_k, split_k) + tuple(cfg[3:])
 
 
 def gemv_workspace(n: int, device) -> tuple[torch.Tensor, torch.Tensor]:

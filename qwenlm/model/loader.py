@@ -48,8 +48,10 @@ def checkpoint_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"{folder}: no model.safetensors, sharded safetensors index or pytorch_model*.bin found")
 
 
-def _iter_tensors(path: Path):
-    """Yield (name, lazily loaded tensor getter) for one weight file."""
+def _iter_tensors(path: Path, take=None):
+    """Yield (name, getter) for one weight file; getter() reads the tensor, or with `take` returns
+    take(name, source) where source is a safetensors slice (indexing it reads only that part) or a
+    memory-mapped tensor."""
     if path.suffix == ".safetensors":
         try:
             f = safe_open(str(path), framework="pt", device="cpu")
@@ -59,19 +61,21 @@ def _iter_tensors(path: Path):
 
         def get(name):
             try:
-                return f.get_tensor(name)
+                return f.get_tensor(name) if take is None else take(name, f.get_slice(name))
+            except CheckpointError:
+                raise
             except (SafetensorError, OSError, ValueError, RuntimeError) as e:
                 raise CheckpointError(f"{path}: tensor {name!r} cannot be read (truncated or corrupt?): {e}") from None
 
         for name in names:
-            yield name, get
+            yield name, lambda name=name: get(name)
     else:
         try:
             state = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
         except Exception as e:  # torch raises many types for a bad pickle/zip
             raise CheckpointError(f"{path}: cannot read PyTorch checkpoint (truncated or corrupt?): {e}") from None
         for name in list(state):
-            yield name, state.__getitem__
+            yield name, lambda name=name: state[name] if take is None else take(name, state[name])
 
 
 def build_model(cfg: ModelConfig, device="meta") -> QWenLMHeadModel:
@@ -83,34 +87,47 @@ def build_model(cfg: ModelConfig, device="meta") -> QWenLMHeadModel:
     return model
 
 
-def load_model(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-               progress: bool = True) -> QWenLMHeadModel:
+def read_config(folder: str | Path) -> tuple[Path, ModelConfig]:
+    """A checkpoint folder and its config.json, or a CheckpointError naming what is wrong."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: checkpoint folder not found")
     try:
-        cfg = ModelConfig.from_file(folder / "config.json")
+        return folder, ModelConfig.from_file(folder / "config.json")
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
+
+
+def load_model(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               progress: bool = True) -> QWenLMHeadModel:
+    folder, cfg = read_config(folder)
     device = torch.device(device)
     dtype = dtype or cfg.auto_dtype(device)
-    model = build_model(cfg)
+    return fill_model(build_model(cfg), folder, device, dtype, progress)
+
+
+def fill_model(model: QWenLMHeadModel, folder: Path, device: torch.device, dtype: torch.dtype, progress: bool = True,
+               take=None, label: str = "") -> QWenLMHeadModel:
+    """Every tensor of the folder's files into `model` (built on meta) by name, checked against its shape, on
+    `device` in `dtype` (packed ints stay ints); then GPTQ layers finalized, eval mode. take(name, source): the part
+    of each tensor to keep (a tensor-parallel rank's slice; see `_iter_tensors`), default the whole tensor."""
+    cfg = model.config
     expected = {name: t for name, t in model.state_dict().items()}
     files = checkpoint_files(folder)
     loaded: set[str] = set()
-    bar = tqdm(total=len(expected), desc=f"Loading {folder.name}", unit="tensor", disable=not progress)
+    bar = tqdm(total=len(expected), desc=f"Loading {folder.name}{label}", unit="tensor", disable=not progress)
     for path in files:
-        for name, get in _iter_tensors(path):
+        for name, get in _iter_tensors(path, take):
             if name.endswith(_IGNORED_SUFFIXES):
                 continue
             if name not in expected:
                 raise CheckpointError(f"{path}: unexpected tensor {name!r} (not part of a Qwen v1 model "
                                       f"with this config.json)")
-            tensor = get(name)
+            tensor = get()
             want = expected[name]
             if tuple(tensor.shape) != tuple(want.shape):
-                raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                                      f"config.json implies {tuple(want.shape)}")
+                raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}{label and ' here'}, "
+                                      f"config.json implies {tuple(want.shape)}{label}")
             target_dtype = dtype if want.dtype.is_floating_point else want.dtype  # packed ints stay ints
             _assign(model, name, tensor.to(device=device, dtype=target_dtype))
             loaded.add(name)
