@@ -13,7 +13,6 @@ and tensor is checked before the model is touched, so a bad adapter leaves the m
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -22,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qwenlm.config import ConfigError
+from qwenlm.config import _read_json as read_json_object
 from qwenlm.model.quant import GPTQLinear
 
 CONFIG_FILE = "adapter_config.json"
@@ -66,11 +67,9 @@ def read_adapter_config(adapter_dir: str | Path) -> tuple[dict, Path]:
         raise AdapterError(f"{folder}: no {CONFIG_FILE} (a PEFT adapter folder holds {CONFIG_FILE} and "
                            f"{' or '.join(WEIGHT_FILES)})")
     try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{cfg_path}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise AdapterError(f"{cfg_path}: expected a JSON object")
+        cfg = read_json_object(cfg_path)
+    except ConfigError as e:
+        raise AdapterError(str(e)) from None
     if cfg.get("peft_type") != "LORA":
         raise AdapterError(f"{cfg_path}: peft_type is {cfg.get('peft_type')!r}; only LoRA adapters ('LORA') merge")
     r, alpha = cfg.get("r"), cfg.get("lora_alpha")

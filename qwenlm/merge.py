@@ -11,9 +11,7 @@ hidden ".<name>.incomplete-<pid>" sibling and renamed into place only when compl
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import sys
 from pathlib import Path
 
 import torch
@@ -21,7 +19,7 @@ from tqdm import tqdm
 
 from qwenlm.adapters import gptq_merge_error, load_adapter, read_adapter_config
 from qwenlm.config import ModelConfig
-from qwenlm.files import save_safetensors, write_text
+from qwenlm.files import atomic_dir, save_safetensors, write_text
 from qwenlm.loading import check_device
 from qwenlm.model.loader import checkpoint_files, load_model
 
@@ -45,20 +43,12 @@ def merge_to_folder(base: str | Path, adapter: str | Path, out: str | Path, devi
     files = checkpoint_files(base)
     model = load_model(base, device, _stored_dtype(files[0]), progress=progress)
     load_adapter(model, adapter)
-    tmp = out.parent / f".{out.name}.incomplete-{os.getpid()}"
-    try:
-        tmp.mkdir()
+    with atomic_dir(out, "qwenlm merge") as tmp:
         skip = {p.name for p in files} | set(_WEIGHT_INDEXES)
         for src in base.iterdir():  # config, generation config, tokenizer, code: copied unchanged
             if src.is_file() and src.name not in skip and not src.name.startswith("."):
                 shutil.copy2(src, tmp / src.name)
         write_sharded(model.state_dict(), tmp, max_shard_bytes or MAX_SHARD_BYTES, progress)
-        os.replace(tmp, out)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        what = "interrupted" if isinstance(e, KeyboardInterrupt) else f"failed ({type(e).__name__}: {e})"
-        print(f"qwenlm merge: {what}; nothing was written to {out}", file=sys.stderr)
-        raise
     return out
 
 
