@@ -83,6 +83,9 @@ def test_bin_adapter_and_qwenlm_load(tiny_ckpt, base_adapter, tmp_path):
     torch.save(load_file(str(folder / "adapter_model.safetensors")), tmp_path / "adapter_model.bin")
     llm = qwenlm.load(str(tiny_ckpt), device="cpu", progress=False, adapter=str(tmp_path))
     torch.testing.assert_close(logits(llm.model), want, rtol=1e-4, atol=1e-5)
+    args = cli.build_parser().parse_args(["generate", "Hi", "--model", str(tiny_ckpt), "--device", "cpu",
+                                          "--adapter", str(tmp_path)])
+    torch.testing.assert_close(logits(cli._load(args).model), want, rtol=1e-4, atol=1e-5)
 
 
 def test_merge_writes_official_folder_that_loads_and_quantizes(tiny_ckpt, base_adapter, tmp_path, capsys,

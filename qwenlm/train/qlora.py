@@ -42,7 +42,8 @@ def qlora_compute_dtype(device: torch.device | str) -> torch.dtype:
 
 def prepare_qlora(model: nn.Module, dtype: torch.dtype | None = None) -> torch.dtype:
     """Freeze every base weight and cast the unquantized ones (wte, norms, lm_head, GPTQ biases) to the
-    compute dtype (default `qlora_compute_dtype`); returns it. Call on the loaded GPTQ model before
+    compute dtype (default `qlora_compute_dtype`); returns it. Call on the GPTQ model loaded in the dtype
+    its folder stores (dtype "auto": fp16 for the official ones, so the scales stay exact), before
     `peft.get_peft_model`. This is what PEFT's `prepare_model_for_kbit_training` does for bitsandbytes
     models, minus its fp32 upcast of the unquantized weights: in bf16 there is no overflow to guard
     against, and fp32 copies of wte and lm_head would cost 2.5 GB at the 7B shape."""
