@@ -20,6 +20,7 @@ from tqdm import tqdm
 from qwenlm.adapters import gptq_merge_error, load_adapter, read_adapter_config
 from qwenlm.config import ModelConfig
 from qwenlm.files import atomic_dir, save_safetensors, write_text
+from qwenlm.hub import resolve_model
 from qwenlm.loading import check_device
 from qwenlm.model.loader import checkpoint_files, load_model
 
@@ -31,13 +32,14 @@ def merge_to_folder(base: str | Path, adapter: str | Path, out: str | Path, devi
                     max_shard_bytes: int | None = None, progress: bool = True) -> Path:
     """Merge the adapter into the base model and write the result to `out` (a new folder). Returns out.
     max_shard_bytes: the largest weight file (default MAX_SHARD_BYTES)."""
-    base, out = Path(base), Path(out)
+    out = Path(out)
     if out.exists():
         raise FileExistsError(f"output folder {out} already exists; choose a new --out")
     if not out.parent.is_dir():
         raise FileNotFoundError(f"parent folder of the output {out.parent} does not exist")
     check_device(device)
     read_adapter_config(adapter)  # a bad adapter fails before the base loads
+    base = resolve_model(str(base))  # a folder, or a hub name downloaded
     if ModelConfig.from_file(base / "config.json").quantization_config:
         raise gptq_merge_error(str(base))
     files = checkpoint_files(base)

@@ -28,11 +28,12 @@ def logits(model, ids=IDS):
         return model.logits(model(ids, pos, ctx, model.inv_freq([1.0], "cpu")))
 
 
-def peft_adapter(base, out, **extra):
-    """An adapter saved by PEFT from our model, lora_B (zero at PEFT's init) and any modules_to_save copies
-    randomised; returns PEFT's logits (the oracle: the unmerged adapter in eval mode)."""
+def peft_adapter(base, out, **config):
+    """An adapter saved by PEFT from our model (the official LoraConfig unless told), lora_B (zero at PEFT's
+    init) and any modules_to_save copies randomised; returns PEFT's logits (the oracle: the unmerged adapter
+    in eval mode)."""
     torch.manual_seed(0)
-    pm = peft.get_peft_model(load_model(base, progress=False), peft.LoraConfig(**OFFICIAL, **extra))
+    pm = peft.get_peft_model(load_model(base, progress=False), peft.LoraConfig(**{**OFFICIAL, **config}))
     with torch.no_grad():
         for name, p in pm.named_parameters():
             if "lora_B" in name:
@@ -75,6 +76,17 @@ def test_load_adapter_gives_peft_logits(tiny_ckpt, which, request):
     got = logits(model)
     assert (got - before).abs().max() > 1e-3  # the adapter changes the model
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", [dict(target_modules=r".*\.h\.1\.(attn\.c_attn|mlp\.w2)"),
+                                    dict(target_modules=["c_attn", "w1"], layers_to_transform=[1]),
+                                    dict(target_modules=["c_proj"], exclude_modules=["attn.c_proj"], use_rslora=True)])
+def test_peft_target_rules(tiny_ckpt, tmp_path, config):
+    """PEFT's ways of choosing modules (a regex, layers_to_transform, exclude_modules) and rsLoRA scaling."""
+    want = peft_adapter(tiny_ckpt, tmp_path, **config)
+    model = load_model(tiny_ckpt, progress=False)
+    load_adapter(model, tmp_path)
+    torch.testing.assert_close(logits(model), want, rtol=1e-4, atol=1e-5)
 
 
 def test_bin_adapter_and_qwenlm_load(tiny_ckpt, base_adapter, tmp_path):
@@ -120,6 +132,21 @@ def test_merge_writes_official_folder_that_loads_and_quantizes(tiny_ckpt, base_a
         load_adapter(int4.model, folder)
     assert cli.main(["merge", "--base", str(q), "--adapter", str(folder), "--out", str(tmp_path / "m2")]) == 2
     assert "cannot be merged into Int4/Int8 weights" in capsys.readouterr().err
+
+
+def test_failed_merge_leaves_nothing(tiny_ckpt, chat_adapter, tmp_path, capsys, monkeypatch):
+    from qwenlm import merge
+
+    def disk_full(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(merge, "save_safetensors", disk_full)
+    argv = ["merge", "--base", str(tiny_ckpt), "--adapter", str(chat_adapter[0]), "--out", str(tmp_path / "m")]
+    assert cli.main(argv) == 2
+    assert f"qwenlm merge: failed (OSError: disk full); nothing was written to {tmp_path / 'm'}" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "m").mkdir()
+    assert cli.main(argv) == 2 and "already exists; choose a new --out" in capsys.readouterr().err
 
 
 def _edit_config(folder, **changes):
