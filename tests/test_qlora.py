@@ -10,6 +10,7 @@ import sys
 import peft
 import pytest
 import torch
+import torch.utils.checkpoint
 from peft.tuners.lora.gptq import GPTQLoraLinear
 from torch import nn
 
@@ -79,6 +80,10 @@ def test_gptq_linear_input_grad_equals_dense(bits, act_order):
     torch.testing.assert_close(out, ref(x_ref.detach()), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
     assert all(b.grad is None and not b.requires_grad for b in layer.buffers())  # packed weights stay frozen
+    for reentrant in (False, True):  # under activation checkpointing (forward run again in backward)
+        xc = x.detach().clone().requires_grad_(True)
+        torch.utils.checkpoint.checkpoint(layer, xc, use_reentrant=reentrant).backward(g)
+        torch.testing.assert_close(xc.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_inference_never_enters_the_autograd_function(monkeypatch):

@@ -86,7 +86,11 @@ def _head_weight(model) -> torch.Tensor:
 
 
 def _liger_ce_sum(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+    try:
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+    except ImportError as e:
+        raise ImportError(f"training on CUDA needs liger-kernel for its fused cross-entropy ({e}); "
+                          "pip install 'qwenlm[train]'") from None
 
     # lm_head's gradient summed over chunks in fp32 (a bf16 running sum loses the small chunks' share);
     # Liger casts it back to the weight's dtype at the end.
