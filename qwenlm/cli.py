@@ -1,4 +1,4 @@
-"""The `qwenlm` command: chat, generate, serve, quantize, eval, make-tiny."""
+"""The `qwenlm` command: chat, generate, serve, quantize, merge, eval, make-tiny."""
 
 from __future__ import annotations
 
@@ -19,13 +19,15 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="int8: per-channel int8 weights made at load time from a bf16/fp16 folder")
     p.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default="auto",
                    help="KV cache storage: auto (the model dtype) or int8 (~1.9x the tokens per GB)")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a LoRA adapter folder (PEFT format) merged into the weights at load time")
 
 
 def _load(args):
     import qwenlm
     from qwenlm.engine import EngineConfig
     return qwenlm.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
-                       engine_config=EngineConfig(kv_cache_dtype=args.kv_cache_dtype))
+                       engine_config=EngineConfig(kv_cache_dtype=args.kv_cache_dtype), adapter=args.adapter)
 
 
 def cmd_chat(args) -> int:
@@ -68,6 +70,16 @@ def cmd_serve(args) -> int:
 def cmd_quantize(args) -> int:
     from qwenlm.quantize import main as quantize_main
     return quantize_main(args) or 0
+
+
+def cmd_merge(args) -> int:
+    from qwenlm.merge import merge_to_folder
+    try:
+        path = merge_to_folder(args.base, args.adapter, args.out, device=args.device)
+    except KeyboardInterrupt:
+        return 130
+    print(f"wrote {path} (quantize it with: qwenlm quantize --model {path} --data CALIB --out {path}-Int4)")
+    return 0
 
 
 def cmd_eval(args) -> int:
@@ -140,6 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_quantize)
 
+    p = sub.add_parser("merge", help="merge a LoRA adapter into its base model, written as a normal checkpoint")
+    p.add_argument("--base", required=True, metavar="DIR", help="the bf16/fp16 checkpoint the adapter was trained on")
+    p.add_argument("--adapter", required=True, metavar="DIR", help="the adapter folder (PEFT format)")
+    p.add_argument("--out", required=True, metavar="DIR", help="a new folder for the merged checkpoint")
+    p.add_argument("--device", default="cpu", help="where to merge (default cpu)")
+    p.set_defaults(func=cmd_merge)
+
     p = sub.add_parser("eval", help="the official benchmarks: MMLU, C-Eval, CMMLU, GSM8K, HumanEval, tool use "
                                     "(plugin); long-context perplexity (ppl)")
     p.add_argument("benchmark", choices=["mmlu", "ceval", "cmmlu", "gsm8k", "humaneval", "plugin", "ppl"])
@@ -176,6 +195,9 @@ def check_args(args) -> None:
     from qwenlm.sampling import check_seed
     check_device(getattr(args, "device", None))
     parse_dtype(getattr(args, "dtype", None))
+    if getattr(args, "adapter", None) is not None:
+        from qwenlm.adapters import read_adapter_config
+        read_adapter_config(args.adapter)
     if args.command in ("chat", "make-tiny"):
         check_seed("seed", args.seed)
     elif args.command == "generate":

@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import sys
 from pathlib import Path
 
 
@@ -40,6 +42,24 @@ def atomic_path(path: str | Path):
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path, command: str):
+    """`with atomic_dir(out, "qwenlm merge") as tmp: <fill the folder tmp>`: tmp is the hidden sibling
+    ".<name>.incomplete-<pid>", renamed to `out` on success; on any error (or Ctrl-C) it is removed and
+    stderr says that nothing was written, so a folder under the real name is always complete."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.incomplete-{os.getpid()}"
+    try:
+        tmp.mkdir()
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        what = "interrupted" if isinstance(e, KeyboardInterrupt) else f"failed ({type(e).__name__}: {e})"
+        print(f"{command}: {what}; nothing was written to {path}", file=sys.stderr)
         raise
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from qwenlm.adapters import load_adapter, read_adapter_config
 from qwenlm.config import GenerationConfig
 from qwenlm.hub import DEFAULT_MODEL, resolve_model
 from qwenlm.model import quant
@@ -66,17 +67,22 @@ class Checkpoint:
 
 def load_checkpoint(name_or_path: str = DEFAULT_MODEL, device: str | None = None,
                     dtype: str | torch.dtype | None = "auto", progress: bool = True,
-                    quantize: str | None = None) -> Checkpoint:
+                    quantize: str | None = None, adapter: str | Path | None = None) -> Checkpoint:
     """A Qwen v1 checkpoint folder (or hub name) loaded onto `device` (default: CUDA where present).
-    quantize="int8" turns a bf16/fp16 folder's block linears into per-channel int8 after loading."""
+    adapter: a PEFT LoRA adapter folder merged into the weights after loading (`qwenlm.adapters`).
+    quantize="int8" turns a bf16/fp16 folder's block linears into per-channel int8 after that."""
     check_device(device)  # the arguments first: resolving may download, loading takes minutes
     dtype = parse_dtype(dtype)
     if quantize not in (None, *quant.QUANTIZE_METHODS):
         raise ParamError("quantize", f"quantize={quantize!r} is not supported; choose one of "
                                      f"{', '.join(quant.QUANTIZE_METHODS)} or None")
+    if adapter is not None:
+        read_adapter_config(adapter)  # a missing or foreign adapter fails before minutes of loading
     folder = resolve_model(name_or_path)
     gen_file = folder / "generation_config.json"  # read before the weights: a bad value fails in a second
     gen = GenerationConfig.from_file(gen_file) if gen_file.is_file() else GenerationConfig()
     model = load_model(folder, device=device or default_device(), dtype=dtype, progress=progress)
+    if adapter is not None:
+        load_adapter(model, adapter)
     quant.apply_quantize(model, quantize, str(folder))
     return Checkpoint(model, Tokenizer.from_folder(folder), gen, folder)

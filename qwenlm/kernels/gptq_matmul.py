@@ -80,8 +80,7 @@ def gptq_matmul(x: torch.Tensor, qweight, qzeros, scales, group_size: int, bits:
     workspace (`gemv_workspace(N)`): batch-1 split-K reduces inside the GEMV kernel (one launch, not three)."""
     if triton is None:
         raise RuntimeError("gptq_matmul needs triton; use qwenlm.model.quant's dequantize path instead")
-    M, K = x.shape
-    N = qweight.shape[1]
+    M = x.shape[0]
     if group_size % 32:
         raise ValueError(f"GPTQ group_size {group_size} must be a multiple of 32 for the Triton kernel")
     has_bias = bias is not None
@@ -89,7 +88,14 @@ def gptq_matmul(x: torch.Tensor, qweight, qzeros, scales, group_size: int, bits:
         return gemv(x, qweight, qzeros, scales, group_size, bits, bias, config, workspace)
     # Several rows: dequantize once, then cuBLAS. On the H100 a fused tl.dot kernel measured 2-4x an fp16
     # matmul at 4 and 16 rows; this path costs 1.15-1.3x at 2048 rows (docs/performance-notes.md).
-    w = torch.empty((K, N), device=x.device, dtype=x.dtype)
+    w = gptq_dequantize(qweight, qzeros, scales, group_size, bits, x.dtype)
+    return torch.addmm(bias, x, w) if has_bias else x @ w
+
+
+def gptq_dequantize(qweight, qzeros, scales, group_size: int, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """W_T [K, N] in `dtype` (computed in fp32, rounded once) from the packed tensors; groups contiguous."""
+    K, N = qweight.shape[0] * (32 // bits), qweight.shape[1]
+    w = torch.empty((K, N), device=qweight.device, dtype=dtype)
     grid = (triton.cdiv(K // (32 // bits), 16), triton.cdiv(N, 128))
     _dequant_kernel[grid](qweight, qzeros, scales, w, N, K, group_size, BITS=bits, BLOCK_R=16, BLOCK_N=128)
-    return torch.addmm(bias, x, w) if has_bias else x @ w
+    return w

@@ -84,16 +84,30 @@ class GPTQLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if self.backend == "dequant":
-            out = x2 @ self.dequantized_weight(x.dtype)
-            if self.bias is not None:
-                out = out + self.bias.to(x.dtype)
+        if self.perm is not None:  # act-order rows made contiguous (`prepare_kernel`); autograd scatters back
+            x2 = x2.index_select(1, self.perm)
+        if x.requires_grad and torch.is_grad_enabled():  # training through a frozen layer (Q-LoRA)
+            out = _GPTQMatmul.apply(x2, self)
         else:
-            if self.perm is not None:
-                x2 = x2.index_select(1, self.perm)
-            out = kernels.gptq_matmul(x2.contiguous(), self.qweight, self.qzeros, self.scales,
-                                      self.group_size, self.bits, self._kernel_bias, workspace=self._workspace)
+            out = self._matmul(x2)
         return out.view(*lead, self.out_features)
+
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 [M, K] (columns in `self.perm` order after an act-order `prepare_kernel`) -> [M, N] with the bias."""
+        if self.backend == "dequant":
+            out = x2 @ self.dequantized_weight(x2.dtype)
+            return out + self.bias.to(x2.dtype) if self.bias is not None else out
+        return kernels.gptq_matmul(x2.contiguous(), self.qweight, self.qzeros, self.scales,
+                                   self.group_size, self.bits, self._kernel_bias, workspace=self._workspace)
+
+    def input_grad(self, grad_out: torch.Tensor) -> torch.Tensor:
+        """grad_out [M, N] @ W [N, K]: W dequantized for this call and dropped after, never kept dense."""
+        if self.backend == "dequant":
+            w = self.dequantized_weight(grad_out.dtype)
+        else:
+            w = kernels.gptq_dequantize(self.qweight, self.qzeros, self.scales, self.group_size, self.bits,
+                                        grad_out.dtype)
+        return grad_out @ w.t()
 
     @torch.no_grad()
     def prepare_kernel(self) -> None:
@@ -114,6 +128,22 @@ class GPTQLinear(nn.Module):
         if kernels.triton is not None and self.group_size % 32 == 0:
             self.backend = "triton"
             self._workspace = gptq_gemv.gemv_workspace(self.out_features, self.qweight.device)
+
+
+class _GPTQMatmul(torch.autograd.Function):
+    """A frozen GPTQ linear that passes gradients to its input: forward is the inference matmul, backward
+    grad_x = grad_out @ W with W dequantized again (saving it from forward would keep a dense copy alive
+    until backward, which is what quantization saves memory against). The packed weights, scales and bias
+    are buffers and get no gradient."""
+
+    @staticmethod
+    def forward(ctx, x2: torch.Tensor, layer: GPTQLinear) -> torch.Tensor:
+        ctx.layer = layer
+        return layer._matmul(x2)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        return ctx.layer.input_grad(grad_out.contiguous()), None
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from qwenlm.config import ModelConfig
-from qwenlm.files import save_safetensors, write_text
+from qwenlm.files import atomic_dir, save_safetensors, write_text
 from qwenlm.loading import check_device
 from qwenlm.model.loader import checkpoint_files, load_model
 from qwenlm.model.qwen import QWenLMHeadModel, logn_scale, ntk_alpha
@@ -182,19 +182,11 @@ def quantize_model(model_dir, calib_texts_or_conversations, bits: int, group_siz
               file=sys.stderr)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    tmp = out_dir.parent / f".{out_dir.name}.incomplete-{os.getpid()}"
-    try:
+    with atomic_dir(out_dir, "qwenlm quantize") as tmp:
         model = load_model(model_dir, device, dtype, progress=progress)
         results = gptq_quantize_blocks(model, samples, bits, group_size, act_order, damp, progress)
         state = gptq_state_dict(model, results, bits)
-        tmp.mkdir()
         _write_folder(tmp, model_dir, state, quantization_config(bits, group_size, act_order, damp))
-        os.replace(tmp, out_dir)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        what = "interrupted" if isinstance(e, KeyboardInterrupt) else f"failed ({type(e).__name__}: {e})"
-        print(f"qwenlm quantize: {what}; nothing was written to {out_dir}", file=sys.stderr)
-        raise
     return out_dir
 
 

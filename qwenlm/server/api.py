@@ -247,7 +247,7 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None,
 
 
 def serve(args) -> int:
-    """`qwenlm serve`: args.model, args.device, args.dtype, args.quantize, args.kv_cache_dtype, args.host,
+    """`qwenlm serve`: args.model, args.device, args.dtype, args.quantize, args.adapter, args.kv_cache_dtype, args.host,
     args.port, args.api_key, args.allowed_origins, args.allowed_hosts, args.timeout_graceful_shutdown."""
     import uvicorn
 
@@ -262,7 +262,7 @@ def serve(args) -> int:
         raise ValueError(f"the API key (--api-key or {API_KEY_ENV}) is empty; give a key, or leave both unset "
                          "to serve without one")
     llm = load(args.model, device=getattr(args, "device", None), dtype=getattr(args, "dtype", "auto"),
-               quantize=getattr(args, "quantize", None),
+               quantize=getattr(args, "quantize", None), adapter=getattr(args, "adapter", None),
                engine_config=EngineConfig(kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto")))
     engine = AsyncEngine(llm.engine)
     # a local folder is served under its name ("Qwen-7B-Chat"), a hub model under the name it was asked by
