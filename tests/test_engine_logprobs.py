@@ -7,9 +7,9 @@ of generated tokens; the logprob of the stop token that ends a sample."""
 import pytest
 import torch
 
-from engine_helpers import LOGPROB_ATOL, random_prompts, tiny_engine, tiny_model
+from engine_helpers import LOGPROB_ATOL, direct_log_softmax, random_prompts, tiny_engine, tiny_model
 from qwenlm.engine import SamplingParams
-from qwenlm.model.qwen import DenseKVCache, ntk_alpha
+from qwenlm.model.qwen import ntk_alpha
 from qwenlm.sampling import ParamError
 
 
@@ -22,20 +22,6 @@ def model():
 def ntk_model():
     # seq_length 32: prompts past it get NTK alpha 3, 7, ... and LogN scaling (spec §5.4, §6)
     return tiny_model(seq_length=32)
-
-
-@torch.no_grad()
-def direct_log_softmax(model, ids: list[int], prompt_len: int | None = None) -> torch.Tensor:
-    """log_softmax [len(ids), V] of one forward over `ids`, alpha from the prompt length (the official model
-    chooses it at prefill and keeps it while decoding)."""
-    cfg = model.config
-    n = prompt_len or len(ids)
-    alpha = ntk_alpha(n, cfg.seq_length) if cfg.use_dynamic_ntk else 1.0
-    x = torch.tensor([ids])
-    cache = DenseKVCache(cfg.num_hidden_layers)
-    cache.begin(torch.ones_like(x, dtype=torch.bool))
-    hidden = model(x, torch.arange(len(ids))[None], cache, model.inv_freq([alpha], "cpu"))
-    return model.logits(hidden)[0].log_softmax(-1)
 
 
 def assert_prompt_logprobs(out, lsm: torch.Tensor, k: int) -> None:
