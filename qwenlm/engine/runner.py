@@ -24,9 +24,9 @@ from qwenlm.engine.sequence import Sequence
 from qwenlm.sampling import SamplingParams
 
 MAX_NTK_ALPHAS = 32  # rows of the RoPE table; alpha 2**32 - 1 is far past any context length
-# Prompt positions whose logits one lm_head call makes for prompt logprobs: 256 x 151,936 fp32 is 156 MB (and as
-# much again for the log_softmax), whatever the prompt length.
-PROMPT_LOGITS_ROWS = 256
+# Prompt positions whose logits one lm_head call makes for prompt logprobs: 128 x 151,936 fp32 is 78 MB (and as
+# much again for the log_softmax), whatever the prompt length: within the margin the pool sizing leaves.
+PROMPT_LOGITS_ROWS = 128
 
 
 @dataclass
