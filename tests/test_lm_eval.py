@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from engine_helpers import direct_log_softmax
+from qwenlm.chat import build_chat_prompt
 from qwenlm.engine import LLM, AsyncEngine, SamplingParams
 from qwenlm.server.api import create_app
 from qwenlm.server.launch import ServerThread
@@ -82,18 +83,25 @@ def samples(out, task):
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def test_lm_eval_local_completions_against_qwenlm_serve(served, tmp_path):
-    tasks, out = tmp_path / "tasks", tmp_path / "out"
-    tasks.mkdir()
-    write_tasks(tasks)
+def lm_eval(tmp_path, model: str, model_args: str, tasks: str, *extra: str) -> subprocess.CompletedProcess:
+    """`lm_eval run` in a child process, offline, on the tasks of write_tasks; results under tmp_path/out."""
+    folder = tmp_path / "tasks"
+    folder.mkdir(exist_ok=True)
+    write_tasks(folder)
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OPENAI_API_KEY": KEY,
            "HF_DATASETS_CACHE": str(tmp_path / "hf"), "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "lm_eval", "run", "--model", "local-completions",
-           "--model_args", f"model={MODEL},base_url={served.url}/v1/completions,auth_token={KEY},max_retries=1",
-           "--tasks", "qwenlm_tiny_mc,qwenlm_tiny_gen", "--include_path", str(tasks),
-           "--output_path", str(out), "--log_samples"]
+    cmd = [sys.executable, "-m", "lm_eval", "run", "--model", model, "--model_args", model_args, "--tasks", tasks,
+           "--include_path", str(folder), "--output_path", str(tmp_path / "out"), "--log_samples", *extra]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-4000:]
+    return run
+
+
+def test_lm_eval_local_completions_against_qwenlm_serve(served, tmp_path):
+    out = tmp_path / "out"
+    run = lm_eval(tmp_path, "local-completions",
+                  f"model={MODEL},base_url={served.url}/v1/completions,auth_token={KEY},max_retries=1",
+                  "qwenlm_tiny_mc,qwenlm_tiny_gen")
     assert "Using remote tokenizer" in run.stderr  # tokenized through the server's /tokenizer_info, /tokenize
 
     llm = LLM(served.ckpt, device="cpu")  # the oracle runs beside the served engine, not through it
@@ -117,3 +125,18 @@ def test_lm_eval_local_completions_against_qwenlm_serve(served, tmp_path):
     greedy = llm.generate([tok.encode(d["prompt"]) for d in GEN_DOCS], params)
     assert [s["resps"][0][0] for s in gen] == [o.outputs[0].text for o in greedy]
     assert all(o.outputs[0].text for o in greedy)
+
+
+def test_lm_eval_local_chat_completions_generates_through_the_chat_route(served, tmp_path):
+    run = lm_eval(tmp_path, "local-chat-completions",
+                  f"model={MODEL},base_url={served.url}/v1/chat/completions,max_retries=1", "qwenlm_tiny_gen",
+                  "--apply_chat_template")
+    llm = LLM(served.ckpt, device="cpu")
+    tok = llm.tokenizer
+    gen = sorted(samples(tmp_path / "out", "qwenlm_tiny_gen"), key=lambda s: s["doc_id"])
+    # each document is one user message: the server's ChatML prompt with the default system prompt
+    prompts = [build_chat_prompt(tok, d["prompt"])[1] for d in GEN_DOCS]
+    params = SamplingParams(temperature=0, max_tokens=MAX_GEN_TOKS, stop=["\n\n"],
+                            stop_token_ids=[tok.im_end_id, tok.im_start_id, tok.eod_id])
+    greedy = llm.generate(prompts, params)
+    assert [s["resps"][0][0] for s in gen] == [o.outputs[0].text for o in greedy], run.stderr[-2000:]
