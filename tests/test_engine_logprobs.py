@@ -166,3 +166,14 @@ def test_bad_logprob_settings_are_refused_before_any_work(model):
     with pytest.raises(ValueError, match=r"candidate_token_ids\[1\] is 1000, outside the vocabulary"):
         engine.add_request(None, [1, 2], SamplingParams(candidate_token_ids=[3, 1000]))
     assert not engine.has_unfinished()
+
+
+def test_prompt_logprobs_through_the_compiled_prefill_regions():
+    # the GPU default (compile_decode): the prompt rows are read from the compiled regions' hidden states
+    model = tiny_model()
+    engine = tiny_engine(model, compile_decode=True, max_num_batched_tokens=24)
+    assert engine.runner.compiled
+    prompts = random_prompts([30, 9], seed=29)
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True, prompt_logprobs=2)
+    for prompt, out in zip(prompts, engine.generate(prompts, params)):
+        assert_prompt_logprobs(out, direct_log_softmax(model, prompt), 2)
