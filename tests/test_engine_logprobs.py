@@ -177,3 +177,18 @@ def test_prompt_logprobs_through_the_compiled_prefill_regions():
     params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True, prompt_logprobs=2)
     for prompt, out in zip(prompts, engine.generate(prompts, params)):
         assert_prompt_logprobs(out, direct_log_softmax(model, prompt), 2)
+
+
+def test_abort_in_the_middle_of_a_prompt_logprobs_prefill(model):
+    engine = tiny_engine(model, max_num_batched_tokens=8)
+    prompt = random_prompts([40], seed=31)[0]
+    engine.add_request("r", prompt, SamplingParams(max_tokens=3, prompt_logprobs=1))
+    engine.step()
+    engine.step()  # two chunks launched, one or two processed (overlapped steps)
+    out = engine.abort("r")
+    n = len(out.prompt_logprobs)
+    while engine.step():
+        pass
+    assert out.outputs[0].finish_reason == "abort" and 1 < n < len(prompt)
+    assert len(out.prompt_logprobs) == len(out.prompt_top_logprobs) == n  # the chunk in flight adds no late rows
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks and not engine.has_unfinished()

@@ -232,7 +232,7 @@ class LLMEngine:
         at = 0
         for span in spans:
             seq, n = span.seq, span.seq.params.prompt_logprobs
-            for row in rows[at:at + span.count]:
+            for row in rows[at:at + span.count] if not seq.is_finished else ():  # aborted: nothing to add
                 seq.prompt_logprobs.append(row[0])
                 seq.prompt_top_logprobs.append({int(i): lp for i, lp in zip(row[1:1 + n], row[1 + k:1 + k + n])})
             at += span.count
@@ -286,9 +286,10 @@ class LLMEngine:
                                          _copy(seq.candidate_logprobs), seq.stop_token_id))
             text.delta = ""
         first = req.seqs[0]
+        # Prompt logprobs are whole before any output (outputs follow sampled tokens, which follow the prompt;
+        # an aborted request's stop growing) and never change after: the lists are handed out as they are.
         return RequestOutput(req.request_id, req.prompt_token_ids, outs, req.finished,
-                             first.num_cached_tokens, req.error, _copy(first.prompt_logprobs),
-                             _copy(first.prompt_top_logprobs))
+                             first.num_cached_tokens, req.error, first.prompt_logprobs, first.prompt_top_logprobs)
 
     # ---- whole batches and stats ------------------------------------------------------------------
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
