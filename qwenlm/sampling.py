@@ -82,6 +82,10 @@ def check_token_ids(name: str, value, label: str | None = None) -> list[int]:
     return [int(t) for t in value]
 
 
+def check_optional_int(name: str, value, lo: int) -> int | None:
+    return None if value is None else check_int(name, value, lo)
+
+
 def check_in_vocab(name: str, ids, n_vocab: int) -> None:
     """Every id one of the model's vocabulary, 0..n_vocab - 1 (known only where a request meets the model)."""
     for i, t in enumerate(ids):
@@ -113,6 +117,9 @@ RULES = {
     "stop": check_stop,
     "stop_token_ids": check_token_ids,
     "logprobs": check_bool,
+    "top_logprobs": lambda n, v: check_int(n, v, 0),
+    "prompt_logprobs": lambda n, v: check_optional_int(n, v, 0),
+    "candidate_token_ids": check_token_ids,
     "ignore_eos": check_bool,
     "skip_special_tokens": check_bool,
 }
@@ -135,17 +142,28 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     seed: int | None = None
     n: int = 1
-    logprobs: bool = False
+    logprobs: bool = False  # the logprob of each generated token (and of a stop token that ended it)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    # With logprobs: also the top_logprobs most likely tokens at each generated position, as {id: logprob}.
+    top_logprobs: int = 0
+    # vLLM's prompt_logprobs: None = off; k >= 0 = the logprob of each prompt token given its prefix, and the k
+    # most likely tokens at each prompt position (the first token has none: it has no prefix).
+    prompt_logprobs: int | None = None
+    # The logprobs of these ids at each generated position (multiple-choice scoring: the answer letters' ids).
+    candidate_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self):
         for name in RULES:
             setattr(self, name, check_param(name, getattr(self, name)))
+        if self.top_logprobs and not self.logprobs:
+            raise ParamError("top_logprobs", "top_logprobs needs logprobs=True (as OpenAI's API asks)")
 
     def check_vocab(self, n_vocab: int) -> None:
-        """Stop token ids must be ids of this model's vocabulary (checked where a request meets the model)."""
+        """Stop and candidate token ids must be ids of this model's vocabulary (checked where a request meets
+        the model)."""
         check_in_vocab("stop_token_ids", self.stop_token_ids, n_vocab)
+        check_in_vocab("candidate_token_ids", self.candidate_token_ids, n_vocab)
 
     @property
     def greedy(self) -> bool:

@@ -7,7 +7,7 @@ from qwenlm.config import ModelConfig
 from qwenlm.engine import EngineConfig, LLMEngine
 from qwenlm.engine import engine as engine_module
 from qwenlm.generation import generate_ids
-from qwenlm.model.qwen import QWenLMHeadModel
+from qwenlm.model.qwen import DenseKVCache, QWenLMHeadModel, ntk_alpha
 from qwenlm.testing import TINY, random_state_dict
 
 
@@ -31,6 +31,20 @@ def random_prompts(lengths, vocab=1000, seed=0):
 def reference_ids(model, prompt, params, stop_ids=frozenset()):
     """The single-request reference loop (DenseKVCache, token by token)."""
     return generate_ids(model, [prompt], params, set(stop_ids))[0]
+
+
+@torch.no_grad()
+def direct_log_softmax(model, ids: list[int], prompt_len: int | None = None) -> torch.Tensor:
+    """log_softmax [len(ids), V] of one forward over `ids`, alpha from the prompt length (the official model
+    chooses it at prefill and keeps it while decoding)."""
+    cfg = model.config
+    n = prompt_len or len(ids)
+    alpha = ntk_alpha(n, cfg.seq_length) if cfg.use_dynamic_ntk else 1.0
+    x = torch.tensor([ids])
+    cache = DenseKVCache(cfg.num_hidden_layers)
+    cache.begin(torch.ones_like(x, dtype=torch.bool))
+    hidden = model(x, torch.arange(len(ids))[None], cache, model.inv_freq([alpha], "cpu"))
+    return model.logits(hidden)[0].log_softmax(-1)
 
 
 # Runs whose batches differ (chunking, preemption, overlap, batch size) sum in another order: their fp32

@@ -6,6 +6,8 @@ import torch
 from eval_fixtures import write_ceval, write_cmmlu, write_mmlu
 from qwenlm.eval.choice import letter_ids, pick_letter, score_choice_benchmark
 from qwenlm.eval.data import LETTERS, load_choice_benchmark
+from qwenlm.engine import EngineConfig, LLMEngine
+from qwenlm.eval.engine_logprobs import engine_next_token_logprobs
 from qwenlm.eval.model_logprobs import last_position_logprobs, model_next_token_logprobs, truncate_left
 from qwenlm.eval.prompts import base_choice_prompt, few_shot_prefix
 from qwenlm.eval.results import summarize_choice
@@ -102,3 +104,25 @@ def test_model_backend_equals_a_direct_softmax_of_the_last_logits(tiny_ckpt, tok
     for r, prompt in zip(records, [base_choice_prompt("mmlu", prefix, it) for it in test[subject]]):
         lp = last_position_logprobs(model, [tok.encode(prompt)])[0, ids]
         assert r.pred == LETTERS[int(lp.argmax())]
+
+
+@pytest.mark.parametrize("max_seq_len", [2048, 40])  # 40: every prompt is cut to its last 39 tokens
+def test_engine_backend_equals_the_padded_forward_and_computes_the_shared_prefix_once(tiny_ckpt, tok, tmp_path,
+                                                                                    max_seq_len):
+    model = load_model(tiny_ckpt, progress=False)
+    test, dev = _load("mmlu", tmp_path)
+    ids = letter_ids(tok, "mmlu")
+    engine = LLMEngine(model, tok, EngineConfig(block_size=4))
+    backend = engine_next_token_logprobs(engine, tok, max_seq_len=max_seq_len)
+    direct = model_next_token_logprobs(model, tok, max_seq_len=max_seq_len)
+    for subject, items in test.items():
+        prompts = [base_choice_prompt("mmlu", few_shot_prefix("mmlu", subject, dev[subject]), it) for it in items]
+        before = engine.stats()
+        got = backend(prompts[:3], ids) + backend(prompts[3:], ids)  # a second batch of the same subject
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(direct(prompts, ids)), rtol=0, atol=1e-5)
+        after = engine.stats()
+        total = sum(len(truncate_left(tok.encode(p), max_seq_len)) for p in prompts)
+        computed = after["prompt_tokens_total"] - before["prompt_tokens_total"]
+        if max_seq_len == 2048:  # the few-shot prefix (hundreds of tokens) is computed once per subject
+            shared = len(tok.encode(few_shot_prefix("mmlu", subject, dev[subject])))
+            assert shared > 100 and computed < total - (len(prompts) - 1) * (shared - 8)

@@ -11,6 +11,7 @@ from qwenlm.eval import run as eval_run
 from qwenlm.eval.choice import score_choice_benchmark
 from qwenlm.eval.data import LETTERS, load_choice_benchmark
 from qwenlm.eval.extract import extract_choice_en
+from qwenlm.eval.engine_logprobs import engine_next_token_logprobs
 from qwenlm.eval.model_logprobs import model_next_token_logprobs
 from qwenlm.eval.prompts import chat_choice_question
 from qwenlm.eval.results import summarize_choice
@@ -50,16 +51,19 @@ def test_mmlu_base_end_to_end_matches_direct_scoring(tiny_ckpt, llm, mmlu, tmp_p
     assert summary["by_category"] == pytest.approx(expected.by_category)
     assert [(r["key"], r["pred"]) for r in items(tmp_path, "mmlu-base")] == \
         [(f"{r.subject}/{r.row}", r.pred) for r in direct]
+    # the engine's prefix-cached prefills give the padded forward's probabilities
+    for got, want in zip(items(tmp_path, "mmlu-base"), direct):
+        assert got["probs"] == pytest.approx(list(want.probs), abs=1e-5)
     assert f"| MMLU | {expected.overall:.1f} | 58.2 |" in md and md.split("\n", 2)[2] in capsys.readouterr().out
 
 
 def test_interrupted_run_resumes_from_the_cached_items(tiny_ckpt, mmlu, tmp_path, monkeypatch):
     scored = []
 
-    def counting(model, tokenizer, **kw):
-        backend = model_next_token_logprobs(model, tokenizer, **kw)
+    def counting(engine, tokenizer, **kw):
+        backend = engine_next_token_logprobs(engine, tokenizer, **kw)
         return lambda prompts, ids: scored.extend(prompts) or backend(prompts, ids)
-    monkeypatch.setattr(eval_run, "model_next_token_logprobs", counting)
+    monkeypatch.setattr(eval_run, "engine_next_token_logprobs", counting)
     args = ["mmlu", "--data", str(mmlu), "--subjects", SUBJECTS]
     assert eval_cli(tiny_ckpt, *args, "--out", str(tmp_path / "a"), "--limit", "2") == 0
     assert len(scored) == 4 and len(items(tmp_path / "a", "mmlu-base")) == 4
@@ -141,8 +145,8 @@ def test_humaneval_pass_at_1_from_scripted_completions(tiny_ckpt, tmp_path, monk
 def test_ctrl_c_keeps_finished_items_and_says_how_to_go_on(tiny_ckpt, mmlu, tmp_path, monkeypatch, capsys):
     calls = []
 
-    def interrupted(model, tokenizer, **kw):
-        backend = model_next_token_logprobs(model, tokenizer, **kw)
+    def interrupted(engine, tokenizer, **kw):
+        backend = engine_next_token_logprobs(engine, tokenizer, **kw)
 
         def next_token_logprobs(prompts, ids):
             calls.append(prompts)
@@ -150,7 +154,7 @@ def test_ctrl_c_keeps_finished_items_and_says_how_to_go_on(tiny_ckpt, mmlu, tmp_
                 raise KeyboardInterrupt
             return backend(prompts, ids)
         return next_token_logprobs
-    monkeypatch.setattr(eval_run, "model_next_token_logprobs", interrupted)
+    monkeypatch.setattr(eval_run, "engine_next_token_logprobs", interrupted)
     assert eval_cli(tiny_ckpt, "mmlu", "--data", str(mmlu), "--subjects", SUBJECTS, "--batch-size", "1",
                     "--out", str(tmp_path)) == 130
     assert len(items(tmp_path, "mmlu-base")) == 1

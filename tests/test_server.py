@@ -159,7 +159,8 @@ def test_completions(served):
     assert [c.index for c in r.choices] == [0, 1]
     assert r.choices[0].text.startswith("Hello") and r.choices[1].text.startswith("World")
     assert r.usage.prompt_tokens == len(tok.encode("Hello")) + len(tok.encode("World"))
-    assert r.choices[0].logprobs.text_offset[0] == len("Hello")
+    prompt_len = len(tok.encode("Hello"))  # echo + logprobs: the prompt's tokens lead, from character 0
+    assert r.choices[0].logprobs.text_offset[0] == 0 and r.choices[0].logprobs.text_offset[prompt_len] == len("Hello")
     s = served.client.completions.create(model=MODEL, prompt=tok.encode("Hello"), max_tokens=5, temperature=0,
                                          stream=True)
     assert "Hello" + "".join(c.choices[0].text for c in s) == r.choices[0].text

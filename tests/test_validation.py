@@ -159,8 +159,10 @@ def test_server_good_values_and_completion_max_tokens():
                                                 "stop": "a", "top_k": -1, "temperature": 0})
     assert req.seed == -2 ** 63 and req.stop == "a"
     assert CompletionRequest.model_validate({"prompt": "x"}).max_tokens == 16
+    # 0 scores the prompt alone (with echo; without it the handler answers 400, tests/test_server_logprobs.py)
+    assert CompletionRequest.model_validate({"prompt": "x", "max_tokens": 0, "echo": True}).max_tokens == 0
     with pytest.raises(ValidationError) as e:
-        CompletionRequest.model_validate({"prompt": "x", "max_tokens": 0})
+        CompletionRequest.model_validate({"prompt": "x", "max_tokens": -1})
     assert validation_error(e.value).param == "max_tokens"
 
 

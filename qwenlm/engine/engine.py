@@ -25,12 +25,12 @@ from qwenlm.engine.fusion import fuse_gate_up
 from qwenlm.engine.kv_cache import BlockManager
 from qwenlm.engine.outputs import CompletionOutput, RequestError, RequestOutput
 from qwenlm.engine.runner import LaunchedStep, ModelRunner
-from qwenlm.engine.sampler import sampling_rows
+from qwenlm.engine.sampler import sampling_rows, unpack_details
 from qwenlm.engine.scheduler import Scheduler
 from qwenlm.engine.sequence import PENDING, Sequence
 from qwenlm.loading import load_checkpoint
 from qwenlm.model.qwen import ntk_alpha
-from qwenlm.sampling import SamplingParams, wrap_seed
+from qwenlm.sampling import SamplingParams, check_in_vocab, wrap_seed
 from qwenlm.tokenizer import IncrementalDetokenizer, StopStringMatcher
 
 DEFAULT_EOS_ID = 151643  # <|endoftext|>, generation_config.json's eos_token_id (spec §12.3)
@@ -120,6 +120,7 @@ class LLMEngine:
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; the engine has none")
         cfg = self.model.config
+        check_in_vocab("candidate_token_ids", params.candidate_token_ids, cfg.vocab_size)  # gathered in the step
         alpha = ntk_alpha(len(prompt_ids), cfg.seq_length) if cfg.use_dynamic_ntk else 1.0
         request_id = request_id if request_id is not None else f"req-{next(self._auto_ids)}"
         req = Request(request_id, prompt_ids, params)
@@ -191,6 +192,8 @@ class LLMEngine:
             seq.num_computed += n
             if seq.num_computed <= seq.num_known:  # not when its input is PENDING: then in _process
                 self.blocks.commit(seq)  # now, so a sibling or a request admitted next can hit these blocks
+        for span in step.prompt_spans:
+            span.seq.prompt_logprobs_next = span.first + span.count
         for seq in step.sample_seqs:
             seq.token_ids.append(PENDING)
             seq.num_pending += 1
@@ -199,15 +202,17 @@ class LLMEngine:
         return step
 
     def _process(self, step: LaunchedStep) -> list[RequestOutput]:
-        tokens, logprobs = self.runner.resolve(step)
+        tokens, columns, prompt_rows = self.runner.resolve(step)
         self.last_step_was_prefill = step.batch.is_prefill
+        if prompt_rows is not None:
+            self._add_prompt_logprobs(step.prompt_spans, prompt_rows)
         touched: dict[str, Request] = {}
         for i, (seq, token) in enumerate(zip(step.sample_seqs, tokens)):
             if seq.is_finished:  # aborted, or finished by the step before: its token is discarded
                 continue
             req = touched[seq.request_id] = self.requests[seq.request_id]
             try:
-                self._append(seq, token, None if logprobs is None else logprobs[i])
+                self._append(seq, token, None if columns is None else columns[i], step.top_k)
             except Exception as e:  # detokenizing or stop handling failed: this request alone fails
                 self._fail(req, e)
         for seq in step.batch.seqs:
@@ -220,17 +225,43 @@ class LLMEngine:
                 del self.requests[req.request_id]
         return outputs
 
-    def _append(self, seq: Sequence, token: int, logprob: float | None) -> None:
-        """Fill in the sequence's oldest PENDING token (or finish it there)."""
+    @staticmethod
+    def _add_prompt_logprobs(spans, rows: list[list[float]]) -> None:
+        """Append each span's prompt logprobs (and top-k) to its sequence, in prompt order."""
+        k = max(span.seq.params.prompt_logprobs for span in spans)
+        at = 0
+        for span in spans:
+            seq, n = span.seq, span.seq.params.prompt_logprobs
+            for row in rows[at:at + span.count] if not seq.is_finished else ():  # aborted: nothing to add
+                seq.prompt_logprobs.append(row[0])
+                seq.prompt_top_logprobs.append({int(i): lp for i, lp in zip(row[1:1 + n], row[1 + k:1 + k + n])})
+            at += span.count
+
+    @staticmethod
+    def _record_logprobs(seq: Sequence, column: list[float] | None, top_k: int) -> None:
+        if column is None:
+            return
+        logprob, top, cands = unpack_details(column, seq.params, top_k)
+        if seq.logprobs is not None:
+            seq.logprobs.append(logprob)
+        if seq.top_logprobs is not None:
+            seq.top_logprobs.append(top)
+        if seq.candidate_logprobs is not None:
+            seq.candidate_logprobs.append(cands)
+
+    def _append(self, seq: Sequence, token: int, column: list[float] | None, top_k: int = 0) -> None:
+        """Fill in the sequence's oldest PENDING token (or finish it there). column: the token's logprob
+        details (runner.resolve), recorded also for a stop token, which ends the sequence without joining it."""
         p = seq.params
         if token in p.stop_token_ids or (token == self.eos_token_id and not p.ignore_eos):
+            self._record_logprobs(seq, column, top_k)
+            seq.stop_token_id = token
             return self._finish(seq, "stop")  # drops the placeholder with the rest
         at = len(seq.token_ids) - seq.num_pending
         seq.token_ids[at] = token
         seq.num_pending -= 1
         self.num_generation_tokens += 1
-        if seq.logprobs is not None:
-            seq.logprobs.append(logprob)
+        self._record_logprobs(seq, column, top_k)
         if seq.detok.push(token):
             return self._finish(seq, "stop")
         if at + 1 - seq.num_prompt_tokens >= p.max_tokens or at + 1 >= self.max_model_len:
@@ -251,11 +282,14 @@ class LLMEngine:
         for seq in req.seqs:
             text = seq.detok
             outs.append(CompletionOutput(seq.index, list(seq.output_token_ids), text.text, text.delta,
-                                         list(seq.logprobs) if seq.logprobs is not None else None,
-                                         seq.finish_reason))
+                                         _copy(seq.logprobs), seq.finish_reason, _copy(seq.top_logprobs),
+                                         _copy(seq.candidate_logprobs), seq.stop_token_id))
             text.delta = ""
+        first = req.seqs[0]
+        # Prompt logprobs are whole before any output (outputs follow sampled tokens, which follow the prompt;
+        # an aborted request's stop growing) and never change after: the lists are handed out as they are.
         return RequestOutput(req.request_id, req.prompt_token_ids, outs, req.finished,
-                             req.seqs[0].num_cached_tokens, req.error)
+                             first.num_cached_tokens, req.error, first.prompt_logprobs, first.prompt_top_logprobs)
 
     # ---- whole batches and stats ------------------------------------------------------------------
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
@@ -292,6 +326,11 @@ class LLMEngine:
             "generation_tokens_total": self.num_generation_tokens,
             "num_preemptions": sched.num_preemptions,
         }
+
+
+def _copy(values: list | None) -> list | None:
+    """A snapshot of a growing list for an output (its dict / list entries are never changed once added)."""
+    return None if values is None else list(values)
 
 
 class LLM(LLMEngine):

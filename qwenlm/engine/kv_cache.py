@@ -77,8 +77,9 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
-        # Leave at least one token to compute: the step needs its logits.
-        limit = (len(seq) - 1) // bs
+        # Leave at least one token to compute: the step needs its logits. A sequence that wants prompt logprobs
+        # takes no block past the positions already scored: their logits must be computed (as vLLM does).
+        limit = min(len(seq) - 1, seq.max_cached_tokens) // bs
         h = hit = None
         for i in range(limit):
             tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])

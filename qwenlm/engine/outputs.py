@@ -11,8 +11,14 @@ class CompletionOutput:
     token_ids: list[int] = field(default_factory=list)  # all generated ids so far (stop tokens excluded)
     text: str = ""  # all text so far, stop strings cut, never a broken UTF-8 character
     text_delta: str = ""  # text added by this step
-    logprobs: list[float] | None = None  # logprob of each chosen token, when asked for
+    # Logprob of each chosen token, when asked for; one more at the end when a stop token id ended the sample
+    # (`stop_token_id`, which token_ids leave out), as vLLM counts it.
+    logprobs: list[float] | None = None
     finish_reason: str | None = None  # None while running; "stop" | "length" | "abort" | "error"
+    # The entries below are plain lists and dicts (ids, floats), one per entry of `logprobs`.
+    top_logprobs: list[dict[int, float]] | None = None  # params.top_logprobs most likely {id: logprob}, best first
+    candidate_logprobs: list[list[float]] | None = None  # logprobs of params.candidate_token_ids, in their order
+    stop_token_id: int | None = None  # the stop token id that ended the sample, if one did
 
     @property
     def finished(self) -> bool:
@@ -27,6 +33,11 @@ class RequestOutput:
     finished: bool = False
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     error: str | None = None  # why the request failed (finish_reason "error"); the other requests go on
+    # params.prompt_logprobs: each prompt token's logprob given its prefix (None for the first token), and the
+    # k most likely {id: logprob} at each prompt position, best first (None for the first). Filled once the
+    # whole prompt is computed, so the first output that carries a token has them whole.
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[dict[int, float] | None] | None = None
 
 
 class RequestError(RuntimeError):

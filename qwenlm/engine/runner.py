@@ -18,12 +18,24 @@ import torch
 from qwenlm.engine.attention import PagedAttention, PrefillSeq, kv_bytes_per_token_head
 from qwenlm.engine.compiled_decode import CompiledDecode
 from qwenlm.engine.config import EngineConfig
-from qwenlm.engine.sampler import SamplingBatch, sample
+from qwenlm.engine.sampler import SamplingBatch, logprob_details, prompt_logprob_rows, sample
 from qwenlm.engine.scheduler import ScheduledBatch
 from qwenlm.engine.sequence import Sequence
 from qwenlm.sampling import SamplingParams
 
 MAX_NTK_ALPHAS = 32  # rows of the RoPE table; alpha 2**32 - 1 is far past any context length
+# Prompt positions whose logits one lm_head call makes for prompt logprobs: 128 x 151,936 fp32 is 78 MB (and as
+# much again for the log_softmax), whatever the prompt length: within the margin the pool sizing leaves.
+PROMPT_LOGITS_ROWS = 128
+
+
+@dataclass
+class PromptSpan:
+    """Prompt rows of one sequence in a prefill: `count` rows from prompt position `first`, the logprobs of
+    prompt tokens first + 1 .. first + count."""
+    seq: Sequence
+    first: int
+    count: int
 
 
 @dataclass
@@ -36,6 +48,9 @@ class LaunchedStep:
     tokens: torch.Tensor | None  # [len(sample_seqs)] int64 on the device
     host: torch.Tensor | None  # tokens (and logprobs) as float64 [1 or 2, n] on the host (pinned on CUDA)
     done: torch.cuda.Event | None  # recorded after the copy to `host` (None on CPU: the copy was synchronous)
+    top_k: int = 0  # width of the top-k rows in `host` (sampler.logprob_details), 0 when it holds none
+    prompt_spans: tuple[PromptSpan, ...] = ()
+    prompt_host: torch.Tensor | None = None  # float64 [sum of span counts, 1 + 2 * prompt_k] on the host
 
 
 class ModelRunner:
@@ -169,34 +184,57 @@ class ModelRunner:
         """Queue the batch's forward and sampling on the device; no host sync. Sequences whose last token is
         PENDING take it from `prev` (the step in flight) on the device."""
         sample_seqs = batch.sample_seqs
-        logits = self._prefill(batch) if batch.is_prefill else self._decode(batch.seqs, prev)
+        spans, prompt_rows = (), None
+        if batch.is_prefill:
+            logits, spans, prompt_rows = self._prefill(batch)
+        else:
+            logits = self._decode(batch.seqs, prev)
         rows = {s.seq_id: i for i, s in enumerate(sample_seqs)}
-        if not sample_seqs:
-            return LaunchedStep(batch, [], rows, None, None, None)
-        tokens, logprobs = sample(logits, SamplingBatch(sample_seqs, self.device))
-        both = tokens[None] if logprobs is None else torch.stack((tokens.double(), logprobs.double()))
+        tokens, both, top_k = None, None, 0
+        if sample_seqs:
+            sb = SamplingBatch(sample_seqs, self.device)
+            tokens, logprobs = sample(logits, sb)
+            details = logprob_details(logits, sb, tokens)
+            if details is not None:
+                both, top_k = torch.cat((tokens.double()[None], details)), min(sb.max_top_logprobs, logits.shape[1])
+            else:
+                both = tokens[None] if logprobs is None else torch.stack((tokens.double(), logprobs.double()))
         if self.device.type != "cuda":
-            return LaunchedStep(batch, sample_seqs, rows, tokens, both, None)
+            return LaunchedStep(batch, sample_seqs, rows, tokens, both, None, top_k, spans, prompt_rows)
         # Copied now, in stream order right after the sampler: reading `tokens` later would wait behind the
         # next step, which is queued by then.
-        host = torch.empty(both.shape, dtype=both.dtype, pin_memory=True)
-        host.copy_(both, non_blocking=True)
+        host, prompt_host = self._to_host(both), self._to_host(prompt_rows)
         done = torch.cuda.Event()
         done.record()
-        return LaunchedStep(batch, sample_seqs, rows, tokens, host, done)
+        return LaunchedStep(batch, sample_seqs, rows, tokens, host, done, top_k, spans, prompt_host)
 
     @staticmethod
-    def resolve(step: LaunchedStep) -> tuple[list[int], list[float] | None]:
-        """Wait for the step's tokens (and logprobs) to reach the host: the one host sync of a step."""
-        if step.host is None:
-            return [], None
+    def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        return host
+
+    @staticmethod
+    def resolve(step: LaunchedStep) -> tuple[list[int], list[list[float]] | None, list[list[float]] | None]:
+        """Wait for the step's results to reach the host: the one host sync of a step. Returns the tokens; per
+        token its column of logprob details ([logprob] alone, or `sampler.logprob_details`'s column), or None;
+        the prompt rows of `step.prompt_spans` in order ([logprob, k ids, k logprobs] each), or None."""
         if step.done is not None:
             step.done.synchronize()
+        prompt = step.prompt_host.tolist() if step.prompt_host is not None else None
+        if step.host is None:
+            return [], None, prompt
         both = step.host.tolist()
-        return [int(t) for t in both[0]], (both[1] if len(both) > 1 else None)
+        columns = [list(c) for c in zip(*both[1:])] if len(both) > 1 else None
+        return [int(t) for t in both[0]], columns, prompt
 
-    def _prefill(self, batch: ScheduledBatch) -> torch.Tensor:
+    def _prefill(self, batch: ScheduledBatch):
+        """Logits [len(last), V] of the rows that sample, the prompt spans of the step, and their prompt rows
+        (`sampler.prompt_logprob_rows`, float64 on the device) or None."""
         ids, positions, slots, alpha_rows, seqs, last = [], [], [], [], [], []
+        spans, span_rows, targets = [], [], []
         offset = 0
         for seq, n in zip(batch.seqs, batch.num_tokens):
             start, end = seq.num_computed, seq.num_computed + n
@@ -208,6 +246,12 @@ class ModelRunner:
             slots.append(all_slots[start:])
             ctx_slots = all_slots.to(self.device, non_blocking=True) if start > 0 else None
             seqs.append(PrefillSeq(offset, n, end, ctx_slots))
+            if seq.prompt_logprobs_left:
+                first, stop = max(start, seq.prompt_logprobs_next), min(end, seq.num_prompt_tokens - 1)
+                if stop > first:
+                    spans.append(PromptSpan(seq, first, stop - first))
+                    span_rows += range(offset + first - start, offset + stop - start)
+                    targets += seq.token_ids[first + 1:stop + 1]
             offset += n
             if end == len(seq):
                 last.append(offset - 1)
@@ -222,8 +266,16 @@ class ModelRunner:
             per_token = torch.cat([torch.full((n,), r, dtype=torch.int64) for r, n in alpha_rows])
             inv = self._inv_table[per_token.to(self.device)][None]  # [1,T,r/2]
         use_logn = self.cfg.use_logn_attn and max(positions) + 1 > self.cfg.seq_length
-        hidden = self._prefill_forward(self.ctx, ids_t, pos_t, inv, use_logn, self._to_device(last))
-        return self.model.logits(hidden)  # [len(last), V] fp32 (no rows: empty)
+        hidden = self._prefill_forward(self.ctx, ids_t, pos_t, inv, use_logn, self._to_device(last + span_rows))
+        logits = self.model.logits(hidden[:len(last)])  # [len(last), V] fp32 (no rows: empty)
+        if not spans:
+            return logits, (), None
+        k = max(s.seq.params.prompt_logprobs for s in spans)
+        prompt_hidden, targets_t = hidden[len(last):], self._to_device(targets)
+        prompt_rows = torch.cat([prompt_logprob_rows(self.model.logits(prompt_hidden[i:i + PROMPT_LOGITS_ROWS]),
+                                                     targets_t[i:i + PROMPT_LOGITS_ROWS], k)
+                                 for i in range(0, len(targets), PROMPT_LOGITS_ROWS)])
+        return logits, tuple(spans), prompt_rows
 
     def _decode_inputs(self, seqs: list[Sequence], rows: int):
         """Flat int64 [5*rows] (ids, positions, slots, context lens, alpha rows) and the block tables [rows, W]."""

@@ -59,8 +59,11 @@ class SamplingBatch:
         self.any_penalty = any(p.repetition_penalty != 1.0 for p in ps)
         self.any_top_k = any(p.top_k > 0 and not p.greedy for p in ps)
         self.any_top_p = any(p.top_p < 1.0 and not p.greedy for p in ps)
-        self.want_logprobs = any(p.logprobs for p in ps)
+        self.want_logprobs = any(p.logprobs or p.candidate_token_ids for p in ps)
         self.max_top_k = max((p.top_k for p in ps if not p.greedy), default=0)
+        # Logprob details beyond the chosen token's: the widest top-k and candidate list of the batch.
+        self.max_top_logprobs = max((p.top_logprobs for p in ps), default=0)
+        self.max_candidates = max((len(p.candidate_token_ids) for p in ps), default=0)
         self.fast_greedy = self.all_greedy and not self.any_penalty and not self.want_logprobs
         if self.fast_greedy:
             return  # argmax only: no per-row tensors to build or copy
@@ -127,3 +130,47 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, to
     if batch.want_logprobs:
         logprobs = logits.float().log_softmax(dim=1).gather(1, tokens[:, None])[:, 0]
     return tokens, logprobs
+
+
+def logprob_details(logits: torch.Tensor, batch: SamplingBatch, tokens: torch.Tensor) -> torch.Tensor | None:
+    """float64 [1 + 2k + c, B] (k = batch.max_top_logprobs, c = batch.max_candidates): the chosen tokens'
+    logprobs, the top-k ids, their logprobs, and the logprobs of each row's candidate ids (rows padded with id
+    0), all from one log_softmax of the raw logits, so a chosen token that is the top-1 has the same number in
+    both places. None when no row asks for top-k or candidates (`sample` gives the chosen logprobs then)."""
+    k, c = min(batch.max_top_logprobs, logits.shape[1]), batch.max_candidates
+    if not k and not c:
+        return None
+    lsm = logits.float().log_softmax(dim=1)  # [B,V]
+    rows = [lsm.gather(1, tokens[:, None])[:, 0].double()[None]]  # [1,B]
+    if k:
+        top = torch.topk(lsm, k, dim=1)  # [B,k]
+        rows += [top.indices.double().T, top.values.double().T]
+    if c:
+        ids = [s.params.candidate_token_ids + [0] * (c - len(s.params.candidate_token_ids)) for s in batch.seqs]
+        ids_t = torch.tensor(ids, dtype=torch.int64).to(logits.device, non_blocking=True)
+        rows.append(lsm.gather(1, ids_t).double().T)  # [c,B]
+    return torch.cat(rows)
+
+
+def unpack_details(column: list[float], params, k: int) -> tuple[float, dict[int, float] | None, list[float] | None]:
+    """One row's column of `logprob_details` (k: the step's top-k width) -> (chosen logprob, its own top-k as
+    {id: logprob} best first, or None, its candidates' logprobs, or None)."""
+    top = None
+    if params.top_logprobs:
+        n = params.top_logprobs
+        top = {int(i): lp for i, lp in zip(column[1:1 + n], column[1 + k:1 + k + n])}
+    cands = None
+    if params.candidate_token_ids:
+        cands = column[1 + 2 * k:1 + 2 * k + len(params.candidate_token_ids)]
+    return column[0], top, cands
+
+
+def prompt_logprob_rows(logits: torch.Tensor, targets: torch.Tensor, k: int) -> torch.Tensor:
+    """float64 [N, 1 + 2k] for N prompt positions: the logprob of the next prompt token (`targets` [N]), then
+    the top-k ids and their logprobs (logits [N,V] fp32 of those positions)."""
+    lsm = logits.float().log_softmax(dim=1)
+    cols = [lsm.gather(1, targets[:, None]).double()]
+    if k:
+        top = torch.topk(lsm, min(k, lsm.shape[1]), dim=1)
+        cols += [top.indices.double(), top.values.double()]
+    return torch.cat(cols, dim=1)

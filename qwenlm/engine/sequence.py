@@ -52,6 +52,16 @@ class Sequence:
         self.last_hash: int | None = None  # hash of the last of those
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache at the last admission
         self.logprobs: list[float] | None = [] if params.logprobs else None
+        self.top_logprobs: list[dict[int, float]] | None = [] if params.top_logprobs else None
+        self.candidate_logprobs: list[list[float]] | None = [] if params.candidate_token_ids else None
+        self.stop_token_id: int | None = None
+        # Prompt logprobs belong to the request: sample 0 computes them. Row p of a prefill gives the logprob of
+        # prompt token p + 1; `prompt_logprobs_next` is the first row not yet launched (a preempted sequence is
+        # recomputed, but its rows are not taken twice).
+        self.wants_prompt_logprobs = params.prompt_logprobs is not None and first_sibling is None
+        self.prompt_logprobs_next = 0
+        self.prompt_logprobs: list[float | None] | None = [None] if self.wants_prompt_logprobs else None
+        self.prompt_top_logprobs: list[dict | None] | None = [None] if self.wants_prompt_logprobs else None
         self.finish_reason: str | None = None
         self.detok = None  # incremental detokenizer / stop matcher, set by the engine
         self.num_pending = 0  # trailing placeholders: tokens sampled on the device, not yet read back
@@ -72,6 +82,16 @@ class Sequence:
         """Forget the placeholders (the sequence finished: their tokens are discarded)."""
         del self.token_ids[self.num_known:]
         self.num_pending = 0
+
+    @property
+    def prompt_logprobs_left(self) -> bool:
+        return self.wants_prompt_logprobs and self.prompt_logprobs_next < self.num_prompt_tokens - 1
+
+    @property
+    def max_cached_tokens(self) -> int:
+        """Tokens the prefix cache may serve at admission: a cached position computes no logits, so none past the
+        first prompt position whose logprobs are still to be computed."""
+        return self.prompt_logprobs_next if self.prompt_logprobs_left else len(self.token_ids)
 
     @property
     def num_output_tokens(self) -> int:

@@ -1,7 +1,8 @@
 """The `qwenlm eval` driver: read a benchmark, run the model on the items not yet in the cache, score them
 as the official scripts do, and write the totals.
 
-Base models: multiple choice by the next letter token (few-shot, a plain batched forward); GSM8K and
+Base models: multiple choice by the next letter token (few-shot, one prefill per item through the engine, the
+subject's shared few-shot prefix computed once and served from the prefix cache); GSM8K and
 HumanEval by greedy completion, cut by the official rules. Chat models (--chat): each question 0-shot as a
 `model.chat` query (ChatML, default system prompt, greedy, no repetition penalty), batched through the
 engine, and the official extraction on the reply. HumanEval programs run in the sandbox.
@@ -18,7 +19,7 @@ from tqdm import tqdm
 from qwenlm.eval import data, extract, prompts
 from qwenlm.eval.cache import ItemCache
 from qwenlm.eval.choice import letter_ids, pick_letter
-from qwenlm.eval.model_logprobs import model_next_token_logprobs
+from qwenlm.eval.engine_logprobs import engine_next_token_logprobs
 from qwenlm.eval.results import accuracy, markdown_table, summarize_choice
 from qwenlm.eval.sandbox import run_humaneval
 from qwenlm.eval.subjects import SUBJECTS
@@ -101,7 +102,7 @@ def _generation(args, **extra) -> dict:
 def _score_base_choice(llm, args, todo, dev, cache, bar) -> None:
     bench, shots = args.benchmark, prompts.N_SHOT if args.shots is None else args.shots
     ids = letter_ids(llm.tokenizer, bench)
-    backend = model_next_token_logprobs(llm.model, llm.tokenizer, batch_size=args.batch_size)
+    backend = engine_next_token_logprobs(llm.engine, llm.tokenizer)
     by_subject: dict[str, list] = {}
     for key, item in todo:
         by_subject.setdefault(item.subject, []).append((key, item))

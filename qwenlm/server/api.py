@@ -234,6 +234,10 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None,
     async def detokenize(request: Request):
         return handlers.detokenize(state, await read_json(request, DetokenizeRequest))
 
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        return handlers.tokenizer_info(state)
+
     @app.get("/metrics")
     async def metrics():
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)

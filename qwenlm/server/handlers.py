@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -38,31 +39,62 @@ async def ended_properly(events):
 
 
 def _token_text(tok, token_id: int) -> tuple[str, list[int]]:
-    raw = tok.token_bytes[token_id]
+    # ids past the tokenizer's table (the model's padded vocabulary rows) can rank among the alternatives: no text
+    raw = tok.token_bytes[token_id] if token_id < len(tok.token_bytes) else b""
     return raw.decode("utf-8", errors="replace"), list(raw)
 
 
-def chat_logprobs(tok, token_ids: list[int], logprobs: list[float] | None) -> dict | None:
+def chat_logprobs(tok, token_ids: list[int], logprobs: list[float] | None,
+                  tops: list[dict[int, float]] | None = None) -> dict | None:
+    """OpenAI's chat `logprobs.content`: each generated token (a stop token is not part of the message)."""
     if logprobs is None:
         return None
     content = []
-    for tid, lp in zip(token_ids, logprobs):
+    for i, (tid, lp) in enumerate(zip(token_ids, logprobs)):
         text, raw = _token_text(tok, tid)
-        content.append({"token": text, "logprob": lp, "bytes": raw, "top_logprobs": []})
+        alternatives = []
+        for alt, alt_lp in (tops[i] if tops else {}).items():
+            alt_text, alt_raw = _token_text(tok, alt)
+            alternatives.append({"token": alt_text, "logprob": alt_lp, "bytes": alt_raw})
+        content.append({"token": text, "logprob": lp, "bytes": raw, "top_logprobs": alternatives})
     return {"content": content}
 
 
-def completion_logprobs(tok, token_ids: list[int], logprobs: list[float] | None, offset: int) -> dict | None:
+def _top_texts(tok, top: dict[int, float] | None, token_id: int, logprob: float) -> dict[str, float]:
+    """A legacy `top_logprobs` entry: {token text: logprob} of the alternatives, best first, and the token
+    itself (OpenAI's legacy API and vLLM list the chosen token too)."""
+    out = {}
+    for alt, alt_lp in (top or {}).items():
+        out.setdefault(_token_text(tok, alt)[0], alt_lp)
+    out.setdefault(_token_text(tok, token_id)[0], logprob)
+    return out
+
+
+def completion_logprobs(tok, token_ids: list[int], logprobs: list[float | None] | None, offset: int,
+                        tops: list | None = None) -> dict | None:
+    """OpenAI's legacy `logprobs` {tokens, token_logprobs, top_logprobs, text_offset} of `token_ids` (a first
+    prompt token has logprob None and no alternatives); offsets count characters of the choice's text from
+    `offset`."""
     if logprobs is None:
         return None
-    tokens, offsets = [], []
-    for tid in token_ids:
-        offsets.append(offset)
+    tokens, token_lps, top_lps, offsets = [], [], [], []
+    for i, (tid, lp) in enumerate(zip(token_ids, logprobs)):
         text, _ = _token_text(tok, tid)
         tokens.append(text)
+        token_lps.append(lp)
+        top_lps.append(None if lp is None else _top_texts(tok, tops[i] if tops else None, tid, lp))
+        offsets.append(offset)
         offset += len(text)
-    return {"tokens": tokens, "token_logprobs": list(logprobs[:len(token_ids)]), "top_logprobs": None,
-            "text_offset": offsets}
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": top_lps, "text_offset": offsets}
+
+
+def _generated(c, start: int = 0) -> tuple[list[int], list[float] | None, list | None]:
+    """A choice's generated ids from `start` with their logprobs and alternatives; a stop token id that ended it
+    is listed last (vLLM lists it too: lm-eval drops the last entry of an echoed prompt + 1 token)."""
+    ids = c.token_ids[start:] + ([c.stop_token_id] if c.stop_token_id is not None else [])
+    if c.logprobs is None:
+        return ids, None, None
+    return ids, c.logprobs[start:], None if c.top_logprobs is None else c.top_logprobs[start:]
 
 
 def _call_fields(parsed: ParsedReply, style: str) -> tuple[dict, str]:
@@ -95,13 +127,13 @@ def react_final_deltas(parsed: ParsedReply, style: str, finish_reason: str) -> t
 
 
 def prepare_chat(state: ServerState, req: ChatCompletionRequest):
-    if req.top_logprobs:
-        raise ApiError(400, "top_logprobs > 0 is not supported (only the chosen token's logprob)",
-                       param="top_logprobs")
+    if req.top_logprobs and not req.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     prompt_ids, functions, style = build_chat(state, req)
     max_tokens = req.max_completion_tokens or req.max_tokens
     params = sampling_params(state, req, len(prompt_ids), with_tools=bool(functions), max_tokens=max_tokens,
                              logprobs=req.logprobs)
+    params = dataclasses.replace(params, top_logprobs=req.top_logprobs or 0)
     return prompt_ids, params, (style if functions else None)
 
 
@@ -121,7 +153,8 @@ async def chat_full(state: ServerState, req: ChatCompletionRequest) -> dict:
         if style:
             message, finish = react_message(c.text, style, finish)
         choices.append({"index": c.index, "message": message,
-                        "logprobs": chat_logprobs(state.tokenizer, c.token_ids, c.logprobs), "finish_reason": finish})
+                        "logprobs": chat_logprobs(state.tokenizer, c.token_ids, c.logprobs, c.top_logprobs),
+                        "finish_reason": finish})
     return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": now(), "model": state.model_name,
             "choices": choices, "usage": usage(len(prompt_ids), completion_tokens)}
 
@@ -156,7 +189,8 @@ def chat_stream(state: ServerState, req: ChatCompletionRequest):
                         continue
                     new_ids = c.token_ids[sent_tokens[i]:]
                     lps = chat_logprobs(state.tokenizer, new_ids,
-                                        None if c.logprobs is None else c.logprobs[sent_tokens[i]:])
+                                        None if c.logprobs is None else c.logprobs[sent_tokens[i]:],
+                                        None if c.top_logprobs is None else c.top_logprobs[sent_tokens[i]:])
                     sent_tokens[i] = len(c.token_ids)
                     text = parsers[i].feed(c.text_delta) if style else c.text_delta
                     if text or lps and lps["content"]:
@@ -203,11 +237,20 @@ def prepare_completion(state: ServerState, req: CompletionRequest):
         raise ApiError(400, "suffix is not supported", param="suffix")
     if req.best_of not in (None, req.n):
         raise ApiError(400, "best_of is not supported (use n)", param="best_of")
+    if req.max_tokens == 0 and not req.echo:
+        raise ApiError(400, "max_tokens 0 needs echo: true (the prompt alone is scored)", param="max_tokens")
     prompts = _completion_prompts(state, req)
     state.admit(len(prompts), req.n)
     max_tokens = req.max_tokens if "max_tokens" in req.model_fields_set else None  # else the capped default
-    params = [sampling_params(state, req, len(p), max_tokens=max_tokens, logprobs=req.logprobs is not None,
-                              default_max_tokens=DEFAULT_COMPLETION_MAX_TOKENS, prompt_param="prompt")
+    if max_tokens == 0:  # as vLLM: one token is computed and left out of the reply
+        max_tokens = 1
+    # logprobs k: each token's logprob and its k most likely alternatives; with echo, the prompt's too
+    logprobs = dict(top_logprobs=req.logprobs or 0,
+                    prompt_logprobs=req.logprobs if req.echo and req.logprobs is not None else None)
+    params = [dataclasses.replace(sampling_params(state, req, len(p), max_tokens=max_tokens,
+                                                  logprobs=req.logprobs is not None,
+                                                  default_max_tokens=DEFAULT_COMPLETION_MAX_TOKENS,
+                                                  prompt_param="prompt"), **logprobs)
               for p in prompts]
     runs = []
     try:
@@ -221,6 +264,25 @@ def prepare_completion(state: ServerState, req: CompletionRequest):
     return prompts, runs, echoes
 
 
+def completion_choice_logprobs(state: ServerState, req: CompletionRequest, out, c, start: int, offset: int):
+    """The legacy logprobs of a choice's generated tokens from `start` on (their text from character `offset`),
+    led by the prompt's (from character 0) in the choice's first piece when echo asks for them; generated
+    tokens are left out for max_tokens 0."""
+    if req.logprobs is None:
+        return None
+    tok = state.tokenizer
+    ids, lps, tops = ([], [], None) if _echo_only(req) else _generated(c, start)
+    body = completion_logprobs(tok, ids, lps, offset, tops)
+    if req.echo and start == 0:
+        head = completion_logprobs(tok, out.prompt_token_ids, out.prompt_logprobs, 0, out.prompt_top_logprobs)
+        body = {key: head[key] + body[key] for key in body}
+    return body
+
+
+def _echo_only(req: CompletionRequest) -> bool:
+    return req.max_tokens == 0
+
+
 async def completion_full(state: ServerState, req: CompletionRequest) -> dict:
     prompts, runs, echoes = prepare_completion(state, req)
     finals = {}
@@ -229,9 +291,10 @@ async def completion_full(state: ServerState, req: CompletionRequest) -> dict:
     choices, completion_tokens = [], 0
     for k, out in sorted(finals.items()):
         for c in sorted(out.outputs, key=lambda c: c.index):
-            completion_tokens += len(c.token_ids)
-            choices.append({"index": k * req.n + c.index, "text": echoes[k] + c.text, "finish_reason": c.finish_reason,
-                            "logprobs": completion_logprobs(state.tokenizer, c.token_ids, c.logprobs, len(echoes[k]))})
+            completion_tokens += 0 if _echo_only(req) else len(c.token_ids)
+            choices.append({"index": k * req.n + c.index, "text": echoes[k] + ("" if _echo_only(req) else c.text),
+                            "finish_reason": c.finish_reason,
+                            "logprobs": completion_choice_logprobs(state, req, out, c, 0, len(echoes[k]))})
     return {"id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": state.model_name,
             "choices": choices, "usage": usage(sum(map(len, prompts)), completion_tokens)}
 
@@ -254,15 +317,14 @@ def completion_stream(state: ServerState, req: CompletionRequest):
                         continue
                     if c.finish_reason is not None:
                         finished.add(key)
-                    text = c.text_delta
-                    offset = 0
+                    text = "" if _echo_only(req) else c.text_delta
+                    offset = 0  # text offsets are within each chunk's text
                     if key not in sent:
                         sent[key] = 0
                         text = echoes[k] + text
                         offset = len(echoes[k])
                     new_ids = c.token_ids[sent[key]:]
-                    lps = None if c.logprobs is None else completion_logprobs(
-                        state.tokenizer, new_ids, c.logprobs[sent[key]:], offset)
+                    lps = completion_choice_logprobs(state, req, out, c, sent[key], offset)
                     sent[key] = len(c.token_ids)
                     if text or new_ids or c.finish_reason:
                         choice = {"index": k * req.n + c.index, "text": text, "logprobs": lps,
@@ -293,3 +355,11 @@ def tokenize(state: ServerState, req: TokenizeRequest) -> dict:
 def detokenize(state: ServerState, req: DetokenizeRequest) -> dict:
     check_in_vocab("tokens", req.tokens, state.tokenizer.n_vocab)
     return {"prompt": state.tokenizer.decode(req.tokens)}
+
+
+def tokenizer_info(state: ServerState) -> dict:
+    """`GET /tokenizer_info` (vLLM's route; lm-eval's remote tokenizer reads the special tokens from it).
+    Qwen has no BOS token; <|endoftext|> is generation_config.json's eos_token_id and pad_token_id (spec §12.3)."""
+    eos = state.tokenizer.decode([state.tokenizer.eod_id], skip_special_tokens=False)
+    return {"tokenizer_class": "QWenTokenizer", "eos_token": eos, "bos_token": None, "pad_token": eos,
+            "model_max_length": state.max_model_len}

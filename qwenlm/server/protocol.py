@@ -76,11 +76,15 @@ class SamplingFields(BaseModel):
     # the official Qwen server's: total length (prompt + reply), as transformers' generate counts it
     max_length: int | None = Field(None, ge=1)
 
-    @field_validator("temperature", "top_p", "n", "stop", "max_tokens", "seed", "top_k", "repetition_penalty",
-                     "stop_token_ids")
+    @field_validator("temperature", "top_p", "n", "stop", "seed", "top_k", "repetition_penalty", "stop_token_ids")
     @classmethod
     def _sampling_rules(cls, value, info: ValidationInfo):
         return _shared_rule(info.field_name, value)
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _max_tokens_rule(cls, value):
+        return _shared_rule("max_tokens", value)
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -113,6 +117,12 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _max_tokens_rule(cls, value):
+        # 0 with echo: score the prompt only (vLLM's echo without generation; checked in the handler)
+        return value if value == 0 else _shared_rule("max_tokens", value)
 
 
 class TokenizeRequest(BaseModel):
