@@ -27,6 +27,7 @@ from pathlib import Path
 import json5
 from tqdm import tqdm
 
+from qwenlm.eval.batching import batches, greedy_generation
 from qwenlm.eval.cache import ItemCache
 from qwenlm.eval.data import EvalDataError, _read_jsonl, _text_field
 from qwenlm.files import write_text
@@ -158,7 +159,6 @@ def markdown_table(s: dict, model: str = "Qwen-7B-Chat") -> str:
 def run(args, load_model) -> dict:
     """Generate the replies not yet in the cache, score them, write `summary.json` and `summary.md` under
     `<out>/plugin-chat/` and return the summary."""
-    from qwenlm.eval.run import _batches, _generation  # run.py dispatches here
     check_args(args)
     items = [(f"{split}/{it.line}", it) for split, path in plugin_files(args.data).items()
              for it in read_plugin(path, split)[:args.limit]]
@@ -169,9 +169,9 @@ def run(args, load_model) -> dict:
     llm = load_model() if todo else None
     with tqdm(total=len(items), initial=len(items) - len(todo), desc=TASK, unit="item") as bar:
         try:
-            for chunk in _batches(todo, args.batch_size):
+            for chunk in batches(todo, args.batch_size):
                 replies = llm.generate([it.prompt for _, it in chunk], chat_format="chatml",
-                                       **_generation(args, stop=[OBSERVATION_STOP]))
+                                       **greedy_generation(args, stop=[OBSERVATION_STOP]))
                 cache.add([dict(key=key, split=it.split, line=it.line, **score_reply(llm.tokenizer, it, reply))
                            for (key, it), reply in zip(chunk, replies)])
                 bar.update(len(chunk))

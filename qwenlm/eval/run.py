@@ -17,6 +17,8 @@ from types import SimpleNamespace
 from tqdm import tqdm
 
 from qwenlm.eval import data, extract, prompts
+from qwenlm.eval import plugin
+from qwenlm.eval.batching import batches, greedy_generation
 from qwenlm.eval.cache import ItemCache
 from qwenlm.eval.choice import letter_ids, pick_letter
 from qwenlm.eval.engine_logprobs import engine_next_token_logprobs
@@ -34,7 +36,6 @@ SPLIT = {"mmlu": "test", "ceval": "val", "cmmlu": "test"}
 def check_args(args) -> None:
     """Everything that can be wrong before a model loads: one clear error naming the option."""
     if args.benchmark == "plugin":
-        from qwenlm.eval import plugin
         return plugin.check_args(args)
     if not Path(args.data).exists():
         raise FileNotFoundError(f"--data {args.data}: no such file or folder")
@@ -87,17 +88,6 @@ def load_items(args) -> tuple[list[tuple[str, object]], dict]:
     return items[:args.limit], {}
 
 
-def _batches(seq: list, size: int):
-    for start in range(0, len(seq), size):
-        yield seq[start:start + size]
-
-
-def _generation(args, **extra) -> dict:
-    gen = dict(temperature=0, repetition_penalty=1.0, **extra)  # greedy, as evaluate_chat_*.py set it
-    if args.max_new_tokens is not None:
-        gen["max_new_tokens"] = args.max_new_tokens
-    return gen
-
 
 def _score_base_choice(llm, args, todo, dev, cache, bar) -> None:
     bench, shots = args.benchmark, prompts.N_SHOT if args.shots is None else args.shots
@@ -108,7 +98,7 @@ def _score_base_choice(llm, args, todo, dev, cache, bar) -> None:
         by_subject.setdefault(item.subject, []).append((key, item))
     for subject, pending in by_subject.items():
         prefix = prompts.few_shot_prefix(bench, subject, dev[subject], shots)
-        for chunk in _batches(pending, args.batch_size):
+        for chunk in batches(pending, args.batch_size):
             rows = backend([prompts.base_choice_prompt(bench, prefix, it) for _, it in chunk], ids)
             records = []
             for (key, item), lps in zip(chunk, rows):
@@ -121,13 +111,13 @@ def _score_base_choice(llm, args, todo, dev, cache, bar) -> None:
 
 def _chat_or_complete(llm, args, texts: list[str], **extra) -> list[str]:
     if args.chat:
-        return llm.generate(texts, chat_format="chatml", **_generation(args))
-    return llm.generate(texts, **_generation(args, **extra))
+        return llm.generate(texts, chat_format="chatml", **greedy_generation(args))
+    return llm.generate(texts, **greedy_generation(args, **extra))
 
 
 def _score_generated(llm, args, todo, cache, bar, fewshot: str) -> None:
     bench = args.benchmark
-    for chunk in _batches(todo, args.batch_size):
+    for chunk in batches(todo, args.batch_size):
         items = [it for _, it in chunk]
         if bench in CHOICE:
             replies = _chat_or_complete(llm, args, [prompts.chat_choice_question(bench, it) for it in items])
@@ -180,7 +170,6 @@ def run(args, load_model) -> dict:
     """Score the benchmark (loading the model through `load_model()` only when an item is left to do),
     write `summary.json` and `summary.md` under `<out>/<task>/`, and return the summary."""
     if args.benchmark == "plugin":  # the tool-use benchmark: generated ReAct replies, its own scores
-        from qwenlm.eval import plugin
         return plugin.run(args, load_model)
     check_args(args)
     items, dev = load_items(args)
