@@ -5,6 +5,10 @@ while there is work. Outputs go to each request's asyncio.Queue through its even
 `call_soon_threadsafe`, so the event loop never waits on a GPU step. A consumer that stops iterating
 (break, cancellation, disconnect) aborts its request, which frees its blocks at the next step boundary.
 
+The same interface (make_request, stream, abort_nowait, stop_all, stats, failure, max_model_len,
+shutdown) is served by core_client.EngineClient, which runs the engine in a process of its own (`qwenlm
+serve`); this one is for an app around a model already loaded in this process (notebooks, tests).
+
 A request that fails (its add, its detokenizing or stop handling) raises RequestError to its own consumer
 only; a step that fails as a whole fails the requests then in the engine. `stop_all` and `shutdown` end
 every open stream with EngineStopped, so no consumer is ever left waiting.
@@ -150,6 +154,17 @@ class AsyncEngine:
 
     def stats(self) -> dict:
         return self.engine.stats()
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine cannot serve (its thread is gone), or None; core_client.EngineClient says the same."""
+        if not self._closed and not self._thread.is_alive():
+            return f"the engine thread stopped: {self._error or 'unknown cause'}"
+        return None
 
     def shutdown(self) -> None:
         self._closed = True
