@@ -156,8 +156,12 @@ class EngineClient:
 
     def _send(self, command) -> None:
         with self._lock:
-            if not self._closed:
-                self._commands.send(command_encoder.encode(command))
+            if self._closed:
+                return
+            try:  # never blocks: a PUSH socket with no peer (the core died) would wait forever
+                self._commands.send(command_encoder.encode(command), zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # the core is gone; the receiving thread reports it
 
     # ---- the asyncio side (AsyncEngine's interface) -----------------------------------------------
     @property
