@@ -62,7 +62,10 @@ def cmd_serve(args) -> int:
     from qwenlm.server.api import serve
     if Path(args.model).is_dir():  # the model is served under the folder's name, which "." does not show
         args.model = os.path.abspath(args.model)
-    return serve(args) or 0
+    try:
+        return serve(args) or 0
+    except KeyboardInterrupt:  # Ctrl-C: uvicorn re-raises it once both processes have shut down cleanly
+        return 130
 
 
 def cmd_quantize(args) -> int:
