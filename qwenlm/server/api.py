@@ -287,10 +287,10 @@ def serve(args) -> int:
         log.warning("serving on %s without an API key: anyone who can reach this address can use the model",
                     args.host)
     server = GracefulServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"),
-                            grace=getattr(args, "timeout_graceful_shutdown", 10.0))
+                            grace=getattr(args, "timeout_graceful_shutdown", 10.0), on_exit=engine.shutdown)
     try:
         server.run()
-    finally:
+    finally:  # (also when the server never started; shutting down twice is a no-op)
         engine.shutdown()
     return 0
 
