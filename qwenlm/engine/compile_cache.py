@@ -48,11 +48,13 @@ def load(key: str, folder: Path | None = None) -> bool:
         log.info("no compiled kernels cached for this model and config yet: the first start compiles them "
                  "(up to a minute or two) and saves them to %s", path)
         return False
-    try:
-        torch.compiler.load_cache_artifacts(path.read_bytes())
-    except Exception as e:  # a cache written by another torch build, or cut short: compile instead
-        log.warning("could not load the compiled kernels cached in %s (%s: %s); compiling them again",
-                    path, type(e).__name__, e)
+    try:  # torch logs and returns None for a blob it cannot read (another torch build, cut short)
+        loaded = torch.compiler.load_cache_artifacts(path.read_bytes()) is not None
+    except Exception as e:
+        log.warning("could not load the compiled kernels cached in %s (%s: %s)", path, type(e).__name__, e)
+        loaded = False
+    if not loaded:
+        log.warning("the compiled kernels cached in %s could not be used; compiling them again", path)
         return False
     log.info("loaded the compiled kernels cached in %s", path)
     return True
