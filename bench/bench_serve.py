@@ -38,7 +38,7 @@ import subprocess
 import sys
 import time
 
-from benchlib import (checkpoint, decode_rate, greedy, isolated, log, print_table, prompts, results_path, selected,
+from benchlib import (checkpoint, decode_rate, isolated, log, print_table, prompts, results_path, selected,
                       start, throughput, time_to_first_token, write_json)
 
 PARTS = ["start", "sweep", "poisson", "ttft", "int8_kv", "offline", "guidellm"]

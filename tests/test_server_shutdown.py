@@ -4,33 +4,18 @@ killed all leave no engine process behind."""
 import os
 import signal
 import subprocess
-import sys
-import time
 
 import httpx
 import psutil
 import pytest
 
-from qwenlm.server.launch import free_port
+from test_server_cli import start_serve
 
 
 def start(tiny_ckpt):
     """`qwenlm serve` in a session of its own (as a terminal runs it: Ctrl-C signals the whole group)."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "qwenlm.cli", "serve", "--model", str(tiny_ckpt), "--device", "cpu",
-                             "--port", str(port), "--timeout-graceful-shutdown", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.monotonic() < deadline, "qwenlm serve did not come up in 120 s"
-        time.sleep(0.2)
+    proc, url = start_serve(tiny_ckpt, "--timeout-graceful-shutdown", "1", stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
     children = psutil.Process(proc.pid).children(recursive=True)
     assert len(children) == 1 and "qwenlm.engine.core" in children[0].cmdline()
     return proc, url, children[0]

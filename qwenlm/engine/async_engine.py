@@ -27,6 +27,27 @@ from qwenlm.engine.outputs import EngineStopped, RequestError, RequestOutput
 from qwenlm.sampling import SamplingParams
 
 
+async def queued_outputs(q: asyncio.Queue, on_leave):
+    """A request's RequestOutputs from its queue until it finishes; raises the RequestError put there (or the one
+    its output reports). A consumer that stops before the end calls `on_leave()` (which aborts the request)."""
+    finished = False
+    try:
+        while True:
+            item = await q.get()
+            if isinstance(item, RequestError):
+                finished = True
+                raise item
+            finished = item.finished
+            if item.error is not None:
+                raise RequestError(item.error)
+            yield item
+            if finished:
+                return
+    finally:
+        if not finished:
+            on_leave()
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
@@ -121,23 +142,14 @@ class AsyncEngine:
             self._streams[request_id] = (asyncio.get_running_loop(), q)
         self._commands.put(("add", req))
         self._wake.set()
-        finished = False
-        try:
-            while True:
-                item = await q.get()
-                if isinstance(item, RequestError):
-                    finished = True
-                    raise item
-                finished = item.finished
-                if item.error is not None:
-                    raise RequestError(item.error)
-                yield item
-                if finished:
-                    return
-        finally:
-            if not finished:  # the consumer went away: free the request's blocks
-                self._streams.pop(request_id, None)
-                self.abort_nowait(request_id)
+        async with contextlib.aclosing(queued_outputs(q, lambda: self._leave(request_id))) as outs:
+            async for out in outs:
+                yield out
+
+    def _leave(self, request_id: str) -> None:
+        """The consumer went away before the end: free the request's blocks."""
+        self._streams.pop(request_id, None)
+        self.abort_nowait(request_id)
 
     def abort_nowait(self, request_id: str) -> None:
         """Abort from any thread; takes effect at the next step boundary (a stream gets a final "abort")."""

@@ -28,6 +28,7 @@ import uuid
 
 import zmq
 
+from qwenlm.engine.async_engine import queued_outputs
 from qwenlm.engine.core import CoreSpec
 from qwenlm.engine.engine import Request
 from qwenlm.engine.outputs import EngineStopped, RequestError
@@ -217,24 +218,15 @@ class EngineClient:
                 raise ValueError(f"request id {request_id!r} is already streaming")
             self._streams[request_id] = (asyncio.get_running_loop(), q, req.prompt_token_ids)
         self._send(Add(request_id, req.prompt_token_ids, req.params))
-        finished = False
-        try:
-            while True:
-                item = await q.get()
-                if isinstance(item, RequestError):
-                    finished = True
-                    raise item
-                finished = item.finished
-                if item.error is not None:
-                    raise RequestError(item.error)
-                yield item
-                if finished:
-                    return
-        finally:
-            if not finished:  # the consumer went away: free the request's blocks
-                with self._lock:
-                    self._streams.pop(request_id, None)
-                self.abort_nowait(request_id)
+        async with contextlib.aclosing(queued_outputs(q, lambda: self._leave(request_id))) as outs:
+            async for out in outs:
+                yield out
+
+    def _leave(self, request_id: str) -> None:
+        """The consumer went away before the end: free the request's blocks."""
+        with self._lock:
+            self._streams.pop(request_id, None)
+        self.abort_nowait(request_id)
 
     def abort_nowait(self, request_id: str) -> None:
         """Abort from any thread; the core applies it before its next step."""
