@@ -17,11 +17,11 @@ import pytest
 from core_factories import scripted_tiny
 from qwenlm.engine import LLM, AsyncEngine
 from qwenlm.engine.core import CheckpointFactory, CoreSpec
-from qwenlm.engine.core_client import EngineClient
+from qwenlm.engine.core_client import EngineClient, EngineStartError
 from qwenlm.server.api import create_app
 from qwenlm.server.launch import ServerThread
 from qwenlm.tokenizer import Tokenizer
-from test_server_load import metric
+from test_server_load import metric, wait_idle
 
 MODEL = "tiny"
 
@@ -95,16 +95,6 @@ def test_same_replies_and_usage_as_the_in_process_engine(split, in_process):
     assert any(reason == "stop" for s, _ in got for _, _, reason, *rest in s)  # the stop string cut a reply
 
 
-def wait_until_idle(srv, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = srv.engine.stats()
-        if stats["num_requests"] == 0 and stats["num_free_blocks"] == stats["num_blocks"]:
-            return stats
-        assert time.monotonic() < deadline, f"the engine did not free its requests: {stats}"
-        time.sleep(0.02)
-
-
 def test_a_client_leaving_mid_stream_frees_its_blocks(split):
     body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 5000, "ignore_eos": True, "stream": True}
     with httpx.Client(base_url=split.url, timeout=60) as http:
@@ -118,7 +108,7 @@ def test_a_client_leaving_mid_stream_frees_its_blocks(split):
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
             assert split.engine.stats()["num_requests"] == 1  # holding blocks, decoding
-        wait_until_idle(split, timeout=5.0)  # at once, not after 5000 tokens
+        wait_idle(split.engine, timeout=5.0)  # at once, not after 5000 tokens
         text = http.get("/metrics").text
     assert metric(text, "qwenlm:kv_cache_usage_perc") == 0 and metric(text, "qwenlm:num_requests_running") == 0
     assert metric(text, "qwenlm:request_success_total", 'finished_reason="abort"') == before + 1
@@ -172,3 +162,8 @@ def test_a_dead_engine_process_fails_requests_with_503(tiny_ckpt, caplog):
     finally:
         engine.shutdown()
     assert any("exited unexpectedly" in rec.getMessage() for rec in caplog.records)
+
+
+def test_an_engine_that_cannot_be_built_says_why(tmp_path):
+    with pytest.raises(EngineStartError, match="config.json"):
+        EngineClient(CoreSpec(CheckpointFactory(str(tmp_path), "cpu")))

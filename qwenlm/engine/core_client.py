@@ -42,6 +42,10 @@ log = logging.getLogger("qwenlm.engine")
 SHUTDOWN_SECONDS = 30.0  # for the core to end its requests and exit before it is terminated
 
 
+class EngineStartError(RuntimeError):
+    """The engine process could not be built (the message says why; its log has the details)."""
+
+
 class EngineDead(EngineStopped):
     """The engine process is gone: running requests failed, new ones are refused until a restart."""
 
@@ -72,7 +76,8 @@ class EngineClient:
         log.info("engine process started (pid %d)", self.process.pid)
         try:
             ready = self._wait_ready()
-        except BaseException:
+        except BaseException:  # Ctrl-C while loading (the core ignores it), or the build failed
+            self.process.terminate()  # it reads no commands while it builds
             self.shutdown()
             raise
         self.max_model_len = ready.max_model_len
@@ -92,9 +97,9 @@ class EngineClient:
                 if isinstance(event, Ready):
                     return event
                 if isinstance(event, Fatal):
-                    raise RuntimeError(event.message)
+                    raise EngineStartError(event.message)
             elif self._exited in ready:
-                raise RuntimeError(f"the engine process exited with code {self.process.wait()} before it was "
+                raise EngineStartError(f"the engine process exited with code {self.process.wait()} before it was "
                                    "ready; its log above says why")
 
     def _receive(self) -> None:
