@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import queue
 import threading
 import uuid
@@ -29,14 +30,25 @@ from qwenlm.sampling import SamplingParams
 
 async def queued_outputs(q: asyncio.Queue, on_leave):
     """A request's RequestOutputs from its queue until it finishes; raises the RequestError put there (or the one
-    its output reports). A consumer that stops before the end calls `on_leave()` (which aborts the request)."""
+    its output reports). A consumer that stops before the end calls `on_leave()` (which aborts the request).
+
+    A consumer that fell behind (several steps' outputs queued) gets them as one output: the latest (running
+    totals) with the text deltas joined. Under load the server then writes one event per stream per wake-up
+    rather than one per step it missed, and catches up instead of falling further behind."""
     finished = False
+    held = None  # an error met while merging: raised after the outputs before it
     try:
         while True:
-            item = await q.get()
+            item, held = (held, None) if held is not None else (await q.get(), None)
             if isinstance(item, RequestError):
                 finished = True
                 raise item
+            while not item.finished and not q.empty():
+                later = q.get_nowait()
+                if isinstance(later, RequestError):
+                    held = later
+                    break
+                item = _merged(item, later)
             finished = item.finished
             if item.error is not None:
                 raise RequestError(item.error)
@@ -46,6 +58,13 @@ async def queued_outputs(q: asyncio.Queue, on_leave):
     finally:
         if not finished:
             on_leave()
+
+
+def _merged(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """`later` (whose totals include `earlier`'s) with each sample's text delta covering both steps."""
+    deltas = {c.index: c.text_delta for c in earlier.outputs}
+    outs = [dataclasses.replace(c, text_delta=deltas.get(c.index, "") + c.text_delta) for c in later.outputs]
+    return dataclasses.replace(later, outputs=outs)
 
 
 class AsyncEngine:
