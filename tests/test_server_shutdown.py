@@ -17,7 +17,7 @@ def start(tiny_ckpt):
     proc, url = start_serve(tiny_ckpt, "--timeout-graceful-shutdown", "1", stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True)
     children = psutil.Process(proc.pid).children(recursive=True)
-    assert len(children) == 1 and "qwenlm.engine.core" in children[0].cmdline()
+    assert len(children) == 1 and "qwenlm.engine.core" in " ".join(children[0].cmdline())
     return proc, url, children[0]
 
 

@@ -82,7 +82,7 @@ def build_engine(spec: CoreSpec) -> LLMEngine:
     on_cuda = next(model.parameters()).device.type == "cuda"
     key = compile_cache.cache_key(model, config) if config.use_compiled_decode(on_cuda) else None
     cached = compile_cache.load(key) if key else False
-    log.info("building the engine: KV cache%s", ", compiling, capturing CUDA graphs" if on_cuda else "")
+    log.info("building the engine")
     ticker = _Ticker("building the engine")
     try:
         engine = LLMEngine(model, tokenizer, config)
@@ -191,7 +191,7 @@ def log_to_stderr(name: str) -> None:
 
 
 def main() -> None:
-    """`python -m qwenlm.engine.core`, started by core_client.EngineClient with its arguments pickled on stdin.
+    """The engine process's entry point, started by core_client.EngineClient with its arguments pickled on stdin.
     (Not multiprocessing's spawn: that re-runs the parent's main script in the child, which breaks scripts
     without an `if __name__ == "__main__"` guard.)"""
     sys_path, spec, commands_addr, events_addr, parent_pid = pickle.loads(sys.stdin.buffer.read())
@@ -232,7 +232,3 @@ def run_core(spec: CoreSpec, commands_addr: str, events_addr: str, parent_pid: i
         events.close()
         commands.close(linger=0)
         ctx.term()
-
-
-if __name__ == "__main__":
-    main()

@@ -68,7 +68,8 @@ class EngineClient:
         self._events.bind(events_addr)
         # A fresh interpreter, not fork: CUDA cannot be used in a forked child, and the core should not inherit
         # the server. Its arguments go pickled on stdin (core.main); stdout and stderr are ours.
-        self.process = subprocess.Popen([sys.executable, "-m", "qwenlm.engine.core"], stdin=subprocess.PIPE)
+        self.process = subprocess.Popen([sys.executable, "-c", "from qwenlm.engine.core import main; main()"],
+                                        stdin=subprocess.PIPE)
         atexit.register(self.shutdown)  # a client never shut down must not leave the core (and the GPU) behind
         self.process.stdin.write(pickle.dumps((sys.path, pickle.dumps(spec), commands_addr, events_addr, os.getpid())))
         self.process.stdin.close()
@@ -265,6 +266,7 @@ class EngineClient:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        log.info("engine process stopped (exit code %s)", self.process.returncode)
         thread = getattr(self, "_thread", None)
         if thread is not None and thread is not threading.current_thread():
             thread.join(5)
