@@ -76,31 +76,33 @@ event_encoder = msgspec.msgpack.Encoder()
 event_decoder = msgspec.msgpack.Decoder(Event)
 
 
+_FIELDS = [f.name for f in dataclasses.fields(CompletionOutput)]
+
+
 def _tail_fields(c: CompletionOutput) -> list[str]:
-    return [f.name for f in dataclasses.fields(c)
-            if isinstance(getattr(c, f.name), list) or f.name in APPEND_ONLY_STR]
+    return [name for name in _FIELDS if name in APPEND_ONLY_STR or isinstance(getattr(c, name), list)]
 
 
 class OutputPacker:
-    """Core side: each output as the part its request has not been sent yet."""
+    """Core side: each output cut, in place, to the part its request has not been sent yet (the engine makes
+    new output objects every step and keeps no reference to them)."""
 
     def __init__(self):
         self._sent: dict[str, dict[tuple[int, str], int]] = {}  # request -> (sample, field) -> items sent
 
     def pack(self, out: RequestOutput) -> RequestOutput:
         sent = self._sent.setdefault(out.request_id, {})
-        outs = []
         for c in out.outputs:
-            cut = {}
             for name in _tail_fields(c):
                 value = getattr(c, name)
                 n = sent.get((c.index, name), 0)
-                cut[name] = value[n:]
                 sent[(c.index, name)] = len(value)
-            outs.append(dataclasses.replace(c, **cut))
+                if n:
+                    setattr(c, name, value[n:])
         if out.finished:
             del self._sent[out.request_id]
-        return dataclasses.replace(out, prompt_token_ids=[], outputs=outs)
+        out.prompt_token_ids = []
+        return out
 
     def forget(self, request_id: str) -> None:
         self._sent.pop(request_id, None)
