@@ -9,7 +9,9 @@ import time
 import httpx
 import pytest
 
-from qwenlm.engine import LLM, AsyncEngine, CheckpointFactory, CoreSpec, EngineClient
+from qwenlm.engine import LLM, AsyncEngine
+from qwenlm.engine.core import CheckpointFactory, CoreSpec
+from qwenlm.engine.core_client import EngineClient
 from qwenlm.server.api import create_app
 from qwenlm.server.launch import ServerThread
 from qwenlm.tokenizer import Tokenizer

@@ -2,11 +2,8 @@
 
 from qwenlm.engine.async_engine import AsyncEngine
 from qwenlm.engine.config import EngineConfig
-from qwenlm.engine.core import CheckpointFactory, CoreSpec
-from qwenlm.engine.core_client import EngineClient
 from qwenlm.engine.engine import LLM, LLMEngine
 from qwenlm.engine.outputs import CompletionOutput, RequestOutput
 from qwenlm.sampling import SamplingParams
 
-__all__ = ["AsyncEngine", "CheckpointFactory", "CompletionOutput", "CoreSpec", "EngineClient", "EngineConfig", "LLM",
-           "LLMEngine", "RequestOutput", "SamplingParams"]
+__all__ = ["AsyncEngine", "CompletionOutput", "EngineConfig", "LLM", "LLMEngine", "RequestOutput", "SamplingParams"]
