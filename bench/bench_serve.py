@@ -11,10 +11,12 @@ are printed.
 
   start        seconds from `qwenlm serve` to its first answered request: a first and a second start (the
                second hot-loads the compiled kernels cached on disk)
-  sweep        fixed concurrency 1, 8, 32, 128 (128 x 512-token prompts / 256 new tokens is the throughput figure)
+  sweep        fixed concurrency 1, 8, 32, 128 (128 x 512-token prompts / 256 new tokens is the throughput figure),
+               and batch-1 decode over HTTP (16-token prompt, 256 new tokens: tokens/s from first chunk to last)
   poisson      requests arriving at a Poisson rate (a stream of 512/256 requests)
   ttft         one request at a time, 16- and 2,048-token prompts, 1 new token: TTFT over HTTP
   int8_kv      the 128-stream run with --kv-cache-dtype int8, against the engine with the same cache
+  int4         batch-1 decode of a GPTQ Int4 folder (as Qwen-7B-Chat-Int4) through HTTP and through the engine
   offline      the same work through the engine (throughput, batch-1 decode, TTFT) for the ratios
   guidellm     if the `guidellm` command is installed: its sweep against the same server, figures beside ours
 
@@ -41,7 +43,7 @@ import time
 from benchlib import (checkpoint, decode_rate, isolated, log, print_table, prompts, results_path, selected,
                       start, throughput, time_to_first_token, write_json)
 
-PARTS = ["start", "sweep", "poisson", "ttft", "int8_kv", "offline", "guidellm"]
+PARTS = ["start", "sweep", "poisson", "ttft", "int8_kv", "int4", "offline", "guidellm"]
 SIZES = dict(concurrency=[1, 8, 32, 128], min_requests=8, prompt_len=512, new_tokens=256, poisson_rate=8.0,
              poisson_requests=128, ttft_lens={"short": 16, "long": 2048}, ttft_repeats=5, b1_prompt=16, b1_new=256)
 TINY_SIZES = dict(concurrency=[1, 4], min_requests=2, prompt_len=32, new_tokens=8, poisson_rate=20.0,
@@ -193,16 +195,19 @@ def serve_part(folder, device: str, sizes: dict, parts: list[str], extra: tuple 
     return res
 
 
-def offline_part(folder, device: str, sizes: dict, kv_cache_dtype: str, everything: bool) -> dict:
-    """The same requests through the engine in this (fresh) process."""
+def offline_part(folder, device: str, sizes: dict, kv_cache_dtype: str, what: tuple) -> dict:
+    """The same requests through the engine in this (fresh) process: `what` of throughput, b1, ttft."""
     from qwenlm.engine import LLM
     engine = LLM(str(folder), device=device, kv_cache_dtype=kv_cache_dtype)
     decode_rate(engine, prompts(1, 16, 1)[0], 8)  # warm-up
     c = max(sizes["concurrency"])
     batch = prompts(max(c, sizes["min_requests"]), sizes["prompt_len"], 1000 + c)  # the sweep's largest run
-    res = {"output_tok_s": throughput(engine, batch, sizes["new_tokens"])["output_tok_s"]}
-    if everything:
+    res = {}
+    if "throughput" in what:
+        res["output_tok_s"] = throughput(engine, batch, sizes["new_tokens"])["output_tok_s"]
+    if "b1" in what:
         res["b1_decode_tok_s"] = decode_rate(engine, prompts(1, sizes["b1_prompt"], 4000)[0], sizes["b1_new"])
+    if "ttft" in what:
         for which, length in sizes["ttft_lens"].items():
             time_to_first_token(engine, prompts(1, length, 50)[0])
             res[f"ttft_{which}_ms"] = statistics.median(1e3 * time_to_first_token(engine, prompts(1, length, 3000 + r)[0])
@@ -244,15 +249,23 @@ def main() -> int:
         results["server_int8_kv"] = isolated("cpu", serve_part, folder, device, sizes8, ["sweep"],
                                              ("--kv-cache-dtype", "int8"))
         failed |= "error" in results["server_int8_kv"]
+    if "int4" in parts:  # batch-1 decode of a GPTQ Int4 folder, through HTTP and offline
+        folder4 = checkpoint(args.workdir, "int4", args.tiny, device)
+        results["server_int4"] = isolated("cpu", serve_part, folder4, device, sizes, ["b1"])
+        failed |= "error" in results["server_int4"]
+        if "offline" in parts:
+            results["offline_int4"] = isolated(device, offline_part, folder4, device, sizes, "auto", ("b1",))
+            failed |= "error" in results["offline_int4"]
     if "offline" in parts:
-        results["offline"] = isolated(device, offline_part, folder, device, sizes, "auto", True)
+        results["offline"] = isolated(device, offline_part, folder, device, sizes, "auto", ("throughput", "b1", "ttft"))
         failed |= "error" in results["offline"]
         if "int8_kv" in parts:
-            results["offline_int8_kv"] = isolated(device, offline_part, folder, device, sizes, "int8", False)
+            results["offline_int8_kv"] = isolated(device, offline_part, folder, device, sizes, "int8", ("throughput",))
             failed |= "error" in results["offline_int8_kv"]
         results["ratios"] = ratios(results, c)
-        print_table("server / engine", ["figure", "server", "engine", "ratio"],
-                    [[k, v["server"], v["engine"], v["ratio"]] for k, v in results["ratios"].items()])
+        print_table("server / engine", ["figure", "server", "engine", "ratio", "server - engine"],
+                    [[k, v["server"], v["engine"], v["ratio"], v["server"] - v["engine"]]
+                     for k, v in results["ratios"].items()])
     if "guidellm" in parts:
         if shutil.which("guidellm") is None:
             log("guidellm is not installed: its part is skipped (pip install guidellm to run it)")
@@ -279,6 +292,9 @@ def ratios(results: dict, c: int) -> dict:
     e8 = results.get("offline_int8_kv", {})
     if s8 and "output_tok_s" in e8:
         pairs["same, int8 KV cache, output tok/s"] = (s8["output_tok_s"], e8["output_tok_s"])
+    s4, e4 = results.get("server_int4", {}), results.get("offline_int4", {})
+    if "b1_decode_tok_s" in s4 and "b1_decode_tok_s" in e4:
+        pairs["batch-1 decode tok/s, GPTQ Int4"] = (s4["b1_decode_tok_s"], e4["b1_decode_tok_s"])
     for key, name in (("b1_decode_tok_s", "batch-1 decode tok/s"), ("ttft_short_ms", "TTFT short prompt (ms)"),
                       ("ttft_long_ms", "TTFT long prompt (ms)")):
         if key in srv and key in eng:

@@ -13,7 +13,7 @@ LATENCIES = ("ttft_ms", "tpot_ms", "itl_ms")
 def test_bench_serve_runs_tiny_and_writes_results(tmp_path):
     out = tmp_path / "bench_serve.json"
     r = subprocess.run([sys.executable, "bench/bench_serve.py", "--tiny", "--workdir", str(tmp_path / "work"),
-                        "--json", str(out), "--only", "sweep,poisson,ttft,offline"], cwd=ROOT,
+                        "--json", str(out), "--only", "sweep,poisson,ttft,int4,offline"], cwd=ROOT,
                        env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert "==== server / engine ====" in r.stdout
@@ -32,7 +32,7 @@ def test_bench_serve_runs_tiny_and_writes_results(tmp_path):
             assert 0 < d["p50"] <= d["p99"] and d["mean"] > 0, (name, key)
     assert res["server"]["ttft_short_ms"] > 0 and res["server"]["b1_decode_tok_s"] > 0
     ratios = res["ratios"]
-    assert {"4 x 32/8 output tok/s", "batch-1 decode tok/s", "TTFT short prompt (ms)",
-            "TTFT long prompt (ms)"} <= set(ratios)
+    assert {"4 x 32/8 output tok/s", "batch-1 decode tok/s", "batch-1 decode tok/s, GPTQ Int4",
+            "TTFT short prompt (ms)", "TTFT long prompt (ms)"} == set(ratios)
     for k, v in ratios.items():
         assert v["server"] > 0 and v["engine"] > 0 and abs(v["ratio"] - v["server"] / v["engine"]) < 1e-9, k
