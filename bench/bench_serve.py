@@ -264,7 +264,7 @@ def main() -> int:
             failed |= "error" in results["offline_int8_kv"]
         results["ratios"] = ratios(results, c)
         print_table("server / engine", ["figure", "server", "engine", "ratio", "server - engine"],
-                    [[k, v["server"], v["engine"], v["ratio"], v["server"] - v["engine"]]
+                    [[k, v["server"], v["engine"], f"{v['ratio']:.3f}", v["server"] - v["engine"]]
                      for k, v in results["ratios"].items()])
     if "guidellm" in parts:
         if shutil.which("guidellm") is None:
