@@ -37,8 +37,10 @@ def test_outputs_cross_the_wire_unchanged(engine):
         sizes.append((sum(len(o.outputs[0].token_ids) for o in want), len(wire)))
         got = event_decoder.decode(wire)
         assert got.failures == [Failure("x", "why", True)] and got.stats == {"a": 1}
-        assert [unpacker.unpack(o, prompts[int(o.request_id[1])]) for o in got.outputs] == want
-    assert aborted and not packer._sent and not unpacker._totals  # finished requests leave no state behind
-    # The message of a late step is about the size of an early one (token ids, logprobs and text are sent once).
+        assert [unpacker.unpack(o) for o in got.outputs] == want
+    # finished requests leave no state behind
+    assert aborted and not packer._sent and not unpacker._totals and not unpacker._prompt
+    # The message of a late step is about the size of an early one (prompt ids, token ids, logprobs and text are
+    # sent once).
     early = next(size for tokens, size in sizes if tokens >= 3)
     assert max(size for _, size in sizes[-5:]) < 2 * early

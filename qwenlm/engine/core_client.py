@@ -55,7 +55,7 @@ class EngineClient:
         self.tokenizer = tokenizer
         self._closed = False
         self._failure: str | None = None
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, list[int]]] = {}
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._lock = threading.Lock()  # the stream table; and sends (a ZMQ socket is not thread-safe)
         self._unpacker = OutputUnpacker()
         self._dir = tempfile.mkdtemp(prefix="qwenlm-engine-")  # the two IPC sockets, readable by us only
@@ -129,7 +129,7 @@ class EngineClient:
         with self._lock:
             for out in event.outputs:
                 entry = self._streams.get(out.request_id)
-                out = self._unpacker.unpack(out, entry[2] if entry else [])  # also for a gone stream: totals
+                out = self._unpacker.unpack(out)  # also for a gone stream: its totals stay right
                 if entry is not None:
                     batches.setdefault(entry[0], []).append((entry[1], out))
                     if out.finished:
@@ -151,7 +151,7 @@ class EngineClient:
         log.error("%s: %d running request(s) failed; new requests get 503 until the server is restarted",
                   reason, len(streams))
         batches: dict[asyncio.AbstractEventLoop, list] = {}
-        for loop, q, _ in streams.values():
+        for loop, q in streams.values():
             batches.setdefault(loop, []).append((q, EngineDead(reason)))
         self._hand_over(batches)
 
@@ -222,7 +222,7 @@ class EngineClient:
                 raise EngineStopped("the engine is shut down")
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already streaming")
-            self._streams[request_id] = (asyncio.get_running_loop(), q, req.prompt_token_ids)
+            self._streams[request_id] = (asyncio.get_running_loop(), q)
         self._send(Add(request_id, req.prompt_token_ids, req.params))
         async with contextlib.aclosing(queued_outputs(q, lambda: self._leave(request_id))) as outs:
             async for out in outs:
@@ -273,7 +273,7 @@ class EngineClient:
         with self._lock:
             streams, self._streams = self._streams, {}
         batches: dict[asyncio.AbstractEventLoop, list] = {}
-        for loop, q, _ in streams.values():
+        for loop, q in streams.values():
             batches.setdefault(loop, []).append((q, EngineStopped("the engine is shut down")))
         self._hand_over(batches)
         self._commands.close(linger=0)

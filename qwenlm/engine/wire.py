@@ -7,9 +7,10 @@ field of those dataclasses travels, so a field added to them travels too.
 One `StepOut` per engine step carries all of that step's outputs. Outputs hold running totals (all token
 ids so far, all text so far), which would make each step's message grow with the length of every reply:
 the wire carries only what each output adds. `OutputPacker` (core side) cuts every list field of a
-CompletionOutput and its `text` to the part not sent before, and the prompt ids (the client has them);
-`OutputUnpacker` (client side) puts the totals back. The contract this relies on (outputs.py): list fields
-and `text` only ever grow by appending.
+CompletionOutput and its `text` to the part not sent before, and sends a RequestOutput's other list fields
+(the prompt ids, anything else about the prompt) in the request's first output only; `OutputUnpacker`
+(client side) puts them back. The contract this relies on (outputs.py): a sample's list fields and `text`
+only ever grow by appending, and a request's own list fields do not change.
 """
 
 from __future__ import annotations
@@ -76,11 +77,19 @@ event_encoder = msgspec.msgpack.Encoder()
 event_decoder = msgspec.msgpack.Decoder(Event)
 
 
-_FIELDS = [f.name for f in dataclasses.fields(CompletionOutput)]
+_SAMPLE_FIELDS = [f.name for f in dataclasses.fields(CompletionOutput)]
+_PROMPT_FIELDS = [f.name for f in dataclasses.fields(RequestOutput) if f.name != "outputs"]
 
 
 def _tail_fields(c: CompletionOutput) -> list[str]:
-    return [name for name in _FIELDS if name in APPEND_ONLY_STR or isinstance(getattr(c, name), list)]
+    """A sample's running totals: its list fields and `text`."""
+    return [name for name in _SAMPLE_FIELDS if name in APPEND_ONLY_STR or isinstance(getattr(c, name), list)]
+
+
+def _prompt_fields(out: RequestOutput) -> list[str]:
+    """A request's list fields besides its samples (prompt ids, anything else about the prompt): the same in
+    every output of the request, so sent in its first only."""
+    return [name for name in _PROMPT_FIELDS if isinstance(getattr(out, name), list)]
 
 
 class OutputPacker:
@@ -91,6 +100,9 @@ class OutputPacker:
         self._sent: dict[str, dict[tuple[int, str], int]] = {}  # request -> (sample, field) -> items sent
 
     def pack(self, out: RequestOutput) -> RequestOutput:
+        if out.request_id in self._sent:
+            for name in _prompt_fields(out):
+                setattr(out, name, [])
         sent = self._sent.setdefault(out.request_id, {})
         for c in out.outputs:
             for name in _tail_fields(c):
@@ -101,7 +113,6 @@ class OutputPacker:
                     setattr(c, name, value[n:])
         if out.finished:
             del self._sent[out.request_id]
-        out.prompt_token_ids = []
         return out
 
     def forget(self, request_id: str) -> None:
@@ -109,14 +120,22 @@ class OutputPacker:
 
 
 class OutputUnpacker:
-    """Client side: the running totals back, each output with lists of its own (a consumer may keep it)."""
+    """Client side: the running totals and the prompt fields back, each output with lists of its own (a consumer
+    may keep it)."""
 
     def __init__(self):
-        self._totals: dict[str, dict[int, CompletionOutput]] = {}
+        self._prompt: dict[str, dict[str, list]] = {}  # request -> its prompt fields, from its first output
+        self._totals: dict[str, dict[int, CompletionOutput]] = {}  # request -> sample -> its last output
 
-    def unpack(self, out: RequestOutput, prompt_token_ids: list[int]) -> RequestOutput:
-        totals = self._totals.setdefault(out.request_id, {})
-        for i, c in enumerate(out.outputs):
+    def unpack(self, out: RequestOutput) -> RequestOutput:
+        rid = out.request_id
+        if rid in self._prompt:
+            for name, value in self._prompt[rid].items():
+                setattr(out, name, value)
+        else:
+            self._prompt[rid] = {name: getattr(out, name) for name in _prompt_fields(out)}
+        totals = self._totals.setdefault(rid, {})
+        for c in out.outputs:
             prev = totals.get(c.index)
             if prev is not None:
                 for name in _tail_fields(c):
@@ -125,9 +144,9 @@ class OutputUnpacker:
                         setattr(c, name, before + getattr(c, name))
             totals[c.index] = c
         if out.finished:
-            del self._totals[out.request_id]
-        out.prompt_token_ids = prompt_token_ids
+            self.forget(rid)
         return out
 
     def forget(self, request_id: str) -> None:
+        self._prompt.pop(request_id, None)
         self._totals.pop(request_id, None)
