@@ -61,10 +61,17 @@ def cmd_make_tiny(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    from qwenlm.engine.core_client import EngineStartError
     from qwenlm.server.api import serve
     if Path(args.model).is_dir():  # the model is served under the folder's name, which "." does not show
         args.model = os.path.abspath(args.model)
-    return serve(args) or 0
+    try:
+        return serve(args) or 0
+    except KeyboardInterrupt:  # Ctrl-C: uvicorn re-raises it once both processes have shut down cleanly
+        return 130
+    except EngineStartError as e:  # the engine process logged the details above
+        print(f"qwenlm: error: {e}", file=sys.stderr)
+        return 1
 
 
 def cmd_quantize(args) -> int:

@@ -44,11 +44,11 @@ def test_qwenlm_serve_process(tiny_ckpt):
         assert proc.wait(timeout=30) is not None
 
 
-def start_serve(tiny_ckpt, *extra, env=None):
+def start_serve(tiny_ckpt, *extra, env=None, **popen):
     port = free_port()
+    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, **popen}
     proc = subprocess.Popen([sys.executable, "-m", "qwenlm.cli", "serve", "--model", str(tiny_ckpt), "--device", "cpu",
-                             "--port", str(port), *extra], env=env or os.environ.copy(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+                             "--port", str(port), *extra], env=env or os.environ.copy(), **popen)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
@@ -57,7 +57,7 @@ def start_serve(tiny_ckpt, *extra, env=None):
                 return proc, url
         except httpx.TransportError:
             pass
-        assert proc.poll() is None, proc.stdout.read().decode()
+        assert proc.poll() is None, (proc.stdout or proc.stderr).read().decode()
         assert time.monotonic() < deadline, "qwenlm serve did not come up in 60 s"
         time.sleep(0.2)
 

@@ -1,5 +1,5 @@
 """Concurrency: 64 streaming clients (some leave early), disconnects free KV blocks, 429 when full, and
-/metrics adds up."""
+/metrics adds up — with the engine in a thread of the server's process and in a process of its own."""
 
 import asyncio
 import json
@@ -10,15 +10,23 @@ import httpx
 import pytest
 
 from qwenlm.engine import LLM, AsyncEngine
+from qwenlm.engine.core import CheckpointFactory, CoreSpec
+from qwenlm.engine.core_client import EngineClient
 from qwenlm.server.api import create_app
 from qwenlm.server.launch import ServerThread
+from qwenlm.tokenizer import Tokenizer
 
 MODEL = "tiny"
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_ckpt):
-    eng = AsyncEngine(LLM(tiny_ckpt, device="cpu"))
+@pytest.fixture(scope="module", params=["in-process", "engine-process"])
+def engine(tiny_ckpt, request):
+    """The same app around either engine: a thread of this process, or `qwenlm serve`'s engine process."""
+    if request.param == "in-process":
+        eng = AsyncEngine(LLM(tiny_ckpt, device="cpu"))
+    else:
+        eng = EngineClient(CoreSpec(CheckpointFactory(str(tiny_ckpt), "cpu")), Tokenizer.from_folder(tiny_ckpt))
+    eng.tok = Tokenizer.from_folder(tiny_ckpt)
     yield eng
     eng.shutdown()
 
@@ -29,18 +37,18 @@ def metric(text: str, name: str, labels: str = "") -> float:
 
 
 def wait_idle(engine, timeout=60.0):  # generous for a loaded machine; an idle engine returns at once
-    core = engine.engine
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not core.requests and core.blocks.num_free_blocks == core.blocks.num_blocks:
+        stats = engine.stats()
+        if not stats["num_requests"] and stats["num_free_blocks"] == stats["num_blocks"]:
             return
         time.sleep(0.02)
-    raise AssertionError(f"engine not idle: {len(core.requests)} requests, "
-                         f"{core.blocks.num_free_blocks}/{core.blocks.num_blocks} blocks free")
+    raise AssertionError(f"engine not idle: {stats['num_requests']} requests, "
+                         f"{stats['num_free_blocks']}/{stats['num_blocks']} blocks free")
 
 
 def test_64_concurrent_streams_with_early_disconnects(engine):
-    app = create_app(engine, engine.engine.tokenizer, MODEL)
+    app = create_app(engine, engine.tok, MODEL)
     with ServerThread(app) as srv:
         before = httpx.get(srv.url + "/metrics").text
 
@@ -90,7 +98,7 @@ def test_64_concurrent_streams_with_early_disconnects(engine):
 
 
 def test_disconnect_aborts_non_stream_and_stream(engine):
-    app = create_app(engine, engine.engine.tokenizer, MODEL)
+    app = create_app(engine, engine.tok, MODEL)
     body = {"model": MODEL, "messages": [{"role": "user", "content": "go"}], "max_tokens": 5000,
             "ignore_eos": True}
     with ServerThread(app) as srv:
@@ -106,7 +114,7 @@ def test_disconnect_aborts_non_stream_and_stream(engine):
 
 
 def test_full_server_answers_429(engine):
-    app = create_app(engine, engine.engine.tokenizer, MODEL, max_pending=2)
+    app = create_app(engine, engine.tok, MODEL, max_pending=2)
     body = {"model": MODEL, "messages": [{"role": "user", "content": "go"}], "max_tokens": 5000, "ignore_eos": True,
             "stream": True}
     with ServerThread(app) as srv:

@@ -5,6 +5,10 @@ while there is work. Outputs go to each request's asyncio.Queue through its even
 `call_soon_threadsafe`, so the event loop never waits on a GPU step. A consumer that stops iterating
 (break, cancellation, disconnect) aborts its request, which frees its blocks at the next step boundary.
 
+The same interface (make_request, stream, abort_nowait, stop_all, stats, failure, max_model_len,
+shutdown) is served by core_client.EngineClient, which runs the engine in a process of its own (`qwenlm
+serve`); this one is for an app around a model already loaded in this process (notebooks, tests).
+
 A request that fails (its add, its detokenizing or stop handling) raises RequestError to its own consumer
 only; a step that fails as a whole fails the requests then in the engine. `stop_all` and `shutdown` end
 every open stream with EngineStopped, so no consumer is ever left waiting.
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import queue
 import threading
 import uuid
@@ -21,6 +26,45 @@ import uuid
 from qwenlm.engine.engine import LLMEngine, Request
 from qwenlm.engine.outputs import EngineStopped, RequestError, RequestOutput
 from qwenlm.sampling import SamplingParams
+
+
+async def queued_outputs(q: asyncio.Queue, on_leave):
+    """A request's RequestOutputs from its queue until it finishes; raises the RequestError put there (or the one
+    its output reports). A consumer that stops before the end calls `on_leave()` (which aborts the request).
+
+    A consumer that fell behind (several steps' outputs queued) gets them as one output: the latest (running
+    totals) with the text deltas joined. Under load the server then writes one event per stream per wake-up
+    rather than one per step it missed, and catches up instead of falling further behind."""
+    finished = False
+    held = None  # an error met while merging: raised after the outputs before it
+    try:
+        while True:
+            item, held = (held, None) if held is not None else (await q.get(), None)
+            if isinstance(item, RequestError):
+                finished = True
+                raise item
+            while not item.finished and not q.empty():
+                later = q.get_nowait()
+                if isinstance(later, RequestError):
+                    held = later
+                    break
+                item = _merged(item, later)
+            finished = item.finished
+            if item.error is not None:
+                raise RequestError(item.error)
+            yield item
+            if finished:
+                return
+    finally:
+        if not finished:
+            on_leave()
+
+
+def _merged(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """`later` (whose totals include `earlier`'s) with each sample's text delta covering both steps."""
+    deltas = {c.index: c.text_delta for c in earlier.outputs}
+    outs = [dataclasses.replace(c, text_delta=deltas.get(c.index, "") + c.text_delta) for c in later.outputs]
+    return dataclasses.replace(later, outputs=outs)
 
 
 class AsyncEngine:
@@ -117,23 +161,14 @@ class AsyncEngine:
             self._streams[request_id] = (asyncio.get_running_loop(), q)
         self._commands.put(("add", req))
         self._wake.set()
-        finished = False
-        try:
-            while True:
-                item = await q.get()
-                if isinstance(item, RequestError):
-                    finished = True
-                    raise item
-                finished = item.finished
-                if item.error is not None:
-                    raise RequestError(item.error)
-                yield item
-                if finished:
-                    return
-        finally:
-            if not finished:  # the consumer went away: free the request's blocks
-                self._streams.pop(request_id, None)
-                self.abort_nowait(request_id)
+        async with contextlib.aclosing(queued_outputs(q, lambda: self._leave(request_id))) as outs:
+            async for out in outs:
+                yield out
+
+    def _leave(self, request_id: str) -> None:
+        """The consumer went away before the end: free the request's blocks."""
+        self._streams.pop(request_id, None)
+        self.abort_nowait(request_id)
 
     def abort_nowait(self, request_id: str) -> None:
         """Abort from any thread; takes effect at the next step boundary (a stream gets a final "abort")."""
@@ -150,6 +185,17 @@ class AsyncEngine:
 
     def stats(self) -> dict:
         return self.engine.stats()
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine cannot serve (its thread is gone), or None; core_client.EngineClient says the same."""
+        if not self._closed and not self._thread.is_alive():
+            return f"the engine thread stopped: {self._error or 'unknown cause'}"
+        return None
 
     def shutdown(self) -> None:
         self._closed = True

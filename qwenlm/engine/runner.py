@@ -11,6 +11,7 @@ by the step in flight); `resolve` waits for a launched step's tokens on the host
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,7 @@ from qwenlm.engine.scheduler import ScheduledBatch
 from qwenlm.engine.sequence import Sequence
 from qwenlm.sampling import SamplingParams
 
+log = logging.getLogger("qwenlm.engine")  # start-up phases: a first start compiles for minutes
 MAX_NTK_ALPHAS = 32  # rows of the RoPE table; alpha 2**32 - 1 is far past any context length
 # Prompt positions whose logits one lm_head call makes for prompt logprobs: 128 x 151,936 fp32 is 78 MB (and as
 # much again for the log_softmax), whatever the prompt length: within the margin the pool sizing leaves.
@@ -71,6 +73,7 @@ class ModelRunner:
         # Compiled by regions between the attention calls (compiled_decode.py); batch 1 gets Triton GEMVs.
         # Created before the pool is sized, so the sizing warm-up (or _compile_prefill) compiles the prefill.
         self._compiled = CompiledDecode(model, None) if self.compiled else None
+        log.info("sizing the KV cache%s", " (a warm-up forward, which compiles the prefill)" if self.compiled else "")
         self.num_blocks = self._size_pool()
         cfg = self.cfg
         # One extra block at the end: the scratch target of CUDA-graph padding rows.
@@ -91,6 +94,8 @@ class ModelRunner:
             self._decode_forward = self._compiled
             self._compile_prefill()  # compiled by the sizing warm-up already where one ran: then a cache hit
         if self.device.type == "cuda" and not config.enforce_eager and self.ctx.backend == "triton":
+            log.info("capturing CUDA graphs for %d batch sizes (compiling the decode step first)",
+                     len(config.graph_batch_sizes()))
             self._capture_graphs()
 
     # ---- NTK frequencies --------------------------------------------------------------------------

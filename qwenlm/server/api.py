@@ -200,6 +200,9 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None,
 
     @app.get("/health")
     async def health():
+        failure = getattr(engine, "failure", None)
+        if failure is not None:  # load balancers and supervisors see it; the log says it once
+            return JSONResponse({"status": "unhealthy", "error": failure}, status_code=503)
         return {"status": "ok"}
 
     def model_card() -> dict:
@@ -255,9 +258,12 @@ def serve(args) -> int:
     args.port, args.api_key, args.allowed_origins, args.allowed_hosts, args.timeout_graceful_shutdown."""
     import uvicorn
 
-    from qwenlm.api import load
-    from qwenlm.engine import AsyncEngine, EngineConfig
+    from qwenlm.engine import EngineConfig
+    from qwenlm.engine.core import CheckpointFactory, CoreSpec, log_to_stderr
+    from qwenlm.engine.core_client import EngineClient
+    from qwenlm.hub import resolve_model
     from qwenlm.server.launch import GracefulServer
+    from qwenlm.tokenizer import Tokenizer
 
     api_key = getattr(args, "api_key", None)
     if api_key is None:
@@ -265,23 +271,31 @@ def serve(args) -> int:
     if api_key is not None and not api_key.strip():  # before loading: never serve open by mistake
         raise ValueError(f"the API key (--api-key or {API_KEY_ENV}) is empty; give a key, or leave both unset "
                          "to serve without one")
-    llm = load(args.model, device=getattr(args, "device", None), dtype=getattr(args, "dtype", "auto"),
-               quantize=getattr(args, "quantize", None), adapter=getattr(args, "adapter", None),
-               engine_config=EngineConfig(kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto")))
-    engine = AsyncEngine(llm.engine)
+    # The engine runs in a process of its own (engine/core.py, docs/serving.md); this process tokenizes and
+    # speaks HTTP. Both read the same folder: resolved (downloaded) once, here.
+    log_to_stderr("qwenlm")
+    folder = resolve_model(args.model)
+    tokenizer = Tokenizer.from_folder(folder)
+    gen_file = folder / "generation_config.json"
+    generation_config = GenerationConfig.from_file(gen_file) if gen_file.is_file() else GenerationConfig()
+    spec = CoreSpec(CheckpointFactory(str(folder), getattr(args, "device", None), getattr(args, "dtype", "auto"),
+                                      getattr(args, "quantize", None),
+                                      getattr(args, "adapter", None)),
+                    EngineConfig(kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto")))
+    engine = EngineClient(spec, tokenizer)
     # a local folder is served under its name ("Qwen-7B-Chat"), a hub model under the name it was asked by
     model_name = Path(args.model).name if Path(args.model).is_dir() else args.model
-    app = create_app(engine, llm.tokenizer, model_name=model_name, api_key=api_key,
-                     generation_config=llm.generation_config, allowed_origins=split_list(getattr(args, "allowed_origins", None)),
+    app = create_app(engine, tokenizer, model_name=model_name, api_key=api_key, generation_config=generation_config,
+                     allowed_origins=split_list(getattr(args, "allowed_origins", None)),
                      allowed_hosts=hosts_to_allow(args.host, split_list(getattr(args, "allowed_hosts", None))))
     if api_key is None and not is_loopback(args.host):
         log.warning("serving on %s without an API key: anyone who can reach this address can use the model",
                     args.host)
     server = GracefulServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"),
-                            grace=getattr(args, "timeout_graceful_shutdown", 10.0))
+                            grace=getattr(args, "timeout_graceful_shutdown", 10.0), on_exit=engine.shutdown)
     try:
         server.run()
-    finally:
+    finally:  # (also when the server never started; shutting down twice is a no-op)
         engine.shutdown()
     return 0
 

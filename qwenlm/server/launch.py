@@ -43,18 +43,23 @@ class GracefulServer(uvicorn.Server):
     """uvicorn's server; once told to stop (SIGTERM, SIGINT, `should_exit`) it stops accepting connections,
     lets running requests go on for `grace` seconds, then calls the app's `state.end_requests()`, which ends
     each one with a final event (streams: an error event and [DONE]; others: 503). uvicorn cancels whatever
-    is still open FINAL_EVENT_SECONDS later, so the process always exits."""
+    is still open FINAL_EVENT_SECONDS later, so the process always exits. `on_exit` (the engine's shutdown) runs
+    last, before uvicorn re-raises the signal that stopped it (which ends the process at once)."""
 
-    def __init__(self, config: uvicorn.Config, grace: float = 10.0):
+    def __init__(self, config: uvicorn.Config, grace: float = 10.0, on_exit=None):
         config.timeout_graceful_shutdown = grace + FINAL_EVENT_SECONDS
         super().__init__(config)
-        self.grace = grace
+        self.grace, self.on_exit = grace, on_exit
 
     async def shutdown(self, sockets=None):
         end = getattr(getattr(self.config.app, "state", None), "end_requests", None)
         if end is not None:
             asyncio.get_running_loop().call_later(self.grace, end)
-        await super().shutdown(sockets)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            if self.on_exit is not None:
+                await asyncio.to_thread(self.on_exit)
 
 
 class ServerThread:

@@ -7,6 +7,7 @@ import contextlib
 from dataclasses import dataclass
 
 from qwenlm.config import GenerationConfig
+from qwenlm.engine.core_client import EngineDead
 from qwenlm.engine.outputs import EngineStopped, RequestError
 from qwenlm.sampling import SamplingParams, check_in_vocab
 from qwenlm.server.metrics import RequestTimer, ServerMetrics
@@ -31,7 +32,12 @@ class ServerState:
     pending: int = 0
 
     def admit(self, num_requests: int, n: int) -> None:
-        """400 for a request that could never be admitted, 429 while the queue is too full for it now."""
+        """400 for a request that could never be admitted, 429 while the queue is too full for it now, 503
+        once the engine is gone."""
+        failure = getattr(self.engine, "failure", None)
+        if failure is not None:
+            raise ApiError(503, f"The engine is not running: {failure}. The server must be restarted.",
+                           type="server_error", code="engine_unavailable")
         if num_requests > self.max_pending or num_requests * n > self.max_request_seqs:
             raise ApiError(400, f"The request asks for {num_requests} prompt(s) x n={n} = {num_requests * n} "
                                 f"sequences; a request may create at most {self.max_request_seqs} sequences and "
@@ -150,6 +156,9 @@ def sampling_params(state: ServerState, req: SamplingFields, prompt_len: int, wi
 
 def engine_error(e: RequestError) -> ApiError:
     """A request that failed in the engine, as the client sees it."""
+    if isinstance(e, EngineDead):
+        return ApiError(503, f"The request failed: {e}. The server must be restarted.", type="server_error",
+                        code="engine_unavailable")
     if isinstance(e, EngineStopped):
         return ApiError(503, f"The request was ended: {e}. Retry later.", type="server_error",
                         code="server_shutting_down")

@@ -1,0 +1,169 @@
+"""The server with its engine in a process of its own (engine/core.py behind core_client.EngineClient), checked
+against the same app around the in-process AsyncEngine: the same replies and usage for mixed concurrent requests,
+stop strings exact, a disconnect frees its blocks at once, and an engine process that dies fails its requests
+with a 503, turns /health unhealthy and says so in the log."""
+
+import asyncio
+import functools
+import json
+import logging
+import os
+import signal
+import time
+
+import httpx
+import pytest
+
+from core_factories import scripted_tiny
+from qwenlm.engine import LLM, AsyncEngine
+from qwenlm.engine.core import CheckpointFactory, CoreSpec
+from qwenlm.engine.core_client import EngineClient, EngineStartError
+from qwenlm.server.api import create_app
+from qwenlm.server.launch import ServerThread
+from qwenlm.tokenizer import Tokenizer
+from test_server_load import metric, wait_idle
+
+MODEL = "tiny"
+
+
+@pytest.fixture(scope="module")
+def split(tiny_ckpt):
+    engine = EngineClient(CoreSpec(CheckpointFactory(str(tiny_ckpt), "cpu")), Tokenizer.from_folder(tiny_ckpt))
+    with ServerThread(create_app(engine, engine.tokenizer, MODEL)) as srv:
+        srv.engine = engine
+        yield srv
+    engine.shutdown()
+    assert engine.process.returncode == 0  # it ended its loop, not killed
+
+
+@pytest.fixture(scope="module")
+def in_process(tiny_ckpt):
+    engine = AsyncEngine(LLM(tiny_ckpt, device="cpu"))
+    with ServerThread(create_app(engine, engine.engine.tokenizer, MODEL)) as srv:
+        yield srv
+    engine.shutdown()
+
+
+def chat(content, **kw):
+    return ("/v1/chat/completions", {"messages": [{"role": "user", "content": content}], "temperature": 0, **kw})
+
+
+MIXED = [  # chat and completions, streamed and not, several lengths, n=2 seeded sampling, a stop string, ids
+    chat("Hello", max_tokens=9),
+    chat("Tell me a long story about a fox", max_tokens=40, ignore_eos=True, stream=True,
+         stream_options={"include_usage": True}),
+    chat("你好", max_tokens=17, n=2, temperature=0.8, seed=7),
+    ("/v1/completions", {"prompt": "The capital of France is", "max_tokens": 12, "temperature": 0}),
+    ("/v1/completions", {"prompt": [[1, 2, 3, 4, 5], [9, 8, 7]], "max_tokens": 6, "temperature": 0, "stream": True,
+                         "stream_options": {"include_usage": True}}),
+    chat("Count", max_tokens=30, ignore_eos=True, stop=["e"], logprobs=True),
+    ("/v1/completions", {"prompt": "x" * 300, "max_tokens": 5, "temperature": 0, "echo": True}),
+    chat("Bye", max_tokens=3, stream=True),
+]
+
+
+def summary(path, body, r: httpx.Response):
+    """What must be the same on both servers: texts, finish reasons, logprobs, usage (ids and times differ)."""
+    assert r.status_code == 200, r.text
+    if not body.get("stream"):
+        data = r.json()
+        return sorted((c["index"], c.get("text") or c["message"]["content"], c["finish_reason"],
+                       json.dumps(c["logprobs"])) for c in data["choices"]), data["usage"]
+    texts, reasons, use = {}, {}, None
+    for event in r.text.split("\n\n"):
+        if not event.startswith("data: ") or event == "data: [DONE]":
+            continue
+        chunk = json.loads(event[6:])
+        use = chunk.get("usage") or use
+        for c in chunk["choices"]:
+            piece = c.get("text") if "text" in c else (c["delta"].get("content") or "")
+            texts[c["index"]] = texts.get(c["index"], "") + piece
+            reasons[c["index"]] = c["finish_reason"] or reasons.get(c["index"])
+    return sorted((i, texts[i], reasons[i]) for i in texts), use
+
+
+async def run_all(url, requests):
+    async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+        rs = await asyncio.gather(*[http.post(path, json=body) for path, body in requests])
+    return [summary(path, body, r) for (path, body), r in zip(requests, rs)]
+
+
+def test_same_replies_and_usage_as_the_in_process_engine(split, in_process):
+    got = asyncio.run(run_all(split.url, MIXED))
+    want = asyncio.run(run_all(in_process.url, MIXED))
+    assert got == want
+    assert any(reason == "stop" for s, _ in got for _, _, reason, *rest in s)  # the stop string cut a reply
+
+
+def test_a_client_leaving_mid_stream_frees_its_blocks(split):
+    body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 5000, "ignore_eos": True, "stream": True}
+    with httpx.Client(base_url=split.url, timeout=60) as http:
+        before = metric(http.get("/metrics").text, "qwenlm:request_success_total", 'finished_reason="abort"')
+        with http.stream("POST", "/v1/chat/completions", json=body) as r:
+            lines = r.iter_lines()
+            for _ in range(3):
+                next(lines)
+            deadline = time.monotonic() + 30
+            while split.engine.stats()["num_free_blocks"] == split.engine.stats()["num_blocks"]:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            assert split.engine.stats()["num_requests"] == 1  # holding blocks, decoding
+        wait_idle(split.engine, timeout=5.0)  # at once, not after 5000 tokens
+        text = http.get("/metrics").text
+    assert metric(text, "qwenlm:kv_cache_usage_perc") == 0 and metric(text, "qwenlm:num_requests_running") == 0
+    assert metric(text, "qwenlm:request_success_total", 'finished_reason="abort"') == before + 1
+
+
+REPLY = "The answer is 42. STOP and then more words."
+
+
+def test_a_deterministic_engine_process_from_a_factory(tiny_ckpt):
+    """A factory importable by name builds the core's model (here with a scripted lm_head): stop strings cut
+    exactly through the process boundary."""
+    engine = EngineClient(CoreSpec(functools.partial(scripted_tiny, str(tiny_ckpt), REPLY)),
+                          Tokenizer.from_folder(tiny_ckpt))
+    try:
+        with ServerThread(create_app(engine, engine.tokenizer, MODEL)) as srv:
+            got = asyncio.run(run_all(srv.url, [chat("q", max_tokens=50, stop=["STOP"], stream=True)]))
+    finally:
+        engine.shutdown()
+    assert got[0][0] == [(0, "The answer is 42. ", "stop")]
+
+
+def test_a_dead_engine_process_fails_requests_with_503(tiny_ckpt, caplog):
+    engine = EngineClient(CoreSpec(CheckpointFactory(str(tiny_ckpt), "cpu")), Tokenizer.from_folder(tiny_ckpt))
+    long = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 5000, "ignore_eos": True}
+    try:
+        with ServerThread(create_app(engine, engine.tokenizer, MODEL)) as srv:
+            assert httpx.get(srv.url + "/health").json() == {"status": "ok"}
+
+            async def in_flight():
+                async with httpx.AsyncClient(base_url=srv.url, timeout=60) as http:
+                    full = asyncio.ensure_future(http.post("/v1/chat/completions", json=long))
+                    async with http.stream("POST", "/v1/chat/completions", json={**long, "stream": True}) as r:
+                        lines = r.aiter_lines()
+                        await lines.__anext__()
+                        while engine.stats()["num_requests"] < 2:
+                            await asyncio.sleep(0.01)
+                        with caplog.at_level(logging.ERROR, logger="qwenlm.engine"):
+                            os.kill(engine.process.pid, signal.SIGKILL)
+                            events = [line[6:] async for line in lines if line.startswith("data: ")]
+                    return await full, events
+
+            full, events = asyncio.run(asyncio.wait_for(in_flight(), 60))
+            assert full.status_code == 503
+            assert full.json()["error"]["code"] == "engine_unavailable"
+            assert "exited unexpectedly" in full.json()["error"]["message"]
+            assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "engine_unavailable"
+            health = httpx.get(srv.url + "/health")
+            assert health.status_code == 503 and "exit code -9" in health.json()["error"]
+            r = httpx.post(srv.url + "/v1/chat/completions", json={**long, "max_tokens": 2})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
+    finally:
+        engine.shutdown()
+    assert any("exited unexpectedly" in rec.getMessage() for rec in caplog.records)
+
+
+def test_an_engine_that_cannot_be_built_says_why(tmp_path):
+    with pytest.raises(EngineStartError, match="config.json"):
+        EngineClient(CoreSpec(CheckpointFactory(str(tmp_path), "cpu")))
