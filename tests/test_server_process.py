@@ -59,6 +59,12 @@ MIXED = [  # chat and completions, streamed and not, several lengths, n=2 seeded
     chat("Count", max_tokens=30, ignore_eos=True, stop=["e"], logprobs=True),
     ("/v1/completions", {"prompt": "x" * 300, "max_tokens": 5, "temperature": 0, "echo": True}),
     chat("Bye", max_tokens=3, stream=True),
+    # logprobs of every kind cross the process boundary: prompt logprobs with top-k (echo, max_tokens 0),
+    # top-k of generated tokens (completions and chat), streamed and not
+    ("/v1/completions", {"prompt": "Paris is the capital of", "max_tokens": 0, "echo": True, "logprobs": 3}),
+    ("/v1/completions", {"prompt": "One two three", "max_tokens": 5, "temperature": 0, "echo": True, "logprobs": 2,
+                         "stream": True}),
+    chat("Logprobs please", max_tokens=6, logprobs=True, top_logprobs=3),
 ]
 
 
