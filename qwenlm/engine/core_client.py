@@ -30,7 +30,7 @@ import zmq
 
 from qwenlm.engine.async_engine import queued_outputs
 from qwenlm.engine.core import CoreSpec
-from qwenlm.engine.engine import Request
+from qwenlm.engine.engine import Request, checked_prompt_ids
 from qwenlm.engine.outputs import EngineStopped, RequestError
 from qwenlm.engine.sampler import sampling_rows
 from qwenlm.engine.sequence import Sequence
@@ -184,19 +184,7 @@ class EngineClient:
         the checks LLMEngine.make_request makes, here, so a bad request never reaches the engine."""
         params = params or SamplingParams()
         request_id = request_id or uuid.uuid4().hex
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("a text prompt needs a tokenizer; pass token ids or give the engine a tokenizer")
-            prompt_ids = self.tokenizer.encode(prompt)
-        else:
-            prompt_ids = [int(t) for t in prompt]
-        if not prompt_ids:
-            raise ValueError("prompt is empty: at least one token is needed")
-        if len(prompt_ids) >= self.max_model_len:
-            raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room for a reply: the context is "
-                             f"{self.max_model_len} tokens, prompt + reply")
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer; the engine has none")
+        prompt_ids = checked_prompt_ids(prompt, params, self.tokenizer, self.max_model_len)
         try:  # the engine builds every row of a step at once: a row that cannot be built fails here
             sampling_rows([Sequence(request_id, 0, prompt_ids, params, params.seed or 0, 1.0)])
         except Exception as e:

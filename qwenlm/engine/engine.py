@@ -63,6 +63,26 @@ class _TextState:
         self.delta += emitted + tail
 
 
+def checked_prompt_ids(prompt: list[int] | str, params: SamplingParams, tokenizer, max_model_len: int,
+                       limit_note: str = "") -> list[int]:
+    """A request's prompt ids (a text prompt tokenized), or ValueError for a request that can never run: the
+    checks every engine front makes before a request reaches a step (LLMEngine, the engine process's client)."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError("a text prompt needs a tokenizer; pass token ids or give the engine a tokenizer")
+        prompt_ids = tokenizer.encode(prompt)
+    else:
+        prompt_ids = [int(t) for t in prompt]
+    if not prompt_ids:
+        raise ValueError("prompt is empty: at least one token is needed")
+    if len(prompt_ids) >= max_model_len:
+        raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room for a reply: the context is "
+                         f"{max_model_len} tokens, prompt + reply" + (f" ({limit_note})" if limit_note else ""))
+    if params.stop and tokenizer is None:
+        raise ValueError("stop strings need a tokenizer; the engine has none")
+    return prompt_ids
+
+
 @dataclass
 class Request:
     request_id: str
@@ -105,20 +125,9 @@ class LLMEngine:
                      request_id: str | None = None) -> Request:
         """Tokenize and validate a request without touching engine state (safe from any thread)."""
         params = params or SamplingParams()
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("a text prompt needs a tokenizer; pass token ids or give the engine a tokenizer")
-            prompt_ids = self.tokenizer.encode(prompt)
-        else:
-            prompt_ids = [int(t) for t in prompt]
-        if not prompt_ids:
-            raise ValueError("prompt is empty: at least one token is needed")
-        if len(prompt_ids) >= self.max_model_len:
-            raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room for a reply: the context is "
-                             f"{self.max_model_len} tokens, prompt + reply (max_model_len: the model's limit or what "
-                             f"the KV cache of {self.blocks.num_blocks} x {self.config.block_size} tokens holds)")
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer; the engine has none")
+        prompt_ids = checked_prompt_ids(prompt, params, self.tokenizer, self.max_model_len,
+                                        f"max_model_len: the model's limit or what the KV cache of "
+                                        f"{self.blocks.num_blocks} x {self.config.block_size} tokens holds")
         cfg = self.model.config
         check_in_vocab("candidate_token_ids", params.candidate_token_ids, cfg.vocab_size)  # gathered in the step
         alpha = ntk_alpha(len(prompt_ids), cfg.seq_length) if cfg.use_dynamic_ntk else 1.0
