@@ -1,5 +1,5 @@
 """What rank 0 tells the other tensor-parallel ranks about a step: a small host record (sent pickled over a gloo
-group) and the step's input tensors (broadcast on the device group: NCCL on GPUs, in stream order).
+group, `RecordChannel`) and the step's input tensors (broadcast on the device group: NCCL on GPUs, in stream order).
 
 The record holds only sizes and flags, so it costs the same at any context length; the token ids, positions, slots
 and block tables travel as one or two device tensors that rank 0 has already built for its own forward. On a GPU
@@ -11,9 +11,46 @@ so every rank reads the sampled token without it ever reaching the host.
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+import torch.distributed as dist
+
+RECORD_BYTES = 16384  # one broadcast carries a record this size or smaller (a prefill of ~1,000 chunks fits)
+
+
+class RecordChannel:
+    """Step records from rank 0 to the other ranks over a gloo group: pickled into one fixed-size host buffer, so a
+    step costs one broadcast. (`broadcast_object_list` sends two, the size and then the bytes: 1.4 ms against 0.5 ms
+    per record for one 64-int tensor between two processes on a busy 2-core machine.) A larger record sends its
+    remainder in a second broadcast."""
+
+    def __init__(self, group):
+        self.group = group
+        self.buf = torch.zeros(RECORD_BYTES, dtype=torch.uint8)
+        self.view = self.buf.numpy()
+
+    def send(self, record) -> None:
+        data = pickle.dumps(record)
+        head = min(len(data), RECORD_BYTES - 8)
+        self.view[:8] = np.frombuffer(len(data).to_bytes(8, "little"), np.uint8)
+        self.view[8:8 + head] = np.frombuffer(data, np.uint8, count=head)
+        dist.broadcast(self.buf, src=0, group=self.group)
+        if len(data) > head:
+            dist.broadcast(torch.frombuffer(bytearray(data[head:]), dtype=torch.uint8), src=0, group=self.group)
+
+    def recv(self):
+        dist.broadcast(self.buf, src=0, group=self.group)
+        n = int.from_bytes(self.view[:8].tobytes(), "little")
+        head = min(n, RECORD_BYTES - 8)
+        data = self.view[8:8 + head].tobytes()
+        if n > head:
+            rest = torch.empty(n - head, dtype=torch.uint8)
+            dist.broadcast(rest, src=0, group=self.group)
+            data += rest.numpy().tobytes()
+        return pickle.loads(data)  # written by rank 0 of this engine, a process this one was spawned by
 
 
 @dataclass(frozen=True)

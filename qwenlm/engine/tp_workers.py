@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from qwenlm.engine.tp_step import EngineStart, PrefillStep
+from qwenlm.engine.tp_step import EngineStart, PrefillStep, RecordChannel
 from qwenlm.parallel.tp import TPError
 
 RENDEZVOUS_TIMEOUT = timedelta(minutes=5)  # every rank is loaded and alive when it starts: seconds in practice
@@ -58,13 +58,13 @@ def _describe_exit(code: int | None) -> str:
 
 def _init_groups(store, rank: int, world: int, device: torch.device):
     """The default group on the device (the forward's collectives and the step inputs) and a gloo group for
-    the step records; returns the latter."""
+    the step records; returns the channel of the latter."""
     if device.type == "cuda":
         dist.init_process_group("nccl", store=store, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT,
                                 device_id=device)
     else:
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
-    return dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+    return RecordChannel(dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT))
 
 
 def _broadcast_inputs(tensors) -> None:
@@ -82,7 +82,7 @@ class TPWorkers:
                           "engine starts its own (rank 0 here, the other ranks in processes it spawns)")
         self.folder, self.world, self.device = Path(folder), world, torch.device(device)
         self.failure: str | None = None
-        self.cpu_group = None
+        self.records: RecordChannel | None = None
         self._stopping = self._closed = False
         self._dead = threading.Event()
         # The GPU machines forbid NVLink multicast (NVLS): off here and in every worker, which inherits it.
@@ -122,7 +122,7 @@ class TPWorkers:
                     self._startup_failed(rank, message[1] if message else None)
         for conn in self.conns:
             conn.send("init")
-        self.cpu_group = _init_groups(self.store, 0, self.world, self.device)
+        self.records = _init_groups(self.store, 0, self.world, self.device)
         threading.Thread(target=self._watch, name="qwenlm-tp-watch", daemon=True).start()
 
     def _startup_failed(self, rank: int, error: str | None):
@@ -138,7 +138,7 @@ class TPWorkers:
     def send(self, meta, tensors=()) -> None:
         """Rank 0: the step's record to every rank (pickled, gloo: host only), then its inputs (device group)."""
         self.check()
-        dist.broadcast_object_list([meta], src=0, group=self.cpu_group)
+        self.records.send(meta)
         _broadcast_inputs(tensors)
 
     def wait(self, event: torch.cuda.Event) -> None:
@@ -216,7 +216,7 @@ class TPWorkers:
                 dist.distributed_c10d._abort_process_group()
         finally:
             dist.destroy_process_group()
-        self.cpu_group = None
+        self.records = None
 
     def shutdown(self) -> None:
         """Stop the workers (they leave the process group and exit) and leave it on rank 0; idempotent."""
@@ -224,9 +224,9 @@ class TPWorkers:
             return
         self._stopping = self._closed = True
         atexit.unregister(self.shutdown)
-        if self.failure is None and self.cpu_group is not None:
+        if self.failure is None and self.records is not None:
             try:
-                dist.broadcast_object_list([None], src=0, group=self.cpu_group)
+                self.records.send(None)
             except Exception:  # a worker is gone already: the kill below covers the rest
                 pass
         for proc in self.procs:
@@ -293,15 +293,13 @@ def _worker_main(rank: int, world: int, folder: str, device: str, dtype, port: i
             os._exit(1)
 
 
-def _follow(model, cpu_group) -> None:
+def _follow(model, records: RecordChannel) -> None:
     """Build the runner rank 0 builds, then run each step's forward with rank 0's inputs until told to stop."""
     from qwenlm.engine.fusion import fuse_gate_up
     from qwenlm.engine.runner import ModelRunner
     runner = None
     while True:
-        box = [None]
-        dist.broadcast_object_list(box, src=0, group=cpu_group)
-        meta = box[0]
+        meta = records.recv()
         if meta is None:
             break
         if isinstance(meta, EngineStart):
