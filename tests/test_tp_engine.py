@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -95,9 +96,22 @@ def test_two_ranks_give_the_ids_and_logprobs_of_one_process(folders, name):
                                atol=1e-5, rtol=0)
 
 
-def test_a_worker_killed_mid_run_is_a_clear_error_and_leaves_no_process(folders):
+def test_ctrl_c_stops_a_call_not_the_engine_and_a_killed_worker_is_a_clear_error(folders):
     llm = LLM(str(folders["bf16"]), tensor_parallel_size=2, **ENGINE)
     worker = llm.model.tp_workers.procs[0]
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    before = [r.outputs[0].token_ids for r in llm.generate(_prompts(), greedy)]
+    # Ctrl-C in a terminal reaches every process of its group: the worker ignores it, rank 0 stops the call there
+    os.kill(worker.pid, signal.SIGINT)
+    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        while True:
+            if not llm.has_unfinished():
+                llm.add_request(None, _prompts()[2], SamplingParams(temperature=0, max_tokens=300, ignore_eos=True))
+            llm.step()
+    for request_id in list(llm.requests):
+        llm.abort(request_id)
+    assert [r.outputs[0].token_ids for r in llm.generate(_prompts(), greedy)] == before  # the ranks are in step
     for prompt in _prompts()[:3]:
         llm.add_request(None, prompt, SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
     for _ in range(4):  # prefills and decode steps, one step always in flight
@@ -117,8 +131,6 @@ def test_a_worker_killed_mid_run_is_a_clear_error_and_leaves_no_process(folders)
 
 def test_a_worker_that_dies_while_loading_is_named(folders):
     """The worker is killed before it has loaded its slice: rank 0 (waiting for it) names it, no rendezvous hangs."""
-    import threading
-
     def kill_first_worker():
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

@@ -208,7 +208,7 @@ class ModelRunner:
         PENDING take it from `prev` (the step in flight) on the device."""
         sample_seqs = batch.sample_seqs
         spans, prompt_rows = (), None
-        with self._guard():
+        with self.tp.step() if self.tp is not None else nullcontext():
             if batch.is_prefill:
                 logits, spans, prompt_rows = self._prefill(batch)
             else:

@@ -150,6 +150,26 @@ class TPWorkers:
     def check(self) -> None:
         if self.failure is not None:
             raise TPWorkerError(self.failure)
+        if self._closed:
+            raise TPWorkerError("the tensor-parallel engine was shut down (shutdown()): its other ranks have exited")
+
+    @contextmanager
+    def step(self):
+        """`guard` for one step, with Ctrl-C held until the step's forward has been queued on every rank (the ranks
+        stay in step, so the engine keeps working after an interrupted reply in `qwenlm chat`)."""
+        if threading.current_thread() is not threading.main_thread():
+            with self.guard():
+                yield
+            return
+        hit = []
+        previous = signal.signal(signal.SIGINT, lambda *_: hit.append(True))
+        try:
+            with self.guard():
+                yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if hit:
+            signal.raise_signal(signal.SIGINT)  # now, to the handler it was meant for
 
     @contextmanager
     def guard(self):
@@ -274,6 +294,9 @@ def _exit_with_parent(parent_pid: int) -> None:
 
 
 def _worker_main(rank: int, world: int, folder: str, device: str, dtype, port: int, conn, parent_pid: int) -> None:
+    # Ctrl-C in a terminal reaches the whole process group: rank 0 decides what it means (stop a reply, or exit and
+    # stop the workers), a worker never acts on it alone.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
     try:
         from qwenlm.parallel.model import load_tp_model
