@@ -35,7 +35,7 @@ import torch.distributed as dist
 from qwenlm.engine.tp_step import EngineStart, PrefillStep, RecordChannel
 from qwenlm.parallel.tp import TPError
 
-RENDEZVOUS_TIMEOUT = timedelta(minutes=5)  # every rank is loaded and alive when it starts: seconds in practice
+RENDEZVOUS_TIMEOUT = timedelta(seconds=60)  # every rank is loaded and alive when it starts: seconds in practice
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)  # the device group: ranks meet there while each compiles the same code
 IDLE_TIMEOUT = timedelta(days=365)  # the step-record group: workers wait there for as long as the engine is idle
 DEATH_GRACE_S = 5.0  # after a collective fails on rank 0, how long to wait for the dead rank's exit to show
@@ -120,10 +120,16 @@ class TPWorkers:
                     del loading[rank]
                 elif message is not None or proc.sentinel in ready:
                     self._startup_failed(rank, message[1] if message else None)
+        threading.Thread(target=self._watch, name="qwenlm-tp-watch", daemon=True).start()
         for conn in self.conns:
             conn.send("init")
-        self.records = _init_groups(self.store, 0, self.world, self.device)
-        threading.Thread(target=self._watch, name="qwenlm-tp-watch", daemon=True).start()
+        try:  # a rank lost now leaves rank 0 waiting for it until the rendezvous times out
+            self.records = _init_groups(self.store, 0, self.world, self.device)
+        except Exception as e:
+            self._dead.wait(DEATH_GRACE_S)
+            self.failure = self.failure or f"joining the tensor-parallel process group failed: {e}"
+            self._abort()
+            raise TPWorkerError(self.failure) from e
 
     def _startup_failed(self, rank: int, error: str | None):
         proc = self.procs[rank - 1]
