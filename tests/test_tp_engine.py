@@ -129,6 +129,18 @@ def test_ctrl_c_stops_a_call_not_the_engine_and_a_killed_worker_is_a_clear_error
     assert not _children()
 
 
+def test_a_worker_that_raises_is_named_with_its_traceback(folders):
+    """A worker that fails inside a step (here: handed a record that is no step) exits; rank 0 names it and shows
+    the worker's traceback."""
+    llm = LLM(str(folders["int4"]), tensor_parallel_size=2, **ENGINE)
+    llm.model.tp_workers.records.send("not a step")
+    with pytest.raises(TPWorkerError, match=r"(?s)tensor-parallel rank 1 of 2 \(pid \d+\) raised:\nTraceback.*"
+                                            r"AttributeError: 'str' object has no attribute 'alphas'"):
+        llm.generate([1, 2, 3], SamplingParams(max_tokens=4))
+    llm.shutdown()
+    assert not _children()
+
+
 def test_a_worker_that_dies_while_loading_is_named(folders):
     """The worker is killed before it has loaded its slice: rank 0 (waiting for it) names it, no rendezvous hangs."""
     def kill_first_worker():
