@@ -18,6 +18,7 @@ A bf16 checkpoint folder in the official layout (random weights at the real shap
     python bench/bench_engine.py            # H100: ~6 minutes (the first run ~1 of it writing the folder)
     python bench/bench_engine.py --tiny     # tiny shapes on the CPU: checks the script end to end
     python bench/bench_engine.py --only qwenlm,int8_kv   # parts: qwenlm, int8_kv, memory, transformers
+    python bench/bench_engine.py --only qwenlm --tp 2     # the engine split over 2 GPUs (the bound stays one GPU's)
 
 Prints one table (figure | qwenlm | transformers | bound); writes the JSON and a PNG of the same figures.
 """
@@ -40,11 +41,19 @@ TINY_SIZES = dict(b1_new=16, repeats=3, batch=4, prompt_len=32, new_tokens=8, tt
                   ttft_repeats=3, encode_len=128, hf_b1_new=8, hf_repeats=2, hf_batch=2)
 
 
-def engine_part(folder, kv_cache_dtype: str, sizes: dict, everything: bool, device: str) -> dict:
+def engine_part(folder, kv_cache_dtype: str, sizes: dict, everything: bool, device: str, tp: int = 1) -> dict:
     """One engine: batch-1 decode and TTFT (everything=True), then the throughput run."""
     from qwenlm.engine import LLM
     t = time.time()
-    engine = LLM(str(folder), device=device, max_num_seqs=sizes["batch"], kv_cache_dtype=kv_cache_dtype)
+    engine = LLM(str(folder), device=device, max_num_seqs=sizes["batch"], kv_cache_dtype=kv_cache_dtype,
+                 tensor_parallel_size=tp)
+    try:
+        return _engine_figures(engine, t, kv_cache_dtype, sizes, everything)
+    finally:
+        engine.shutdown()
+
+
+def _engine_figures(engine, t: float, kv_cache_dtype: str, sizes: dict, everything: bool) -> dict:
     res = {"start_s": time.time() - t}  # load + compile + CUDA graphs
     log(f"qwenlm (KV {kv_cache_dtype}) ready in {res['start_s']:.0f} s: {engine.stats()['num_blocks']} KV blocks")
     decode_rate(engine, prompts(1, 16, 1)[0], 32)  # warm-up
@@ -148,11 +157,12 @@ def plot(figs: dict, path, title: str) -> None:
 
 
 def main() -> int:
-    args, device, sizes, results, bw = start("bench_engine", __doc__, SIZES, TINY_SIZES)
+    args, device, sizes, results, bw = start("bench_engine", __doc__, SIZES, TINY_SIZES, lambda ap: ap.add_argument(
+        "--tp", type=int, default=1, metavar="N", help="tensor_parallel_size of the qwenlm engine (default 1)"))
     folder = checkpoint(args.workdir, "bf16", args.tiny, device)
-    results["folder"] = str(folder)
-    runs = {"qwenlm": ("qwenlm", engine_part, folder, "auto", sizes, True, device),
-            "int8_kv": ("qwenlm_int8_kv", engine_part, folder, "int8", sizes, False, device),
+    results["folder"], results["tensor_parallel_size"] = str(folder), args.tp
+    runs = {"qwenlm": ("qwenlm", engine_part, folder, "auto", sizes, True, device, args.tp),
+            "int8_kv": ("qwenlm_int8_kv", engine_part, folder, "int8", sizes, False, device, args.tp),
             "memory": ("memory", memory_part, folder, sizes, device),
             "transformers": ("transformers", transformers_part, folder, sizes, device)}
     parts = results["parts"] = {}

@@ -12,6 +12,9 @@ them. Exits non-zero when a check fails.
                logprobs, n=2, preemptions), and no KV block is leaked
   compiled     the compiled regions serve prompts of 2-64 tokens, chunked, without a compile after engine start
                (GPU only: Inductor on the CPU takes minutes)
+  tp           tensor parallelism through the engine: a split model's collectives in the CUDA graphs and compiled
+               regions (one rank on NCCL, any GPU), and with 2+ GPUs visible `LLM(tensor_parallel_size=2)` (NCCL,
+               graphs, compiled) == one process: greedy ids equal, logprobs reported (fp32). --tiny: 2 gloo ranks
 
     python bench/check_gpu.py            # H100: ~2 minutes
     python bench/check_gpu.py --tiny     # tiny shapes on the CPU, kernels in Triton's interpreter
@@ -212,8 +215,48 @@ def check_compiled(workdir, device, tiny) -> dict:
             "same_tokens_as_eager": outs[True] == outs[False]}
 
 
+def check_tp(workdir, device, tiny) -> dict:
+    import torch.distributed as dist
+    from qwenlm.engine import LLM, EngineConfig, LLMEngine, SamplingParams
+    from qwenlm.parallel.model import load_tp_model
+    folder = checkpoint(workdir, "bf16", True, device)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (3, 17, 40, 5, 64, 2, 33)]
+    greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=True)
+    kw = dict(num_blocks=256, block_size=4, max_num_batched_tokens=48, max_num_seqs=8)
+
+    def run(engine, key):
+        outs = [r.outputs[0] for r in engine.generate(prompts, greedy)]
+        res[key + "_same_tokens"] = [o.token_ids for o in outs] == [o.token_ids for o in ref]
+        res[key + "_max_logprob_diff"] = max(abs(a - b) for o, r in zip(outs, ref) for a, b in zip(o.logprobs, r.logprobs))
+        res[key + "_graphs"] = len(engine.runner.graphs)
+
+    res = {}
+    ref = [r.outputs[0] for r in LLMEngine(_tiny_model(workdir, device), None, EngineConfig(**kw)).generate(prompts, greedy)]
+    if device == "cuda":  # one rank: the split model's hooks run their NCCL collectives inside graphs and compiles
+        os.environ["NCCL_NVLS_ENABLE"] = "0"
+        store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True)
+        dist.init_process_group("nccl", store=store, rank=0, world_size=1, device_id=torch.device("cuda", 0))
+        try:
+            run(LLMEngine(load_tp_model(folder, 0, 1, device, torch.float32, progress=False), None,
+                          EngineConfig(**kw)), "one_rank")
+        finally:
+            dist.destroy_process_group()
+    world = torch.cuda.device_count() if device == "cuda" else 2
+    if world >= 2:
+        llm = LLM(str(folder), tensor_parallel_size=2, device=device, dtype=torch.float32, **kw)
+        try:
+            run(llm, "two_ranks")
+        finally:
+            llm.shutdown()
+    else:
+        res["two_ranks"] = "skipped: one GPU visible"
+    res["ok"] = all(v for k, v in res.items() if k.endswith("same_tokens"))
+    return res
+
+
 CHECKS = {"kernels": check_kernels, "act_order": check_act_order, "fused_int4": check_fused_int4,
-          "overlap": check_overlap, "compiled": check_compiled}
+          "overlap": check_overlap, "compiled": check_compiled, "tp": check_tp}
 
 
 def main() -> int:

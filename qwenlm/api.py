@@ -21,15 +21,16 @@ from qwenlm.tokenizer import Tokenizer
 
 def load(name_or_path: str = DEFAULT_MODEL, device: str | None = None, dtype: str | torch.dtype | None = "auto",
          progress: bool = True, engine_config: EngineConfig | None = None, quantize: str | None = None,
-         adapter: str | Path | None = None) -> "QwenLM":
+         adapter: str | Path | None = None, tensor_parallel_size: int = 1) -> "QwenLM":
     """Load a Qwen v1 checkpoint folder (or hub name) for generation and chat.
 
     engine_config sizes the serving engine every call runs on (KV blocks, batch limits, CUDA graphs;
     kv_cache_dtype="int8" for an int8 KV cache). quantize="int8" turns a bf16/fp16 folder's block linears into
     per-channel int8 after loading (docs/quantization.md); GPTQ folders are refused. adapter: a PEFT LoRA
     adapter folder (from `qwenlm finetune` or the official finetune.py) merged into the weights after loading
-    (docs/python-api.md, "Adapters and merging")."""
-    ckpt = load_checkpoint(name_or_path, device, dtype, progress, quantize, adapter)
+    (docs/python-api.md, "Adapters and merging"). tensor_parallel_size N > 1 splits the model over N processes
+    (N GPUs; gloo processes on the CPU), this one rank 0 (docs/parallel.md)."""
+    ckpt = load_checkpoint(name_or_path, device, dtype, progress, quantize, adapter, tensor_parallel_size)
     return QwenLM(ckpt.model, ckpt.tokenizer, ckpt.generation_config, ckpt.folder, engine_config)
 
 

@@ -23,17 +23,32 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="a LoRA adapter folder (PEFT format) merged into the weights at load time")
 
 
+def _tp_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
+                   help="split the model over N GPUs, one process each (N divides the head count; default 1)")
+
+
 def _load(args):
     import qwenlm
     from qwenlm.engine import EngineConfig
     return qwenlm.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
-                       engine_config=EngineConfig(kv_cache_dtype=args.kv_cache_dtype), adapter=args.adapter)
+                       engine_config=EngineConfig(kv_cache_dtype=args.kv_cache_dtype), adapter=args.adapter,
+                       tensor_parallel_size=getattr(args, "tensor_parallel_size", 1))
+
+
+def _shutdown(llm) -> None:
+    """Stop a tensor-parallel model's worker processes now rather than at exit."""
+    from qwenlm.engine import LLMEngine
+    LLMEngine.shutdown_model(llm.model)
 
 
 def cmd_chat(args) -> int:
     from qwenlm.terminal_chat import TerminalChat
     llm = _load(args)
-    TerminalChat(llm, system=args.system, seed=args.seed).run()
+    try:
+        TerminalChat(llm, system=args.system, seed=args.seed).run()
+    finally:
+        _shutdown(llm)
     return 0
 
 
@@ -45,10 +60,13 @@ def _generate_overrides(args) -> dict:
 def cmd_generate(args) -> int:
     llm = _load(args)
     overrides = _generate_overrides(args)
-    if args.chat:
-        text = "".join(llm.chat_stream(args.prompt, system=args.system, **overrides))
-    else:
-        text = llm.generate(args.prompt, **overrides)
+    try:
+        if args.chat:
+            text = "".join(llm.chat_stream(args.prompt, system=args.system, **overrides))
+        else:
+            text = llm.generate(args.prompt, **overrides)
+    finally:
+        _shutdown(llm)
     print(text)
     return 0
 
@@ -108,12 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="interactive terminal chat")
     _model_args(p)
+    _tp_arg(p)
     p.add_argument("--system", default="You are a helpful assistant.", help="system prompt")
     p.add_argument("--seed", type=int, default=1234)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("generate", help="one-shot generation")
     _model_args(p)
+    _tp_arg(p)
     p.add_argument("prompt")
     p.add_argument("--chat", action="store_true", help="answer the prompt as a chat query (ChatML)")
     p.add_argument("--system", default="You are a helpful assistant.")
@@ -198,10 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args) -> None:
     """Every argument checked before a model loads (which can take minutes): one clear error, exit 2."""
     from qwenlm.config import GenerationConfig
-    from qwenlm.loading import check_device, parse_dtype
+    from qwenlm.loading import check_device, check_tensor_parallel, parse_dtype
     from qwenlm.sampling import check_seed
     check_device(getattr(args, "device", None))
     parse_dtype(getattr(args, "dtype", None))
+    check_tensor_parallel(getattr(args, "tensor_parallel_size", 1), getattr(args, "quantize", None),
+                          getattr(args, "adapter", None))
     if getattr(args, "adapter", None) is not None:
         from qwenlm.adapters import read_adapter_config
         read_adapter_config(args.adapter)

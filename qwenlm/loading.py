@@ -52,6 +52,18 @@ def check_device(device: str | torch.device | None) -> None:
                                        f"cuda:0..cuda:{count - 1}")
 
 
+def check_tensor_parallel(size, quantize: str | None = None, adapter=None) -> None:
+    """tensor_parallel_size is a whole number >= 1, and what the other options need of the whole weights is off."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ParamError("tensor_parallel_size", f"tensor_parallel_size must be an integer >= 1, got {size!r}")
+    if size > 1 and quantize is not None:
+        raise ParamError("quantize", f"quantize={quantize!r} works on the whole weights; it cannot be combined with "
+                                     f"tensor_parallel_size {size} (use a GPTQ folder instead)")
+    if size > 1 and adapter is not None:
+        raise ParamError("adapter", f"an adapter is merged into the whole weights; with tensor_parallel_size {size} "
+                                    "merge it first (qwenlm merge) and load the merged folder")
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -67,11 +79,15 @@ class Checkpoint:
 
 def load_checkpoint(name_or_path: str = DEFAULT_MODEL, device: str | None = None,
                     dtype: str | torch.dtype | None = "auto", progress: bool = True,
-                    quantize: str | None = None, adapter: str | Path | None = None) -> Checkpoint:
+                    quantize: str | None = None, adapter: str | Path | None = None,
+                    tensor_parallel_size: int = 1) -> Checkpoint:
     """A Qwen v1 checkpoint folder (or hub name) loaded onto `device` (default: CUDA where present).
     adapter: a PEFT LoRA adapter folder merged into the weights after loading (`qwenlm.adapters`).
-    quantize="int8" turns a bf16/fp16 folder's block linears into per-channel int8 after that."""
+    quantize="int8" turns a bf16/fp16 folder's block linears into per-channel int8 after that.
+    tensor_parallel_size N > 1: this process holds rank 0's slice of the model and starts N - 1 worker processes
+    holding the others (`qwenlm.engine.tp_workers`); the model then runs only inside an engine (LLMEngine)."""
     check_device(device)  # the arguments first: resolving may download, loading takes minutes
+    check_tensor_parallel(tensor_parallel_size, quantize, adapter)
     dtype = parse_dtype(dtype)
     if quantize not in (None, *quant.QUANTIZE_METHODS):
         raise ParamError("quantize", f"quantize={quantize!r} is not supported; choose one of "
@@ -81,6 +97,10 @@ def load_checkpoint(name_or_path: str = DEFAULT_MODEL, device: str | None = None
     folder = resolve_model(name_or_path)
     gen_file = folder / "generation_config.json"  # read before the weights: a bad value fails in a second
     gen = GenerationConfig.from_file(gen_file) if gen_file.is_file() else GenerationConfig()
+    if tensor_parallel_size > 1:
+        from qwenlm.engine.tp_workers import load_tp_engine_model
+        model = load_tp_engine_model(folder, tensor_parallel_size, device or default_device(), dtype, progress)
+        return Checkpoint(model, Tokenizer.from_folder(folder), gen, folder)
     model = load_model(folder, device=device or default_device(), dtype=dtype, progress=progress)
     if adapter is not None:
         load_adapter(model, adapter)

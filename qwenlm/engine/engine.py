@@ -321,6 +321,16 @@ class LLMEngine:
             raise RequestError(f"request {failed[0].request_id!r} failed: {failed[0].error}")
         return [final[i] for i in ids]
 
+    def shutdown(self) -> None:
+        """Stop a tensor-parallel model's other ranks (their processes exit); nothing to do for one process."""
+        self.shutdown_model(self.model)
+
+    @staticmethod
+    def shutdown_model(model) -> None:
+        workers = getattr(model, "tp_workers", None)
+        if workers is not None:
+            workers.shutdown()
+
     def stats(self) -> dict:
         sched = self.scheduler
         return {
@@ -346,15 +356,22 @@ class LLM(LLMEngine):
     """Offline entry point: `LLM(path_or_model).generate(prompts, params)`.
 
     model_or_path: a checkpoint folder (or hub name), or an already loaded QWenLMHeadModel (then pass
-    `tokenizer` for text prompts and stop strings).
+    `tokenizer` for text prompts and stop strings). tensor_parallel_size N > 1 (a folder): the model split over
+    N processes, this one rank 0 (docs/parallel.md); `shutdown()` stops the others.
     """
 
     def __init__(self, model_or_path, tokenizer=None, config: EngineConfig | None = None, device=None,
-                 dtype=None, **config_kwargs):
+                 dtype=None, tensor_parallel_size: int = 1, **config_kwargs):
         if config is not None and config_kwargs:
             raise ValueError("pass either an EngineConfig or EngineConfig keyword arguments, not both")
         config = config or EngineConfig(**config_kwargs)
         if not hasattr(model_or_path, "config"):
-            ckpt = load_checkpoint(model_or_path, device=device, dtype=dtype)
+            ckpt = load_checkpoint(model_or_path, device=device, dtype=dtype, tensor_parallel_size=tensor_parallel_size)
             model_or_path, tokenizer = ckpt.model, tokenizer or ckpt.tokenizer
-        super().__init__(model_or_path, tokenizer, config)
+        elif tensor_parallel_size != 1:
+            raise ValueError("tensor_parallel_size needs a checkpoint folder: each rank loads its own slice of it")
+        try:
+            super().__init__(model_or_path, tokenizer, config)
+        except BaseException:
+            self.shutdown_model(model_or_path)
+            raise

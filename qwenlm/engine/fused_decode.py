@@ -29,9 +29,13 @@ PREFETCH_MB = 8
 
 
 def supports(model) -> bool:
-    """Every block is GPTQ Int4 on the Triton backend with a fused gate_up, RoPE covers whole heads."""
+    """Every block is GPTQ Int4 on the Triton backend with a fused gate_up, RoPE covers whole heads, one rank."""
     cfg = model.config
     if cfg.rotary_dim != cfg.head_dim:
+        return False
+    if getattr(model, "tp_world", 1) > 1:
+        # A split model's c_proj outputs are partial sums: the kernels add the residual before the all-reduce
+        # would, so each rank would add it once (N times in all). The compiled regions run such a model.
         return False
     for block in model.transformer.h:
         mlp, attn = block.mlp, block.attn

@@ -12,9 +12,11 @@ by the step in flight); `resolve` waits for a launched step's tokens on the host
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from qwenlm.engine.attention import PagedAttention, PrefillSeq, kv_bytes_per_token_head
 from qwenlm.engine.compiled_decode import CompiledDecode
@@ -22,6 +24,7 @@ from qwenlm.engine.config import EngineConfig
 from qwenlm.engine.sampler import SamplingBatch, logprob_details, prompt_logprob_rows, sample
 from qwenlm.engine.scheduler import ScheduledBatch
 from qwenlm.engine.sequence import Sequence
+from qwenlm.engine.tp_step import DecodeStep, EngineStart, PrefillStep
 from qwenlm.sampling import SamplingParams
 
 log = logging.getLogger("qwenlm.engine")  # start-up phases: a first start compiles for minutes
@@ -60,6 +63,22 @@ class ModelRunner:
         self.model = model
         self.config = config
         self.cfg = model.config
+        # A tensor-parallel model's rank 0 holds its workers (qwenlm.engine.tp_workers): they build the same runner
+        # now and then run every step's forward with this one. Their ranks run these methods from `run_prefill`
+        # / `run_decode` on (every collective of the build and the steps happens on all ranks in the same order).
+        self.tp = getattr(model, "tp_workers", None)
+        with self._guard():
+            if self.tp is not None:
+                self.tp.send(EngineStart(config, max_model_len))
+            self._build(model, config, max_model_len)
+
+    def _guard(self):
+        """Around work with collectives: on rank 0 of a tensor-parallel engine, a dead rank becomes an error naming
+        it (and any error there stops the other ranks, which would otherwise wait for this one)."""
+        return self.tp.guard() if self.tp is not None else nullcontext()
+
+    def _build(self, model, config: EngineConfig, max_model_len: int) -> None:
+        self.heads = model.transformer.h[0].attn.num_heads  # this rank's heads (the config's, unsplit)
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.block_size = config.block_size
@@ -77,7 +96,7 @@ class ModelRunner:
         self.num_blocks = self._size_pool()
         cfg = self.cfg
         # One extra block at the end: the scratch target of CUDA-graph padding rows.
-        shape = (cfg.num_hidden_layers, self.num_blocks + 1, self.block_size, cfg.num_attention_heads, cfg.head_dim)
+        shape = (cfg.num_hidden_layers, self.num_blocks + 1, self.block_size, self.heads, cfg.head_dim)
         self.ctx = PagedAttention.allocate(shape, self.dtype, config.kv_cache_dtype, self.device, config.attention_backend)
         self.k_cache, self.v_cache = self.ctx.k_cache, self.ctx.v_cache  # uint8 for kv_cache_dtype="int8"
         self.scratch_slot = self.num_blocks * self.block_size
@@ -113,7 +132,7 @@ class ModelRunner:
     def block_bytes(self) -> int:
         cfg = self.cfg
         per_head = kv_bytes_per_token_head(cfg.head_dim, self.dtype, self.config.kv_cache_dtype)  # K and V
-        return cfg.num_hidden_layers * self.block_size * cfg.num_attention_heads * per_head
+        return cfg.num_hidden_layers * self.block_size * self.heads * per_head
 
     def _size_pool(self) -> int:
         if self.config.num_blocks is not None:
@@ -130,6 +149,10 @@ class ModelRunner:
         graph_reserve = max(self.config.graph_batch_sizes()) * self.cfg.vocab_size * 4 + (256 << 20)
         budget = total * self.config.gpu_memory_utilization - used - (peak - current) - graph_reserve
         num_blocks = int(budget) // self.block_bytes()
+        if getattr(self.model, "tp_world", 1) > 1:  # one block manager for all ranks: the pool that fits on each
+            agreed = torch.tensor([num_blocks], device=self.device)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+            num_blocks = int(agreed)
         if num_blocks < 1:
             raise RuntimeError(f"no GPU memory left for the KV cache ({free / 2**30:.1f} GiB free of "
                                f"{total / 2**30:.1f}); raise gpu_memory_utilization or lower max_num_batched_tokens")
@@ -190,10 +213,11 @@ class ModelRunner:
         PENDING take it from `prev` (the step in flight) on the device."""
         sample_seqs = batch.sample_seqs
         spans, prompt_rows = (), None
-        if batch.is_prefill:
-            logits, spans, prompt_rows = self._prefill(batch)
-        else:
-            logits = self._decode(batch.seqs, prev)
+        with self.tp.step() if self.tp is not None else nullcontext():
+            if batch.is_prefill:
+                logits, spans, prompt_rows = self._prefill(batch)
+            else:
+                logits = self._decode(batch.seqs, prev)
         rows = {s.seq_id: i for i, s in enumerate(sample_seqs)}
         tokens, both, top_k = None, None, 0
         if sample_seqs:
@@ -221,12 +245,13 @@ class ModelRunner:
         host.copy_(t, non_blocking=True)
         return host
 
-    @staticmethod
-    def resolve(step: LaunchedStep) -> tuple[list[int], list[list[float]] | None, list[list[float]] | None]:
+    def resolve(self, step: LaunchedStep) -> tuple[list[int], list[list[float]] | None, list[list[float]] | None]:
         """Wait for the step's results to reach the host: the one host sync of a step. Returns the tokens; per
         token its column of logprob details ([logprob] alone, or `sampler.logprob_details`'s column), or None;
         the prompt rows of `step.prompt_spans` in order ([logprob, k ids, k logprobs] each), or None."""
-        if step.done is not None:
+        if step.done is not None and self.tp is not None:
+            self.tp.wait(step.done)  # a dead rank ends the wait with an error naming it
+        elif step.done is not None:
             step.done.synchronize()
         prompt = step.prompt_host.tolist() if step.prompt_host is not None else None
         if step.host is None:
@@ -238,7 +263,7 @@ class ModelRunner:
     def _prefill(self, batch: ScheduledBatch):
         """Logits [len(last), V] of the rows that sample, the prompt spans of the step, and their prompt rows
         (`sampler.prompt_logprob_rows`, float64 on the device) or None."""
-        ids, positions, slots, alpha_rows, seqs, last = [], [], [], [], [], []
+        ids, positions, slots, alpha_rows, chunks, ctx_slots, last = [], [], [], [], [], [], []
         spans, span_rows, targets = [], [], []
         offset = 0
         for seq, n in zip(batch.seqs, batch.num_tokens):
@@ -246,11 +271,12 @@ class ModelRunner:
             assert end <= seq.num_known, "prefill of a PENDING token"
             ids += seq.token_ids[start:end]
             positions += range(start, end)
-            alpha_rows.append((self.alpha_row(seq.ntk_alpha), n))
+            alpha_rows += [self.alpha_row(seq.ntk_alpha)] * n
             all_slots = self._slots(seq, 0, end)
             slots.append(all_slots[start:])
-            ctx_slots = all_slots.to(self.device, non_blocking=True) if start > 0 else None
-            seqs.append(PrefillSeq(offset, n, end, ctx_slots))
+            if start > 0:
+                ctx_slots.append(all_slots)
+            chunks.append((offset, n, end, start > 0))
             if seq.prompt_logprobs_left:
                 first, stop = max(start, seq.prompt_logprobs_next), min(end, seq.num_prompt_tokens - 1)
                 if stop > first:
@@ -260,27 +286,47 @@ class ModelRunner:
             offset += n
             if end == len(seq):
                 last.append(offset - 1)
-        slot_mapping = torch.cat(slots).to(self.device, non_blocking=True)
-        self.ctx.set_prefill(slot_mapping, seqs)
-        ids_t = self._to_device(ids)[None]
-        pos_t = self._to_device(positions)[None]
-        rows = {r for r, _ in alpha_rows}
-        if len(rows) == 1:
-            inv = self._inv_table[rows.pop()][None, None, :]  # [1,1,r/2]
-        else:
-            per_token = torch.cat([torch.full((n,), r, dtype=torch.int64) for r, n in alpha_rows])
-            inv = self._inv_table[per_token.to(self.device)][None]  # [1,T,r/2]
-        use_logn = self.cfg.use_logn_attn and max(positions) + 1 > self.cfg.seq_length
-        hidden = self._prefill_forward(self.ctx, ids_t, pos_t, inv, use_logn, self._to_device(last + span_rows))
-        logits = self.model.logits(hidden[:len(last)])  # [len(last), V] fp32 (no rows: empty)
+        one_row = alpha_rows[0] if len(set(alpha_rows)) == 1 else None
+        meta = PrefillStep(len(ids), tuple(chunks), len(last), len(last) + len(span_rows), len(targets), one_row,
+                           self.cfg.use_logn_attn and max(positions) + 1 > self.cfg.seq_length, tuple(self._alpha_index))
+        # One host-to-device copy of every int64 input, in the layout PrefillStep describes
+        packed = torch.cat([torch.tensor(ids + positions, dtype=torch.int64), *slots,
+                            torch.tensor(alpha_rows + last + span_rows, dtype=torch.int64), *ctx_slots])
+        packed = packed.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else packed
+        if self.tp is not None:
+            self.tp.send(meta, [packed])
+        logits, prompt_hidden = self.run_prefill(meta, packed)
         if not spans:
             return logits, (), None
         k = max(s.seq.params.prompt_logprobs for s in spans)
-        prompt_hidden, targets_t = hidden[len(last):], self._to_device(targets)
-        prompt_rows = torch.cat([prompt_logprob_rows(self.model.logits(prompt_hidden[i:i + PROMPT_LOGITS_ROWS]),
-                                                     targets_t[i:i + PROMPT_LOGITS_ROWS], k)
-                                 for i in range(0, len(targets), PROMPT_LOGITS_ROWS)])
+        targets_t = self._to_device(targets)
+        prompt_rows = torch.cat([prompt_logprob_rows(chunk, targets_t[i:i + PROMPT_LOGITS_ROWS], k)
+                                 for i, chunk in self.prompt_logits(prompt_hidden)])
         return logits, tuple(spans), prompt_rows
+
+    def run_prefill(self, meta: PrefillStep, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefill forward on every rank: logits [num_sampled, V] fp32 and the hidden rows of the prompt
+        logprobs (`prompt_logits`)."""
+        T = meta.num_tokens
+        ids, pos, slot_mapping, alpha_rows = packed[:4 * T].view(4, T)
+        rows = packed[4 * T:4 * T + meta.num_rows]
+        at, seqs = 4 * T + meta.num_rows, []
+        for q_start, q_len, ctx_len, cached in meta.seqs:
+            seqs.append(PrefillSeq(q_start, q_len, ctx_len, packed[at:at + ctx_len] if cached else None))
+            at += ctx_len if cached else 0
+        self.ctx.set_prefill(slot_mapping, seqs)
+        if meta.one_alpha_row is not None:
+            inv = self._inv_table[meta.one_alpha_row][None, None, :]  # [1,1,r/2]
+        else:
+            inv = self._inv_table[alpha_rows][None]  # [1,T,r/2]
+        hidden = self._prefill_forward(self.ctx, ids[None], pos[None], inv, meta.use_logn, rows)
+        return self.model.logits(hidden[:meta.num_sampled]), hidden[meta.num_sampled:]  # [n, V] fp32 (n may be 0)
+
+    def prompt_logits(self, prompt_hidden: torch.Tensor):
+        """(offset, logits) of the prompt-logprob rows, PROMPT_LOGITS_ROWS at a time (on every rank: the lm_head's
+        logits are gathered)."""
+        for i in range(0, prompt_hidden.shape[0], PROMPT_LOGITS_ROWS):
+            yield i, self.model.logits(prompt_hidden[i:i + PROMPT_LOGITS_ROWS])
 
     def _decode_inputs(self, seqs: list[Sequence], rows: int):
         """Flat int64 [5*rows] (ids, positions, slots, context lens, alpha rows) and the block tables [rows, W]."""
@@ -319,22 +365,35 @@ class ModelRunner:
     def _decode(self, seqs: list[Sequence], prev: LaunchedStep | None = None) -> torch.Tensor:
         B = len(seqs)
         graph_bs = next((b for b in sorted(self.graphs) if b >= B), None)
-        use_logn_needed = self.cfg.use_logn_attn and max(len(s) for s in seqs) > self.cfg.seq_length
-        if graph_bs is not None:
-            flat, tables = self._decode_inputs(seqs, graph_bs)
+        rows = graph_bs or B
+        flat, tables = self._decode_inputs(seqs, rows)
+        self._feed_pending(flat[:rows], seqs, prev)
+        max_len = max(len(s) for s in seqs)
+        meta = DecodeStep(B, rows, graph_bs is not None, tables.shape[1], max_len,
+                          self.cfg.use_logn_attn and max_len > self.cfg.seq_length, tuple(self._alpha_index))
+        if self.tp is not None:
+            self.tp.send(meta, [flat, tables])
+        return self.run_decode(meta, flat, tables)
+
+    def run_decode(self, meta: DecodeStep, flat: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+        """The decode forward on every rank: logits [batch, V] fp32."""
+        B, rows = meta.batch, meta.rows
+        if meta.graph:
             st = self._static
-            st["flat"][:, :graph_bs].copy_(flat.view(5, graph_bs))
-            self._feed_pending(st["ids"], seqs, prev)
-            st["tables"][:graph_bs, :tables.shape[1]].copy_(tables)
-            self.graphs[graph_bs].replay()  # context lens and RoPE rows are converted inside the graph
+            st["flat"][:, :rows].copy_(flat.view(5, rows))
+            st["tables"][:rows, :meta.width].copy_(tables)
+            self.graphs[rows].replay()  # context lens and RoPE rows are converted inside the graph
             return st["logits"][:B]
-        flat, tables = self._decode_inputs(seqs, B)
         ids, pos, slots, lens, alphas = flat.view(5, B)
-        self._feed_pending(ids, seqs, prev)
-        self.ctx.set_decode(slots, tables, lens.int(), max(len(s) for s in seqs))
+        self.ctx.set_decode(slots, tables, lens.int(), meta.max_context_len)
         inv = self._inv_table[alphas][:, None, :]
-        use_logn = use_logn_needed or (self.compiled and self.cfg.use_logn_attn)  # one compiled variant
+        use_logn = meta.use_logn or (self.compiled and self.cfg.use_logn_attn)  # one compiled variant
         return self._decode_forward(ids[:, None], pos[:, None], inv, use_logn)
+
+    def sync_alphas(self, alphas: tuple[float, ...]) -> None:
+        """Add rank 0's new NTK alphas to this rank's RoPE table, in its row order."""
+        for alpha in alphas[len(self._alpha_index):]:
+            self.alpha_row(alpha)
 
     def _decode_forward_eager(self, ids, pos, inv, use_logn: bool) -> torch.Tensor:
         hidden = self.model(ids, pos, self.ctx, inv, use_logn=use_logn)
