@@ -26,6 +26,7 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    owns_group: bool = False  # the process group was made here (not by the caller), so it is ended here
 
     @property
     def main(self) -> bool:
@@ -45,13 +46,14 @@ def setup(device: str | None) -> Dist:
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         dist.init_process_group("nccl" if cuda else "gloo")
-    return Dist(rank, world, local_rank, torch.device(f"cuda:{local_rank}" if cuda else "cpu"))
+    return Dist(rank, world, local_rank, torch.device(f"cuda:{local_rank}" if cuda else "cpu"), owns)
 
 
 def teardown(d: Dist) -> None:
-    if d.active and dist.is_initialized():
+    if d.active and d.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
 
