@@ -35,6 +35,7 @@ if dist.get_rank() == 0:
     shutil.copytree(Path(full["output"]) / "checkpoint-1", Path(resumed["output"]) / "checkpoint-1")
 dist.barrier()
 finetune(FinetuneConfig(**resumed))
+finetune(FinetuneConfig(**dict(lora, output=lora["output"] + "-fsdp", sharding="fsdp")))
 dist.destroy_process_group()
 """
 
@@ -89,6 +90,17 @@ def test_two_processes_train_as_one(runs, method):
     assert len(curve_one) == len(curve_two) == 3
     for a, b in zip(curve_one[1:], curve_two[1:]):
         assert float(a.split(",")[2]) == pytest.approx(float(b.split(",")[2]), rel=1e-5)
+
+
+def test_lora_under_fsdp_writes_the_same_adapter(runs):
+    root, single, log = runs
+    assert "2 process(es) (fsdp)" in log
+    one, two = weights(single["lora"][0], "lora"), weights(root / "lora-2-fsdp", "lora")
+    assert set(one) == set(two)  # PEFT's names, from the gathered shards
+    config = [json.loads((d / "adapter_config.json").read_text()) for d in (single["lora"][0], root / "lora-2-fsdp")]
+    assert config[0] == config[1]
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=2e-6, msg=name)
 
 
 def test_sharded_checkpoint_resumes_to_the_same_weights(runs):

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from qwenlm.cli import main
 from qwenlm.model.loader import load_model
 from qwenlm.train.labels import IGNORE_TOKEN_ID
+from qwenlm.train.loss import causal_lm_loss, training_hidden
 from qwenlm.train.optim import decay_groups
 from qwenlm.train.trainer import Trainer
 from train_helpers import learnable_checkpoint, small_config, write_conversations
@@ -26,7 +27,10 @@ def files(tmp_path_factory):
 @pytest.fixture(scope="module")
 def lora_run(files):
     model, data, root = files
-    trainer = Trainer(small_config(model, data, root / "lora", epochs=10, lora_dropout=0.0))
+    held_out = write_conversations(root / "eval.json", repeat=1, conversations=[
+        [("user", "What is the capital of Italy?"), ("assistant", "Rome.")], [("user", "1+1?"), ("assistant", "2")]])
+    trainer = Trainer(small_config(model, data, root / "lora", epochs=10, lora_dropout=0.0,
+                                   eval_data=[str(held_out)]))
     trainer.train()
     return trainer
 
@@ -40,6 +44,23 @@ def test_lora_brings_training_loss_down(lora_run):
     lrs = [r["lr"] for r in lora_run.history]
     assert lrs[0] == 0.0 and lrs[1] == pytest.approx(1e-2) and lrs[-1] == pytest.approx(
         1e-2 * 0.5 * (1 + math.cos(math.pi * 18 / 19)), rel=1e-9)
+
+
+def test_eval_loss_after_each_epoch(lora_run):
+    evals = {r["step"]: r["eval_loss"] for r in lora_run.history if r["eval_loss"] is not None}
+    assert sorted(evals) == list(range(2, 21, 2))  # the last step of each of the 10 epochs
+    # the last one, recomputed sample by sample with the trained model
+    lora_run.model.eval()
+    total, items = 0.0, 0
+    with torch.no_grad():
+        for s in lora_run.eval_samples:
+            batch = {"input_ids": torch.tensor([s.input_ids]), "position_ids": torch.arange(len(s.input_ids))[None]}
+            labels = torch.tensor([s.labels])
+            total += causal_lm_loss(lora_run.model.logits(training_hidden(lora_run.model, batch)), labels, 1).item()
+            items += int((labels[:, 1:] != IGNORE_TOKEN_ID).sum())
+    assert evals[20] == pytest.approx(total / items, rel=1e-5)
+    csv_rows = (lora_run.output / "loss.csv").read_text().splitlines()
+    assert csv_rows[2].split(",")[-1] != "" and csv_rows[1].split(",")[-1] == ""
 
 
 def test_full_brings_training_loss_down_and_writes_a_loadable_folder(files):
@@ -82,7 +103,6 @@ def test_adapter_is_what_peft_writes_and_peft_loads_it(lora_run, files):
     batch = {"input_ids": ids, "position_ids": positions}
     lora_run.model.eval()
     with torch.no_grad():
-        from qwenlm.train.loss import training_hidden
         want_logits = lora_run.model.logits(training_hidden(lora_run.model, batch))
         got = loaded.base_model.model.logits(training_hidden(loaded.base_model.model, batch))
     torch.testing.assert_close(got, want_logits, rtol=1e-5, atol=1e-5)
@@ -172,7 +192,8 @@ def test_cli_end_to_end(files, tmp_path, capsys):
     assert rows[0] == "step,epoch,loss,lr,tokens,eval_loss" and len(rows) == 1 + 2  # 194 tokens: 2 packs of 128
     assert (out / "checkpoint-1" / "complete.json").is_file() and not (out / "checkpoint-2").exists()  # final: output
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
-    assert "data: 6 samples" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "data: 6 samples" in printed and "estimated peak memory" in printed
 
 
 @pytest.mark.parametrize("args, option", [

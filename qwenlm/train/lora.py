@@ -13,7 +13,7 @@ from pathlib import Path
 
 from torch import nn
 
-from qwenlm.files import file_mode
+from qwenlm.files import file_mode, save_safetensors
 from qwenlm.train.config import FinetuneConfig
 
 TARGET_MODULES = ["c_attn", "c_proj", "w1", "w2"]  # finetune.py's lora_target_modules; c_proj matches both
@@ -50,12 +50,15 @@ def apply_lora(model: nn.Module, cfg: FinetuneConfig):
     return get_peft_model(model, config)
 
 
-def save_adapter(peft_model, folder: str | Path, base_model: str | None = None) -> Path:
+def save_adapter(peft_model, folder: str | Path, base_model: str | None = None, state: dict | None = None) -> Path:
     """PEFT's own files (adapter_config.json, adapter_model.safetensors) in `folder`, written into a temporary
     folder first and moved into place file by file, so a crash never leaves a half-written adapter.
 
     The config says task_type CAUSAL_LM and names the base folder, as finetune.py's adapters do, so
-    `peft.AutoPeftModelForCausalLM.from_pretrained(folder)` finds the base model and the right class."""
+    `peft.AutoPeftModelForCausalLM.from_pretrained(folder)` finds the base model and the right class.
+
+    state: the trainable weights gathered from FSDP shards (the model's own parameters are then only shards);
+    they go through PEFT's own key mapping (`get_peft_model_state_dict`, what save_pretrained calls)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".{folder.name}.adapter-tmp-{os.getpid()}"
@@ -67,7 +70,20 @@ def save_adapter(peft_model, folder: str | Path, base_model: str | None = None) 
     try:
         # the embeddings, when trained, are saved whole as modules_to_save; PEFT's "auto" check of a resized
         # vocabulary would read the base config through transformers, which this model does not use
-        peft_model.save_pretrained(str(tmp), save_embedding_layers=False)
+        if state is None:
+            peft_model.save_pretrained(str(tmp), save_embedding_layers=False)
+        else:
+            from peft import get_peft_model_state_dict
+            named = {f"base_model.model.{k}": v for k, v in state.items()}
+            weights = get_peft_model_state_dict(peft_model, state_dict=named, save_embedding_layers=False)
+            tmp.mkdir()
+            save_safetensors({k: v.contiguous() for k, v in weights.items()}, tmp / "adapter_model.safetensors",
+                             metadata={"format": "pt"})
+            config.inference_mode = True  # as save_pretrained writes it
+            try:
+                config.save_pretrained(str(tmp))
+            finally:
+                config.inference_mode = False
         folder.mkdir(exist_ok=True)
         for f in sorted(tmp.iterdir()):
             os.chmod(f, file_mode())  # safetensors writes 0600; the user's umask decides, as for every file here

@@ -43,9 +43,16 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def resolve_optimizer(name: str, method: str, device: torch.device) -> str:
-    if name == "auto":
-        return "adamw8bit" if method == "full" and device.type == "cuda" else "adamw"
-    return name
+    """auto: 8-bit AdamW for full fine-tuning on CUDA where torchao is installed, else torch's AdamW. Plain AdamW
+    on bf16 weights rounds every update to bf16 (updates under ~1/256 of a weight are lost): full fine-tuning
+    in bf16 wants the 8-bit optimizer's stochastic rounding, or fp32 weights."""
+    if name != "auto":
+        return name
+    if method == "full" and device.type == "cuda":
+        import importlib.util
+        if importlib.util.find_spec("torchao") is not None:
+            return "adamw8bit"
+    return "adamw"
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, betas, weight_decay: float,

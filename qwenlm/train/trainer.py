@@ -273,9 +273,7 @@ class Trainer:
                                   self.output)
             else:
                 from qwenlm.train.lora import save_adapter
-                if state is not None:
-                    self._load_trainable(state)
-                save_adapter(self.peft_model, self.output, self.cfg.model)
+                save_adapter(self.peft_model, self.output, self.cfg.model, state)
             write_curve(self.history, self.output)
 
     def save_checkpoint(self) -> Path | None:
