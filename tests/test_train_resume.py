@@ -41,20 +41,19 @@ def final_weights(out: Path, method: str) -> dict:
 
 @pytest.fixture(scope="module")
 def uninterrupted(files):
-    runs = {}
-    for method in ("lora", "full"):
-        trainer = Trainer(config(files, f"through-{method}", method))
-        assert trainer.peft_model is None or trainer.cfg.embeddings_trained()
-        runs[method] = (trainer.train(), [r["loss"] for r in trainer.history])
-    return runs
+    trainer = Trainer(config(files, "through-lora"))
+    assert trainer.cfg.embeddings_trained()  # a base model's folder name: wte / lm_head trained too
+    return {"lora": (trainer.train(), [r["loss"] for r in trainer.history])}
 
 
 class Interrupted(Exception):
     pass
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
-def test_resume_after_interruption_gives_bit_identical_weights(files, uninterrupted, method):
+def test_resume_after_interruption_gives_bit_identical_weights(files, uninterrupted):
+    # LoRA with wte / lm_head trained in full and dropout on; full fine-tuning's (sharded) resume is in
+    # test_train_dist.py
+    method = "lora"
     cfg = config(files, f"cut-{method}", method)
     trainer = Trainer(cfg)
     step = trainer.train_step
