@@ -98,6 +98,8 @@ def test_lora_under_fsdp_writes_the_same_adapter(runs):
     one, two = weights(single["lora"][0], "lora"), weights(root / "lora-2-fsdp", "lora")
     assert set(one) == set(two)  # PEFT's names, from the gathered shards
     config = [json.loads((d / "adapter_config.json").read_text()) for d in (single["lora"][0], root / "lora-2-fsdp")]
+    for c in config:  # PEFT keeps them as a set: written in any order
+        c["target_modules"] = sorted(c["target_modules"])
     assert config[0] == config[1]
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=2e-6, msg=name)
