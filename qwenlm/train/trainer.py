@@ -14,6 +14,7 @@ import functools
 import json
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -305,7 +306,6 @@ class Trainer:
             final = ckpt.finish_checkpoint(self.output, self.step, tmp) if d.main else None
         except BaseException:
             if d.main:
-                import shutil
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
         distributed.barrier(d)
