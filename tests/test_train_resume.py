@@ -82,6 +82,11 @@ def test_resume_after_interruption_gives_bit_identical_weights(files, uninterrup
     assert want_losses[-1] < want_losses[0]
 
 
+def test_a_fresh_run_does_not_write_over_checkpoints(files, uninterrupted):
+    with pytest.raises(ParamError, match="--resume"):
+        Trainer(config(files, "through-lora"))
+
+
 def test_resume_with_other_settings_names_the_option(files, uninterrupted):
     cfg = config(files, "through-lora", lr=2e-3)
     cfg.resume = True

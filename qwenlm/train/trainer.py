@@ -82,6 +82,10 @@ class Trainer:
         self.dist = distributed.setup(cfg.device)
         self.device = self.dist.device
         self.output = Path(cfg.output)
+        if not cfg.resume and ckpt.latest_checkpoint(self.output) is not None:
+            # a fresh run would write over them, and a later --resume would mix the two runs
+            raise ParamError("output", f"{option('output')}: {self.output} holds checkpoints of an earlier run; "
+                                       f"pass {option('resume')} to continue it, or choose another folder")
         self.dtype = resolve_dtype(cfg, self.device)
         if cfg.method == "full" and self.dtype == torch.float16:
             raise ParamError("dtype", "--dtype fp16 cannot train every weight (fp16 updates underflow without "
@@ -176,7 +180,7 @@ class Trainer:
                 scaled = loss * (self.dist.world * weight)
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             total += loss.item() * weight
-            tokens += int(batch["input_ids"].numel() * weight)
+            tokens += int(sum(len(self.samples[i].input_ids) for i in mb) * weight)  # pads not counted
         total, tokens = distributed.all_sum([total, float(tokens)], self.dist)
         return total, int(tokens)
 
