@@ -15,15 +15,20 @@ CONVERSATIONS = [
 ]
 
 
-def learnable_checkpoint(folder: Path) -> Path:
+def learnable_checkpoint(folder: Path, **overrides) -> Path:
     """The tiny random checkpoint with lm_head scaled 25x. With the official init (std 0.02) a 64-wide model's
     logits stay under ~1.5 whatever its blocks compute, so adapters on the blocks could never make it
     confident; scaled, a few steps of LoRA memorise a conversation."""
-    out = make_tiny_checkpoint(folder)
+    out = make_tiny_checkpoint(folder, **overrides)
     state = load_file(out / "model.safetensors")
-    state["lm_head.weight"] *= 25
+    state["lm_head.weight"] *= 25  # kept in its stored dtype
     save_file(state, out / "model.safetensors", metadata={"format": "pt"})
     return out
+
+
+GPTQ_INT4 = {"bits": 4, "group_size": 32, "damp_percent": 0.01, "desc_act": False, "static_groups": False,
+             "sym": True, "true_sequential": True, "model_name_or_path": None, "model_file_base_name": "model",
+             "quant_method": "gptq"}  # the official Int4 releases' quantization_config, with groups the tiny width fits
 
 
 def write_conversations(path: Path, repeat: int = 2, conversations=CONVERSATIONS) -> Path:
