@@ -233,3 +233,26 @@ def test_bad_settings_name_the_option(files, tmp_path, capsys, args, option):
     rc = main(base + args)
     err = capsys.readouterr().err
     assert rc == 2 and option in err, err
+
+
+ZERO3 = {  # the official finetune/ds_config_zero3.json, abridged (spec §15)
+    "fp16": {"enabled": "auto", "loss_scale": 0, "initial_scale_power": 16}, "bf16": {"enabled": "auto"},
+    "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "weight_decay": "auto"}},
+    "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": "auto"}},
+    "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "none"}, "overlap_comm": True},
+    "train_batch_size": "auto", "gradient_accumulation_steps": "auto"}
+
+
+def test_official_deepspeed_configs_map_to_sharding(files, tmp_path):
+    from qwenlm.train.deepspeed import settings_from_deepspeed
+    model, data, _ = files
+    zero3 = tmp_path / "ds_config_zero3.json"
+    zero3.write_text(json.dumps(ZERO3))
+    used, ignored = settings_from_deepspeed(zero3)
+    assert used == {"sharding": "fsdp"} and "scheduler" in ignored and "zero_optimization.offload_optimizer" in ignored
+    zero2 = tmp_path / "ds_config_zero2.json"
+    zero2.write_text(json.dumps({**ZERO3, "zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}))
+    cfg = small_config(model, data, tmp_path / "o", deepspeed=str(zero2)).check()
+    assert (cfg.sharding, cfg.dtype) == ("ddp", "bf16")
+    with pytest.raises(ValueError, match="--deepspeed"):
+        small_config(model, data, tmp_path / "o", deepspeed=str(tmp_path / "missing.json")).check()

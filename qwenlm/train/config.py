@@ -62,6 +62,7 @@ class FinetuneConfig:
     device: str | None = None  # default: cuda when available
     eval_data: list[str] = field(default_factory=list)  # held-out files: loss after each epoch
     sharding: str = "auto"  # many processes: ddp, fsdp (FSDP2); auto: fsdp for full, ddp for lora / qlora
+    deepspeed: str | None = None  # an official ds_config*.json: its ZeRO stage and dtype (deepspeed.py)
     progress: bool = True
 
     def check(self) -> FinetuneConfig:
@@ -115,6 +116,10 @@ class FinetuneConfig:
         if not 0 <= self.lora_dropout < 1:
             _fail("lora_dropout", f"must be in [0, 1), got {self.lora_dropout!r}")
         quantized = "quantization_config" in self.model_config_json()
+        if self.deepspeed:
+            from qwenlm.train.deepspeed import settings_from_deepspeed
+            for name, value in settings_from_deepspeed(self.deepspeed)[0].items():
+                setattr(self, name, value)
         if self.method == "qlora" and not quantized:
             _fail("method", f"qlora trains on a GPTQ Int4/Int8 folder, and {self.model!r} has no "
                             "quantization_config in config.json (use --method lora for a bf16/fp16 folder)")
@@ -195,6 +200,8 @@ _HELP = {
     "eval_data": "held-out files: their loss after each epoch",
     "sharding": "with many processes: ddp, fsdp (FSDP2), or auto (default: fsdp for full, ddp for lora/qlora)",
     "progress": "show the progress bar (default on)",
+    "deepspeed": "an official DeepSpeed config (ds_config_zero2/3.json): ZeRO-3 -> --sharding fsdp, 0-2 -> ddp, "
+                 "an enabled bf16/fp16 -> --dtype; the rest is ignored (listed)",
 }
 
 

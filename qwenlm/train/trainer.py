@@ -221,6 +221,11 @@ class Trainer:
         if cfg.resume:
             self.resume()
         if self.dist.main:
+            if cfg.deepspeed:
+                from qwenlm.train.deepspeed import settings_from_deepspeed
+                used, ignored = settings_from_deepspeed(cfg.deepspeed)
+                print(f"--deepspeed {cfg.deepspeed}: {', '.join(f'{k} {v}' for k, v in used.items())}; "
+                      f"ignored: {', '.join(ignored) or 'nothing'}", flush=True)
             print(f"data: {self.report.summary()}", flush=True)
             print(self.describe(), flush=True)
         bar = tqdm(total=len(self.plan), initial=self.step, desc=f"finetune ({cfg.method})", unit="step",
