@@ -49,8 +49,9 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
-    model, data = learnable_checkpoint(root / "Qwen-tiny-Chat"), write_conversations(root / "train.json")
-    # 2 micro-batches per step: one on each process, or both on the one
+    # 9 samples: 3 packs of <= 128 tokens per epoch, so with 2 micro-batches per step (one on each process, or
+    # both on the one) each epoch ends with a step of one: the second process then runs a zero-weight repeat
+    model, data = learnable_checkpoint(root / "Qwen-tiny-Chat"), write_conversations(root / "train.json", repeat=3)
     configs = {method: lambda out, m=method: small_config(model, data, out, method=m, grad_accum=2, save_steps=1,
                                                           lr=1e-3, lora_dropout=0.0)
                for method in ("lora", "full")}
@@ -87,7 +88,7 @@ def test_two_processes_train_as_one(runs, method):
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=2e-6, msg=name)
     curve_one = (single[method][0] / "loss.csv").read_text().splitlines()
     curve_two = (root / f"{method}-2" / "loss.csv").read_text().splitlines()
-    assert len(curve_one) == len(curve_two) == 3
+    assert len(curve_one) == len(curve_two) == 1 + 4
     for a, b in zip(curve_one[1:], curve_two[1:]):
         assert float(a.split(",")[2]) == pytest.approx(float(b.split(",")[2]), rel=1e-5)
 
