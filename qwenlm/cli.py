@@ -120,6 +120,14 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    from qwenlm.train.config import from_args
+    from qwenlm.train.trainer import finetune
+    out = finetune(from_args(args))
+    print(f"wrote {out} (loss curve: {out / 'loss.csv'}, {out / 'loss.png'})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwenlm", description="Run, serve and quantize Qwen (v1) chat models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -212,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="generation length limit (default: the checkpoint's generation_config)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("finetune", help="fine-tune on conversations: full, LoRA or Q-LoRA (docs/finetune.md)")
+    from qwenlm.train.config import add_arguments as add_finetune_arguments
+    add_finetune_arguments(p)
+    p.set_defaults(func=cmd_finetune)
     return parser
 
 
