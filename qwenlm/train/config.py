@@ -58,7 +58,7 @@ class FinetuneConfig:
     resume: bool = False  # continue from the newest complete checkpoint in output
     seed: int = 42  # transformers' TrainingArguments default, which the official scripts keep
     gradient_checkpointing: bool = True  # official scripts: on
-    dtype: str = "auto"  # auto: the checkpoint's rule (bf16 where the GPU has it), fp16 for qlora on CUDA
+    dtype: str = "auto"  # auto: bf16 where the GPU has it, else fp16; fp32 on CPU (qlora too: see qlora.py)
     device: str | None = None  # default: cuda when available
     eval_data: list[str] = field(default_factory=list)  # held-out files: loss after each epoch
     sharding: str = "auto"  # many processes: ddp, fsdp (FSDP2); auto: fsdp for full, ddp for lora / qlora

@@ -38,12 +38,8 @@ def apply_lora(model: nn.Module, cfg: FinetuneConfig):
     autocast_adapter_dtype), so small updates are not rounded away."""
     from peft import get_peft_model
     config = lora_config(cfg)
-    if _has_gptq(model):
-        try:
-            from qwenlm.train.qlora import register_gptq
-        except ImportError:
-            raise ValueError("--method qlora: this qwenlm cannot put LoRA on GPTQ layers "
-                             "(qwenlm.train.qlora is missing)") from None
+    if _has_gptq(model):  # Q-LoRA: PEFT's GPTQ LoRA layer around our GPTQLinear
+        from qwenlm.train.qlora import register_gptq
         register_gptq(config)
     # task_type stays None while training: PEFT's causal-LM wrapper expects transformers' generation hooks,
     # which this network does not have; `save_adapter` writes the CAUSAL_LM type finetune.py writes.

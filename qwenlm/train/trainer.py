@@ -32,7 +32,7 @@ from qwenlm.train import checkpoint as ckpt, distributed
 from qwenlm.train.config import FinetuneConfig, option
 from qwenlm.train.data import load_training_data
 from qwenlm.train.labels import IGNORE_TOKEN_ID
-from qwenlm.train.loss import causal_lm_loss, training_hidden
+from qwenlm.train.loss import lm_loss, training_hidden
 from qwenlm.train.optim import build_optimizer, build_scheduler, resolve_optimizer
 from qwenlm.train.packing import collate_packed, pack, pad_batch
 from qwenlm.train.report import estimate_memory_gb, memory_in_use_gb, write_curve
@@ -56,7 +56,8 @@ class LossModule(nn.Module):
         batch = {"input_ids": input_ids, "position_ids": position_ids}
         if cu_seqlens is not None:
             batch["cu_seqlens"] = cu_seqlens
-        return causal_lm_loss(self.model.logits(training_hidden(self.model, batch)), labels, num_items)
+        # the loss straight from the hidden states: no [tokens, vocab] logits (loss.py)
+        return lm_loss(self.model, training_hidden(self.model, batch), labels, num_items)
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
@@ -102,7 +103,12 @@ class Trainer:
             self.eval_samples, _ = load_training_data(cfg.eval_data, tok, cfg.max_len, cfg.assistant_only, cfg.on_long)
         self.trained = [sum(1 for t in s.labels[1:] if t != IGNORE_TOKEN_ID) for s in self.samples]
 
-        self.model = load_model(cfg.model, device=self.device, dtype=self.dtype, progress=self._show)
+        if cfg.method == "qlora":  # the GPTQ scales as the folder stores them; the rest in the compute dtype
+            from qwenlm.train.qlora import prepare_qlora
+            self.model = load_model(cfg.model, device=self.device, dtype=None, progress=self._show)
+            prepare_qlora(self.model, self.dtype)
+        else:
+            self.model = load_model(cfg.model, device=self.device, dtype=self.dtype, progress=self._show)
         self.peft_model = None
         if cfg.method == "full":
             self.model.requires_grad_(True)
