@@ -23,7 +23,7 @@ from qwenlm.server.launch import ServerThread
 from qwenlm.testing import make_tiny_checkpoint
 from qwenlm.tokenizer import Tokenizer
 from test_server_cli import free_port, start_serve
-from test_server_process import MIXED, assert_close, run_all
+from test_server_process import MIXED, assert_close, kill_in_flight, run_all
 
 # fp32 compute on a bf16 checkpoint (the weights widen exactly): the two ranks' all-reduces sum partial products in
 # another order than one process, which moves a logprob by float32 rounding (~1e-6, within assert_close's
@@ -86,27 +86,13 @@ def test_same_replies_usage_and_logprobs_as_one_process(served, folder):
 def test_a_rank_killed_mid_stream_fails_requests_with_503_and_leaves_no_process(folder, caplog):
     engine = EngineClient(CoreSpec(CheckpointFactory(str(folder), "cpu", DTYPE, tensor_parallel_size=2)),
                           Tokenizer.from_folder(folder))
-    long = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 5000, "ignore_eos": True}
     try:
         core = psutil.Process(engine.process.pid)
         tree = core.children(recursive=True)  # rank 1 and multiprocessing's resource tracker
         worker = _rank1(tree)
         with ServerThread(create_app(engine, engine.tokenizer, "tiny")) as srv:
-
-            async def in_flight():
-                async with httpx.AsyncClient(base_url=srv.url, timeout=60) as http:
-                    full = asyncio.ensure_future(http.post("/v1/chat/completions", json=long))
-                    async with http.stream("POST", "/v1/chat/completions", json={**long, "stream": True}) as r:
-                        lines = r.aiter_lines()
-                        await lines.__anext__()
-                        while engine.stats()["num_requests"] < 2:
-                            await asyncio.sleep(0.01)
-                        worker.kill()
-                        events = [line[6:] async for line in lines if line.startswith("data: ")]
-                    return await full, events
-
             started = time.monotonic()
-            full, events = asyncio.run(asyncio.wait_for(in_flight(), BOUND_S))
+            full, events = asyncio.run(asyncio.wait_for(kill_in_flight(srv.url, engine, worker.kill), BOUND_S))
             assert full.status_code == 503 and full.json()["error"]["code"] == "engine_unavailable"
             assert "tensor-parallel rank 1 of 2" in full.json()["error"]["message"]
             assert "killed by signal SIGKILL" in full.json()["error"]["message"]
