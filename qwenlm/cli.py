@@ -80,6 +80,7 @@ def cmd_make_tiny(args) -> int:
 
 def cmd_serve(args) -> int:
     from qwenlm.engine.core_client import EngineStartError
+    from qwenlm.parallel.tp import TPError
     from qwenlm.server.api import serve
     if Path(args.model).is_dir():  # the model is served under the folder's name, which "." does not show
         args.model = os.path.abspath(args.model)
@@ -87,8 +88,8 @@ def cmd_serve(args) -> int:
         return serve(args) or 0
     except KeyboardInterrupt:  # Ctrl-C: uvicorn re-raises it once both processes have shut down cleanly
         return 130
-    except EngineStartError as e:  # the engine process logged the details above
-        print(f"qwenlm: error: {e}", file=sys.stderr)
+    except (EngineStartError, TPError) as e:  # the engine process logged the details above; or the model cannot
+        print(f"qwenlm: error: {e}", file=sys.stderr)  # be split over --tensor-parallel-size ranks / GPUs here
         return 1
 
 
@@ -162,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="OpenAI-compatible API server and web chat")
     _model_args(p)
+    _tp_arg(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1, this machine only; 0.0.0.0 exposes the model to the "
                         "network: set a key)")

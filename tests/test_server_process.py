@@ -154,34 +154,39 @@ def test_a_deterministic_engine_process_from_a_factory(tiny_ckpt):
     assert got[0][0] == [(0, "The answer is 42. ", "stop")]
 
 
+LONG = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 5000, "ignore_eos": True}
+
+
+async def kill_in_flight(url, engine, kill):
+    """Two long requests running on `engine` (one streamed), then `kill()`: the non-streamed reply and the stream's
+    data events."""
+    async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+        full = asyncio.ensure_future(http.post("/v1/chat/completions", json=LONG))
+        async with http.stream("POST", "/v1/chat/completions", json={**LONG, "stream": True}) as r:
+            lines = r.aiter_lines()
+            await lines.__anext__()
+            while engine.stats()["num_requests"] < 2:
+                await asyncio.sleep(0.01)
+            kill()
+            events = [line[6:] async for line in lines if line.startswith("data: ")]
+        return await full, events
+
+
 def test_a_dead_engine_process_fails_requests_with_503(tiny_ckpt, caplog):
     engine = EngineClient(CoreSpec(CheckpointFactory(str(tiny_ckpt), "cpu")), Tokenizer.from_folder(tiny_ckpt))
-    long = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 5000, "ignore_eos": True}
     try:
         with ServerThread(create_app(engine, engine.tokenizer, MODEL)) as srv:
             assert httpx.get(srv.url + "/health").json() == {"status": "ok"}
-
-            async def in_flight():
-                async with httpx.AsyncClient(base_url=srv.url, timeout=60) as http:
-                    full = asyncio.ensure_future(http.post("/v1/chat/completions", json=long))
-                    async with http.stream("POST", "/v1/chat/completions", json={**long, "stream": True}) as r:
-                        lines = r.aiter_lines()
-                        await lines.__anext__()
-                        while engine.stats()["num_requests"] < 2:
-                            await asyncio.sleep(0.01)
-                        with caplog.at_level(logging.ERROR, logger="qwenlm.engine"):
-                            os.kill(engine.process.pid, signal.SIGKILL)
-                            events = [line[6:] async for line in lines if line.startswith("data: ")]
-                    return await full, events
-
-            full, events = asyncio.run(asyncio.wait_for(in_flight(), 60))
+            with caplog.at_level(logging.ERROR, logger="qwenlm.engine"):
+                full, events = asyncio.run(asyncio.wait_for(
+                    kill_in_flight(srv.url, engine, lambda: os.kill(engine.process.pid, signal.SIGKILL)), 60))
             assert full.status_code == 503
             assert full.json()["error"]["code"] == "engine_unavailable"
             assert "exited unexpectedly" in full.json()["error"]["message"]
             assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "engine_unavailable"
             health = httpx.get(srv.url + "/health")
             assert health.status_code == 503 and "exit code -9" in health.json()["error"]
-            r = httpx.post(srv.url + "/v1/chat/completions", json={**long, "max_tokens": 2})
+            r = httpx.post(srv.url + "/v1/chat/completions", json={**LONG, "max_tokens": 2})
             assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
     finally:
         engine.shutdown()

@@ -6,8 +6,11 @@ detokenizing) must never wait behind the HTTP server's Python work (JSON, SSE, o
 stream), and in one process both share one GIL. Here the core does only engine work, and each step's
 outputs leave in one message.
 
-`build_engine(spec)` is the one place the core's engine is made; a per-GPU worker of a tensor-parallel
-engine would call it too (with its rank), while rank 0 runs the loop below and sends its decisions on.
+`build_engine(spec)` is the one place the core's engine is made. With tensor_parallel_size N > 1 the core is
+rank 0 of a tensor-parallel engine (engine/tp_workers.py): loading the model spawns the N - 1 worker processes,
+this loop runs the scheduler once and sends each step on to them. A worker that dies ends the core (a Fatal naming
+the rank, then exit 1), so the API process fails the running requests with a 503 rather than wait on them; every
+way the core ends (shut down, terminated, its parent gone, a failure) stops its workers first.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import zmq
 from qwenlm.engine import compile_cache
 from qwenlm.engine.config import EngineConfig
 from qwenlm.engine.engine import LLMEngine
+from qwenlm.engine.tp_workers import TPWorkerError
 from qwenlm.engine.wire import Abort, Add, Failure, Fatal, OutputPacker, Ready, Shutdown, StepOut, StopAll, \
     command_decoder, event_encoder
 
@@ -44,11 +48,12 @@ class CheckpointFactory:
     dtype: str | None = "auto"
     quantize: str | None = None
     adapter: str | None = None  # a PEFT LoRA folder merged into the weights after loading
+    tensor_parallel_size: int = 1  # N > 1: this process holds rank 0's slice and starts the N - 1 other ranks
 
     def __call__(self):
         from qwenlm.loading import load_checkpoint
         ckpt = load_checkpoint(self.folder, device=self.device, dtype=self.dtype, quantize=self.quantize,
-                               adapter=self.adapter)
+                               adapter=self.adapter, tensor_parallel_size=self.tensor_parallel_size)
         return ckpt.model, ckpt.tokenizer
 
 
@@ -106,6 +111,7 @@ class EngineCore:
         self.live: set[str] = set()  # requests added and not yet finished
         self.outputs, self.failures = [], []
         self.stop_reason: str | None = None  # set by SIGTERM
+        self.tp_workers = getattr(engine.model, "tp_workers", None)  # a tensor-parallel engine's other ranks
 
     def run(self) -> None:
         poller = zmq.Poller()
@@ -128,6 +134,8 @@ class EngineCore:
                 return
             if self.stop_reason:
                 return self._end(self.stop_reason)
+            if self.tp_workers is not None:  # a rank that died while idle: fail now, not at the next request
+                self.tp_workers.check()
             if self.engine.has_unfinished():
                 self._step()
                 changed = True
@@ -151,6 +159,8 @@ class EngineCore:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
+        except TPWorkerError:  # a rank is gone: this engine cannot step again, so the core ends (run_core)
+            raise
         except Exception as e:  # a failed step fails the requests in the engine rather than hanging them
             log.exception("engine step failed")
             self._end_all(f"engine step failed: {type(e).__name__}: {e}", stopped=False)
@@ -226,11 +236,16 @@ def run_core(spec: CoreSpec, commands_addr: str, events_addr: str, parent_pid: i
     signal.signal(signal.SIGTERM, lambda *_: setattr(core, "stop_reason", "the engine process was terminated"))
     try:
         core.run()
+    except TPWorkerError as e:  # the message names the rank and how it ended; no traceback of ours adds to it
+        log.error("%s", e)
+        events.send(event_encoder.encode(Fatal(str(e))))
+        sys.exit(1)
     except BaseException as e:
         log.exception("the engine loop failed")
         events.send(event_encoder.encode(Fatal(f"the engine loop failed: {type(e).__name__}: {e}")))
         raise
     finally:
+        engine.shutdown()  # a tensor-parallel engine's workers stop now (after a failure: they are gone already)
         events.close()
         commands.close(linger=0)
         ctx.term()

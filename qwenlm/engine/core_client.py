@@ -143,7 +143,7 @@ class EngineClient:
         self._hand_over(batches)
 
     def _died(self, reason: str) -> None:
-        if self._closed:
+        if self._closed or self._failure is not None:  # the first reason stands (the core's Fatal says most)
             return
         with self._lock:
             self._failure = reason

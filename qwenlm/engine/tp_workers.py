@@ -263,13 +263,14 @@ class TPWorkers:
             conn.close()
 
 
-def load_tp_engine_model(folder: str | Path, world: int, device, dtype: torch.dtype | None, progress: bool = True):
-    """Rank 0's slice of a folder's model, its workers started and joined (`model.tp_workers`, which the engine's
-    runner drives). The split and the GPUs are checked before any process starts."""
+def check_tp_fit(folder: str | Path, world: int, device) -> torch.device:
+    """Startup: the folder's model splits over `world` ranks (`TPPlan`: the head count and vocabulary divide) and,
+    on CUDA, this host shows `world` GPUs; a TPError naming the field or the GPU count otherwise. Reads only
+    config.json, so `qwenlm serve` checks this before its engine process starts. Returns rank 0's device."""
     from qwenlm.model.loader import read_config
-    from qwenlm.parallel.model import check_gpus, load_tp_model
+    from qwenlm.parallel.model import check_gpus
     from qwenlm.parallel.tp import TPPlan
-    folder, cfg = read_config(folder)
+    _, cfg = read_config(folder)
     TPPlan(cfg, world)
     device = torch.device(device)
     if device.type == "cuda":
@@ -278,6 +279,15 @@ def load_tp_engine_model(folder: str | Path, world: int, device, dtype: torch.dt
                           "cuda:0); pick the GPUs with CUDA_VISIBLE_DEVICES")
         check_gpus(world)
         device = torch.device("cuda", 0)
+    return device
+
+
+def load_tp_engine_model(folder: str | Path, world: int, device, dtype: torch.dtype | None, progress: bool = True):
+    """Rank 0's slice of a folder's model, its workers started and joined (`model.tp_workers`, which the engine's
+    runner drives). The split and the GPUs are checked before any process starts."""
+    from qwenlm.parallel.model import load_tp_model
+    device, folder = check_tp_fit(folder, world, device), Path(folder)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
     workers = TPWorkers(folder, world, device, dtype)
     try:

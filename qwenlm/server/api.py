@@ -254,8 +254,9 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None,
 
 
 def serve(args) -> int:
-    """`qwenlm serve`: args.model, args.device, args.dtype, args.quantize, args.adapter, args.kv_cache_dtype, args.host,
-    args.port, args.api_key, args.allowed_origins, args.allowed_hosts, args.timeout_graceful_shutdown."""
+    """`qwenlm serve`: args.model, args.device, args.dtype, args.quantize, args.adapter, args.kv_cache_dtype,
+    args.tensor_parallel_size, args.host, args.port, args.api_key, args.allowed_origins, args.allowed_hosts,
+    args.timeout_graceful_shutdown."""
     import uvicorn
 
     from qwenlm.engine import EngineConfig
@@ -278,9 +279,13 @@ def serve(args) -> int:
     tokenizer = Tokenizer.from_folder(folder)
     gen_file = folder / "generation_config.json"
     generation_config = GenerationConfig.from_file(gen_file) if gen_file.is_file() else GenerationConfig()
+    tp = getattr(args, "tensor_parallel_size", 1)
+    if tp > 1:  # the split and the GPUs, from config.json: a bad size fails here, not after an engine process starts
+        from qwenlm.engine.tp_workers import check_tp_fit
+        from qwenlm.loading import default_device
+        check_tp_fit(folder, tp, getattr(args, "device", None) or default_device())
     spec = CoreSpec(CheckpointFactory(str(folder), getattr(args, "device", None), getattr(args, "dtype", "auto"),
-                                      getattr(args, "quantize", None),
-                                      getattr(args, "adapter", None)),
+                                      getattr(args, "quantize", None), getattr(args, "adapter", None), tp),
                     EngineConfig(kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto")))
     engine = EngineClient(spec, tokenizer)
     # a local folder is served under its name ("Qwen-7B-Chat"), a hub model under the name it was asked by
