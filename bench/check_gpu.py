@@ -12,6 +12,10 @@ them. Exits non-zero when a check fails.
                logprobs, n=2, preemptions), and no KV block is leaked
   compiled     the compiled regions serve prompts of 2-64 tokens, chunked, without a compile after engine start
                (GPU only: Inductor on the CPU takes minutes)
+  logprobs     prompt, top-k and candidate-id logprobs through the engine's device path (graphs, compiled regions,
+               chunked prefill, a prefix-cache hit) == a plain forward's log_softmax; top-k ids == torch.topk's
+  train        a GPTQ Int4 layer's input gradient (Triton dequantize in backward) == the dense layer's; lm_loss (Liger's
+               fused linear cross-entropy on CUDA) == causal_lm_loss: loss, hidden and lm_head gradients
   tp           tensor parallelism through the engine: a split model's collectives in the CUDA graphs and compiled
                regions (one rank on NCCL, any GPU), and with 2+ GPUs visible `LLM(tensor_parallel_size=2)` (NCCL,
                graphs, compiled) == one process: greedy ids equal, logprobs reported (fp32). --tiny: 2 gloo ranks
@@ -255,8 +259,116 @@ def check_tp(workdir, device, tiny) -> dict:
     return res
 
 
+def _direct_log_softmax(model, ids: list[int], prompt_len: int) -> torch.Tensor:
+    """log_softmax [len(ids), V] of one plain forward (dense cache, alpha from the prompt length), fp32."""
+    from qwenlm.model.qwen import DenseKVCache, ntk_alpha
+    cfg, device = model.config, model.lm_head.weight.device
+    alpha = ntk_alpha(prompt_len, cfg.seq_length) if cfg.use_dynamic_ntk else 1.0
+    x = torch.tensor([ids], device=device)
+    cache = DenseKVCache(cfg.num_hidden_layers)
+    cache.begin(torch.ones_like(x, dtype=torch.bool))
+    with torch.inference_mode():
+        hidden = model(x, torch.arange(len(ids), device=device)[None], cache, model.inv_freq([alpha], device))
+        return model.logits(hidden)[0].float().log_softmax(-1)
+
+
+def check_logprobs(workdir, device, tiny) -> dict:
+    """Prompt, top-k and candidate-id logprobs through the engine's device path (CUDA graphs and compiled regions on
+    a GPU, chunked prefill, prefix-cache hits) == a plain forward's log_softmax; top-k ids == torch.topk's."""
+    from qwenlm.engine import EngineConfig, LLMEngine, SamplingParams
+    model = _tiny_model(workdir, device)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (300, 40, 150, 90)]
+    prompts.append(prompts[0][:200] + prompts[1])  # a prefix-cache hit (prompt logprobs recompute it)
+    params = [SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, prompt_logprobs=3, logprobs=True,
+                             top_logprobs=2, candidate_token_ids=[5, 7, 9]),
+              SamplingParams(temperature=0, max_tokens=5, ignore_eos=True),
+              SamplingParams(temperature=0.8, seed=2, max_tokens=5, ignore_eos=True, logprobs=True, top_logprobs=4,
+                             prompt_logprobs=0),
+              SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, candidate_token_ids=[1]),
+              SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, prompt_logprobs=1)]
+    res, ok = {}, True
+    for compiled in ((False, True) if device == "cuda" else (False,)):
+        engine = LLMEngine(model, None, EngineConfig(num_blocks=256, block_size=16, max_num_batched_tokens=128,
+                                                     max_num_seqs=8, compile_decode=compiled))
+        outs = engine.generate(prompts[:1], params[:1]) + engine.generate(prompts[1:], params[1:])
+        worst, topk_same = 0.0, True
+        for p, sp, o in zip(prompts, params, outs):
+            c = o.outputs[0]
+            lsm = _direct_log_softmax(model, p + c.token_ids, len(p)).cpu()
+            if sp.prompt_logprobs is not None:
+                want = lsm[:len(p) - 1].gather(1, torch.tensor(p[1:])[:, None])[:, 0]
+                worst = max(worst, (torch.tensor(o.prompt_logprobs[1:]) - want).abs().max().item())
+                if sp.prompt_logprobs:
+                    top = torch.topk(lsm[:len(p) - 1], sp.prompt_logprobs, dim=1).indices.tolist()
+                    topk_same &= all(list(d) == t for d, t in zip(o.prompt_top_logprobs[1:], top))
+            gen = lsm[len(p) - 1:-1]
+            if c.logprobs is not None:
+                got = torch.tensor(c.logprobs[:len(c.token_ids)])
+                worst = max(worst, (got - gen.gather(1, torch.tensor(c.token_ids)[:, None])[:, 0]).abs().max().item())
+            if c.candidate_logprobs is not None:
+                got = torch.tensor([[row[i] for i in sp.candidate_token_ids] if isinstance(row, dict) else row
+                                    for row in c.candidate_logprobs[:len(c.token_ids)]])
+                worst = max(worst, (got - gen[:, sp.candidate_token_ids]).abs().max().item())
+            if c.top_logprobs is not None:
+                top = torch.topk(gen, sp.top_logprobs, dim=1).indices.tolist()
+                topk_same &= all(list(d) == t for d, t in zip(c.top_logprobs, top))
+        res[f"compiled_{compiled}_max_abs_err"] = worst
+        res[f"compiled_{compiled}_topk_ids_equal"] = topk_same
+        ok &= worst < 1e-3 and topk_same  # fp32 model: kernels' summation order only
+        del engine
+    return {"ok": ok, **res}
+
+
+def check_train(workdir, device, tiny) -> dict:
+    """The training paths that run differently on a GPU: a GPTQ Int4 layer's input gradient (Triton dequantize in
+    backward) == the dense layer's, and lm_loss (Liger's fused linear cross-entropy on CUDA) == causal_lm_loss, loss
+    and gradients."""
+    from qwenlm.model import quant
+    from qwenlm.train.loss import causal_lm_loss, lm_loss
+    g = torch.Generator(device).manual_seed(4)
+    k, n = (256, 128) if tiny else (4096, 4096)
+    layer = quant.GPTQLinear(k, n, 4, 128, device=device)
+    layer.qweight = torch.randint(-2**31, 2**31 - 1, (k // 8, n), generator=g, device=device, dtype=torch.int32)
+    layer.qzeros = quant.pack_cols(torch.randint(5, 10, (k // 128, n), generator=g, device=device), 4)
+    layer.scales = (torch.rand(k // 128, n, generator=g, device=device) * 0.004 + 0.001).half()
+    layer.prepare_kernel()
+    dtype = torch.float32 if tiny else torch.bfloat16
+    x = torch.randn(2, 64, k, generator=g, device=device, dtype=dtype, requires_grad=True)
+    up = torch.randn(2, 64, n, generator=g, device=device, dtype=dtype)
+    (layer(x).float() * up).sum().backward()
+    w = layer.dequantized_weight(torch.float32)  # [k,n]
+    xd = x.detach().float().requires_grad_(True)
+    ((xd @ w) * up.float()).sum().backward()
+    res = {"gptq_grad_x_rel_err": rel_err(x.grad, xd.grad)}
+
+    class Head(torch.nn.Module):  # what lm_loss reads of a model: its lm_head
+        def __init__(self, weight):
+            super().__init__()
+            self.lm_head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+            self.lm_head.weight = torch.nn.Parameter(weight)
+
+    vocab, hid, t = (1000, 64, 96) if tiny else (151936, 4096, 2048)
+    weight = (torch.randn(vocab, hid, generator=g, device=device) * 0.02).to(dtype)
+    hidden = torch.randn(1, t, hid, generator=g, device=device, dtype=dtype)
+    labels = torch.randint(0, vocab, (1, t), generator=g, device=device)
+    labels[:, : t // 4] = -100
+    grads = []
+    for fused in (True, False):
+        head, h = Head(weight.clone()), hidden.clone().requires_grad_(True)
+        loss = lm_loss(head, h, labels) if fused else causal_lm_loss(head.lm_head(h), labels)
+        loss.backward()
+        grads.append((loss.detach().float(), h.grad, head.lm_head.weight.grad))
+    res["lm_loss_rel_err"] = ((grads[0][0] - grads[1][0]).abs() / grads[1][0].abs()).item()
+    res["lm_loss_grad_hidden_rel_err"] = rel_err(grads[0][1], grads[1][1])
+    res["lm_loss_grad_head_rel_err"] = rel_err(grads[0][2], grads[1][2])
+    tol = 1e-4 if tiny else 2e-2  # bf16 on the GPU
+    return {"ok": all(v < tol for v in res.values()), "tol": tol, **res}
+
+
 CHECKS = {"kernels": check_kernels, "act_order": check_act_order, "fused_int4": check_fused_int4,
-          "overlap": check_overlap, "compiled": check_compiled, "tp": check_tp}
+          "overlap": check_overlap, "compiled": check_compiled, "tp": check_tp, "logprobs": check_logprobs,
+          "train": check_train}
 
 
 def main() -> int:

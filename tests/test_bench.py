@@ -45,3 +45,16 @@ def test_bench_engine_and_bench_quant_run_tiny_and_write_results(tmp_path):
     # the quantized folders read fewer bytes per token than bf16, Int4 fewest
     gb = {name: row["gb_read_per_token"] for name, row in quant["rows"].items()}
     assert gb["GPTQ Int4"] < gb["GPTQ Int8"] < gb["bf16"]
+
+
+def test_check_gpu_logprobs_and_train_run_tiny(tmp_path):
+    """The GPU checks of the logprob and training paths run at tiny shapes and pass (the same comparisons a GPU makes
+    against its kernels: here the engine's CPU path and Triton's interpreter)."""
+    cmd = [sys.executable, "bench/check_gpu.py", "--tiny", "--only", "logprobs,train", "--workdir", str(tmp_path / "w"),
+           "--json", str(tmp_path / "check.json")]
+    run = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, text=True, capture_output=True,
+                         timeout=300)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    checks = json.loads((tmp_path / "check.json").read_text())["checks"]
+    assert set(checks) == {"logprobs", "train"} and all(c["ok"] for c in checks.values())
+    assert checks["logprobs"]["compiled_False_topk_ids_equal"] is True
