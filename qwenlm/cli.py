@@ -201,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("benchmark", choices=["mmlu", "ceval", "cmmlu", "gsm8k", "humaneval", "plugin", "ppl"])
     _model_args(p)
     p.add_argument("--data", required=True, help="the benchmark's folder (mmlu, ceval, cmmlu) or .jsonl file "
-                                                 "(gsm8k, humaneval), in the official layout (docs/eval.md); "
+                                                 "(gsm8k, humaneval), in the official layout (docs/eval.md), "
+                                                 "or a `datasets` hub name (cais/mmlu, openai/gsm8k, ...); "
                                                  "plugin: the folder of the two exam_plugin jsonl files, or one "
                                                  "of them; ppl: a plain text file")
     p.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768", metavar="L,L",

@@ -118,7 +118,8 @@ def test_bad_data_path_is_one_clear_line_before_any_model_loads(tmp_path, capsys
     missing = tmp_path / "nowhere"
     assert cli.main(["eval", "mmlu", "--model", str(tmp_path / "no-model"), "--data", str(missing)]) == 2
     err = capsys.readouterr().err
-    assert err == f"qwenlm: error: --data {missing}: no such file or folder\n"
+    assert err == (f"qwenlm: error: --data {missing}: no such file or folder, nor a `datasets` hub name of mmlu "
+                   f"(accepted: cais/mmlu, mmlu)\n")
     gsm = write_jsonl(tmp_path / "gsm8k.jsonl", GSM8K_ROWS)
     assert cli.main(["eval", "gsm8k", "--model", "x", "--data", str(gsm)]) == 2
     assert "--fewshot-prompt FILE" in capsys.readouterr().err

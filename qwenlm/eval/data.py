@@ -100,14 +100,19 @@ def read_choice_file(benchmark: str, path: str | Path, subject: str, need_answer
                                 f"(question, A, B, C, D, answer)")
         if has_header and len(cells) < len(header):
             raise EvalDataError(f"{path}: row {n}: {len(cells)} columns, the header has {len(header)}")
-        q, a, b, c, d, ans = (cells[i] for i in index)
-        if not q.strip():
-            raise EvalDataError(f"{path}: row {n}: field {cols[0]!r} is empty")
-        ans = ans.strip()
-        if ans not in LETTERS and not (ans == "" and not need_answer):
-            raise EvalDataError(f"{path}: row {n}: field {cols[5]!r} is {ans!r}, expected one of A, B, C, D")
-        items.append(ChoiceItem(subject, n, q, (a, b, c, d), ans or None))
+        items.append(choice_item(f"{path}: row {n}", subject, n, [cells[i] for i in index], cols, need_answer))
     return items
+
+
+def choice_item(where: str, subject: str, row: int, cells: list[str], cols: tuple, need_answer: bool) -> ChoiceItem:
+    """One question from its cells (question, A, B, C, D, answer letter), checked; `where` starts errors."""
+    q, a, b, c, d, ans = cells
+    if not q.strip():
+        raise EvalDataError(f"{where}: field {cols[0]!r} is empty")
+    ans = ans.strip()
+    if ans not in LETTERS and not (ans == "" and not need_answer):
+        raise EvalDataError(f"{where}: field {cols[5]!r} is {ans!r}, expected one of A, B, C, D")
+    return ChoiceItem(subject, row, q, (a, b, c, d), ans or None)
 
 
 def load_choice_benchmark(benchmark: str, root: str | Path, split: str,
@@ -136,35 +141,42 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     return out
 
 
-def _text_field(path: Path, n: int, obj: dict, key: str) -> str:
+def _text_field(where: str, obj: dict, key: str) -> str:
     value = obj.get(key)
     if not isinstance(value, str):
         what = "missing" if key not in obj else f"a {type(value).__name__}, expected a string"
-        raise EvalDataError(f"{path}: line {n}: field {key!r} is {what}")
+        raise EvalDataError(f"{where}: field {key!r} is {what}")
     return value
 
 
 _GOLD_RE = re.compile(r"#### (\-?[0-9\.\,]+)")  # evaluate_gsm8k.py's ANS_RE
 
 
+def gsm8k_item(where: str, line: int, obj: dict) -> GSM8KItem:
+    """One GSM8K question from its `{"question", "answer"}` record, checked; `where` starts errors."""
+    q, a = _text_field(where, obj, "question"), _text_field(where, obj, "answer")
+    if not _GOLD_RE.search(a):
+        raise EvalDataError(f"{where}: field 'answer' has no '#### N' final answer")
+    return GSM8KItem(line, q, a)
+
+
 def read_gsm8k(path: str | Path) -> list[GSM8KItem]:
     path = Path(path)
-    items = []
-    for n, obj in _read_jsonl(path):
-        q, a = _text_field(path, n, obj, "question"), _text_field(path, n, obj, "answer")
-        if not _GOLD_RE.search(a):
-            raise EvalDataError(f"{path}: line {n}: field 'answer' has no '#### N' final answer")
-        items.append(GSM8KItem(n, q, a))
+    return [gsm8k_item(f"{path}: line {n}", n, obj) for n, obj in _read_jsonl(path)]
+
+
+def humaneval_items(source: str, records) -> list[HumanEvalItem]:
+    """HumanEval tasks from `(where, record)` pairs, each field checked and no task_id twice."""
+    keys = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
+    items = [HumanEvalItem(*(_text_field(where, obj, k) for k in keys)) for where, obj in records]
+    seen = set()
+    for item in items:
+        if item.task_id in seen:
+            raise EvalDataError(f"{source}: task_id {item.task_id!r} appears twice")
+        seen.add(item.task_id)
     return items
 
 
 def read_humaneval(path: str | Path) -> list[HumanEvalItem]:
     path = Path(path)
-    keys = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
-    items = [HumanEvalItem(*(_text_field(path, n, obj, k) for k in keys)) for n, obj in _read_jsonl(path)]
-    seen = set()
-    for item in items:
-        if item.task_id in seen:
-            raise EvalDataError(f"{path}: task_id {item.task_id!r} appears twice")
-        seen.add(item.task_id)
-    return items
+    return humaneval_items(str(path), [(f"{path}: line {n}", obj) for n, obj in _read_jsonl(path)])

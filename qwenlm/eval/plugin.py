@@ -57,8 +57,8 @@ class PluginItem:
 
 def read_plugin(path: str | Path, split: str) -> list[PluginItem]:
     path = Path(path)
-    return [PluginItem(split, n, _text_field(path, n, obj, "prompt"), _text_field(path, n, obj, "response"))
-            for n, obj in _read_jsonl(path)]
+    return [PluginItem(split, n, _text_field(f"{path}: line {n}", obj, "prompt"),
+                       _text_field(f"{path}: line {n}", obj, "response")) for n, obj in _read_jsonl(path)]
 
 
 def plugin_files(data: str | Path) -> dict[str, Path]:

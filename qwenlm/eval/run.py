@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 from tqdm import tqdm
 
-from qwenlm.eval import data, extract, prompts
+from qwenlm.eval import data, extract, hub, prompts
 from qwenlm.eval import plugin
 from qwenlm.eval.batching import batches, greedy_generation
 from qwenlm.eval.cache import ItemCache
@@ -38,11 +38,13 @@ def check_args(args) -> None:
     if args.benchmark == "plugin":
         return plugin.check_args(args)
     if not Path(args.data).exists():
-        raise FileNotFoundError(f"--data {args.data}: no such file or folder")
-    if args.benchmark in CHOICE and not Path(args.data).is_dir():
+        if hub.hub_name(args.benchmark, args.data) is None:
+            raise FileNotFoundError(f"--data {args.data}: no such file or folder, nor a `datasets` hub name of "
+                                    f"{args.benchmark} (accepted: {hub.accepted_names(args.benchmark)})")
+    elif args.benchmark in CHOICE and not Path(args.data).is_dir():
         raise ValueError(f"--data {args.data}: {args.benchmark} needs the folder holding dev/ and "
                          f"{SPLIT[args.benchmark]}/ (see docs/eval.md)")
-    if args.benchmark not in CHOICE and not Path(args.data).is_file():
+    elif args.benchmark not in CHOICE and not Path(args.data).is_file():
         raise ValueError(f"--data {args.data}: {args.benchmark} needs a .jsonl file")
     if args.chat and args.shots not in (None, 0):
         raise ValueError("--shots: chat models are evaluated 0-shot, as the published figures are")
@@ -75,16 +77,18 @@ def _subjects(args) -> list[str]:
 def load_items(args) -> tuple[list[tuple[str, object]], dict]:
     """[(key, item)] in the official order (--limit: the first N of each subject, or of the file), and the
     dev split per subject for the few-shot prefixes."""
+    name = None if Path(args.data).exists() else hub.hub_name(args.benchmark, args.data)
+    source, where = (data, args.data) if name is None else (hub, name)  # same readers, same items
     if args.benchmark in CHOICE:
         subjects = _subjects(args)
-        test = data.load_choice_benchmark(args.benchmark, args.data, SPLIT[args.benchmark], subjects)
-        dev = {} if args.chat else data.load_choice_benchmark(args.benchmark, args.data, "dev", subjects)
+        test = source.load_choice_benchmark(args.benchmark, where, SPLIT[args.benchmark], subjects)
+        dev = {} if args.chat else source.load_choice_benchmark(args.benchmark, where, "dev", subjects)
         items = [(f"{s}/{it.row}", it) for s in subjects for it in test[s][:args.limit]]
         return items, dev
     if args.benchmark == "gsm8k":
-        items = [(str(it.line), it) for it in data.read_gsm8k(args.data)]
+        items = [(str(it.line), it) for it in source.read_gsm8k(where)]
     else:
-        items = [(it.task_id, it) for it in data.read_humaneval(args.data)]
+        items = [(it.task_id, it) for it in source.read_humaneval(where)]
     return items[:args.limit], {}
 
 
