@@ -99,14 +99,20 @@ def check_kernels(workdir, device, tiny) -> dict:
     return {"ok": ok, **res}
 
 
-def check_act_order(workdir, device, tiny) -> dict:
+def _random_int4_layer(g: torch.Generator, device, tiny: bool):
+    """A GPTQ Int4 layer (group 128) with random packed weights: 256 x 128 tiny, else the 7B's 4096 x 4096."""
     from qwenlm.model import quant
-    g = torch.Generator(device).manual_seed(1)
     k, n = (256, 128) if tiny else (4096, 4096)
     layer = quant.GPTQLinear(k, n, 4, 128, device=device)
     layer.qweight = torch.randint(-2**31, 2**31 - 1, (k // 8, n), generator=g, device=device, dtype=torch.int32)
     layer.qzeros = quant.pack_cols(torch.randint(5, 10, (k // 128, n), generator=g, device=device), 4)
     layer.scales = (torch.rand(k // 128, n, generator=g, device=device) * 0.004 + 0.001).half()
+    return layer, k, n
+
+
+def check_act_order(workdir, device, tiny) -> dict:
+    g = torch.Generator(device).manual_seed(1)
+    layer, k, n = _random_int4_layer(g, device, tiny)
     layer.g_idx = (torch.randperm(k, generator=g, device=device) // 128).int()
     layer.bias.normal_(generator=g)
     x = torch.randn(3, 1, k, generator=g, device=device).half()
@@ -324,14 +330,9 @@ def check_train(workdir, device, tiny) -> dict:
     """The training paths that run differently on a GPU: a GPTQ Int4 layer's input gradient (Triton dequantize in
     backward) == the dense layer's, and lm_loss (Liger's fused linear cross-entropy on CUDA) == causal_lm_loss, loss
     and gradients."""
-    from qwenlm.model import quant
     from qwenlm.train.loss import causal_lm_loss, lm_loss
     g = torch.Generator(device).manual_seed(4)
-    k, n = (256, 128) if tiny else (4096, 4096)
-    layer = quant.GPTQLinear(k, n, 4, 128, device=device)
-    layer.qweight = torch.randint(-2**31, 2**31 - 1, (k // 8, n), generator=g, device=device, dtype=torch.int32)
-    layer.qzeros = quant.pack_cols(torch.randint(5, 10, (k // 128, n), generator=g, device=device), 4)
-    layer.scales = (torch.rand(k // 128, n, generator=g, device=device) * 0.004 + 0.001).half()
+    layer, k, n = _random_int4_layer(g, device, tiny)
     layer.prepare_kernel()
     dtype = torch.float32 if tiny else torch.bfloat16
     x = torch.randn(2, 64, k, generator=g, device=device, dtype=dtype, requires_grad=True)
