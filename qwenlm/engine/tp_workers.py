@@ -58,12 +58,13 @@ def _describe_exit(code: int | None) -> str:
 
 def _init_groups(store, rank: int, world: int, device: torch.device):
     """The default group on the device (the forward's collectives and the step inputs) and a gloo group for
-    the step records; returns the channel of the latter."""
+    the step records; returns the channel of the latter. store None: the launcher's (MASTER_ADDR, MASTER_PORT)."""
+    meet = dict(store=store) if store is not None else dict(init_method="env://")
     if device.type == "cuda":
-        dist.init_process_group("nccl", store=store, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT,
+        dist.init_process_group("nccl", **meet, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT,
                                 device_id=device)
     else:
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
+        dist.init_process_group("gloo", **meet, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
     return RecordChannel(dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT))
 
 
@@ -270,9 +271,13 @@ def check_tp_fit(folder: str | Path, world: int, device) -> torch.device:
     from qwenlm.model.loader import read_config
     from qwenlm.parallel.model import check_gpus
     from qwenlm.parallel.tp import TPPlan
+    from qwenlm.engine.tp_launch import check_launch, launched, launched_device
     _, cfg = read_config(folder)
     TPPlan(cfg, world)
+    check_launch(world)
     device = torch.device(device)
+    if launched():
+        return launched_device(device)
     if device.type == "cuda":
         if device.index not in (None, 0):
             raise TPError(f"device {device}: with tensor parallelism rank r runs on cuda:r (rank 0 in this process on "
@@ -284,12 +289,18 @@ def check_tp_fit(folder: str | Path, world: int, device) -> torch.device:
 
 def load_tp_engine_model(folder: str | Path, world: int, device, dtype: torch.dtype | None, progress: bool = True):
     """Rank 0's slice of a folder's model, its workers started and joined (`model.tp_workers`, which the engine's
-    runner drives). The split and the GPUs are checked before any process starts."""
+    runner drives). The split and the GPUs are checked before any process starts. Under a launcher (torchrun,
+    `tp_launch`) nothing is spawned: RANK 0 returns its slice as here, every other rank follows rank 0's steps and
+    then exits its process."""
+    from qwenlm.engine import tp_launch
     from qwenlm.parallel.model import load_tp_model
     device, folder = check_tp_fit(folder, world, device), Path(folder)
+    if tp_launch.launched() and tp_launch.launched_rank() > 0:
+        tp_launch.follow_launched(folder, world, device, dtype)  # never returns
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    workers = TPWorkers(folder, world, device, dtype)
+    workers = tp_launch.LaunchedRanks(folder, world, device) if tp_launch.launched() else \
+        TPWorkers(folder, world, device, dtype)
     try:
         model = load_tp_model(folder, 0, world, device, dtype, progress=progress)
         workers.wait_ready()
