@@ -111,6 +111,8 @@ class LaunchedRanks(TPWorkers):
     """Rank 0's handle on ranks 1..world-1 started by the launcher: the spawned handle's steps, guard and shutdown,
     with the heartbeat in place of the process watch and nothing to kill (each rank ends itself)."""
 
+    death_grace_s = HEARTBEAT_TIMEOUT_S + 2 * BEAT_S  # a dead rank is named once its beat has stood still that long
+
     def __init__(self, folder: str | Path, world: int, device: torch.device):
         self.folder, self.world, self.device = Path(folder), world, device
         self.failure: str | None = None

@@ -77,6 +77,8 @@ class TPWorkers:
     """Rank 0's handle on ranks 1..world-1 of a model folder. Spawned at once; `wait_ready` after rank 0 has
     loaded its own slice."""
 
+    death_grace_s = DEATH_GRACE_S  # after a failed collective: how long the watch may take to name the dead rank
+
     def __init__(self, folder: str | Path, world: int, device: torch.device, dtype: torch.dtype | None):
         if dist.is_initialized():
             raise TPError("this process already belongs to a torch.distributed process group; a tensor-parallel "
@@ -127,7 +129,7 @@ class TPWorkers:
         try:  # a rank lost now leaves rank 0 waiting for it until the rendezvous times out
             self.records = _init_groups(self.store, 0, self.world, self.device)
         except Exception as e:
-            self._dead.wait(DEATH_GRACE_S)
+            self._dead.wait(self.death_grace_s)
             self.failure = self.failure or f"joining the tensor-parallel process group failed: {e}"
             self._abort()
             raise TPWorkerError(self.failure) from e
@@ -189,7 +191,7 @@ class TPWorkers:
             self._abort()
             raise
         except Exception as e:
-            self._dead.wait(DEATH_GRACE_S)  # a failed collective: most often a rank died just now
+            self._dead.wait(self.death_grace_s)  # a failed collective: most often a rank died just now
             if self.failure is None:
                 self.failure = f"the tensor-parallel engine stopped after an error on rank 0: {type(e).__name__}: {e}"
                 self._abort()
