@@ -1,6 +1,6 @@
 """Tensor parallelism started by torchrun (gloo on the CPU): nothing is spawned, RANK 0 runs the engine and prints,
 the other rank follows. `qwenlm generate` over one torchrun of 2 processes and over two torchruns of one "node" each
-(a shared c10d rendezvous on localhost) prints the one-process greedy text; WORLD_SIZE != --tensor-parallel-size is a
+(a shared rendezvous on localhost) prints the one-process greedy text; WORLD_SIZE != --tensor-parallel-size is a
 clear error; a rank killed on the other "node" ends an `LLM(path, tensor_parallel_size=2)` script with the error
 naming it within a bound, and no process of either run is left."""
 
@@ -31,8 +31,9 @@ while True:
 
 def _torchrun(*args, nnodes=1, nproc=2, node_rank=None, endpoint=None):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--nproc-per-node", str(nproc)]
-    if endpoint:
-        cmd += ["--node-rank", str(node_rank), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint]
+    if endpoint:  # the static rendezvous (torchrun's default with --master-addr): node 0 holds rank 0
+        host, port = endpoint.split(":")
+        cmd += ["--node-rank", str(node_rank), "--master-addr", host, "--master-port", port]
     else:
         cmd += ["--master-port", str(free_port())]
     return cmd + list(args)
