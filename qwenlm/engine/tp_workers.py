@@ -13,6 +13,9 @@ others are killed, so no collective waits on them, and the step that rank 0 is i
 `TPWorkerError` naming the rank and how it ended (its traceback, when it raised). On a GPU rank 0 waits for a
 step's tokens by polling its event against that watch (`wait`), since a collective whose peer is gone never
 completes. A worker exits when rank 0's process does (it watches its parent) or when a collective with it fails.
+
+Under a launcher (torchrun, possibly several hosts) nothing is spawned: `tp_launch` joins the launcher's ranks
+through its store and runs the same worker loop (`_follow`) and rank-0 handle (`LaunchedRanks`, a `TPWorkers`).
 """
 
 from __future__ import annotations
