@@ -172,7 +172,8 @@ def follow_launched(folder: str | Path, world: int, device: torch.device, dtype:
         try:
             store.set(f"qwenlm/error/{rank}", text)
         finally:
-            print(text, file=sys.stderr, flush=True)
+            print(f"{text}qwenlm: tensor-parallel rank {rank} of {world} stopped (after a failed collective, most often "
+                  "rank 0 or another rank is gone: see its log)", file=sys.stderr, flush=True)
             os._exit(1)
     beat.stop.set()
     sys.exit(0)
