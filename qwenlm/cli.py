@@ -36,6 +36,12 @@ def _load(args):
                        tensor_parallel_size=getattr(args, "tensor_parallel_size", 1))
 
 
+def _launched_worker() -> bool:
+    """A rank > 0 of a launcher (torchrun): it runs no server and prints nothing; rank 0 does."""
+    from qwenlm.engine.tp_launch import launched, launched_rank
+    return launched() and launched_rank() > 0
+
+
 def _shutdown(llm) -> None:
     """Stop a tensor-parallel model's worker processes now rather than at exit."""
     from qwenlm.engine import LLMEngine
@@ -85,6 +91,8 @@ def cmd_serve(args) -> int:
     if Path(args.model).is_dir():  # the model is served under the folder's name, which "." does not show
         args.model = os.path.abspath(args.model)
     try:
+        if args.tensor_parallel_size > 1 and _launched_worker():  # rank 0 serves; the others only follow its steps
+            _load(args)  # never returns: the rank exits when rank 0 stops
         return serve(args) or 0
     except KeyboardInterrupt:  # Ctrl-C: uvicorn re-raises it once both processes have shut down cleanly
         return 130
@@ -240,6 +248,9 @@ def check_args(args) -> None:
     parse_dtype(getattr(args, "dtype", None))
     check_tensor_parallel(getattr(args, "tensor_parallel_size", 1), getattr(args, "quantize", None),
                           getattr(args, "adapter", None))
+    if args.command in ("chat", "generate", "serve"):  # under torchrun: one process per rank
+        from qwenlm.engine.tp_launch import check_launch
+        check_launch(args.tensor_parallel_size)
     if getattr(args, "adapter", None) is not None:
         from qwenlm.adapters import read_adapter_config
         read_adapter_config(args.adapter)

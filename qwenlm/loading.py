@@ -85,7 +85,9 @@ def load_checkpoint(name_or_path: str = DEFAULT_MODEL, device: str | None = None
     adapter: a PEFT LoRA adapter folder merged into the weights after loading (`qwenlm.adapters`).
     quantize="int8" turns a bf16/fp16 folder's block linears into per-channel int8 after that.
     tensor_parallel_size N > 1: this process holds rank 0's slice of the model and starts N - 1 worker processes
-    holding the others (`qwenlm.engine.tp_workers`); the model then runs only inside an engine (LLMEngine)."""
+    holding the others (`qwenlm.engine.tp_workers`); the model then runs only inside an engine (LLMEngine). Under
+    torchrun (WORLD_SIZE = N processes) nothing is spawned: RANK 0 returns its slice, every other rank runs the
+    worker loop and then exits its process (`qwenlm.engine.tp_launch`)."""
     check_device(device)  # the arguments first: resolving may download, loading takes minutes
     check_tensor_parallel(tensor_parallel_size, quantize, adapter)
     dtype = parse_dtype(dtype)

@@ -13,6 +13,9 @@ others are killed, so no collective waits on them, and the step that rank 0 is i
 `TPWorkerError` naming the rank and how it ended (its traceback, when it raised). On a GPU rank 0 waits for a
 step's tokens by polling its event against that watch (`wait`), since a collective whose peer is gone never
 completes. A worker exits when rank 0's process does (it watches its parent) or when a collective with it fails.
+
+Under a launcher (torchrun, possibly several hosts) nothing is spawned: `tp_launch` joins the launcher's ranks
+through its store and runs the same worker loop (`_follow`) and rank-0 handle (`LaunchedRanks`, a `TPWorkers`).
 """
 
 from __future__ import annotations
@@ -58,12 +61,13 @@ def _describe_exit(code: int | None) -> str:
 
 def _init_groups(store, rank: int, world: int, device: torch.device):
     """The default group on the device (the forward's collectives and the step inputs) and a gloo group for
-    the step records; returns the channel of the latter."""
+    the step records; returns the channel of the latter. store None: the launcher's (MASTER_ADDR, MASTER_PORT)."""
+    meet = dict(store=store) if store is not None else dict(init_method="env://")
     if device.type == "cuda":
-        dist.init_process_group("nccl", store=store, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT,
+        dist.init_process_group("nccl", **meet, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT,
                                 device_id=device)
     else:
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
+        dist.init_process_group("gloo", **meet, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
     return RecordChannel(dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT))
 
 
@@ -75,6 +79,8 @@ def _broadcast_inputs(tensors) -> None:
 class TPWorkers:
     """Rank 0's handle on ranks 1..world-1 of a model folder. Spawned at once; `wait_ready` after rank 0 has
     loaded its own slice."""
+
+    death_grace_s = DEATH_GRACE_S  # after a failed collective: how long the watch may take to name the dead rank
 
     def __init__(self, folder: str | Path, world: int, device: torch.device, dtype: torch.dtype | None):
         if dist.is_initialized():
@@ -126,7 +132,7 @@ class TPWorkers:
         try:  # a rank lost now leaves rank 0 waiting for it until the rendezvous times out
             self.records = _init_groups(self.store, 0, self.world, self.device)
         except Exception as e:
-            self._dead.wait(DEATH_GRACE_S)
+            self._dead.wait(self.death_grace_s)
             self.failure = self.failure or f"joining the tensor-parallel process group failed: {e}"
             self._abort()
             raise TPWorkerError(self.failure) from e
@@ -188,7 +194,7 @@ class TPWorkers:
             self._abort()
             raise
         except Exception as e:
-            self._dead.wait(DEATH_GRACE_S)  # a failed collective: most often a rank died just now
+            self._dead.wait(self.death_grace_s)  # a failed collective: most often a rank died just now
             if self.failure is None:
                 self.failure = f"the tensor-parallel engine stopped after an error on rank 0: {type(e).__name__}: {e}"
                 self._abort()
@@ -270,9 +276,13 @@ def check_tp_fit(folder: str | Path, world: int, device) -> torch.device:
     from qwenlm.model.loader import read_config
     from qwenlm.parallel.model import check_gpus
     from qwenlm.parallel.tp import TPPlan
+    from qwenlm.engine.tp_launch import check_launch, launched, launched_device
     _, cfg = read_config(folder)
     TPPlan(cfg, world)
+    check_launch(world)
     device = torch.device(device)
+    if launched():
+        return launched_device(device)
     if device.type == "cuda":
         if device.index not in (None, 0):
             raise TPError(f"device {device}: with tensor parallelism rank r runs on cuda:r (rank 0 in this process on "
@@ -284,12 +294,18 @@ def check_tp_fit(folder: str | Path, world: int, device) -> torch.device:
 
 def load_tp_engine_model(folder: str | Path, world: int, device, dtype: torch.dtype | None, progress: bool = True):
     """Rank 0's slice of a folder's model, its workers started and joined (`model.tp_workers`, which the engine's
-    runner drives). The split and the GPUs are checked before any process starts."""
+    runner drives). The split and the GPUs are checked before any process starts. Under a launcher (torchrun,
+    `tp_launch`) nothing is spawned: RANK 0 returns its slice as here, every other rank follows rank 0's steps and
+    then exits its process."""
+    from qwenlm.engine import tp_launch
     from qwenlm.parallel.model import load_tp_model
     device, folder = check_tp_fit(folder, world, device), Path(folder)
+    if tp_launch.launched() and tp_launch.launched_rank() > 0:
+        tp_launch.follow_launched(folder, world, device, dtype)  # never returns
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    workers = TPWorkers(folder, world, device, dtype)
+    workers = tp_launch.LaunchedRanks(folder, world, device) if tp_launch.launched() else \
+        TPWorkers(folder, world, device, dtype)
     try:
         model = load_tp_model(folder, 0, world, device, dtype, progress=progress)
         workers.wait_ready()
