@@ -99,8 +99,10 @@ def test_a_rank_killed_mid_stream_fails_requests_with_503_and_leaves_no_process(
             assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "engine_unavailable"
             health = httpx.get(srv.url + "/health")
             assert health.status_code == 503 and "tensor-parallel rank 1 of 2" in health.json()["error"]
-            assert _all_gone([core, *tree], BOUND_S - (time.monotonic() - started)) == []
-            assert engine.process.wait() == 1  # it reported the rank and exited, not killed
+            # the engine process first, through its Popen: psutil's wait would reap it and hide its status
+            assert engine.process.wait(BOUND_S) == 1  # it reported the rank and exited, not killed
+            assert not core.is_running() or core.status() == psutil.STATUS_ZOMBIE
+            assert _all_gone(tree, BOUND_S - (time.monotonic() - started)) == []
     finally:
         engine.shutdown()
     assert any("tensor-parallel rank 1 of 2" in rec.getMessage() for rec in caplog.records)
