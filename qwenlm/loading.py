@@ -100,7 +100,7 @@ def load_checkpoint(name_or_path: str = DEFAULT_MODEL, device: str | None = None
     gen_file = folder / "generation_config.json"  # read before the weights: a bad value fails in a second
     gen = GenerationConfig.from_file(gen_file) if gen_file.is_file() else GenerationConfig()
     if tensor_parallel_size > 1:
-        from qwenlm.engine.tp_workers import load_tp_engine_model
+        from qwenlm.engine.tp_engine import load_tp_engine_model
         model = load_tp_engine_model(folder, tensor_parallel_size, device or default_device(), dtype, progress)
         return Checkpoint(model, Tokenizer.from_folder(folder), gen, folder)
     model = load_model(folder, device=device or default_device(), dtype=dtype, progress=progress)

@@ -15,7 +15,8 @@ import torch
 
 from qwenlm import cli
 from qwenlm.engine import LLM
-from qwenlm.engine.tp_workers import TPWorkerError, load_tp_engine_model
+from qwenlm.engine.tp_engine import load_tp_engine_model
+from qwenlm.engine.tp_workers import TPWorkerError
 from qwenlm.model.loader import load_model
 from qwenlm.parallel.tp import TPError
 from qwenlm.sampling import ParamError, SamplingParams

@@ -281,7 +281,7 @@ def serve(args) -> int:
     generation_config = GenerationConfig.from_file(gen_file) if gen_file.is_file() else GenerationConfig()
     tp = getattr(args, "tensor_parallel_size", 1)
     if tp > 1:  # the split and the GPUs, from config.json: a bad size fails here, not after an engine process starts
-        from qwenlm.engine.tp_workers import check_tp_fit
+        from qwenlm.engine.tp_engine import check_tp_fit
         from qwenlm.loading import default_device
         check_tp_fit(folder, tp, getattr(args, "device", None) or default_device())
     spec = CoreSpec(CheckpointFactory(str(folder), getattr(args, "device", None), getattr(args, "dtype", "auto"),
