@@ -75,7 +75,6 @@ def _join(world: int, device: torch.device):
     check_launch(world)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    os.environ["NCCL_NVLS_ENABLE"] = "0"  # the GPU machines forbid NVLink multicast
     records = _init_groups(None, launched_rank(), world, device)
     store = dist.distributed_c10d._get_default_store()
     store.set(f"qwenlm/who/{launched_rank()}", f"host {socket.gethostname()}, pid {os.getpid()}")

@@ -63,6 +63,9 @@ def _init_groups(store, rank: int, world: int, device: torch.device):
     """The default group on the device (the forward's collectives and the step inputs) and a gloo group for
     the step records; returns the channel of the latter. store None: the launcher's (MASTER_ADDR, MASTER_PORT)."""
     meet = dict(store=store) if store is not None else dict(init_method="env://")
+    # NVLink multicast (NVLS) off before NCCL starts, on every rank however it was started: the GPU machines
+    # forbid it.
+    os.environ["NCCL_NVLS_ENABLE"] = "0"
     if device.type == "cuda":
         dist.init_process_group("nccl", **meet, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT,
                                 device_id=device)
@@ -91,8 +94,6 @@ class TPWorkers:
         self.records: RecordChannel | None = None
         self._stopping = self._closed = False
         self._dead = threading.Event()
-        # The GPU machines forbid NVLink multicast (NVLS): off here and in every worker, which inherits it.
-        os.environ["NCCL_NVLS_ENABLE"] = "0"
         self.store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, timeout=RENDEZVOUS_TIMEOUT,
                                    wait_for_workers=False)
         ctx = mp.get_context("spawn")  # a fresh interpreter: CUDA cannot be used in a forked child
