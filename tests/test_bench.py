@@ -58,3 +58,17 @@ def test_check_gpu_logprobs_and_train_run_tiny(tmp_path):
     checks = json.loads((tmp_path / "check.json").read_text())["checks"]
     assert set(checks) == {"logprobs", "train"} and all(c["ok"] for c in checks.values())
     assert checks["logprobs"]["compiled_False_topk_ids_equal"] is True
+
+
+def test_bench_ttft_runs_tiny_and_splits_the_step(tmp_path):
+    """bench_ttft's hand-made step gives the request its token (the script asserts so) and reports every piece."""
+    cmd = [sys.executable, "bench/bench_ttft.py", "--tiny", "--workdir", str(tmp_path / "w"),
+           "--json", str(tmp_path / "ttft.json")]
+    run = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, text=True, capture_output=True,
+                         timeout=300)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    r = json.loads((tmp_path / "ttft.json").read_text())["parts"]["ttft"]
+    split = r["split_ms"]
+    assert set(split) == {"schedule", "launch", "wait", "process", "total"} and min(split.values()) >= 0
+    assert split["launch"] > 0 and r["ttft_ms"]["median"] > 0 and r["bound_ms"] > 0
+    assert "aten::" in (tmp_path / "ttft.profile.txt").read_text()
