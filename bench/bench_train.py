@@ -16,6 +16,7 @@ checkpointing, AdamW (torchao 8-bit for full on CUDA), bf16, LoRA r 64 / alpha 1
     python bench/bench_train.py               # H100: all parts at 1,024 / 4,096 / 8,192 tokens
     python bench/bench_train.py --tiny        # tiny shapes on the CPU: checks the script end to end
     python bench/bench_train.py --only lora,transformers   # parts: lora, qlora, full, transformers
+    python bench/bench_train.py --only lora --lengths 16384,32768   # the longest sequences
 """
 
 from __future__ import annotations
@@ -116,7 +117,10 @@ def transformers_part(folder: Path, length: int, sizes: dict, device: str) -> di
 
 
 def main() -> int:
-    args, device, sizes, results, _ = start("bench_train", __doc__, SIZES, TINY_SIZES)
+    args, device, sizes, results, _ = start("bench_train", __doc__, SIZES, TINY_SIZES, lambda ap: ap.add_argument(
+        "--lengths", help="comma-separated sequence lengths (default 1,024 / 4,096 / 8,192): 2048 for full, 32768"))
+    if args.lengths:
+        sizes = results["sizes"] = dict(sizes, lengths=[int(n) for n in args.lengths.split(",")])
     parts = selected(args, PARTS)
     # the real vocabulary even when tiny: training data goes through the Qwen tokenizer (ChatML ids ~151,644)
     shape = {"vocab_size": 151936} if args.tiny else {}
