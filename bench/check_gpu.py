@@ -16,6 +16,8 @@ them. Exits non-zero when a check fails.
                chunked prefill, a prefix-cache hit) == a plain forward's log_softmax; top-k ids == torch.topk's
   train        a GPTQ Int4 layer's input gradient (Triton dequantize in backward) == the dense layer's; lm_loss (Liger's
                fused linear cross-entropy on CUDA) == causal_lm_loss: loss, hidden and lm_head gradients
+  prefill_graphs  prompts alone (1-600 tokens), one arriving while another decodes, bf16 and int8 KV: through the
+               prefill CUDA graphs == a plain forward's log_softmax, and the graphs served the short prompts
   tp           tensor parallelism through the engine: a split model's collectives in the CUDA graphs and compiled
                regions (one rank on NCCL, any GPU), and with 2+ GPUs visible `LLM(tensor_parallel_size=2)` (NCCL,
                graphs, compiled) == one process: greedy ids equal, logprobs reported (fp32). --tiny: 2 gloo ranks
@@ -367,9 +369,47 @@ def check_train(workdir, device, tiny) -> dict:
     return {"ok": all(v < tol for v in res.values()), "tol": tol, **res}
 
 
+def check_prefill_graphs(workdir, device, tiny) -> dict:
+    """Prompts alone (1 to 600 tokens), one arriving while another decodes, and int8 KV: through the prefill CUDA
+    graphs (qwenlm.engine.prefill_graphs) == a plain forward's log_softmax, and the graphs served the short ones."""
+    from qwenlm.engine import EngineConfig, LLMEngine, SamplingParams
+    model = _tiny_model(workdir, device)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (1, 5, 16, 17, 100, 512, 600, 30)]
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=True)
+    res, ok = {}, True
+    for kv in ("auto", "int8"):
+        engine = LLMEngine(model, None, EngineConfig(num_blocks=512, block_size=16, max_num_batched_tokens=1024,
+                                                     max_num_seqs=8, kv_cache_dtype=kv))
+        graphs, hits = engine.runner.prefill_graphs, []
+        if graphs is not None:
+            for size, replay in list(graphs.replay.items()):
+                graphs.replay[size] = lambda size=size, replay=replay: (hits.append(size), replay())
+        outs = [engine.generate([p], greedy)[0] for p in prompts[:-1]]
+        # the last prompt arrives while the one before it decodes
+        a = engine.add_request(None, prompts[-2], greedy)
+        engine.step()
+        b = engine.add_request(None, prompts[-1], greedy)
+        done = {}
+        while engine.has_unfinished():
+            done.update({o.request_id: o for o in engine.step() if o.finished})
+        outs[-1:] = [done[a], done[b]]
+        worst = 0.0
+        for p, o in zip(prompts, outs):
+            c = o.outputs[0]
+            lsm = _direct_log_softmax(model, p + c.token_ids, len(p)).cpu()[len(p) - 1:-1]
+            got = torch.tensor(c.logprobs[:len(c.token_ids)])
+            worst = max(worst, (got - lsm.gather(1, torch.tensor(c.token_ids)[:, None])[:, 0]).abs().max().item())
+        res[f"{kv}_max_abs_err"], res[f"{kv}_graph_sizes_used"] = worst, sorted(set(hits))
+        # int8 KV: the stored rows are quantized, so the logprobs differ from the plain forward's by that
+        ok &= worst < (1e-3 if kv == "auto" else 0.1) and (device != "cuda" or len(set(hits)) >= 3)
+        del engine
+    return {"ok": ok, **res}
+
+
 CHECKS = {"kernels": check_kernels, "act_order": check_act_order, "fused_int4": check_fused_int4,
           "overlap": check_overlap, "compiled": check_compiled, "tp": check_tp, "logprobs": check_logprobs,
-          "train": check_train}
+          "train": check_train, "prefill_graphs": check_prefill_graphs}
 
 
 def main() -> int:

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from qwenlm.engine.attention import PagedAttention, PrefillSeq, kv_bytes_per_token_head
 from qwenlm.engine.compiled_decode import CompiledDecode
 from qwenlm.engine.config import EngineConfig
+from qwenlm.engine.prefill_graphs import PrefillGraphs, prefill_graph_sizes, reserve_bytes
 from qwenlm.engine.sampler import SamplingBatch, logprob_details, prompt_logprob_rows, sample
 from qwenlm.engine.scheduler import ScheduledBatch
 from qwenlm.engine.sequence import Sequence
@@ -101,6 +102,8 @@ class ModelRunner:
         self.k_cache, self.v_cache = self.ctx.k_cache, self.ctx.v_cache  # uint8 for kv_cache_dtype="int8"
         self.scratch_slot = self.num_blocks * self.block_size
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graph_pool = None
+        self.prefill_graphs = PrefillGraphs(self, self._prefill_graph_sizes()) if self.compiled else None
         if self.device.type == "cuda":  # pinned staging of the decode inputs, two sets used in turn
             rows = max(config.graph_batch_sizes() + [config.max_num_seqs])
             self._host_flat = [torch.zeros(5 * rows, dtype=torch.int64).pin_memory() for _ in range(2)]
@@ -116,6 +119,10 @@ class ModelRunner:
             log.info("capturing CUDA graphs for %d batch sizes (compiling the decode step first)",
                      len(config.graph_batch_sizes()))
             self._capture_graphs()
+            if self.prefill_graphs is not None:
+                log.info("capturing CUDA graphs for prompts of up to %d tokens", max(self.prefill_graphs.sizes))
+                with torch.inference_mode():
+                    self.prefill_graphs.capture()
 
     # ---- NTK frequencies --------------------------------------------------------------------------
     def alpha_row(self, alpha: float) -> int:
@@ -146,7 +153,8 @@ class ModelRunner:
         free, total = torch.cuda.mem_get_info()
         used = total - free
         peak, current = torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()
-        graph_reserve = max(self.config.graph_batch_sizes()) * self.cfg.vocab_size * 4 + (256 << 20)
+        graph_reserve = max(self.config.graph_batch_sizes()) * self.cfg.vocab_size * 4 + (256 << 20) + \
+            reserve_bytes(self.cfg.hidden_size, self._prefill_graph_sizes())
         budget = total * self.config.gpu_memory_utilization - used - (peak - current) - graph_reserve
         num_blocks = int(budget) // self.block_bytes()
         if getattr(self.model, "tp_world", 1) > 1:  # one block manager for all ranks: the pool that fits on each
@@ -185,6 +193,12 @@ class ModelRunner:
         n = min(16, self.config.max_num_batched_tokens, self.max_model_len)
         if n >= 2:
             self._prefill_scratch(n, slice(n - 1, n))
+
+    def _prefill_graph_sizes(self) -> list[int]:
+        """The prompt lengths captured in CUDA graphs (prefill_graphs.py): none without compiled regions."""
+        if not self.compiled or self.config.enforce_eager:
+            return []
+        return prefill_graph_sizes(min(self.config.max_num_batched_tokens, self.max_model_len))
 
     def _prefill_forward(self, ctx, ids, pos, inv, use_logn: bool, rows) -> torch.Tensor:
         """Hidden states after ln_f of `rows` (an index) of the flat batch ids, pos [1, T]; inv [1, 1 or T, r/2].
@@ -307,6 +321,9 @@ class ModelRunner:
     def run_prefill(self, meta: PrefillStep, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The prefill forward on every rank: logits [num_sampled, V] fp32 and the hidden rows of the prompt
         logprobs (`prompt_logits`)."""
+        graphed = self.prefill_graphs.run(meta, packed) if self.prefill_graphs is not None else None
+        if graphed is not None:
+            return graphed
         T = meta.num_tokens
         ids, pos, slot_mapping, alpha_rows = packed[:4 * T].view(4, T)
         rows = packed[4 * T:4 * T + meta.num_rows]
@@ -431,4 +448,5 @@ class ModelRunner:
                     forward()
                 pool = graph.pool()
                 self.graphs[bs] = graph
+        self.graph_pool = pool
         torch.cuda.synchronize()
