@@ -1,6 +1,7 @@
 """ModelRunner: owns the KV pool, turns a ScheduledBatch into tensors, runs the network and the sampler.
 
-Prefill steps run eagerly on one flat row of concatenated chunks. Decode steps replay a CUDA graph
+Prefill steps run on one flat row of concatenated chunks (one fresh prompt of up to 512 tokens alone replays a
+CUDA graph of its length bucket: prefill_graphs.py). Decode steps replay a CUDA graph
 captured for the smallest batch-size bucket that holds the batch (padding rows write to a scratch
 block and attend to nothing). The pool is sized from free GPU memory after a warm-up forward at the
 largest prefill the scheduler can issue, as nano-vllm does.
