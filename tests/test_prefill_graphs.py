@@ -60,7 +60,9 @@ def test_padding_rows_leave_other_sequences_caches_alone(model):
     assert engine.runner.k_cache[:, -1].abs().sum() > 0  # the padding rows wrote into the scratch block alone
 
 
-def test_prefix_hits_and_prompt_logprobs_take_the_plain_path(model):
+def test_a_prefix_hit_is_computed_again_into_the_scratch_slot_and_prompt_logprobs_take_the_plain_path(model):
+    """After a prefix-cache hit the whole short prompt runs in a graph (the cached rows recomputed, their K/V stored
+    into the scratch slot: the shared blocks are not written); prompt logprobs run unpadded."""
     (shared,) = random_prompts([8], seed=2)
     prompts = [shared + [5, 6], shared + [7]]  # the second hits the first's two full blocks (block size 4)
     logprobs = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, prompt_logprobs=2)
@@ -69,10 +71,13 @@ def test_prefix_hits_and_prompt_logprobs_take_the_plain_path(model):
     want_prompt = want_ref.generate([prompts[0]], logprobs)[0]
     engine, used = with_graphs(model)
     got = [engine.generate([p], GREEDY)[0].outputs[0] for p in prompts]
+    assert engine.stats()["prompt_tokens_total"] == 10 + 1  # the hit's 8 tokens were not scheduled again
+    slots = engine.runner.prefill_graphs.flat[2, :9].tolist()  # the second prompt's, as its graph read them
+    assert slots[:8] == [engine.runner.scratch_slot] * 8 and slots[8] < engine.runner.scratch_slot
     got_prompt = engine.generate([prompts[0]], logprobs)[0]
     assert_same_completions(got, want)
     assert got_prompt.prompt_logprobs[1:] == pytest.approx(want_prompt.prompt_logprobs[1:], abs=1e-4)
-    assert used == [16]  # the first prompt alone: the cached one and the prompt-logprobs one run unpadded
+    assert used == [16, 16]
 
 
 def test_bucket_sizes_follow_the_prefill_budget():

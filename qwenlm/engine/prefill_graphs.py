@@ -4,13 +4,16 @@ A short prompt's time to first token is the host's, not the GPU's: the prefill r
 and attention calls, about a hundred Python calls that each check their guards and launch their kernels, which
 takes longer than the GPU needs for 16 or 256 tokens (it reads the weights once: ~5 ms on an H100). Decode steps
 hide that cost in CUDA graphs (runner.py); this does the same for the commonest prefill, one prompt alone with
-nothing cached: captured once per bucket of token counts (16, 32, ..., 512), the prompt padded to its bucket.
+nothing cached (or its cache hit recomputed): captured once per bucket of token counts (16, 32, ..., 512), the prompt padded to its bucket.
 
 Padding is exact: attention is causal within the chunk, so the real rows never see the padding rows that follow
 them; the padding rows store their K/V into the scratch slot (as decode padding rows do) and their outputs are
-dropped (only the last real row goes on to the lm_head). Past 512 tokens the GPU's work outlasts the host's and the
-graph would only add padding, so longer prompts (and batches of several chunks, prefix-cache hits and prompt
-logprobs) run the compiled regions directly.
+dropped (only the last real row goes on to the lm_head). A short prompt after a prefix-cache hit runs here too, as
+a fresh prompt: its cached rows are computed again and their K/V stored into the scratch slot, leaving the shared
+blocks alone (`ModelRunner._recomputed_prefix`; a few hundred tokens cost the GPU less than the launches would
+cost the host). Past 512 tokens the GPU's work outlasts the host's and the graph would only add padding, so
+longer prompts (and batches of several chunks, and prompts that want prompt logprobs) run the compiled regions
+directly.
 """
 
 from __future__ import annotations

@@ -280,14 +280,16 @@ class ModelRunner:
         (`sampler.prompt_logprob_rows`, float64 on the device) or None."""
         ids, positions, slots, alpha_rows, chunks, ctx_slots, last = [], [], [], [], [], [], []
         spans, span_rows, targets = [], [], []
-        offset = 0
+        offset, redo = 0, self._recomputed_prefix(batch)
         for seq, n in zip(batch.seqs, batch.num_tokens):
-            start, end = seq.num_computed, seq.num_computed + n
+            start, end = seq.num_computed - redo, seq.num_computed + n
+            n = end - start
             assert end <= seq.num_known, "prefill of a PENDING token"
             ids += seq.token_ids[start:end]
             positions += range(start, end)
             alpha_rows += [self.alpha_row(seq.ntk_alpha)] * n
             all_slots = self._slots(seq, 0, end)
+            all_slots[:redo] = self.scratch_slot  # the cached rows stay as they are
             slots.append(all_slots[start:])
             if start > 0:
                 ctx_slots.append(all_slots)
@@ -318,6 +320,18 @@ class ModelRunner:
         prompt_rows = torch.cat([prompt_logprob_rows(chunk, targets_t[i:i + PROMPT_LOGITS_ROWS], k)
                                  for i, chunk in self.prompt_logits(prompt_hidden)])
         return logits, tuple(spans), prompt_rows
+
+    def _recomputed_prefix(self, batch: ScheduledBatch) -> int:
+        """The cached tokens that a short prompt after a prefix-cache hit computes again, their K/V stored into the
+        scratch slot, so that it runs as a fresh prompt in a prefill graph: a few hundred tokens cost the GPU less
+        than the host spends launching the uncaptured path (prefill_graphs.py). 0 when the step does not qualify."""
+        if self.prefill_graphs is None or not self.prefill_graphs.replay or len(batch.seqs) != 1:
+            return 0
+        seq, n = batch.seqs[0], batch.num_tokens[0]
+        end = seq.num_computed + n
+        if seq.prompt_logprobs_left or end != len(seq) or end > max(self.prefill_graphs.replay):
+            return 0
+        return seq.num_computed
 
     def run_prefill(self, meta: PrefillStep, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The prefill forward on every rank: logits [num_sampled, V] fp32 and the hidden rows of the prompt
