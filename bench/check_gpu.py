@@ -16,8 +16,9 @@ them. Exits non-zero when a check fails.
                chunked prefill, a prefix-cache hit) == a plain forward's log_softmax; top-k ids == torch.topk's
   train        a GPTQ Int4 layer's input gradient (Triton dequantize in backward) == the dense layer's; lm_loss (Liger's
                fused linear cross-entropy on CUDA) == causal_lm_loss: loss, hidden and lm_head gradients
-  prefill_graphs  prompts alone (1-600 tokens), one arriving while another decodes, bf16 and int8 KV: through the
-               prefill CUDA graphs == a plain forward's log_softmax, and the graphs served the short prompts
+  prefill_graphs  prompts alone (1-600 tokens, a prefix-cache hit), one arriving while another decodes, bf16 and
+               int8 KV: through the prefill CUDA graphs == a plain forward's log_softmax, and the graphs served the
+               short prompts
   tp           tensor parallelism through the engine: a split model's collectives in the CUDA graphs and compiled
                regions (one rank on NCCL, any GPU), and with 2+ GPUs visible `LLM(tensor_parallel_size=2)` (NCCL,
                graphs, compiled) == one process: greedy ids equal, logprobs reported (fp32). --tiny: 2 gloo ranks
@@ -370,12 +371,14 @@ def check_train(workdir, device, tiny) -> dict:
 
 
 def check_prefill_graphs(workdir, device, tiny) -> dict:
-    """Prompts alone (1 to 600 tokens), one arriving while another decodes, and int8 KV: through the prefill CUDA
-    graphs (qwenlm.engine.prefill_graphs) == a plain forward's log_softmax, and the graphs served the short ones."""
+    """Prompts alone (1 to 600 tokens, one a prefix-cache hit), one arriving while another decodes, and int8 KV:
+    through the prefill CUDA graphs (qwenlm.engine.prefill_graphs) == a plain forward's log_softmax, and the graphs
+    served the short ones."""
     from qwenlm.engine import EngineConfig, LLMEngine, SamplingParams
     model = _tiny_model(workdir, device)
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (1, 5, 16, 17, 100, 512, 600, 30)]
+    prompts.insert(5, prompts[4][:64] + [3, 4, 5])  # a prefix-cache hit of 64 tokens: recomputed in a graph
     greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=True)
     res, ok = {}, True
     for kv in ("auto", "int8"):
