@@ -88,9 +88,10 @@ def check_optional_int(name: str, value, lo: int) -> int | None:
 
 def check_in_vocab(name: str, ids, n_vocab: int) -> None:
     """Every id one of the model's vocabulary, 0..n_vocab - 1 (known only where a request meets the model)."""
-    for i, t in enumerate(ids):
-        if not 0 <= t < n_vocab:
-            raise ParamError(name, f"{name}[{i}] is {t}, outside the vocabulary (0..{n_vocab - 1})")
+    if not ids or (min(ids) >= 0 and max(ids) < n_vocab):  # a long prompt: two passes in C
+        return
+    i, t = next((i, t) for i, t in enumerate(ids) if not 0 <= t < n_vocab)
+    raise ParamError(name, f"{name}[{i}] is {t}, outside the vocabulary (0..{n_vocab - 1})")
 
 
 def check_stop(name: str, value) -> list[str]:

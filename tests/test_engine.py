@@ -5,6 +5,7 @@ import torch
 
 from engine_helpers import random_prompts, reference_ids, tiny_engine, tiny_model
 from qwenlm.engine import EngineConfig, LLMEngine, SamplingParams
+from qwenlm.sampling import ParamError
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 
@@ -170,3 +171,13 @@ def test_engine_config_errors_name_the_field(model):
         EngineConfig(gpu_memory_utilization=1.5)
     with pytest.raises(ValueError, match="KV cache"):
         LLMEngine(model, None, EngineConfig(num_blocks=2, block_size=4)).add_request(None, list(range(9)), GREEDY)
+
+
+def test_prompt_ids_outside_the_models_vocabulary_are_refused_before_any_step(model):
+    """A token-id prompt is checked against the model's rows: such an id would fail the whole batch's step."""
+    engine = tiny_engine(model)
+    with pytest.raises(ParamError, match=r"prompt\[2\] is 1000, outside the vocabulary \(0..999\)") as e:
+        engine.add_request(None, [1, 2, 1000], SamplingParams(max_tokens=2))
+    assert e.value.field == "prompt" and not engine.has_unfinished()
+    with pytest.raises(ParamError, match=r"prompt\[0\] is -3"):
+        engine.generate([[-3, 4]], SamplingParams(max_tokens=2))

@@ -16,7 +16,7 @@ import pytest
 
 from core_factories import scripted_tiny
 from engine_helpers import LOGPROB_ATOL
-from qwenlm.engine import LLM, AsyncEngine
+from qwenlm.engine import LLM, AsyncEngine, SamplingParams
 from qwenlm.engine.core import CheckpointFactory, CoreSpec
 from qwenlm.engine.core_client import EngineClient, EngineStartError
 from qwenlm.server.api import create_app
@@ -196,3 +196,15 @@ def test_a_dead_engine_process_fails_requests_with_503(tiny_ckpt, caplog):
 def test_an_engine_that_cannot_be_built_says_why(tmp_path):
     with pytest.raises(EngineStartError, match="config.json"):
         EngineClient(CoreSpec(CheckpointFactory(str(tmp_path), "cpu")))
+
+
+def test_ids_outside_the_models_vocabulary_never_reach_the_engine(split):
+    """The engine process's client checks prompt and candidate ids against the model's rows (Ready says how many):
+    such an id would fail the step of every request in it (on a GPU, end the process)."""
+    client, rows = split.engine, split.engine.vocab_size
+    with pytest.raises(ValueError, match=rf"prompt\[1\] is {rows}, outside the vocabulary \(0..{rows - 1}\)"):
+        client.make_request([5, rows, 7], SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match=rf"candidate_token_ids\[1\] is {rows + 3}, outside the vocabulary"):
+        client.make_request([5], SamplingParams(max_tokens=2, candidate_token_ids=[4, rows + 3]))
+    r = httpx.post(split.url + "/v1/completions", json={"prompt": [3, 4], "max_tokens": 2}, timeout=60)
+    assert r.status_code == 200 and httpx.get(split.url + "/health").json()["status"] == "ok"

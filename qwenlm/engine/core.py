@@ -231,7 +231,7 @@ def run_core(spec: CoreSpec, commands_addr: str, events_addr: str, parent_pid: i
         events.close()
         ctx.term()
         sys.exit(1)
-    events.send(event_encoder.encode(Ready(engine.max_model_len, engine.stats())))
+    events.send(event_encoder.encode(Ready(engine.max_model_len, engine.model.config.vocab_size, engine.stats())))
     core = EngineCore(engine, commands, events, parent_pid)
     signal.signal(signal.SIGTERM, lambda *_: setattr(core, "stop_reason", "the engine process was terminated"))
     try:

@@ -81,7 +81,7 @@ class EngineClient:
             self.process.terminate()  # it reads no commands while it builds
             self.shutdown()
             raise
-        self.max_model_len = ready.max_model_len
+        self.max_model_len, self.vocab_size = ready.max_model_len, ready.vocab_size
         self._stats = ready.stats
         self._thread = threading.Thread(target=self._receive, name="qwenlm-engine-client", daemon=True)
         self._thread.start()
@@ -184,7 +184,7 @@ class EngineClient:
         the checks LLMEngine.make_request makes, here, so a bad request never reaches the engine."""
         params = params or SamplingParams()
         request_id = request_id or uuid.uuid4().hex
-        prompt_ids = checked_prompt_ids(prompt, params, self.tokenizer, self.max_model_len)
+        prompt_ids = checked_prompt_ids(prompt, params, self.tokenizer, self.max_model_len, self.vocab_size)
         try:  # the engine builds every row of a step at once: a row that cannot be built fails here
             sampling_rows([Sequence(request_id, 0, prompt_ids, params, params.seed or 0, 1.0)])
         except Exception as e:

@@ -64,9 +64,11 @@ class _TextState:
 
 
 def checked_prompt_ids(prompt: list[int] | str, params: SamplingParams, tokenizer, max_model_len: int,
-                       limit_note: str = "") -> list[int]:
+                       vocab_size: int, limit_note: str = "") -> list[int]:
     """A request's prompt ids (a text prompt tokenized), or ValueError for a request that can never run: the
-    checks every engine front makes before a request reaches a step (LLMEngine, the engine process's client)."""
+    checks every engine front makes before a request reaches a step (LLMEngine, the engine process's client).
+    An id outside the model's vocabulary would fail the step of every request in it (on a GPU the embedding's
+    device-side assert ends the process), so each id is checked here."""
     if isinstance(prompt, str):
         if tokenizer is None:
             raise ValueError("a text prompt needs a tokenizer; pass token ids or give the engine a tokenizer")
@@ -75,6 +77,8 @@ def checked_prompt_ids(prompt: list[int] | str, params: SamplingParams, tokenize
         prompt_ids = [int(t) for t in prompt]
     if not prompt_ids:
         raise ValueError("prompt is empty: at least one token is needed")
+    check_in_vocab("prompt", prompt_ids, vocab_size)
+    check_in_vocab("candidate_token_ids", params.candidate_token_ids, vocab_size)  # gathered in the step
     if len(prompt_ids) >= max_model_len:
         raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room for a reply: the context is "
                          f"{max_model_len} tokens, prompt + reply" + (f" ({limit_note})" if limit_note else ""))
@@ -125,11 +129,10 @@ class LLMEngine:
                      request_id: str | None = None) -> Request:
         """Tokenize and validate a request without touching engine state (safe from any thread)."""
         params = params or SamplingParams()
-        prompt_ids = checked_prompt_ids(prompt, params, self.tokenizer, self.max_model_len,
+        cfg = self.model.config
+        prompt_ids = checked_prompt_ids(prompt, params, self.tokenizer, self.max_model_len, cfg.vocab_size,
                                         f"max_model_len: the model's limit or what the KV cache of "
                                         f"{self.blocks.num_blocks} x {self.config.block_size} tokens holds")
-        cfg = self.model.config
-        check_in_vocab("candidate_token_ids", params.candidate_token_ids, cfg.vocab_size)  # gathered in the step
         alpha = ntk_alpha(len(prompt_ids), cfg.seq_length) if cfg.use_dynamic_ntk else 1.0
         request_id = request_id if request_id is not None else f"req-{next(self._auto_ids)}"
         req = Request(request_id, prompt_ids, params)

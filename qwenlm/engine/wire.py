@@ -56,6 +56,7 @@ class Failure(msgspec.Struct):
 
 class Ready(msgspec.Struct, tag=True):
     max_model_len: int
+    vocab_size: int  # the model's: prompt ids are checked against it before they reach the engine
     stats: dict
 
 
