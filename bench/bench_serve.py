@@ -39,15 +39,18 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from benchlib import (checkpoint, decode_rate, isolated, log, print_table, prompts, results_path, selected,
                       start, throughput, time_to_first_token, write_json)
 
 PARTS = ["start", "sweep", "poisson", "ttft", "int8_kv", "int4", "offline", "guidellm"]
 SIZES = dict(concurrency=[1, 8, 32, 128], min_requests=8, prompt_len=512, new_tokens=256, poisson_rate=8.0,
-             poisson_requests=128, ttft_lens={"short": 16, "long": 2048}, ttft_repeats=5, b1_prompt=16, b1_new=256)
+             poisson_requests=128, ttft_lens={"short": 16, "long": 2048}, ttft_repeats=5, b1_prompt=16, b1_new=256,
+             guidellm_rates=6, guidellm_seconds=20)
 TINY_SIZES = dict(concurrency=[1, 4], min_requests=2, prompt_len=32, new_tokens=8, poisson_rate=20.0,
-                  poisson_requests=6, ttft_lens={"short": 16, "long": 128}, ttft_repeats=2, b1_prompt=16, b1_new=16)
+                  poisson_requests=6, ttft_lens={"short": 16, "long": 128}, ttft_repeats=2, b1_prompt=16, b1_new=16,
+                  guidellm_rates=3, guidellm_seconds=3)
 
 
 # ---------------------------------------------------------------- the server
@@ -215,21 +218,56 @@ def offline_part(folder, device: str, sizes: dict, kv_cache_dtype: str, what: tu
     return res
 
 
-def guidellm_part(url: str, workdir: str) -> dict:
+def hf_tokenizer(folder, workdir: str) -> str:
+    """A folder with Qwen's tokenizer as a Hugging Face tokenizer.json (guidellm counts and makes its synthetic
+    tokens with one): transformers' TikTokenConverter over the checkpoint's qwen.tiktoken, Qwen's split pattern
+    and special tokens, so its ids are the official tokenizer's."""
+    out = os.path.join(workdir, "qwen-tokenizer-hf")
+    if not os.path.isfile(os.path.join(out, "tokenizer.json")):
+        from transformers import PreTrainedTokenizerFast
+        from transformers.convert_slow_tokenizer import TikTokenConverter
+
+        from qwenlm.tokenizer import ENDOFTEXT, PAT_STR, SPECIAL_TOKENS
+        converted = TikTokenConverter(vocab_file=os.path.join(folder, "qwen.tiktoken"), pattern=PAT_STR,
+                                      extra_special_tokens=list(SPECIAL_TOKENS)).converted()
+        PreTrainedTokenizerFast(tokenizer_object=converted, eos_token=ENDOFTEXT).save_pretrained(out)
+    return out
+
+
+def guidellm_part(url: str, folder, workdir: str, sizes: dict) -> dict:
+    """guidellm's sweep (`guidellm run`, guidellm >= 0.8) against the server: synthetic text prompts of prompt_len
+    tokens asking for new_tokens; per rate, what it reports (request/s, output tok/s, TTFT and ITL median, p99)."""
     out = os.path.join(workdir, "guidellm.json")
-    cmd = ["guidellm", "benchmark", "--target", url, "--rate-type", "sweep", "--max-seconds", "30",
-           "--data", "prompt_tokens=512,output_tokens=256", "--output-path", out]
+    cmd = ["guidellm", "run", "--backend", f"kind=openai_http,target={url}",
+           "--profile", f"kind=sweep,sweep_size={sizes['guidellm_rates']}",
+           "--data", f"kind=synthetic_text,prompt_tokens={sizes['prompt_len']},output_tokens={sizes['new_tokens']}",
+           "--tokenizer", f"kind=huggingface_auto,model={hf_tokenizer(folder, workdir)}",
+           "--constraint", f"kind=max_duration,seconds={sizes['guidellm_seconds']}",
+           "--output", f"kind=json,path={out}", "--disable-console-interactive"]
     log("running " + " ".join(cmd))
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
-        return {"error": f"guidellm exited {r.returncode}: {r.stderr[-500:]}"}
-    return {"output_path": out, "stdout_tail": r.stdout[-3000:]}
+        return {"error": f"guidellm exited {r.returncode}: {(r.stderr or r.stdout)[-1000:]}"}
+    rows = []
+    for b in json.loads(Path(out).read_text())["benchmarks"]:
+        m = b["metrics"]
+
+        def stat(key, which="median"):
+            d = m[key]["successful"]
+            return d["percentiles"]["p99"] if which == "p99" else d[which]
+        rows.append({"strategy": b["config"]["strategy"], "completed": m["request_totals"]["successful"],
+                     "errored": m["request_totals"]["errored"], "req_s": stat("requests_per_second", "mean"),
+                     "output_tok_s": stat("output_tokens_per_second", "mean"),
+                     "ttft_ms_p50": stat("time_to_first_token_ms"), "ttft_ms_p99": stat("time_to_first_token_ms", "p99"),
+                     "itl_ms_p50": stat("inter_token_latency_ms"), "itl_ms_p99": stat("inter_token_latency_ms", "p99")})
+    return {"output_path": out, "rows": rows}
 
 
 def main() -> int:
     args, device, sizes, results, _ = start("bench_serve", __doc__, SIZES, TINY_SIZES)
     parts = selected(args, PARTS)
-    folder = checkpoint(args.workdir, "bf16", args.tiny, device)
+    # the real vocabulary when tiny too: guidellm's prompts are text, their ids up to the tokenizer's
+    folder = checkpoint(args.workdir, "bf16", args.tiny, device, **({"vocab_size": 151936} if args.tiny else {}))
     c = max(sizes["concurrency"])
     failed = False
     server_parts = [p for p in parts if p in ("sweep", "poisson", "ttft")] + ["b1"]
@@ -272,11 +310,24 @@ def main() -> int:
         else:
             server = Server(folder, device)
             try:
-                results["guidellm"] = guidellm_part(server.url, args.workdir)
+                results["guidellm"] = g = guidellm_part(server.url, folder, args.workdir, sizes)
+                failed |= "error" in g
             finally:
                 server.stop()
+            if "rows" in g:
+                print_table("guidellm sweep against qwenlm serve (ms)",
+                            ["strategy", "done", "errors", "req/s", "out tok/s", "TTFT p50", "TTFT p99", "ITL p50",
+                             "ITL p99"],
+                            [[_strategy(r["strategy"]), r["completed"], r["errored"], r["req_s"], r["output_tok_s"],
+                              r["ttft_ms_p50"], r["ttft_ms_p99"], r["itl_ms_p50"], r["itl_ms_p99"]] for r in g["rows"]])
     write_json(results, results_path("bench_serve", args.json))
     return 1 if failed else 0
+
+
+def _strategy(s: dict) -> str:
+    """guidellm's strategy record as a short name: "synchronous", "throughput", "constant 3.2/s"."""
+    rate = s.get("rate")
+    return s["type_"] + (f" {rate:.1f}/s" if isinstance(rate, (int, float)) else "")
 
 
 def ratios(results: dict, c: int) -> dict:
