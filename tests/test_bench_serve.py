@@ -36,3 +36,18 @@ def test_bench_serve_runs_tiny_and_writes_results(tmp_path):
             "TTFT short prompt (ms)", "TTFT long prompt (ms)"} == set(ratios)
     for k, v in ratios.items():
         assert v["server"] > 0 and v["engine"] > 0 and abs(v["ratio"] - v["server"] / v["engine"]) < 1e-9, k
+
+
+def test_guidellms_tokenizer_is_qwens(tiny_ckpt, tmp_path):
+    """guidellm counts its synthetic prompts' tokens with a Hugging Face tokenizer: the one bench_serve converts from
+    qwen.tiktoken gives the official tokenizer's ids (tiktoken, through qwenlm.tokenizer), special tokens too."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from bench_serve import hf_tokenizer
+    from transformers import AutoTokenizer
+
+    from qwenlm.tokenizer import Tokenizer
+    hf = AutoTokenizer.from_pretrained(hf_tokenizer(str(tiny_ckpt), str(tmp_path)))
+    qwen = Tokenizer.from_folder(tiny_ckpt)
+    for text in ["Hello world! 你好，世界。", "  def f(x):\n\treturn x**2  # 1234567", "Ünïcödé 🤖\r\n\n  end",
+                 "<|im_start|>user\nhi<|im_end|>\n<|endoftext|>"]:
+        assert hf.encode(text, add_special_tokens=False) == qwen.encode(text, allowed_special="all"), text
