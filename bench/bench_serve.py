@@ -220,16 +220,18 @@ def offline_part(folder, device: str, sizes: dict, kv_cache_dtype: str, what: tu
 
 def hf_tokenizer(folder, workdir: str) -> str:
     """A folder with Qwen's tokenizer as a Hugging Face tokenizer.json (guidellm counts and makes its synthetic
-    tokens with one): transformers' TikTokenConverter over the checkpoint's qwen.tiktoken, Qwen's split pattern
-    and special tokens, so its ids are the official tokenizer's."""
+    tokens with one): transformers' TikTokenConverter over the checkpoint's qwen.tiktoken, Qwen's split pattern,
+    special tokens and NFC normalisation, so its ids are the official tokenizer's."""
     out = os.path.join(workdir, "qwen-tokenizer-hf")
     if not os.path.isfile(os.path.join(out, "tokenizer.json")):
         from transformers import PreTrainedTokenizerFast
         from transformers.convert_slow_tokenizer import TikTokenConverter
 
         from qwenlm.tokenizer import ENDOFTEXT, PAT_STR, SPECIAL_TOKENS
+        from tokenizers import normalizers
         converted = TikTokenConverter(vocab_file=os.path.join(folder, "qwen.tiktoken"), pattern=PAT_STR,
                                       extra_special_tokens=list(SPECIAL_TOKENS)).converted()
+        converted.normalizer = normalizers.NFC()  # Qwen's tokenizer NFC-normalises first
         PreTrainedTokenizerFast(tokenizer_object=converted, eos_token=ENDOFTEXT).save_pretrained(out)
     return out
 

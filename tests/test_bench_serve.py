@@ -49,5 +49,5 @@ def test_guidellms_tokenizer_is_qwens(tiny_ckpt, tmp_path):
     hf = AutoTokenizer.from_pretrained(hf_tokenizer(str(tiny_ckpt), str(tmp_path)))
     qwen = Tokenizer.from_folder(tiny_ckpt)
     for text in ["Hello world! 你好，世界。", "  def f(x):\n\treturn x**2  # 1234567", "Ünïcödé 🤖\r\n\n  end",
-                 "<|im_start|>user\nhi<|im_end|>\n<|endoftext|>"]:
+                 "cafe\u0301 (NFC)", "<|im_start|>user\nhi<|im_end|>\n<|endoftext|>"]:
         assert hf.encode(text, add_special_tokens=False) == qwen.encode(text, allowed_special="all"), text
