@@ -264,6 +264,10 @@ class IncrementalDetokenizer:
         token_id = operator.index(token_id)
         if self.skip_special_tokens and token_id >= SPECIAL_START_ID:
             return b""  # decode(skip_special_tokens=True) drops every id >= 151643
+        if token_id >= len(self._token_bytes):
+            # a row past the tokenizer's ids (the checkpoints pad the embedding to 151,936 rows): a model may sample
+            # one, and it names no text; its request goes on rather than fail
+            return b""
         if not 0 <= token_id < len(self._token_bytes):
             raise ValueError(f"token id {token_id} is outside the Qwen vocabulary (0..{len(self._token_bytes) - 1})")
         return self._token_bytes[token_id]

@@ -340,8 +340,7 @@ def test_detokenizer_on_character_split_examples(tok):
     assert deltas == [" "] and tail == "\ufffd"  # the held-back byte is not lost at the end
     deltas, tail = _stream(tok, [151644, 9707, 151645, 151851 + 50])  # specials and padded rows are skipped
     assert "".join(deltas) + tail == "Hello"
-    with pytest.raises(ValueError, match="151851"):
-        IncrementalDetokenizer(tok, skip_special_tokens=False).add(151851)
+    assert IncrementalDetokenizer(tok, skip_special_tokens=False).add(151851) == ""  # a padding row: no text
 
 
 def test_detokenizer_cost_is_linear(tok):
@@ -434,3 +433,14 @@ def test_detokenizer_and_stop_matcher_together(tok):
         if hit:
             break
     assert hit and out == "思考：用工具 👍\n"
+
+
+def test_detokenizer_gives_no_text_for_the_embedding_rows_past_the_vocabulary(tok):
+    """The checkpoints pad the embedding to 151,936 rows; a sampled padding row names no text (the request goes on,
+    the text around it intact) whether special tokens are shown or not; a negative id is still an error."""
+    for skip in (True, False):
+        detok = IncrementalDetokenizer(tok, skip_special_tokens=skip)
+        hi, yo = tok.encode("hi"), tok.encode(" yo")
+        assert detok.add_many(hi + [tok.n_vocab, 151935] + yo) == "hi yo"
+    with pytest.raises(ValueError, match="token id -1 is outside the Qwen vocabulary"):
+        IncrementalDetokenizer(tok, skip_special_tokens=False).add(-1)
