@@ -260,7 +260,8 @@ def guidellm_part(url: str, folder, workdir: str, sizes: dict) -> dict:
         rows.append({"strategy": b["config"]["strategy"], "completed": m["request_totals"]["successful"],
                      "errored": m["request_totals"]["errored"], "req_s": stat("requests_per_second", "mean"),
                      "output_tok_s": stat("output_tokens_per_second", "mean"),
-                     "ttft_ms_p50": stat("time_to_first_token_ms"), "ttft_ms_p99": stat("time_to_first_token_ms", "p99"),
+                     "ttft_ms_p50": stat("time_to_first_token_ms"),
+                     "ttft_ms_p99": stat("time_to_first_token_ms", "p99"),
                      "itl_ms_p50": stat("inter_token_latency_ms"), "itl_ms_p99": stat("inter_token_latency_ms", "p99")})
     return {"output_path": out, "rows": rows}
 

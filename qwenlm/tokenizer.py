@@ -268,7 +268,7 @@ class IncrementalDetokenizer:
             # a row past the tokenizer's ids (the checkpoints pad the embedding to 151,936 rows): a model may sample
             # one, and it names no text; its request goes on rather than fail
             return b""
-        if not 0 <= token_id < len(self._token_bytes):
+        if token_id < 0:
             raise ValueError(f"token id {token_id} is outside the Qwen vocabulary (0..{len(self._token_bytes) - 1})")
         return self._token_bytes[token_id]
 

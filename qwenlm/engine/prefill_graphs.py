@@ -4,7 +4,8 @@ A short prompt's time to first token is the host's, not the GPU's: the prefill r
 and attention calls, about a hundred Python calls that each check their guards and launch their kernels, which
 takes longer than the GPU needs for 16 or 256 tokens (it reads the weights once: ~5 ms on an H100). Decode steps
 hide that cost in CUDA graphs (runner.py); this does the same for the commonest prefill, one prompt alone with
-nothing cached (or its cache hit recomputed): captured once per bucket of token counts (16, 32, ..., 512), the prompt padded to its bucket.
+nothing cached (or its cache hit recomputed): captured once per bucket of token counts (16, 32, ..., 512), the
+prompt padded to its bucket.
 
 Padding is exact: attention is causal within the chunk, so the real rows never see the padding rows that follow
 them; the padding rows store their K/V into the scratch slot (as decode padding rows do) and their outputs are
@@ -69,7 +70,6 @@ class PrefillGraphs:
     def capture(self) -> None:
         """One graph per bucket, largest first, sharing one memory pool with each other and the decode graphs."""
         pool = self.runner.graph_pool  # the decode graphs'
-
         for size in reversed(self.sizes):
             self.flat.copy_(self.padding)
             self.forward(size)  # compile what this size needs and settle the allocator before capture

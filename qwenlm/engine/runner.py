@@ -104,7 +104,8 @@ class ModelRunner:
         self.scratch_slot = self.num_blocks * self.block_size
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_pool = None
-        self.prefill_graphs = PrefillGraphs(self, self._prefill_graph_sizes()) if self.compiled else None
+        prefill_sizes = self._prefill_graph_sizes()
+        self.prefill_graphs = PrefillGraphs(self, prefill_sizes) if prefill_sizes else None
         if self.device.type == "cuda":  # pinned staging of the decode inputs, two sets used in turn
             rows = max(config.graph_batch_sizes() + [config.max_num_seqs])
             self._host_flat = [torch.zeros(5 * rows, dtype=torch.int64).pin_memory() for _ in range(2)]
