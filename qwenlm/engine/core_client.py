@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import uuid
+from collections.abc import Callable
 
 import zmq
 
@@ -146,14 +147,20 @@ class EngineClient:
         if self._closed or self._failure is not None:  # the first reason stands (the core's Fatal says most)
             return
         with self._lock:
-            self._failure = reason
-            streams, self._streams = self._streams, {}
+            self._failure = reason  # from here on `stream` refuses new requests
+        failed = self._end_streams(lambda: EngineDead(reason))
         log.error("%s: %d running request(s) failed; new requests get 503 until the server is restarted",
-                  reason, len(streams))
+                  reason, failed)
+
+    def _end_streams(self, error: Callable[[], Exception]) -> int:
+        """End every open stream with its own `error()`; returns how many there were."""
+        with self._lock:
+            streams, self._streams = self._streams, {}
         batches: dict[asyncio.AbstractEventLoop, list] = {}
         for loop, q in streams.values():
-            batches.setdefault(loop, []).append((q, EngineDead(reason)))
+            batches.setdefault(loop, []).append((q, error()))
         self._hand_over(batches)
+        return len(streams)
 
     @staticmethod
     def _hand_over(batches: dict) -> None:
@@ -258,12 +265,7 @@ class EngineClient:
         thread = getattr(self, "_thread", None)
         if thread is not None and thread is not threading.current_thread():
             thread.join(5)
-        with self._lock:
-            streams, self._streams = self._streams, {}
-        batches: dict[asyncio.AbstractEventLoop, list] = {}
-        for loop, q in streams.values():
-            batches.setdefault(loop, []).append((q, EngineStopped("the engine is shut down")))
-        self._hand_over(batches)
+        self._end_streams(lambda: EngineStopped("the engine is shut down"))
         self._commands.close(linger=0)
         self._events.close(linger=0)
         self._ctx.term()
